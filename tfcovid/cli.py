@@ -1,0 +1,98 @@
+"""Command line: each command parses its flags, resolves the config and calls one library function."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+NOT_CLINICAL = "Not for clinical use: a research tool, not a medical device."
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages users
+    # need; keep warnings and errors. A user's own setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"Error: {err}", err=True)
+    sys.exit(1)
+
+
+# The errors a user can fix; anything else is a bug and keeps its traceback.
+def _user_errors():
+    from tfcovid.config import ConfigError
+    from tfcovid.data import DataError
+    from tfcovid.train import TrainingError
+    from tfcovid.weights import WeightsError
+
+    return (ConfigError, DataError, TrainingError, WeightsError, FileExistsError, FileNotFoundError)
+
+
+@click.group(help=f"Fine-tune ImageNet backbones to classify chest X-rays. {NOT_CLINICAL}")
+@click.version_option(package_name="tfcovid")
+def main() -> None:
+    _quiet_tensorflow()
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--task", type=click.Choice(["binary", "multilabel"]), default="binary", show_default=True)
+@click.option("--per-class", type=click.IntRange(min=1), default=None,
+              help="Train images per class (validation and test get a quarter each).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_data(out, task, per_class, seed):
+    """Write a synthetic chest-X-ray-like ImageFolder tree (with lesion masks) to OUT."""
+    from tfcovid import demo
+
+    try:
+        path = demo.make_demo_data(out, task=task, per_class=per_class, seed=seed)
+    except (ValueError, FileExistsError) as err:
+        _fail(err)
+    click.echo(f"Wrote the {task} demo dataset to {path} (lesion masks in {path / 'masks'}).")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML config (e.g. configs/part1/vgg16_first7.yaml); flags override it.")
+@click.option("--data", "data__dir", default=None, help="ImageFolder tree, prepared TFRecords, or 'demo'.")
+@click.option("--task", "data__task", type=click.Choice(["binary", "multilabel"]), default=None)
+@click.option("--backbone", "model__backbone", default=None, help="vgg16 | resnet18 | resnet50")
+@click.option("--freeze", "model__freeze", default=None, help="all | none | firstN (N conv layers)")
+@click.option("--weights", "model__weights", default=None, help="imagenet | none | FILE")
+@click.option("--loss", "train__loss", type=click.Choice(["ce", "bce", "focal"]), default=None)
+@click.option("--focal-alpha", "train__focal_alpha", type=float, default=None)
+@click.option("--focal-gamma", "train__focal_gamma", type=float, default=None)
+@click.option("--epochs", "train__epochs", type=int, default=None)
+@click.option("--batch-size", "train__batch_size", type=int, default=None,
+              help="Global batch size (all replicas together).")
+@click.option("--lr", "train__lr", type=float, default=None)
+@click.option("--optimizer", "train__optimizer", type=click.Choice(["sgd", "adam"]), default=None)
+@click.option("--image-size", "data__image_size", type=int, default=None)
+@click.option("--precision", "train__precision", default=None,
+              help="auto | float32 | mixed_float16 | mixed_bfloat16")
+@click.option("--strategy", "train__strategy", default=None, help="auto | one | mirrored | multiworker")
+@click.option("--out", "out", default=None, help="Parent folder of run directories (default runs/).")
+@click.option("--name", "name", default=None, help="Suffix for the run directory's name.")
+@click.option("--seed", "train__seed", type=int, default=None)
+@click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue an interrupted run from its backup/ (uses its config.yaml).")
+def fit(config_file, resume, **flags):
+    """Train a model; writes a new run directory under --out."""
+    from tfcovid import config, train
+
+    try:
+        if resume:
+            exp = config.resolve(os.path.join(resume, "config.yaml"), {})
+        else:
+            exp = config.resolve(config_file, {k.replace("__", "."): v for k, v in flags.items()})
+        run = train.fit(exp, run_dir=resume, log=lambda s: click.echo(s))
+    except _user_errors() as err:
+        _fail(err)
+    click.echo(f"Done: {run}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,311 @@
+"""Datasets: scan ImageFolder trees into manifests, and turn manifests into tf.data pipelines.
+
+``scan`` reads ``DATA_DIR/{train,validation,test}/<class>/<image>`` (split names are matched
+case-insensitively, ``val``/``valid`` mean validation), checks it, and returns a
+:class:`Manifest` with one :class:`Split` per folder: file paths and label vectors. A split
+folder holding images directly (no class folders) is *unlabeled*, as the study's Part 2 test
+set is. ``dataset`` decodes, augments or resizes, batches and prefetches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfcovid import augment
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "val", "valid"),
+    "test": ("test", "testing"),
+}
+# File signatures, so a non-image with an image extension is caught at scan time with its
+# name, rather than mid-epoch as a decode error deep inside TensorFlow.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a")
+
+
+class DataError(ValueError):
+    """The dataset on disk cannot be used as it is; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset: image paths and their labels (None when unlabeled)."""
+
+    name: str
+    dir: str
+    paths: tuple[str, ...]
+    labels: np.ndarray | None  # binary: int class index (n,); multilabel: multi-hot (n, L)
+    folders: tuple[str, ...] = ()  # the class folder of each image ("" when unlabeled)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labeled(self) -> bool:
+        return self.labels is not None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``scan`` found: class folders, output names and the splits."""
+
+    root: str
+    task: str
+    class_names: tuple[str, ...]  # class folders, sorted (ImageFolder order)
+    output_names: tuple[str, ...]  # one per model output: classes (binary) or labels
+    splits: Mapping[str, Split]
+    label_map: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()  # things ignored on the way, reported to the user
+
+    def counts(self) -> dict:
+        """Images per split and class folder."""
+        out = {}
+        for name, split in self.splits.items():
+            folders, n = np.unique(np.array(split.folders or [""] * len(split)), return_counts=True)
+            out[name] = {str(f) or "(unlabeled)": int(c) for f, c in zip(folders, n)}
+        return out
+
+
+def find_splits(root: Path) -> dict[str, Path]:
+    """Map canonical split names to the folders found under ``root`` (case-insensitive)."""
+    found: dict[str, Path] = {}
+    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+        for split, aliases in SPLIT_ALIASES.items():
+            if child.name.lower() in aliases:
+                if split in found:
+                    raise DataError(
+                        f"{root} has two folders for the {split} split: {found[split].name} and "
+                        f"{child.name}. Keep one."
+                    )
+                found[split] = child
+    return found
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _check_header(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _MAGIC)
+
+
+def _list_images(folder: Path, problems: list[str]) -> list[str]:
+    images, bad = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            if not _is_image_file(path):
+                problems.append(f"ignored {path} (not a {'/'.join(IMAGE_EXTENSIONS)} file)")
+            elif not _check_header(path):
+                bad.append(str(path))
+            else:
+                images.append(str(path))
+    if bad:
+        shown = "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
+        raise DataError(
+            f"{len(bad)} file(s) in {folder} have an image extension but are not readable "
+            f"JPEG/PNG/BMP/GIF images:\n  {shown}\nRemove or replace them."
+        )
+    return images
+
+
+def label_vectors(
+    folders: Sequence[str], task: str, class_names: Sequence[str], labels: Sequence[str],
+    label_map: Mapping[str, Sequence[str]],
+) -> np.ndarray:
+    """Labels for images whose class folders are ``folders``.
+
+    Binary: the folder's index in ``class_names`` (sorted, as ImageFolder does). Multilabel: a
+    multi-hot vector over ``labels`` from ``label_map`` (study: covid-19 -> covid-19 + pneumonia).
+    """
+    if task == "binary":
+        index = {name: i for i, name in enumerate(class_names)}
+        return np.array([index[f] for f in folders], dtype=np.int64)
+    missing = sorted(set(folders) - set(label_map))
+    if missing:
+        raise DataError(
+            f"Class folder(s) {missing} have no entry in data.label_map, so their labels are "
+            f"unknown. Add them to data.label_map in your config, e.g.\n  data:\n    label_map:\n"
+            + "".join(f"      {m}: [{labels[0]}]\n" for m in missing)
+            + f"(known labels: {', '.join(labels)})."
+        )
+    column = {name: j for j, name in enumerate(labels)}
+    table = {f: np.isin(np.arange(len(labels)), [column[l] for l in label_map[f]]) for f in set(folders)}
+    return np.array([table[f] for f in folders], dtype=np.float32).reshape(len(folders), len(labels))
+
+
+def scan(
+    root: str | Path,
+    task: str = "binary",
+    labels: Sequence[str] = (),
+    label_map: Mapping[str, Sequence[str]] | None = None,
+    required: Sequence[str] = ("train", "validation"),
+) -> Manifest:
+    """Read an ImageFolder tree and check it.
+
+    Args:
+        root: folder holding the split folders.
+        task: "binary" or "multilabel".
+        labels: multilabel output names, in order.
+        label_map: multilabel folder -> labels mapping.
+        required: splits that must exist (and be labeled).
+
+    Raises:
+        DataError: a split is missing, a folder has no images, class folders differ between
+            splits, a file is not an image, or a class folder has no label mapping.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Data folder not found: {root}. Pass --data DIR (an ImageFolder tree) or --data demo.")
+    folders = find_splits(root)
+    missing = [s for s in required if s not in folders]
+    if missing:
+        have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "nothing"
+        raise DataError(
+            f"{root} has no {' or '.join(missing)} split folder (found: {have}). Expected "
+            f"train/, validation/ (or val/) and optionally test/, each with one folder per class."
+        )
+    problems: list[str] = []
+    splits: dict[str, Split] = {}
+    class_names: tuple[str, ...] | None = None
+    for name, folder in folders.items():
+        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:  # images directly in the split folder: an unlabeled split
+            paths = _list_images(folder, problems)
+            if not paths:
+                raise DataError(f"{folder} holds no images and no class folders.")
+            if name in required:
+                raise DataError(
+                    f"{folder} has no class folders, so its images have no labels; the {name} "
+                    f"split needs one folder per class."
+                )
+            splits[name] = Split(name, str(folder), tuple(paths), None, ("",) * len(paths))
+            continue
+        names = tuple(p.name for p in class_dirs)
+        if class_names is None:
+            class_names = names
+        elif names != class_names:
+            raise DataError(
+                f"Class folders differ between splits: {folder} has {list(names)} but another "
+                f"split has {list(class_names)}. Every split needs the same class folders."
+            )
+        paths, owners = [], []
+        for class_dir in class_dirs:
+            found = _list_images(class_dir, problems)
+            if not found:
+                raise DataError(f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            paths += found
+            owners += [class_dir.name] * len(found)
+        splits[name] = Split(name, str(folder), tuple(paths), None, tuple(owners))
+    if class_names is None:
+        raise DataError(f"No split under {root} has class folders.")
+
+    label_map = {k: tuple(v) for k, v in (label_map or {}).items()}
+    if task == "binary":
+        if len(class_names) != 2:
+            raise DataError(
+                f"The binary task needs exactly 2 class folders; {root} has {len(class_names)}: "
+                f"{list(class_names)}. Use --task multilabel for more labels."
+            )
+        output_names = class_names
+    elif task == "multilabel":
+        output_names = tuple(labels)
+    else:
+        raise DataError(f"Unknown task {task!r}. Valid tasks: binary, multilabel.")
+    for name, split in list(splits.items()):
+        if split.folders and split.folders[0] != "":
+            vectors = label_vectors(split.folders, task, class_names, output_names, label_map)
+            splits[name] = Split(name, split.dir, split.paths, vectors, split.folders)
+    return Manifest(str(root), task, class_names, output_names, splits, label_map, tuple(problems))
+
+
+# --------------------------------------------------------------------------- tf.data pipeline
+
+
+def decode_image(data):
+    """Decode JPEG/PNG/BMP/GIF bytes to uint8 (H, W, C) with C = 1 (grayscale) or 3 (RGB).
+
+    16-bit PNGs are scaled to 8 bits (decode_image converts dtypes by range), alpha is dropped,
+    a GIF gives its first frame. Grayscale stays one channel until the end of the pipeline,
+    which makes everything before that up to 3x cheaper.
+    """
+    image = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+    channels = tf.shape(image)[-1]
+    image = tf.cond(channels >= 3, lambda: image[..., :3], lambda: image[..., :1])
+    image.set_shape([None, None, None])
+    return image
+
+
+def to_rgb_uint8(image, size: int):
+    """Round a float image to uint8 and make it 3-channel (grayscale is repeated)."""
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
+    image.set_shape([size, size, 3])
+    return image
+
+
+def load_image(path, size: int):
+    """Read, decode and resize one file for evaluation or prediction: uint8 (S, S, 3)."""
+    return to_rgb_uint8(augment.resize_eval(decode_image(tf.io.read_file(path)), size), size)
+
+
+def dataset(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    training: bool = False,
+    aug=None,
+    seed: int = 0,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
+
+    Args:
+        split: a labeled or unlabeled Split (unlabeled yields images only).
+        image_size: output side S.
+        batch_size: images per batch.
+        training: shuffle every epoch and apply ``aug`` (an AugmentConfig); else resize only.
+        aug: augmentation settings; None or disabled means resize only.
+        seed: shuffling and augmentation seed.
+        drop_remainder: drop the last partial batch (needed by some strategies).
+    """
+    paths = tf.data.Dataset.from_tensor_slices(list(split.paths))
+    items = paths if split.labels is None else tf.data.Dataset.zip(
+        paths, tf.data.Dataset.from_tensor_slices(split.labels))
+    augmenting = training and aug is not None and aug.enabled
+    if training:
+        items = items.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    # A fresh pair of stateless seeds per image and epoch: reproducible, yet parallel-safe.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip(items, seeds)
+
+    def load(item, pair):
+        path, label = (item, None) if split.labels is None else item
+        image = decode_image(tf.io.read_file(path))
+        if augmenting:
+            image = augment.random_resized_crop_rotate_flip(
+                image, pair, image_size, aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
+        else:
+            image = augment.resize_eval(image, image_size)
+        image = to_rgb_uint8(image, image_size)
+        return image if label is None else (image, label)
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # Prefetching overlaps decoding of the next batches with the training step on this one.
+    return ds.prefetch(tf.data.AUTOTUNE)

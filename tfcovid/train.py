@@ -1,0 +1,211 @@
+"""Training: ``fit(experiment)`` reads top to bottom in phases, each announced in one log line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tfcovid import data, demo, losses, metrics, report, runtime, weights
+from tfcovid.config import Experiment
+from tfcovid.models import apply_freeze, is_head_layer
+
+NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
+
+
+class TrainingError(RuntimeError):
+    """Training could not go on (e.g. the loss became NaN); the message says what to try."""
+
+
+def new_run_dir(exp: Experiment) -> Path:
+    """Create ``<out>/<time>-<backbone>-<freeze>-<loss>[-N]``; never reuse an existing folder."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{exp.model.backbone}-{exp.model.freeze}-{exp.train.loss}"
+    if exp.name:
+        base += f"-{exp.name}"
+    out = Path(exp.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run = out / (base if n == 1 else f"{base}-{n}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"Could not create a new run directory under {out}.")
+
+
+def load_manifest(exp: Experiment, log=print) -> data.Manifest:
+    """Scan the experiment's data (generating the demo set once, when asked for)."""
+    d = exp.data
+    root = d.dir
+    if root == "demo":
+        root = demo.ensure_demo_data(d.task, per_class=d.demo_per_class, log=log)
+    return data.scan(root, d.task, d.labels, d.label_map)
+
+
+def compile_model(model: keras.Model, exp: Experiment, positive_index: int) -> None:
+    """Compile with the experiment's optimiser, loss and the report's metrics (float32)."""
+    t = exp.train
+    optimizer = (keras.optimizers.SGD(t.lr, momentum=t.momentum) if t.optimizer == "sgd"
+                 else keras.optimizers.Adam(t.lr))
+    loss = losses.get_loss(t.loss, alpha=t.focal_alpha, gamma=t.focal_gamma)
+    if exp.data.task == "binary":
+        tracked = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                   metrics.BinaryF1(positive_index=positive_index, name="f1")]
+    else:
+        tracked = [metrics.SampleJaccard(threshold=t.threshold, name="jaccard"),
+                   metrics.SampleF1(threshold=t.threshold, name="f1")]
+    jit = {"auto": "auto", "true": True, "false": False}[t.jit_compile.lower()]
+    model.compile(optimizer=optimizer, loss=loss, metrics=tracked, jit_compile=jit,
+                  steps_per_execution=t.steps_per_execution)
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stop at the first non-finite loss and remember where, so fit() can say so clearly."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.bad = (batch, float(loss))
+            self.model.stop_training = True
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Training time: the sum of epoch durations (validation included), as the study reports it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
+    """Softmax over the binary task's 2 logits, sigmoid per label for the multilabel task."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if task == "binary":
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def evaluate_split(model, split: data.Split, exp: Experiment, manifest: data.Manifest,
+                   batch_size: int | None = None) -> dict:
+    """Predict one labeled split and return its scikit-learn report."""
+    ds = data.dataset(split, exp.data.image_size, batch_size or exp.train.batch_size)
+    probs = probabilities(model.predict(ds.map(lambda x, y: x), verbose=0), exp.data.task)
+    if exp.data.task == "binary":
+        return metrics.binary_report(split.labels, probs, manifest.class_names, exp.data.positive)
+    return metrics.multilabel_report(split.labels, probs, manifest.output_names, exp.train.threshold)
+
+
+def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
+    """Train one experiment and write its run directory; return the run directory.
+
+    Args:
+        exp: the resolved experiment.
+        run_dir: an existing run directory to resume (its backup/ is used); None for a new run.
+        log: where progress lines go.
+
+    Raises:
+        TrainingError: the loss became NaN/inf.
+    """
+    t0 = time.perf_counter()
+    log(NOT_CLINICAL)
+    if exp.data.dir == "demo":
+        log("Demo preset: synthetic data, weights none (from scratch), Adam; not the study's "
+            "recipe (pass --config configs/part1/... --data DIR for that).")
+    # Phase 1: run directory and the resolved config, before anything can fail halfway.
+    run = Path(run_dir) if run_dir else new_run_dir(exp)
+    exp.save(run / "config.yaml")
+    log(f"[1/6] Run directory: {run}")
+    keras.utils.set_random_seed(exp.train.seed)
+
+    # Phase 2: where it runs.
+    precision = runtime.resolve_precision(exp.train.precision)
+    strategy, strategy_desc = runtime.make_strategy(exp.train.strategy)
+    log(f"[2/6] Device: {runtime.describe_device()}; precision {precision}; strategy {strategy_desc}")
+
+    # Phase 3: input pipeline.
+    manifest = load_manifest(exp, log)
+    for problem in manifest.problems:
+        log(f"      note: {problem}")
+    counts = {name: len(split) for name, split in manifest.splits.items()}
+    log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
+        f"images {counts})")
+    positive_index = (manifest.class_names.index(exp.data.positive)
+                      if exp.data.positive in manifest.class_names else 0)
+    train_ds = data.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
+                            training=True, aug=exp.augment, seed=exp.train.seed)
+    val_ds = data.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size)
+
+    # Phase 4: model, weights, freeze policy, compile — inside the strategy scope.
+    with runtime.dtype_policy(precision), strategy.scope():
+        m = exp.model
+        model, mode, origin = weights.initial_model(
+            m.backbone, len(manifest.output_names), exp.data.image_size, m.weights,
+            m.preprocessing, m.head_units, name=f"tfcovid_{m.backbone}_{exp.data.task}")
+        frozen = apply_freeze(model, m.freeze, is_head_layer)
+        compile_model(model, exp, positive_index)
+    log(f"[4/6] Model: {m.backbone}, {origin}; preprocessing '{mode}'")
+    log(f"      {frozen.describe()}")
+
+    # Phase 5: train.
+    (run / "checkpoints").mkdir(exist_ok=True)
+    guard, timer = NaNGuard(), EpochTimer()
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run / "backup")),
+        keras.callbacks.TensorBoard(str(run / "tensorboard"), update_freq="epoch", write_graph=False),
+        keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "best.keras"),
+                                        monitor="val_loss", save_best_only=True),
+        keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "last.keras")),
+        keras.callbacks.CSVLogger(str(run / "history.csv"), append=run_dir is not None),
+        guard, timer,
+    ]
+    log(f"[5/6] Training {exp.train.epochs} epochs, batch {exp.train.batch_size}, "
+        f"{exp.train.optimizer} lr {exp.train.lr:g}, loss {exp.train.loss}")
+    model.fit(train_ds, validation_data=val_ds, epochs=exp.train.epochs, callbacks=callbacks,
+              shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    if guard.bad is not None:
+        batch, value = guard.bad
+        raise TrainingError(
+            f"The training loss became {value} at batch {batch}; training stopped. Try a lower "
+            f"--lr (now {exp.train.lr:g}) or --precision float32. Checkpoints so far are in {run}."
+        )
+
+    # Phase 6: evaluate every labeled split with scikit-learn and write metrics.json.
+    log("[6/6] Evaluating train, validation and test")
+    results = {name: evaluate_split(model, split, exp, manifest)
+               for name, split in manifest.splits.items() if split.labeled}
+    summary = {
+        "task": exp.data.task,
+        "outputs": list(manifest.output_names),
+        "class_names": list(manifest.class_names),
+        "epochs": exp.train.epochs,
+        "train_seconds": round(sum(timer.seconds), 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "images": counts,
+        "trainable_params": frozen.trainable_params,
+        "total_params": frozen.total_params,
+        "preprocessing": mode,
+        "precision": precision,
+        "splits": results,
+    }
+    (run / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log(report.format_run(exp.to_dict(), summary))
+    return run
