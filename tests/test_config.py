@@ -1,0 +1,107 @@
+"""Config: YAML + flags -> validated dataclasses, saved and reloaded unchanged."""
+
+import glob
+
+import pytest
+import yaml
+
+from tfcovid import config
+from tfcovid.config import ConfigError
+
+
+def test_round_trip_through_yaml(tmp_path):
+    exp = config.resolve(None, {"model.backbone": "resnet18", "model.freeze": "first3",
+                                "train.lr": 0.01, "data.task": "multilabel", "train.loss": "focal"})
+    exp.save(tmp_path / "config.yaml")
+    again = config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == exp
+    assert again.train.loss == "focal" and again.model.freeze == "first3"
+    assert again.data.label_map["covid-19"] == ("covid-19", "pneumonia")
+
+
+def test_flags_override_file(tmp_path):
+    exp = config.resolve("configs/part1/vgg16_first7.yaml", {"train.epochs": 2, "data.image_size": 32})
+    assert (exp.train.epochs, exp.data.image_size) == (2, 32)
+    assert (exp.train.lr, exp.train.momentum, exp.train.batch_size) == (0.001, 0.9, 60)
+    assert exp.model.weights == "imagenet"  # the demo preset does not apply to a config file
+
+
+def test_demo_preset_applies_without_config():
+    exp = config.resolve(None, {"model.backbone": "vgg16", "model.freeze": "first7"})
+    assert exp.data.dir == "demo" and exp.model.weights == "none"
+    assert exp.train.optimizer == "adam" and exp.data.image_size == 48
+    # ...but not when the user names their own data: then the study's defaults hold.
+    exp = config.resolve(None, {"data.dir": "/some/data"})
+    assert exp.model.weights == "imagenet" and exp.train.optimizer == "sgd"
+
+
+def test_demo_yaml_matches_builtin_preset():
+    assert config.resolve("configs/demo.yaml", {}) == config.resolve(None, {})
+
+
+STUDY_PART1 = {  # DESIGN.md's Part 1 table: backbone, frozen, epochs
+    "vgg16_head": ("vgg16", "all", 15), "vgg16_first7": ("vgg16", "first7", 12),
+    "vgg16_first4": ("vgg16", "first4", 14), "vgg16_full": ("vgg16", "none", 11),
+    "resnet18_head": ("resnet18", "all", 15), "resnet18_full": ("resnet18", "none", 20),
+}
+
+
+def test_part1_configs_are_the_study_rows():
+    files = sorted(glob.glob("configs/part1/*.yaml"))
+    assert len(files) == 6
+    for name, (backbone, freeze, epochs) in STUDY_PART1.items():
+        exp = config.resolve(f"configs/part1/{name}.yaml", {})
+        assert (exp.model.backbone, exp.model.freeze, exp.train.epochs) == (backbone, freeze, epochs)
+        assert (exp.train.optimizer, exp.train.lr, exp.train.momentum) == ("sgd", 0.001, 0.9)
+        assert (exp.train.batch_size, exp.data.image_size, exp.data.task) == (60, 224, "binary")
+        assert exp.augment.rotation == 30 and exp.augment.crop_scale == (0.08, 1.0)
+
+
+def test_multilabel_defaults_to_bce():
+    assert config.resolve(None, {"data.task": "multilabel"}).train.loss == "bce"
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.lrr'. Did you mean 'lr'"):
+        config.resolve(path, {})
+    path.write_text("trian: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'. Did you mean 'train'"):
+        config.resolve(path, {})
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"train.lr": -1}, "'train.lr'"),
+    ({"train.epochs": "ten"}, "'train.epochs': 'ten'. Expected an integer"),
+    ({"model.freeze": "first0"}, "'model.freeze'"),
+    ({"model.backbone": "vgg19"}, "Valid values: vgg16, resnet18, resnet50"),
+    ({"train.precision": "fp8"}, "'train.precision'"),
+    ({"augment.crop_scale": [0.5]}, "'augment.crop_scale'"),
+    ({"train.loss": "focal"}, "binary task trains 2 logits"),
+    ({"data.task": "multilabel", "train.loss": "ce"}, "use --loss bce or --loss focal"),
+    ({"data.image_size": 8}, "at least 16"),
+    ({"data.task": "multilabel", "data.label_map": {"tb": ["tuberculosis"]}},
+     "not in data.labels"),
+])
+def test_bad_values_are_named(flags, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        config.resolve(None, flags)
+
+
+def test_custom_label_map_in_yaml(tmp_path):
+    path = tmp_path / "tb.yaml"
+    path.write_text(
+        "data:\n  task: multilabel\n  labels: [covid-19, normal, pneumonia, tuberculosis]\n"
+        "  label_map:\n    covid-19: [covid-19, pneumonia]\n    normal: [normal]\n"
+        "    pneumonia: [pneumonia]\n    tb: [tuberculosis]\n")
+    exp = config.resolve(path, {})
+    assert exp.data.labels[-1] == "tuberculosis" and exp.data.label_map["tb"] == ("tuberculosis",)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="Config file not found"):
+        config.resolve(tmp_path / "nope.yaml", {})
+    (tmp_path / "x.yaml").write_text("data: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.resolve(tmp_path / "x.yaml", {})
