@@ -79,7 +79,10 @@ def demo_data(out, task, per_class, seed):
 @click.option("--seed", "train__seed", type=int, default=None)
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue an interrupted run from its backup/ (uses its config.yaml).")
-def fit(config_file, resume, **flags):
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key (repeatable), e.g. --set train.focal_reduction=mean "
+                   "--set data.demo_per_class=8. Values are YAML; named flags win over --set.")
+def fit(config_file, resume, assignments, **flags):
     """Train a model; writes a new run directory under --out."""
     from tfcovid import config, train
 
@@ -87,11 +90,88 @@ def fit(config_file, resume, **flags):
         if resume:
             exp = config.resolve(os.path.join(resume, "config.yaml"), {})
         else:
-            exp = config.resolve(config_file, {k.replace("__", "."): v for k, v in flags.items()})
+            exp = config.resolve(config_file, {k.replace("__", "."): v for k, v in flags.items()},
+                                 config.parse_assignments(assignments))
         run = train.fit(exp, run_dir=resume, log=lambda s: click.echo(s))
     except _user_errors() as err:
         _fail(err)
     click.echo(f"Done: {run}")
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True)
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), default=None,
+              help="Write the predictions here (binary: probabilities + predicted class; "
+                   "three-label: the study's 0/1 per label).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Decision threshold (default: the run's train.threshold, 0.5).")
+@click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help="Which checkpoint of a run directory: last (what metrics.json describes) or "
+                   "best (lowest validation loss).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--task", type=click.Choice(["binary", "multilabel"]), default=None,
+              help="Only for a .keras file that does not record its task.")
+@click.option("--labels", default=None, help="Comma-separated output names, only for a .keras file "
+                                             "that does not record them.")
+@click.option("--table/--no-table", default=True, show_default=True, help="Print the predictions.")
+def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, labels, table):
+    """Predict images and folders (walked recursively) with a run's model or a .keras file.
+
+    Unreadable images are listed with the reason and the rest are still predicted; the exit
+    status is 1 if any image failed. Not for clinical use.
+    """
+    from tfcovid import modelinfo
+    from tfcovid import predict as predict_lib
+    from tfcovid.data import IMAGE_EXTENSIONS
+
+    try:
+        trained = modelinfo.load(target, checkpoint, task,
+                                 [s.strip() for s in labels.split(",")] if labels else None)
+    except modelinfo.ModelInfoError as err:
+        _fail(err)
+    result = predict_lib.predict(trained, inputs, threshold, batch_size)
+    if result.skipped:
+        click.echo(f"note: skipped {len(result.skipped)} file(s) without an image extension "
+                   f"({', '.join(result.skipped[:3])}{', ...' if len(result.skipped) > 3 else ''})",
+                   err=True)
+    if not result.names and not result.failed:
+        kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+        _fail(ValueError(f"No images ({kinds}) found in {', '.join(inputs)}."))
+    if table and result.names:
+        click.echo(predict_lib.format_table(result))
+    if csv_file and result.names:
+        path = predict_lib.write_csv(result, csv_file)
+        click.echo(f"Wrote {len(result.names)} rows to {path}")
+    if result.failed:
+        click.echo(f"Could not read {len(result.failed)} of {len(result.failed) + len(result.names)} "
+                   "image(s):", err=True)
+        for name, reason in result.failed:
+            click.echo(f"  {name}: {reason}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("runs", metavar="RUN_DIR...", nargs=-1, required=True)
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the tables to this Markdown file.")
+def report(runs, markdown_file):
+    """Print the study's Part 1 / Part 2 tables for finished runs (or folders of runs)."""
+    from pathlib import Path
+
+    from tfcovid import report as report_lib
+
+    try:
+        text, skipped = report_lib.build_report(runs)
+    except report_lib.ReportError as err:
+        _fail(err)
+    for path, reason in skipped:
+        click.echo(f"note: skipped {path}: {reason}", err=True)
+    click.echo(text)
+    if markdown_file:
+        Path(markdown_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_file).write_text("# Results\n\n" + text)
+        click.echo(f"Wrote {markdown_file}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfcovid import data, demo, losses, metrics, report, runtime, weights
+from tfcovid import data, demo, losses, metrics, modelinfo, report, runtime, weights
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
 
@@ -55,7 +55,10 @@ def compile_model(model: keras.Model, exp: Experiment, positive_index: int) -> N
     t = exp.train
     optimizer = (keras.optimizers.SGD(t.lr, momentum=t.momentum) if t.optimizer == "sgd"
                  else keras.optimizers.Adam(t.lr))
-    loss = losses.get_loss(t.loss, alpha=t.focal_alpha, gamma=t.focal_gamma)
+    # "sum" is not rescaled per replica by Keras, so it stays the global batch's sum under
+    # tf.distribute too.
+    reduction = "sum" if t.loss == "focal" and t.focal_reduction == "sum" else "sum_over_batch_size"
+    loss = losses.get_loss(t.loss, alpha=t.focal_alpha, gamma=t.focal_gamma, reduction=reduction)
     if exp.data.task == "binary":
         tracked = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                    metrics.BinaryF1(positive_index=positive_index, name="f1")]
@@ -174,6 +177,8 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "best.keras"),
                                         monitor="val_loss", save_best_only=True),
         keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "last.keras")),
+        # After the checkpoints: writes task and label names into each .keras file.
+        modelinfo.EmbedInfo(run / "checkpoints", modelinfo.info_for(exp, manifest)),
         keras.callbacks.CSVLogger(str(run / "history.csv"), append=run_dir is not None),
         guard, timer,
     ]
