@@ -61,7 +61,11 @@ def demo_data(out, task, per_class, seed):
 @click.option("--task", "data__task", type=click.Choice(["binary", "multilabel"]), default=None)
 @click.option("--backbone", "model__backbone", default=None, help="vgg16 | resnet18 | resnet50")
 @click.option("--freeze", "model__freeze", default=None, help="all | none | firstN (N conv layers)")
-@click.option("--weights", "model__weights", default=None, help="imagenet | none | FILE")
+@click.option("--weights", "model__weights", default=None,
+              help="imagenet | none | FILE (.keras, .weights.h5, keras.applications .h5, "
+                   "torchvision .safetensors/.pth)")
+@click.option("--preprocessing", "model__preprocessing", default=None,
+              help="auto (follows the weights) | caffe | torch | none")
 @click.option("--loss", "train__loss", type=click.Choice(["ce", "bce", "focal"]), default=None)
 @click.option("--focal-alpha", "train__focal_alpha", type=float, default=None)
 @click.option("--focal-gamma", "train__focal_gamma", type=float, default=None)
@@ -172,6 +176,30 @@ def report(runs, markdown_file):
         Path(markdown_file).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown_file).write_text("# Results\n\n" + text)
         click.echo(f"Wrote {markdown_file}")
+
+
+@main.command("import-torch")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--backbone", type=click.Choice(["vgg16", "resnet18"]), required=True)
+@click.option("--task", type=click.Choice(["binary", "multilabel"]), required=True,
+              help="binary: 2 outputs (infected, normal); multilabel: covid-19, normal, pneumonia.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The .keras file to write.")
+@click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True,
+              help="Input side in pixels; VGG16's head needs 224-255 (a 7x7 feature map).")
+@click.option("--labels", default=None,
+              help="Comma-separated output names in the checkpoint's order (default: the study's).")
+def import_torch(checkpoint, backbone, task, out, image_size, labels):
+    """Convert the study's fine-tuned PyTorch checkpoint (torchvision VGG16/ResNet18 with the
+    110-unit head; .safetensors, or .pth with the torch extra) into a tfcovid .keras model."""
+    from tfcovid import weights
+
+    names = tuple(s.strip() for s in labels.split(",")) if labels else None
+    try:
+        path = weights.import_torch(checkpoint, backbone, task, out, image_size, names,
+                                    log=lambda s: click.echo(s))
+    except _user_errors() as err:
+        _fail(err)
+    click.echo(f"Wrote {path} (evaluate, predict, explain and export it like any run's model).")
 
 
 if __name__ == "__main__":  # pragma: no cover

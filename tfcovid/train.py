@@ -134,6 +134,9 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         log("Demo preset: synthetic data, weights none (from scratch), Adam; not the study's "
             "recipe (pass --config configs/part1/... --data DIR for that).")
     # Phase 1: run directory and the resolved config, before anything can fail halfway.
+    # Resolving the weights (preprocessing mode, absolute file path) here records them in
+    # config.yaml, and a missing weights file fails before a run directory exists.
+    exp = weights.resolve_experiment_weights(exp)
     run = Path(run_dir) if run_dir else new_run_dir(exp)
     exp.save(run / "config.yaml")
     log(f"[1/6] Run directory: {run}")
