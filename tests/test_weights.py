@@ -24,6 +24,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 TASK_OUTPUTS = {"binary": 2, "multilabel": 3}
 
 
+@pytest.fixture(autouse=True)
+def _keras_home(tmp_path, monkeypatch):
+    """Downloads (and their failures) go to a private Keras cache, never ~/.keras."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+
+
 @pytest.fixture(scope="module")
 def ref():
     """tests/torch_reference.py (needs torch, which the test extra installs)."""
@@ -80,6 +86,7 @@ def layer_weights(model, name):
 
 # --- parity with the PyTorch reference (224 px, eval mode, BatchNorm statistics included) ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet18"])
 @pytest.mark.parametrize("task", ["binary", "multilabel"])
 def test_import_matches_pytorch_logits_via_safetensors(backbone, task, ref, pixels, tmp_path):
@@ -94,6 +101,7 @@ def test_import_matches_pytorch_logits_via_safetensors(backbone, task, ref, pixe
     assert_parity(ref.logits(torch_model, pixels), run(model, pixels.astype("float32")))
 
 
+@pytest.mark.slow
 def test_import_torch_command_from_pth_loads_and_predicts(ref, pixels, tmp_path):
     import torch
 
@@ -257,9 +265,11 @@ def test_pth_forms(ref, tmp_path):
 
 # --- Keras files as starting weights ---
 
-def write_notop_h5(model, path, extra=()):
-    """A keras.applications-style legacy .h5 (layer_names / weight_names attributes)."""
-    with h5py.File(path, "w") as f:
+def write_notop_h5(model, path, extra=(), full_model=False):
+    """A keras.applications-style legacy .h5 (layer_names / weight_names attributes); with
+    ``full_model`` the weights sit in a ``model_weights`` group, as Keras 2's model.save('x.h5')."""
+    with h5py.File(path, "w") as root:
+        f = root.create_group("model_weights") if full_model else root
         names = [layer.name for layer in model.layers] + [name for name, _ in extra]
         f.attrs["layer_names"] = [n.encode() for n in names]
         f.attrs["backend"], f.attrs["keras_version"] = b"tensorflow", b"2.2.4"
@@ -293,6 +303,10 @@ def test_keras_applications_notop_h5(tmp_path):
     for name in ("block1_conv1", "block5_conv3"):
         for got, want in zip(layer_weights(model, name), source.get_layer(name).get_weights()):
             np.testing.assert_array_equal(got, want)
+    write_notop_h5(source, tmp_path / "keras2_model.h5", full_model=True)
+    model, _, origin = weights.initial_model("vgg16", 2, 32, str(tmp_path / "keras2_model.h5"))
+    np.testing.assert_array_equal(layer_weights(model, "block4_conv3")[0],
+                                  source.get_layer("block4_conv3").get_weights()[0])
 
 
 def test_keras_model_and_weights_h5_from_an_earlier_run(tmp_path):
@@ -355,6 +369,17 @@ def test_offline_download_fails_fast_with_what_to_do(monkeypatch, tmp_path):
     message = str(err.value)
     for part in ("vgg16_notop.h5", url, str(tmp_path / "keras" / "models"), "--weights FILE", "--weights none"):
         assert part in message
+    assert (tmp_path / "keras" / "models").is_dir() and not any((tmp_path / "keras" / "models").iterdir())
+
+
+def test_offline_fit_stops_before_writing_a_run(monkeypatch, binary_tree, tmp_path):
+    url = "http://tfcovid-offline.invalid/resnet50_notop.h5"
+    monkeypatch.setitem(weights.IMAGENET, "resnet50", weights.ImagenetFile("resnet50_notop.h5", url))
+    result = CliRunner().invoke(main, ["fit", "--data", str(binary_tree), "--backbone", "resnet50",
+                                       "--weights", "imagenet", "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Error: Could not download the ImageNet weights for resnet50: resnet50_notop.h5" in result.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_download_error_from_keras_is_translated(monkeypatch, tmp_path):
@@ -402,7 +427,8 @@ def test_imagenet_vgg16_uses_the_cached_keras_file(monkeypatch, tmp_path):
     model, mode, origin = weights.initial_model("vgg16", 2, 32, "imagenet")
     assert mode == "caffe" and "Keras ImageNet weights" in origin
     assert calls[0][0][0] == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    assert calls[0][1] == {"cache_subdir": "models", "file_hash": "6d6bbae143d832006294945121d1f1fc"}
+    assert calls[0][1] == {"cache_dir": str(tmp_path / "keras-home"), "cache_subdir": "models",
+                           "file_hash": "6d6bbae143d832006294945121d1f1fc"}
     np.testing.assert_array_equal(layer_weights(model, "block4_conv1")[0], source.get_layer("block4_conv1").get_weights()[0])
 
 

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +68,18 @@ IMAGENET = {
 
 
 def keras_cache_dir() -> Path:
-    """Where keras.utils.get_file keeps downloaded models: ``$KERAS_HOME/models``."""
-    base = Path(os.environ.get("KERAS_HOME") or Path("~/.keras").expanduser())
-    if base.exists() and not os.access(base, os.W_OK):
-        base = Path("/tmp/.keras")  # keras.utils.get_file falls back to this too
+    """Where ImageNet weights are kept: ``$KERAS_HOME/models`` (default ``~/.keras/models``).
+
+    Read at call time (Keras reads KERAS_HOME once, at import) and passed to get_file, so the
+    folder named in messages is always the one used.
+    """
+    base = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if not os.access(base, os.W_OK):
+        base = Path(tempfile.gettempdir()) / ".keras"  # what keras.utils.get_file falls back to
     return base / "models"
 
 
@@ -98,8 +107,8 @@ def fetch_imagenet(backbone: str) -> Path:
     folder = keras_cache_dir()
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            path = Path(keras.utils.get_file(spec.fname, spec.url, cache_subdir="models",
-                                             file_hash=spec.md5))
+            path = Path(keras.utils.get_file(spec.fname, spec.url, cache_dir=str(folder.parent),
+                                             cache_subdir=folder.name, file_hash=spec.md5))
     except Exception as err:  # get_file raises a bare Exception wrapping URLError/HTTPError
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise WeightsError(
