@@ -6,8 +6,12 @@ canvas, black fill), crop-and-resize and flip are all affine maps, so tfcovid sa
 exactly as torchvision does and composes them into ONE affine map from output pixels to source
 pixels, resampled once with bilinear interpolation straight to S x S. The statistics of the
 crop box, angle and flip are the study's; only the work is less: no full-size rotated
-intermediate image is ever made. Before resampling, large downscales are box-averaged by an
-integer factor so the bilinear sampling does not alias (PIL's resize antialiases too).
+intermediate image is ever made.
+
+Anti-aliasing: bilinear sampling of a crop 2x or more larger than the output would alias
+(PIL's resize antialiases), so such images are box-averaged by the integer factor first.
+With the input pipeline's working resolution (see ``pipeline``) that happens for the largest
+crops only, about a quarter of them.
 
 Augmentation runs in the tf.data pipeline, not in the model, so the model can be compiled with
 XLA (Keras augmentation layers inside a model disable it).
@@ -60,17 +64,30 @@ def sample_crop(height, width, scale, ratio, seed):
     return top, left, ch, cw
 
 
-def augment_params(height, width, size, scale, ratio, max_angle, flip, seed):
-    """Sample crop box, angle and flip, and return the fused 8-number projective transform.
+def sample_params(height, width, scale, ratio, max_angle, flip, seed):
+    """Sample the study's three random choices for one image.
 
-    The transform maps output pixel (u, v) of the S x S result to a point of the source image,
-    as ``tf.raw_ops.ImageProjectiveTransformV3`` expects (pixel centres at integer coordinates).
+    Returns:
+        dict of float32 scalars ``top, left, height, width`` (the crop box, in pixels of the
+        rotated canvas), ``angle`` (radians, uniform in [-max_angle, max_angle] degrees,
+        counter-clockwise as torchvision's) and bool ``flip``.
     """
     seeds = tf.random.experimental.stateless_split(seed, 3)
     top, left, ch, cw = sample_crop(height, width, scale, ratio, seeds[0])
     angle = tf.random.stateless_uniform([], seeds[1], -max_angle, max_angle) * (math.pi / 180.0)
     flipped = tf.random.stateless_uniform([], seeds[2]) < (0.5 if flip else 0.0)
+    return {"top": top, "left": left, "height": ch, "width": cw, "angle": angle, "flip": flipped}
+
+
+def fused_transform(params, height, width, size):
+    """The 8-number projective transform of rotate -> crop -> resize -> flip.
+
+    It maps output pixel (u, v) of the S x S result to a point of the source image, as
+    ``tf.raw_ops.ImageProjectiveTransformV3`` expects (pixel centres at integer coordinates).
+    """
     s = float(size)
+    ch, cw, top, left = params["height"], params["width"], params["top"], params["left"]
+    flipped = params["flip"]
     # Output pixel -> point in the rotated canvas (crop + resize, optionally mirrored).
     ax = tf.where(flipped, -cw / s, cw / s)
     bx = tf.where(flipped, left + (s - 0.5) * cw / s - 0.5, left + 0.5 * cw / s - 0.5)
@@ -79,13 +96,38 @@ def augment_params(height, width, size, scale, ratio, max_angle, flip, seed):
     # Rotated canvas -> source: rotate about the image centre (torchvision's centre).
     cx = (tf.cast(width, tf.float32) - 1.0) / 2.0
     cy = (tf.cast(height, tf.float32) - 1.0) / 2.0
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    transform = tf.stack([
+    cos, sin = tf.cos(params["angle"]), tf.sin(params["angle"])
+    return tf.stack([
         cos * ax, -sin * ay, cx + cos * (bx - cx) - sin * (by - cy),
         sin * ax, cos * ay, cy + sin * (bx - cx) + cos * (by - cy),
         0.0, 0.0,
     ])
-    return transform, tf.minimum(ch, cw) / s
+
+
+def augment_params(height, width, size, scale, ratio, max_angle, flip, seed):
+    """Sample crop box, angle and flip; return (fused transform, zoom = crop side / S)."""
+    params = sample_params(height, width, scale, ratio, max_angle, flip, seed)
+    transform = fused_transform(params, height, width, size)
+    return transform, tf.minimum(params["height"], params["width"]) / float(size)
+
+
+def scale_transform(transform, sy, sx):
+    """Re-express ``transform`` for the same image shrunk by (sy, sx) (box/area filtered).
+
+    Source coordinate x (pixel centres at integers) sits at (x + 0.5) / s - 0.5 in the shrunk
+    image, which is where a k x k box average (or a JPEG decoded at 1/k scale) puts it.
+    """
+    a0, a1, a2, b0, b1, b2 = tf.unstack(transform[:6])
+    return tf.stack([a0 / sx, a1 / sx, (a2 + 0.5) / sx - 0.5,
+                     b0 / sy, b1 / sy, (b2 + 0.5) / sy - 0.5, 0.0, 0.0])
+
+
+def resample(image, transform, size):
+    """Bilinear resample of ``image`` (H, W, C) through ``transform`` to (S, S, C) float32."""
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(image, tf.float32)[None], transforms=transform[None],
+        output_shape=[size, size], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    return out[0]
 
 
 def random_resized_crop_rotate_flip(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -102,26 +144,17 @@ def random_resized_crop_rotate_flip(image, seed, size, scale=(0.08, 1.0), ratio=
     """
     shape = tf.shape(image)
     transform, zoom = augment_params(shape[0], shape[1], size, scale, ratio, max_angle, flip, seed)
-    image = tf.cast(image, tf.float32)
     # Anti-aliasing: average k x k blocks first when the crop is >= 2x the output size.
     k = tf.maximum(1, tf.cast(tf.floor(zoom), tf.int32))
 
     def shrink():
         shape_f = tf.cast(shape[:2], tf.float32)
         small = tf.maximum(tf.floor(shape_f / tf.cast(k, tf.float32)), 1.0)
-        pooled = tf.image.resize(image, tf.cast(small, tf.int32), method="area")
-        sy, sx = shape_f[0] / small[0], shape_f[1] / small[1]
-        # Source coordinate x sits at (x + 0.5) / s - 0.5 in the shrunk image.
-        a0, a1, a2, b0, b1, b2 = tf.unstack(transform[:6])
-        shrunk = tf.stack([a0 / sx, a1 / sx, (a2 + 0.5) / sx - 0.5,
-                           b0 / sy, b1 / sy, (b2 + 0.5) / sy - 0.5, 0.0, 0.0])
-        return pooled, shrunk
+        pooled = tf.image.resize(tf.cast(image, tf.float32), tf.cast(small, tf.int32), method="area")
+        return pooled, scale_transform(transform, shape_f[0] / small[0], shape_f[1] / small[1])
 
-    image, transform = tf.cond(k > 1, shrink, lambda: (image, transform))
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform[None], output_shape=[size, size],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    return out[0]
+    image, transform = tf.cond(k > 1, shrink, lambda: (tf.cast(image, tf.float32), transform))
+    return resample(image, transform, size)
 
 
 def resize_eval(image, size):

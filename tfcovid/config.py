@@ -51,6 +51,9 @@ class DataConfig:
     demo_per_class: int = 200  # size of the generated demo set (train images per class)
     cache: str = "auto"  # decoded-image cache: auto | memory | disk | none
     cache_budget_mb: int = 2048
+    # Train images are decoded (and cached) halved while their shorter side stays at least
+    # decode_scale * image_size; 0 keeps full resolution. See tfcovid/pipeline.py.
+    decode_scale: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -361,6 +364,11 @@ def validate(exp: Experiment) -> None:
     _check_choice("train.jit_compile", t.jit_compile.lower(), ("auto", "true", "false"))
     _check_choice("train.focal_reduction", t.focal_reduction, ("sum", "mean"))
     _check_choice("data.cache", d.cache, ("auto", "memory", "disk", "none"))
+    if d.cache_budget_mb < 0:
+        raise ConfigError(f"Bad value for 'data.cache_budget_mb': {d.cache_budget_mb}. Use 0 or more MB.")
+    if d.decode_scale != 0 and d.decode_scale < 1:
+        raise ConfigError(f"Bad value for 'data.decode_scale': {d.decode_scale}. Use 0 (full resolution) "
+                          "or at least 1 (shorter side >= decode_scale x image_size).")
     if not re.fullmatch(r"all|none|first[1-9][0-9]*", m.freeze):
         raise ConfigError(
             f"Bad value for 'model.freeze': {m.freeze!r}. Valid values: all, none, firstN "

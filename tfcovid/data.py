@@ -272,8 +272,13 @@ def dataset(
     aug=None,
     seed: int = 0,
     drop_remainder: bool = False,
+    cache=None,
+    decode_scale: float = 2.0,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
+
+    The pipeline lives in :mod:`tfcovid.pipeline` (see there for the decoded-image cache and
+    the working resolution); this is its entry point.
 
     Args:
         split: a labeled or unlabeled Split (unlabeled yields images only).
@@ -283,29 +288,10 @@ def dataset(
         aug: augmentation settings; None or disabled means resize only.
         seed: shuffling and augmentation seed.
         drop_remainder: drop the last partial batch (needed by some strategies).
+        cache: None, "auto" | "memory" | "disk" | "none", or a shared ``cache.Cache``.
+        decode_scale: train images are decoded to a shorter side >= decode_scale * S; 0: full.
     """
-    paths = tf.data.Dataset.from_tensor_slices(list(split.paths))
-    items = paths if split.labels is None else tf.data.Dataset.zip(
-        paths, tf.data.Dataset.from_tensor_slices(split.labels))
-    augmenting = training and aug is not None and aug.enabled
-    if training:
-        items = items.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    # A fresh pair of stateless seeds per image and epoch: reproducible, yet parallel-safe.
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip(items, seeds)
+    from tfcovid import pipeline  # imports this module
 
-    def load(item, pair):
-        path, label = (item, None) if split.labels is None else item
-        image = decode_image(tf.io.read_file(path))
-        if augmenting:
-            image = augment.random_resized_crop_rotate_flip(
-                image, pair, image_size, aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
-        else:
-            image = augment.resize_eval(image, image_size)
-        image = to_rgb_uint8(image, image_size)
-        return image if label is None else (image, label)
-
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    # Prefetching overlaps decoding of the next batches with the training step on this one.
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
+                            cache, decode_scale)

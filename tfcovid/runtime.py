@@ -88,3 +88,16 @@ def make_strategy(name: str):
     else:
         raise ValueError(f"Unknown strategy {name!r}. Valid strategies: auto, one, mirrored, multiworker.")
     return strategy, f"{name} ({strategy.num_replicas_in_sync} replica(s))"
+
+
+def describe_compute(model: keras.Model) -> str:
+    """One line: the compiled model's compute/variable/logit dtypes, loss scaling, XLA, steps.
+
+    Read back from the model rather than from the config, so the log shows what took effect.
+    """
+    policy = model.dtype_policy
+    logits = model.outputs[0].dtype if model.outputs else "?"
+    scaled = isinstance(getattr(model, "optimizer", None), keras.optimizers.LossScaleOptimizer)
+    return (f"compute {policy.compute_dtype}, variables {policy.variable_dtype}, logits {logits}"
+            f"{', dynamic loss scaling' if scaled else ''}; XLA {'on' if model.jit_compile else 'off'}; "
+            f"steps_per_execution {model.steps_per_execution}")

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from tfcovid import data, demo, losses, metrics, modelinfo, report, runtime, weights
+from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
 
@@ -156,9 +157,14 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         f"images {counts})")
     positive_index = (manifest.class_names.index(exp.data.positive)
                       if exp.data.positive in manifest.class_names else 0)
+    # One memory budget for both splits' decoded-image caches; a disk cache goes in the run.
+    cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"))
     train_ds = data.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
-                            training=True, aug=exp.augment, seed=exp.train.seed)
-    val_ds = data.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size)
+                            training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
+                            decode_scale=exp.data.decode_scale)
+    val_ds = data.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
+                          cache=cache)
+    log(f"      {cache.describe()}")
 
     # Phase 4: model, weights, freeze policy, compile — inside the strategy scope.
     with runtime.dtype_policy(precision), strategy.scope():
@@ -170,6 +176,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         compile_model(model, exp, positive_index)
     log(f"[4/6] Model: {m.backbone}, {origin}; preprocessing '{mode}'")
     log(f"      {frozen.describe()}")
+    log(f"      {runtime.describe_compute(model)}")
 
     # Phase 5: train.
     (run / "checkpoints").mkdir(exist_ok=True)

@@ -1,0 +1,149 @@
+"""The fused augmentation against torchvision's definitions: distributions, geometry, anti-aliasing."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from scipy import stats
+
+from tfcovid import augment
+
+N = 3000
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def torchvision_get_params(rng, height, width, scale=SCALE, ratio=RATIO):
+    """RandomResizedCrop.get_params, transcribed from torchvision (transforms.py) to NumPy."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(rng.integers(0, height - h + 1))
+            j = int(rng.integers(0, width - w + 1))
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def tf_params(height, width, n=N, max_angle=30.0, flip=True):
+    seeds = tf.random.experimental.stateless_split(tf.constant([7, 11], tf.int64), n)
+
+    @tf.function
+    def sample(seeds):
+        def one(seed):
+            p = augment.sample_params(height, width, SCALE, RATIO, max_angle, flip, seed)
+            return tf.stack([p["top"], p["left"], p["height"], p["width"], p["angle"],
+                             tf.cast(p["flip"], tf.float32)])
+        return tf.map_fn(one, seeds, fn_output_signature=tf.float32)
+
+    # float64, as the reference: a float32 0.4 and a float64 0.4 are different atoms to KS.
+    return sample(seeds).numpy().astype(np.float64)
+
+
+def summaries(top, left, h, w, height, width):
+    """Relative quantities whose distributions must match: area, log aspect, position."""
+    rel_top = np.where(height > h, top / np.maximum(height - h, 1), 0.0)
+    rel_left = np.where(width > w, left / np.maximum(width - w, 1), 0.0)
+    return {"area": h * w / (height * width), "log_aspect": np.log(w / h), "top": rel_top, "left": rel_left}
+
+
+@pytest.mark.parametrize("height,width", [(1024, 1024), (300, 1000), (900, 500)])
+def test_crop_distribution_matches_torchvision(height, width):
+    ours = tf_params(height, width)
+    top, left, h, w = ours[:, 0], ours[:, 1], ours[:, 2], ours[:, 3]
+    # Every box lies inside the image, with integer sides and corners.
+    assert np.all(top >= 0) and np.all(left >= 0) and np.all(top + h <= height) and np.all(left + w <= width)
+    assert np.all(ours[:, :4] == np.round(ours[:, :4]))
+    rng = np.random.default_rng(0)
+    ref = np.array([torchvision_get_params(rng, height, width) for _ in range(N)], dtype=np.float64)
+    a = summaries(top, left, h, w, height, width)
+    b = summaries(ref[:, 0], ref[:, 1], ref[:, 2], ref[:, 3], height, width)
+    for key in a:
+        d = stats.ks_2samp(a[key], b[key]).statistic
+        assert d < 0.05, f"{key}: KS distance {d:.3f} from torchvision's distribution"
+    # Accepted boxes obey the scale and ratio ranges (up to integer rounding of the sides).
+    assert a["area"].min() >= 0.08 * 0.95 and a["area"].max() <= 1.0
+    assert np.all(np.abs(a["log_aspect"]) <= math.log(4 / 3) + 0.02)
+
+
+def test_fallback_is_torchvisions_centre_crop():
+    # A 10 x 1000 strip: no random box of ratio 3/4..4/3 can have 8 % of its area, so all ten
+    # tries fail and torchvision falls back to a centred crop narrowed to the ratio range.
+    ours = tf_params(10, 1000, n=20)
+    expected = torchvision_get_params(np.random.default_rng(0), 10, 1000)
+    assert all(tuple(int(v) for v in row[:4]) == expected for row in ours)
+    assert expected == (0, 493, 10, 13)
+
+
+def test_angle_and_flip_distributions():
+    p = tf_params(512, 512)
+    degrees = p[:, 4] * 180 / math.pi
+    assert degrees.min() >= -30 and degrees.max() <= 30
+    assert stats.kstest(degrees, stats.uniform(-30, 60).cdf).statistic < 0.05
+    assert abs(p[:, 5].mean() - 0.5) < 0.03
+    still = tf_params(512, 512, n=200, max_angle=0.0, flip=False)
+    assert np.all(still[:, 4] == 0) and np.all(still[:, 5] == 0)
+
+
+def _smooth_image(h=180, w=150):
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = 40 + 120 * (x / w) + 60 * np.exp(-((x - 0.3 * w) ** 2 + (y - 0.25 * h) ** 2) / (2 * 18.0 ** 2))
+    return np.clip(img + 30 * (y / h) ** 2, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("angle,flip", [(17.0, False), (-25.0, True), (0.0, True)])
+def test_fused_transform_equals_sequential_torchvision_ops(angle, flip):
+    """One fused resample == rotate -> crop -> resize -> flip, each done by PIL as torchvision does."""
+    image = _smooth_image()
+    h, w = image.shape
+    top, left, ch, cw, size = 30, 20, 100, 90, 64  # zoom < 2: no pre-shrink on either side
+    seq = Image.fromarray(image).rotate(angle, resample=Image.BILINEAR)  # torchvision's F.rotate
+    seq = seq.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+    if flip:
+        seq = seq.transpose(Image.FLIP_LEFT_RIGHT)
+    params = {"top": tf.constant(float(top)), "left": tf.constant(float(left)),
+              "height": tf.constant(float(ch)), "width": tf.constant(float(cw)),
+              "angle": tf.constant(angle * math.pi / 180), "flip": tf.constant(flip)}
+    fused = augment.resample(image[..., None], augment.fused_transform(params, h, w, size), size)
+    diff = np.abs(fused.numpy()[..., 0] - np.asarray(seq, np.float32))[4:-4, 4:-4]
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) < 6
+
+
+def test_large_downscale_is_antialiased():
+    # A 1-pixel checkerboard shrunk 8x must average to mid-grey; plain bilinear sampling
+    # would alias it into black and white.
+    board = ((np.indices((512, 512)).sum(0) % 2) * 255).astype(np.uint8)[..., None]
+    out = augment.random_resized_crop_rotate_flip(
+        board, tf.constant([1, 2], tf.int64), 64, scale=(1.0, 1.0), ratio=(1.0, 1.0), max_angle=0.0,
+        flip=False).numpy()
+    assert out.shape == (64, 64, 1) and out.dtype == np.float32
+    assert abs(out.mean() - 127.5) < 2 and out.std() < 3
+
+
+def test_output_shape_channels_and_range():
+    for channels in (1, 3):
+        image = np.random.default_rng(channels).integers(0, 256, (97, 131, channels), dtype=np.uint8)
+        out = augment.random_resized_crop_rotate_flip(image, tf.constant([3, channels], tf.int64), 48)
+        assert out.shape == (48, 48, channels)
+        assert out.numpy().min() >= 0 and out.numpy().max() <= 255
+
+
+def test_same_seed_same_view_different_seed_different_view():
+    image = _smooth_image()[..., None]
+    a = augment.random_resized_crop_rotate_flip(image, tf.constant([1, 1], tf.int64), 32).numpy()
+    b = augment.random_resized_crop_rotate_flip(image, tf.constant([1, 1], tf.int64), 32).numpy()
+    c = augment.random_resized_crop_rotate_flip(image, tf.constant([1, 2], tf.int64), 32).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

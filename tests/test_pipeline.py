@@ -1,0 +1,168 @@
+"""The train/eval pipeline: working resolution, the decoded-image cache, epochs and ranges."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tfcovid import cache, config, data, pipeline
+
+AUG = config.AugmentConfig()
+
+
+def _write(path, array, fmt=None, quality=95):
+    Image.fromarray(array).save(path, fmt, quality=quality) if fmt == "JPEG" else Image.fromarray(array).save(path)
+    return str(path)
+
+
+def _smooth(h, w, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    base = 128 + 80 * np.sin(6 * x + rng.uniform(0, 3)) * np.cos(4 * y) + rng.normal(0, 3, (h, w))
+    img = np.clip(base, 0, 255).astype(np.uint8)
+    return img if channels == 1 else np.stack([img, img[::-1], 255 - img], -1)
+
+
+@pytest.fixture(scope="module")
+def mixed_split(tmp_path_factory):
+    """Six files: grayscale and RGB, JPEG and PNG, different sizes; label = index."""
+    root = tmp_path_factory.mktemp("mixed")
+    specs = [(200, 160, 1, "JPEG"), (130, 170, 3, "JPEG"), (150, 150, 1, "PNG"), (96, 120, 3, "PNG"),
+             (260, 200, 1, "JPEG"), (40, 50, 1, "PNG")]
+    paths = [_write(root / f"img{i}.{'jpg' if fmt == 'JPEG' else 'png'}", _smooth(h, w, c, i), fmt)
+             for i, (h, w, c, fmt) in enumerate(specs)]
+    labels = np.arange(len(paths), dtype=np.int64)
+    return data.Split("train", str(root), tuple(paths), labels, ("x",) * len(paths))
+
+
+def _bytes(path):
+    return tf.io.read_file(path)
+
+
+def test_decode_base_jpeg_uses_dct_scaling(tmp_path):
+    path = _write(tmp_path / "big.jpg", _smooth(1000, 1200), "JPEG")
+    image = pipeline.decode_base(_bytes(path), 200).numpy()
+    assert image.shape == (250, 300, 1) and image.dtype == np.uint8  # 1/4 scale: 250 >= 200 > 125
+    full = data.decode_image(_bytes(path)).numpy().astype(np.float32)
+    box = full.reshape(250, 4, 300, 4, 1).mean(axis=(1, 3))
+    assert np.abs(image - box).mean() < 2  # libjpeg's scaled IDCT is a proper 4x downscale
+    np.testing.assert_array_equal(pipeline.decode_base(_bytes(path), None), data.decode_image(_bytes(path)))
+
+
+def test_decode_base_png_box_average_and_never_upscales(tmp_path):
+    rgb = _smooth(203, 161, 3)
+    path = _write(tmp_path / "x.png", rgb)
+    image = pipeline.decode_base(_bytes(path), 40).numpy()
+    assert image.shape == (50, 40, 3)  # 161 / 4 >= 40: halved twice, odd rows dropped
+    expected = rgb[:200, :160].astype(np.float64).reshape(50, 4, 40, 4, 3).mean(axis=(1, 3))
+    assert np.abs(image - expected).max() <= 1
+    small = pipeline.decode_base(_bytes(path), 400).numpy()
+    np.testing.assert_array_equal(small, rgb)
+
+
+def test_working_side():
+    assert pipeline.working_side(224, 2.0) == 448
+    assert pipeline.working_side(224, 0) is None
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cache_holds_exactly_a_fresh_decode(mixed_split, mode, tmp_path):
+    policy = cache.Cache(mode, directory=str(tmp_path / "c"))
+    ds = data.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=policy, decode_scale=2.0)
+    first = [lab for _, y in ds for lab in y.numpy()]
+    store = policy.stores[0]
+    assert sorted(first) == list(range(len(mixed_split))) and store.count() == len(mixed_split)
+    total = 0
+    for i, path in enumerate(mixed_split.paths):
+        found, cached = store.lookup(tf.constant(i, tf.int64))
+        fresh = pipeline.decode_base(_bytes(path), 64)
+        assert bool(found)
+        np.testing.assert_array_equal(cached.numpy(), fresh.numpy())
+        total += cached.numpy().size
+    assert cached.shape[-1] == 1  # grayscale stays one channel in the cache
+    assert total <= store.nbytes() <= total + 1024 * len(mixed_split)
+    if mode == "disk":
+        assert len(os.listdir(store.directory)) == len(mixed_split)
+        assert os.path.dirname(store.directory) == str(tmp_path / "c")
+    assert mode in policy.usage()
+
+
+def test_every_epoch_is_a_full_reshuffle_with_fresh_views(mixed_split):
+    ds = data.dataset(mixed_split, 32, 3, training=True, aug=AUG, cache="memory", seed=3)
+    epochs = [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(3)]
+    orders = []
+    for batches in epochs:
+        labels = np.concatenate([y for _, y in batches])
+        assert sorted(labels) == list(range(6))  # every image exactly once
+        orders.append(tuple(labels))
+        for x, _ in batches:
+            assert x.shape[1:] == (32, 32, 3) and x.dtype == np.uint8
+    assert len(set(orders)) > 1  # reshuffled
+    views = [{int(lab): x[k] for x, y in b for k, lab in enumerate(y)} for b in epochs]
+    # Later epochs come from the cache yet are new random views of the same image.
+    assert all(not np.array_equal(views[0][i], views[1][i]) for i in range(6))
+
+
+def test_cached_eval_equals_uncached_and_load_image(mixed_split):
+    plain = np.concatenate([x.numpy() for x, _ in data.dataset(mixed_split, 24, 4)])
+    cached_ds = data.dataset(mixed_split, 24, 4, cache="memory")
+    for _ in range(2):  # first pass fills, second reads back
+        np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in cached_ds]), plain)
+    for i, path in enumerate(mixed_split.paths):
+        np.testing.assert_array_equal(plain[i], data.load_image(path, 24).numpy())
+
+
+def test_no_cache_matches_cached_first_epoch(mixed_split):
+    """The cache changes nothing but speed: same seed, same images, with or without it."""
+    def epoch(cache_mode):
+        ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=cache_mode, seed=5)
+        x, y = next(iter(ds))
+        return x.numpy()[np.argsort(y.numpy())]
+    np.testing.assert_array_equal(epoch(None), epoch("memory"))
+
+
+def test_auto_cache_uses_memory_within_budget_and_disk_beyond(mixed_split, tmp_path):
+    estimate = cache.estimate_bytes(mixed_split.paths, 32, 64, training=True)
+    roomy = cache.Cache("auto", budget_mb=1, directory=str(tmp_path))
+    ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=roomy)
+    for _ in ds:
+        pass
+    assert roomy.stores[0].mode == "memory"
+    assert abs(roomy.nbytes() - estimate) <= 0.15 * roomy.nbytes()  # header-based estimate
+    assert "memory budget 1 MB" in roomy.describe()
+    tight = cache.Cache("auto", budget_mb=0, directory=str(tmp_path))
+    data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=tight)
+    data.dataset(mixed_split, 32, 6, cache=tight)
+    assert [s.mode for s in tight.stores] == ["disk", "disk"]
+    assert "disk" in tight.describe()
+    assert cache.Cache("none").describe().startswith("decoded-image cache off")
+
+
+def test_cached_pixels_formula():
+    # 1024 x 1024 gray JPEG at S = 224, decode_scale 2: 1/2 scale (512 >= 448 > 256).
+    assert cache.cached_pixels(1024, 1024, 1, True, 224, 448, True) == 512 * 512
+    assert cache.cached_pixels(1024, 1024, 1, True, 224, 448, False) == 224 * 224
+    assert cache.cached_pixels(203, 161, 3, False, 16, 40, True) == 50 * 40 * 3
+    assert cache.cached_pixels(203, 161, 3, False, 16, 50, True) == 101 * 80 * 3
+    assert cache.cached_pixels(100, 100, 1, True, 224, 448, True) == 100 * 100  # never upscaled
+
+
+def test_bad_cache_arguments():
+    with pytest.raises(ValueError, match="Valid modes: auto, memory, disk, none"):
+        cache.Cache("ram")
+    with pytest.raises(TypeError, match="cache must be None"):
+        cache.as_cache(3)
+    with pytest.raises(config.ConfigError, match="data.decode_scale"):
+        config.from_dict({"data": {"decode_scale": 0.5}})
+    assert config.from_dict({"data": {"decode_scale": 0, "cache": "disk"}}).data.decode_scale == 0
+
+
+def test_full_resolution_decode_scale_zero(mixed_split):
+    policy = cache.Cache("memory")
+    ds = data.dataset(mixed_split, 16, 6, training=True, aug=AUG, cache=policy, decode_scale=0)
+    for _ in ds:
+        pass
+    found, image = policy.stores[0].lookup(tf.constant(4, tf.int64))
+    assert image.shape == (260, 200, 1)

@@ -1,0 +1,213 @@
+"""A cache of decoded images for the input pipeline: in memory within a budget, else on disk.
+
+Decoding a 1024 x 1024 JPEG costs ~8 ms of CPU, about as much as everything else the train
+pipeline does to it together, and it gives the same pixels every epoch. So the first epoch
+decodes each image once, at a bounded resolution (see ``pipeline.decode_base``), and stores
+it here; later epochs read it back instead of decoding.
+
+The store is random access by image index (a ``tf.lookup`` hash table; files on disk when the
+images do not fit the memory budget), so every epoch is still a full reshuffle of the whole
+split, as with PyTorch's ``shuffle=True``, with no shuffle buffer of images. It fills itself
+during the first epoch: an image missing from the store is decoded and added on the spot, so
+the first epoch trains while it fills, and an interrupted epoch loses nothing.
+
+A disk cache lives in a fresh temporary folder (under ``directory`` or ``$TMPDIR``) that is
+deleted when the process exits; caches are never shared between processes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import shutil
+import tempfile
+from typing import Sequence
+
+import tensorflow as tf
+from PIL import Image
+
+MODES = ("auto", "memory", "disk", "none")
+_OVERHEAD = 200  # bytes per cached image beyond its pixels: serialisation, table entry
+
+
+class ImageStore:
+    """Decoded uint8 images by index, in memory (a hash table) or as files on disk.
+
+    ``lookup(index)`` returns (found, image); ``put(index, image)`` adds one. Both are TF ops,
+    usable inside tf.data map functions from many threads.
+
+    Args:
+        mode: "memory" or "disk".
+        directory: parent folder of a disk cache (default: the system's temporary folder).
+        name: a label for messages (e.g. the split).
+    """
+
+    def __init__(self, mode: str, directory: str | None = None, name: str = ""):
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"Unknown store mode {mode!r}. Valid modes: memory, disk.")
+        self.mode, self.name = mode, name
+        # memory: index -> serialised image; disk: index -> "1" once its file is complete.
+        self._table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.string, "")
+        self._bytes = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.directory = None
+        if mode == "disk":
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+                atexit.register(_remove_if_empty, directory)  # atexit runs last-in first-out
+            self.directory = tempfile.mkdtemp(prefix=f"tfcovid-cache-{name}-", dir=directory or None)
+            atexit.register(shutil.rmtree, self.directory, True)
+
+    def _file(self, index):
+        return tf.strings.join([self.directory, "/", tf.strings.as_string(index), ".tensor"])
+
+    def lookup(self, index):
+        """(found, uint8 image (H, W, C)); the image is a dummy (0, 0, 1) when not found."""
+        index = tf.cast(index, tf.int64)
+        value = self._table.lookup(index)
+        found = tf.strings.length(value) > 0
+
+        def read():
+            data = value if self.mode == "memory" else tf.io.read_file(self._file(index))
+            return tf.io.parse_tensor(data, tf.uint8)
+
+        image = tf.cond(found, read, lambda: tf.zeros([0, 0, 1], tf.uint8))
+        image.set_shape([None, None, None])
+        return found, image
+
+    def put(self, index, image):
+        """Add ``image`` (uint8) under ``index``; returns the op (the entry is visible last)."""
+        index = tf.cast(index, tf.int64)
+        data = tf.io.serialize_tensor(tf.convert_to_tensor(image, tf.uint8))
+        if self.mode == "memory":
+            value, written = data, tf.no_op()
+        else:
+            value, written = tf.constant("1"), tf.io.write_file(self._file(index), data)
+        with tf.control_dependencies([written]):
+            counted = self._bytes.assign_add(tf.cast(tf.strings.length(data), tf.int64) + _OVERHEAD)
+        with tf.control_dependencies([counted]):
+            return self._table.insert(index[None], value[None])
+
+    def count(self) -> int:
+        """Images stored so far."""
+        return int(self._table.size())
+
+    def nbytes(self) -> int:
+        """Bytes stored so far (pixels plus a small per-image overhead)."""
+        return int(self._bytes.numpy())
+
+    def describe(self) -> str:
+        where = "memory" if self.mode == "memory" else f"disk ({self.directory})"
+        return f"{self.name or 'cache'}: {self.count()} images, {self.nbytes() / 2**20:.1f} MB in {where}"
+
+
+def _remove_if_empty(directory: str) -> None:
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
+
+
+def _header(path: str) -> tuple[int, int, int, bool] | None:
+    """(height, width, channels after decoding, is JPEG) from the file header, or None."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            gray = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            return height, width, 1 if gray else 3, im.format == "JPEG"
+    except (OSError, ValueError):
+        return None
+
+
+def cached_pixels(height: int, width: int, channels: int, jpeg: bool, image_size: int,
+                  min_side: int | None, training: bool) -> int:
+    """Bytes of pixels one image takes in the cache (mirrors ``pipeline.decode_base``)."""
+    if not training:
+        return image_size * image_size * channels
+    if min_side:
+        k = max(0, int(math.floor(math.log2(max(min(height, width) / min_side, 1.0)))))
+        if jpeg:  # libjpeg scales by 1/2, 1/4 or 1/8 and rounds up
+            k = min(k, 3)
+            height, width = -(-height // 2**k), -(-width // 2**k)
+        else:  # repeated 2x2 pooling drops odd rows
+            height, width = height // 2**k, width // 2**k
+    return height * width * channels
+
+
+def estimate_bytes(paths: Sequence[str], image_size: int, min_side: int | None, training: bool,
+                   sample: int = 64) -> int:
+    """Estimate a split's cache size from the headers of up to ``sample`` evenly spaced files."""
+    if not paths:
+        return 0
+    step = max(1, len(paths) // sample)
+    sizes = []
+    for path in list(paths)[::step][:sample]:
+        head = _header(path)
+        if head is not None:
+            sizes.append(cached_pixels(*head, image_size, min_side, training))
+    if not sizes:
+        return len(paths) * image_size * image_size * 3
+    return int(len(paths) * (sum(sizes) / len(sizes) + _OVERHEAD))
+
+
+class Cache:
+    """The cache policy of one run: picks memory or disk per split within one memory budget.
+
+    Args:
+        mode: "auto" (memory while the estimate fits what is left of the budget, else disk),
+            "memory", "disk" or "none".
+        budget_mb: memory budget for all splits together, in MiB.
+        directory: parent folder for disk caches (default: the system's temporary folder).
+    """
+
+    def __init__(self, mode: str = "auto", budget_mb: float = 2048, directory: str | None = None):
+        if mode not in MODES:
+            raise ValueError(f"Unknown cache mode {mode!r}. Valid modes: {', '.join(MODES)}.")
+        if budget_mb < 0:
+            raise ValueError(f"The cache budget must be >= 0 MB. Received: {budget_mb}")
+        self.mode, self.budget = mode, int(budget_mb * 2**20)
+        self.directory = directory
+        self.used = 0
+        self.stores: list[ImageStore] = []
+        self.plans: list[str] = []
+
+    def store_for(self, name: str, estimated: int) -> ImageStore | None:
+        """A new store for split ``name`` whose cache should take about ``estimated`` bytes."""
+        if self.mode == "none":
+            return None
+        mode = self.mode
+        if mode == "auto":
+            mode = "memory" if self.used + estimated <= self.budget else "disk"
+        if mode == "memory":
+            self.used += estimated
+        store = ImageStore(mode, self.directory, name)
+        self.stores.append(store)
+        where = "memory" if mode == "memory" else f"disk, {store.directory}"
+        self.plans.append(f"{name} ~{estimated / 2**20:.0f} MB in {where}")
+        return store
+
+    def describe(self) -> str:
+        """One line: the plan per split and the budget (estimates, before anything is cached)."""
+        if self.mode == "none":
+            return "decoded-image cache off (data.cache none): every epoch decodes every image"
+        if not self.plans:
+            return "decoded-image cache: not used by these splits"
+        return (f"decoded-image cache ({self.mode}): " + "; ".join(self.plans)
+                + f" (memory budget {self.budget / 2**20:.0f} MB)")
+
+    def usage(self) -> str:
+        """One line: what the stores actually hold now."""
+        return "; ".join(s.describe() for s in self.stores) or "nothing cached"
+
+    def nbytes(self) -> int:
+        """Bytes held by all stores now."""
+        return sum(s.nbytes() for s in self.stores)
+
+
+def as_cache(cache) -> Cache | None:
+    """Accept None, a mode name or a Cache (shared by several splits)."""
+    if cache is None or isinstance(cache, Cache):
+        return cache
+    if isinstance(cache, str):
+        return Cache(cache)
+    raise TypeError(f"cache must be None, a mode ({', '.join(MODES)}) or a Cache. Received: {cache!r}")

@@ -1,0 +1,189 @@
+"""tf.data input pipelines: indices -> (cached) decode -> augment or resize -> batch -> prefetch.
+
+Train (``training=True`` with augmentation on), per image and epoch:
+
+1. The decoded image, from the cache (``tfcovid.cache``) or, the first time, from the file:
+   ``decode_base`` decodes it at a bounded *working resolution* (JPEGs straight from their DCT
+   coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it.
+2. ``augment.random_resized_crop_rotate_flip``: the study's rotation, random resized crop and
+   flip, sampled as torchvision samples them, fused into one bilinear resample (box-averaged
+   first when the crop is 2x or more larger than the output, so it does not alias).
+3. Round to uint8; grayscale is repeated to 3 channels only here, at the end.
+
+Reordering for speed (documented, and tested for its statistics): the study rotates and crops
+the full-resolution image; tfcovid first brings the image down to its working resolution
+(halved while the shorter side stays >= d * S for ``decode_scale`` d, so in [d*S, 2*d*S);
+never up) and samples the crop box in that grid. The box's area fraction, aspect ratio and
+position are relative, so their distributions are unchanged; only crops smaller than
+(S / working side)^2 of the image (scale < 0.19 with d = 2 on 1024 px images at S = 224) are
+upsampled from fewer pixels than the original had. ``decode_scale 0`` keeps full resolution.
+
+Eval: decode, antialiased resize to S x S (exactly ``data.load_image``), cached as the final
+uint8 pixels (1 channel for grayscale), so later validation passes cost a table lookup.
+
+The same dataset object is iterated every epoch (Keras does), so the cache it captured fills
+on the first pass and serves the rest; the shuffle is over indices, a full reshuffle of the
+split every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from tfcovid import augment
+from tfcovid.cache import as_cache, estimate_bytes
+from tfcovid.data import Split, decode_image, to_rgb_uint8
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def working_side(image_size: int, decode_scale: float) -> int | None:
+    """The smallest shorter side train images are decoded to (None: full resolution)."""
+    if not decode_scale:
+        return None
+    return int(math.ceil(decode_scale * image_size))
+
+
+def _halvings(short, min_side):
+    """How many times an image can be halved and keep its shorter side >= min_side."""
+    ratio = tf.maximum(tf.cast(short, tf.float32) / float(min_side), 1.0)
+    return tf.cast(tf.floor(tf.math.log(ratio) / math.log(2.0)), tf.int32)
+
+
+def _one_or_three(image):
+    image = tf.cond(tf.shape(image)[-1] >= 3, lambda: image[..., :3], lambda: image[..., :1])
+    image.set_shape([None, None, None])
+    return image
+
+
+def decode_base(data, min_side: int | None):
+    """Decode image bytes to uint8 (H, W, C), C = 1 or 3, halved while the shorter side stays
+    >= ``min_side`` (never upscaled; None decodes at full resolution).
+
+    JPEGs are decoded directly at 1/2, 1/4 or 1/8 scale by libjpeg (the DCT does the
+    filtering, and it is faster than a full decode); other formats are decoded fully and
+    box-averaged 2x2 per halving. Either way pixel x of the result covers source pixels
+    [k*x, k*x + k), the mapping the augmentation's coordinates assume.
+    """
+    if min_side is None:
+        return decode_image(data)
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(data)
+        k = tf.minimum(_halvings(tf.minimum(shape[0], shape[1]), min_side), 3)
+        branches = [lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r) for r in (1, 2, 4, 8)]
+        return _one_or_three(tf.switch_case(k, branches))
+
+    def other():
+        image = decode_image(data)
+        shape = tf.shape(image)
+        k = _halvings(tf.minimum(shape[0], shape[1]), min_side)
+
+        def pool():
+            x = tf.cast(image, tf.float32)[None]
+            x = tf.while_loop(lambda i, x: i < k,
+                              lambda i, x: (i + 1, tf.nn.avg_pool2d(x, 2, 2, "VALID")),
+                              (0, x), shape_invariants=(tf.TensorShape([]), tf.TensorShape([1, None, None, None])))[1]
+            return tf.cast(tf.round(x[0]), tf.uint8)
+
+        out = tf.cond(k > 0, pool, lambda: image)
+        out.set_shape([None, None, None])
+        return out
+
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), _JPEG_MAGIC)
+    return tf.cond(is_jpeg, jpeg, other)
+
+
+def _eval_pixels(data, size: int):
+    """uint8 (S, S, C) eval pixels, C = 1 or 3: exactly what ``data.load_image`` rounds to."""
+    image = augment.resize_eval(decode_image(data), size)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def _rgb(image, size: int):
+    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
+    image.set_shape([size, size, 3])
+    return image
+
+
+def dataset(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    training: bool = False,
+    aug=None,
+    seed: int = 0,
+    drop_remainder: bool = False,
+    cache=None,
+    decode_scale: float = 2.0,
+) -> tf.data.Dataset:
+    """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
+
+    Args:
+        split: a labeled or unlabeled Split (unlabeled yields images only).
+        image_size: output side S.
+        batch_size: images per batch.
+        training: reshuffle the whole split every epoch and apply ``aug`` (an AugmentConfig).
+        aug: augmentation settings; None or disabled means resize only.
+        seed: shuffling and augmentation seed.
+        drop_remainder: drop the last partial batch (needed by some strategies).
+        cache: None (no cache), "auto" | "memory" | "disk" | "none", or a ``cache.Cache``
+            shared by several splits (one memory budget). Caching pays from the second pass.
+        decode_scale: train images are decoded to a shorter side of at least
+            ``decode_scale * image_size`` (powers of 2 below the original); 0: full size.
+    """
+    augmenting = training and aug is not None and aug.enabled
+    min_side = working_side(image_size, decode_scale) if augmenting else None
+    policy = as_cache(cache)
+    store = None
+    if policy is not None:
+        estimated = estimate_bytes(split.paths, image_size, min_side, augmenting)
+        store = policy.store_for(split.name, estimated)
+    paths = tf.constant(list(split.paths) or [""], tf.string)
+
+    indices = tf.data.Dataset.range(len(split))
+    items = indices if split.labels is None else tf.data.Dataset.zip(
+        indices, tf.data.Dataset.from_tensor_slices(split.labels))
+    if training:
+        # Indices, not images, are shuffled: a full reshuffle each epoch costs nothing.
+        items = items.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    # A fresh pair of stateless seeds per image and epoch: reproducible, yet parallel-safe.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip(items, seeds)
+
+    def decoded(index, make):
+        """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
+        if store is None:
+            return make()
+        found, cached = store.lookup(index)
+
+        def fresh():
+            image = make()
+            with tf.control_dependencies([store.put(index, image)]):
+                return tf.identity(image)
+
+        image = tf.cond(found, lambda: cached, fresh)
+        image.set_shape([None, None, None])
+        return image
+
+    def train_image(index, pair):
+        base = decoded(index, lambda: decode_base(tf.io.read_file(paths[index]), min_side))
+        out = augment.random_resized_crop_rotate_flip(
+            base, pair, image_size, aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
+        return to_rgb_uint8(out, image_size)
+
+    def eval_image(index):
+        return _rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
+                    image_size)
+
+    def load(item, pair):
+        index, label = (item, None) if split.labels is None else item
+        image = train_image(index, pair) if augmenting else eval_image(index)
+        return image if label is None else (image, label)
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # Prefetching overlaps decoding of the next batches with the training step on this one.
+    return ds.prefetch(tf.data.AUTOTUNE)
