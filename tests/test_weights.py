@@ -113,12 +113,14 @@ def test_import_torch_command_from_pth_loads_and_predicts(ref, pixels, tmp_path)
                                        "--task", "multilabel", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "covid-19, normal, pneumonia" in result.output and out.is_file()
-    model = keras.models.load_model(out, compile=False)
+    from tfcovid import modelinfo
+
+    trained = modelinfo.load(out)  # how predict/evaluate/export load it, with its label info
+    assert (trained.task, trained.outputs, trained.image_size) == ("multilabel", ("covid-19", "normal", "pneumonia"), 224)
+    model = trained.model
     assert model.name == "tfcovid_resnet18_multilabel"
-    assert model.get_layer("preprocess").mode == "torch"
+    assert model.get_layer("preprocess").mode == "torch" and keras_files.preprocessing_of(out) == "torch"
     assert_parity(ref.logits(torch_model, pixels), run(model, pixels.astype("float32")))
-    info = keras_files.preprocessing_of(out)
-    assert info == "torch"
     again = CliRunner().invoke(main, ["import-torch", str(checkpoint), "--backbone", "resnet18",
                                       "--task", "multilabel", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
@@ -208,6 +210,10 @@ def test_import_errors_name_key_and_shapes(edit, message, tmp_path):
 def test_wrong_backbone_and_wrong_image_size_are_explained(tmp_path):
     with pytest.raises(WeightsError, match="looks like a vgg16 model: use --backbone vgg16"):
         torch_import.convert(fake_state("vgg16", 2), small_model("resnet18", 2), "resnet18", require_head=True)
+    resnet50_like = {**fake_state("resnet18", 2), "layer1.0.conv3.weight": np.zeros((256, 64, 1, 1), np.float32)}
+    with pytest.raises(WeightsError, match=r"unexpected key layer1.0.conv3.weight with shape \(256, 64, 1, 1\)"
+                                           r"(?s:.*)looks like a ResNet with bottleneck blocks"):
+        torch_import.convert(resnet50_like, small_model("resnet18", 2), "resnet18", require_head=True)
     save_file(fake_state("vgg16", 2), str(tmp_path / "vgg.safetensors"))
     with pytest.raises(WeightsError, match=r"7x7x512 feature map.*this model's is 2x2x512: use --image-size 224"):
         weights.import_torch(tmp_path / "vgg.safetensors", "vgg16", "binary", tmp_path / "v.keras", image_size=64)

@@ -175,9 +175,19 @@ def backbone_layout(model, backbone: str) -> dict[str, list[tuple[str, tuple, st
 
 
 def _detect(keys) -> str:
+    """What a torchvision state dict looks like, for the hint in error messages."""
+    keys = set(keys)
+    if "features.1.running_mean" in keys:
+        return "VGG with BatchNorm (vgg16_bn), which tfcovid does not build"
+    if "features.34.weight" in keys:
+        return "VGG19, which tfcovid does not build"
     if any(k.startswith("features.") for k in keys):
         return "vgg16"
-    if any(k.startswith("layer1.") for k in keys):
+    if "layer1.0.conv3.weight" in keys:
+        return "ResNet with bottleneck blocks (ResNet50 or larger), which tfcovid imports only as Keras weights"
+    if "layer1.2.conv1.weight" in keys:
+        return "ResNet34, which tfcovid does not build"
+    if "layer1.0.conv1.weight" in keys:
         return "resnet18"
     return "unknown"
 
@@ -239,8 +249,10 @@ def convert(state: dict[str, np.ndarray], model, backbone: str, *, require_head:
         if hidden:
             lines.append(f"  ... and {hidden} more")
         found = _detect(state)
-        if found not in ("unknown", backbone):
+        if found in HEAD_ROOT and found != backbone:
             lines.append(f"The checkpoint looks like a {found} model: use --backbone {found}.")
+        elif found not in HEAD_ROOT and found != "unknown":
+            lines.append(f"The checkpoint looks like a {found}.")
         raise WeightsError("\n".join(lines))
 
     arrays = {name: [_to_keras(body[key], kind) for key, _, kind in entries]

@@ -195,6 +195,7 @@ def format_shape(shape) -> str:
 
 
 def weighted_layers(model) -> dict:
+    """{layer name: layer} for the layers of ``model`` that have weights."""
     return {layer.name: layer for layer in model.layers if layer.weights}
 
 
@@ -294,7 +295,7 @@ def initial_model(backbone: str, num_outputs: int, image_size: int, weights: str
         if spec.keras_imagenet:
             try:
                 model = build_model(backbone, num_outputs, image_size, mode, str(path), head_units, name)
-            except ValueError as err:
+            except (ValueError, OSError) as err:  # a truncated or foreign .h5 in the cache
                 raise WeightsError(f"Could not load {path}: {err}. Delete it to re-download.") from None
             return model, mode, f"Keras ImageNet weights ({path.name})"
         model = build_model(backbone, num_outputs, image_size, mode, None, head_units, name)
@@ -361,7 +362,8 @@ def import_torch(checkpoint: str | Path, backbone: str, task: str, out: str | Pa
 
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
-    _embed_info(out, {"task": task, "outputs": list(outputs), "image_size": image_size,
+    _embed_info(out, {"task": task, "outputs": list(outputs), "class_names": list(outputs),
+                      "image_size": image_size,
                       "positive": outputs[0] if task == "binary" else None, "backbone": backbone,
                       "threshold": 0.5, "source": f"import-torch {checkpoint.name}"})
     # A reload check, as for every export: the written file must give the same logits.
