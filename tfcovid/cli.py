@@ -202,5 +202,50 @@ def import_torch(checkpoint, backbone, task, out, image_size, labels):
     click.echo(f"Wrote {path} (evaluate, predict, explain and export it like any run's model).")
 
 
+@main.command()
+@click.argument("kind", type=click.Choice(["pipeline", "model", "fit"]))
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Images to read: an ImageFolder tree (its train split) or any folder of images. "
+                   "Default: generate grayscale 1024x1024 JPEGs in a temporary folder.")
+@click.option("--images", type=click.IntRange(min=1), default=300, show_default=True,
+              help="How many images to generate when --data is not given.")
+@click.option("--backbone", type=click.Choice(["vgg16", "resnet18", "resnet50"]), default="vgg16",
+              show_default=True)
+@click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+              default="auto", show_default=True)
+@click.option("--jit-compile", type=click.Choice(["auto", "true", "false"]), default="auto",
+              show_default=True, help="XLA; auto: on for GPUs, off on CPU (Keras's rule).")
+@click.option("--steps-per-execution", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--freeze", default="none", show_default=True, help="all | none | firstN")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Training steps per timed repeat (model, fit).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed repeats after the warm-up; the median is reported.")
+@click.option("--cache", type=click.Choice(["auto", "memory", "disk", "none"]), default="auto",
+              show_default=True, help="Decoded-image cache (pipeline, fit).")
+@click.option("--cache-budget-mb", type=click.IntRange(min=0), default=2048, show_default=True)
+@click.option("--decode-scale", type=float, default=2.0, show_default=True,
+              help="Decode train images to a shorter side >= this x image size; 0: full size.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
+def bench(kind, data_dir, images, as_json, **options):
+    """Measure throughput: the input pipeline, the model's training step, or both (fit)."""
+    import json
+
+    from tfcovid import bench as benchmarks
+    from tfcovid.config import ConfigError
+
+    options["budget_mb"] = options.pop("cache_budget_mb")
+    if options["decode_scale"] != 0 and options["decode_scale"] < 1:
+        _fail(ConfigError(f"--decode-scale {options['decode_scale']}: use 0 (full size) or at least 1."))
+    log = (lambda s: click.echo(s, err=True)) if as_json else click.echo
+    try:
+        result = benchmarks.run(kind, data_dir, images, log=log, **options)
+    except _user_errors() as err:
+        _fail(err)
+    click.echo(json.dumps(result, indent=2) if as_json else benchmarks.summary(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
