@@ -1,0 +1,98 @@
+"""evaluate: recomputed metrics match an independent computation; JSON, CSV and plots are written."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fake_run import make_run, reference_probs
+from tfcovid import cli, evaluate, metrics, modelinfo
+from tfcovid.data import DataError
+
+
+@pytest.fixture(scope="module")
+def binary_run(binary_tree, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("eval"), binary_tree, "binary", bias=[0.3, -0.3])
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(multilabel_tree, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("eval"), multilabel_tree, "multilabel", "vgg16",
+                    bias=[2.0, -1.0, 0.5])
+
+
+def test_binary_evaluation_matches_sklearn_on_the_same_probabilities(binary_run, binary_tree):
+    result = evaluate.evaluate(binary_run, split="validation", log=lambda s: None)
+    paths = sorted((binary_tree / "validation").rglob("*.*"))
+    labels = np.array([0 if p.parent.name == "infected" else 1 for p in paths])
+    probs = reference_probs(binary_run, paths, "binary")
+    expected = metrics.binary_report(labels, probs, ["infected", "normal"], "infected")
+    report = result["report"]
+    assert report["n"] == 4 and report["confusion_matrix"] == expected["confusion_matrix"]
+    for key in ("accuracy", "f1", "sensitivity", "specificity", "f1_study"):
+        assert report[key] == pytest.approx(expected[key]), key
+    assert report["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
+    assert result["diseases"] == {"infected": {
+        "sensitivity": report["sensitivity"], "specificity": report["specificity"],
+        "roc_auc": report["roc_auc"], "support": 2}}
+
+    out = binary_run / "eval"
+    saved = json.loads((out / "validation.json").read_text())
+    assert saved["report"]["confusion_matrix"] == expected["confusion_matrix"]
+    rows = (out / "validation_predictions.csv").read_text().strip().splitlines()
+    assert rows[0] == "path,true_folder,infected,normal" and len(rows) == 5
+    first = rows[1].split(",")
+    assert float(first[2]) == pytest.approx(probs[0, 0], abs=1e-6)
+    assert (out / "validation_confusion.png").stat().st_size > 1000
+    assert (out / "validation_roc.png").stat().st_size > 1000
+
+
+def test_multilabel_reports_every_disease_label_by_name(multilabel_run, multilabel_tree):
+    result = evaluate.evaluate(multilabel_run, split="test", log=lambda s: None)
+    assert set(result["diseases"]) == {"covid-19", "pneumonia"}  # not "normal"
+    paths = sorted((multilabel_tree / "test").rglob("*.*"))
+    folder_labels = {"covid-19": [1, 0, 1], "normal": [0, 1, 0], "pneumonia": [0, 0, 1]}
+    y = np.array([folder_labels[p.parent.name] for p in paths])
+    probs = reference_probs(multilabel_run, paths, "multilabel")
+    expected = metrics.multilabel_report(y, probs, ["covid-19", "normal", "pneumonia"])
+    report = result["report"]
+    assert report["jaccard_samples"] == pytest.approx(expected["jaccard_samples"])
+    for name in ("covid-19", "pneumonia"):
+        got, want = result["diseases"][name], expected["per_label"][name]
+        assert got["sensitivity"] == pytest.approx(want["sensitivity"])
+        assert got["specificity"] == pytest.approx(want["specificity"])
+        assert got["support"] == want["support"]
+    assert result["diseases"]["pneumonia"]["support"] == 4  # covid-19 and pneumonia folders
+    text = evaluate.format_result(result)
+    assert "covid-19" in text and "pneumonia" in text and "sensitivity" in text
+
+
+def test_a_bare_model_file_needs_data_and_writes_beside_itself(binary_run, binary_tree, tmp_path):
+    model = tmp_path / "copy.keras"
+    model.write_bytes((binary_run / "checkpoints" / "last.keras").read_bytes())
+    with pytest.raises(evaluate.EvaluateError, match="--data"):
+        evaluate.evaluate(model, log=lambda s: None)
+    result = evaluate.evaluate(model, data=binary_tree, split="test", log=lambda s: None)
+    assert (tmp_path / "copy-eval" / "test.json").is_file()
+    assert result["report"]["n"] == 4
+
+
+def test_bad_input_is_named(binary_run, binary_tree, multilabel_tree, tmp_path):
+    with pytest.raises(evaluate.EvaluateError, match="Valid splits"):
+        evaluate.evaluate(binary_run, split="dev", log=lambda s: None)
+    with pytest.raises(DataError):  # class folders covid-19/normal/pneumonia: 3, not 2
+        evaluate.evaluate(binary_run, data=multilabel_tree, log=lambda s: None)
+    with pytest.raises(modelinfo.ModelInfoError, match="not found"):
+        evaluate.evaluate(tmp_path / "missing.keras", log=lambda s: None)
+
+
+def test_cli_evaluate_prints_the_disease_table_and_fails_cleanly(binary_run, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(cli.main, ["evaluate", str(binary_run), "--split", "test",
+                                  "--out", str(tmp_path / "ev")])
+    assert ok.exit_code == 0, ok.output
+    assert "infected" in ok.output and "specificity" in ok.output
+    assert (tmp_path / "ev" / "test.json").is_file()
+    bad = runner.invoke(cli.main, ["evaluate", str(tmp_path / "nope")])
+    assert bad.exit_code == 1 and "Error:" in bad.output and "Traceback" not in bad.output

@@ -1,0 +1,197 @@
+"""Evaluate a trained model on any labeled split: metrics JSON, plots, and what clinicians read.
+
+``evaluate(RUN_DIR|MODEL, data=None, split="test")`` loads the model (with its task and label
+names, see :mod:`tfcovid.modelinfo`), scans the data (the run's own by default), predicts the
+split with the evaluation transform and recomputes the scikit-learn report of either task
+(:mod:`tfcovid.metrics`). It writes ``<split>.json``, ``<split>_predictions.csv`` and the
+split's confusion-matrix and ROC plots to ``RUN/eval/`` (or ``<model>-eval/`` beside a bare
+``.keras`` file), and returns the result.
+
+Sensitivity and specificity are reported by name for the disease classes: the binary task's
+positive class, and every label of the three-label task except "normal".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tfcovid import config, demo, metrics, modelinfo, plots
+from tfcovid import data as tfdata  # `data` is evaluate()'s argument, as in the CLI
+
+SPLITS = ("train", "validation", "test")
+
+
+class EvaluateError(ValueError):
+    """The evaluation cannot run as asked; the message says what to pass instead."""
+
+
+def disease_classes(task: str, outputs, positive: str | None) -> list[str]:
+    """The outputs that name a disease: the binary positive class, or every label but "normal"."""
+    if task == "binary":
+        return [positive if positive in outputs else outputs[0]]
+    diseases = [o for o in outputs if o.lower() != "normal"]
+    return diseases or list(outputs)
+
+
+def disease_summary(report: dict, task: str, diseases) -> dict:
+    """{disease: {sensitivity, specificity, roc_auc, support}} from a metrics report."""
+    out = {}
+    for name in diseases:
+        if task == "binary":
+            cm = np.asarray(report["confusion_matrix"])
+            k = report["positive_index"]
+            out[name] = {"sensitivity": report["sensitivity"], "specificity": report["specificity"],
+                         "roc_auc": report["roc_auc"], "support": int(cm[k].sum())}
+        else:
+            m = report["per_label"][name]
+            out[name] = {key: m[key] for key in ("sensitivity", "specificity", "roc_auc", "support")}
+    return out
+
+
+def _run_config(run_dir: Path | None):
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    return config.from_dict(config.load_yaml(run_dir / "config.yaml"))
+
+
+def _data_root(data_dir, exp, trained) -> Path:
+    if data_dir is None:
+        if exp is None:
+            raise EvaluateError(
+                f"{trained.path} has no run directory with a config.yaml, so its data is unknown. "
+                "Pass --data DIR (an ImageFolder tree with the split to evaluate)."
+            )
+        data_dir = exp.data.dir
+    if str(data_dir) == "demo":
+        per_class = exp.data.demo_per_class if exp is not None else None
+        return demo.ensure_demo_data(trained.task, per_class=per_class, log=lambda s: None)
+    return Path(data_dir).expanduser()
+
+
+def scan_split(root: Path, split: str, trained, exp=None) -> tuple[tfdata.Manifest, tfdata.Split]:
+    """Scan ``root`` for one labeled split whose classes match what the model predicts."""
+    if split not in SPLITS:
+        raise EvaluateError(f"Unknown split {split!r}. Valid splits: {', '.join(SPLITS)}.")
+    label_map = exp.data.label_map if exp is not None else config.STUDY_LABEL_MAP
+    manifest = tfdata.scan(root, trained.task, trained.outputs, label_map, required=(split,))
+    chosen = manifest.splits[split]
+    if not chosen.labeled:
+        raise EvaluateError(
+            f"The {split} split in {chosen.dir} has no class folders, so there are no labels to "
+            "evaluate against. Use `tfcovid predict` for unlabeled images."
+        )
+    if trained.task == "binary" and tuple(manifest.class_names) != tuple(trained.outputs):
+        raise EvaluateError(
+            f"{root} has class folders {list(manifest.class_names)} but the model predicts "
+            f"{list(trained.outputs)}. Evaluate it on data with the same class folders."
+        )
+    return manifest, chosen
+
+
+def default_out_dir(trained) -> Path:
+    """``RUN/eval`` for a run, ``<model stem>-eval`` beside a bare model file."""
+    if trained.run_dir is not None:
+        return trained.run_dir / "eval"
+    return trained.path.with_name(trained.path.stem + "-eval")
+
+
+def predict_split(trained, split: tfdata.Split, batch_size: int = 32) -> np.ndarray:
+    """Probabilities (n, outputs) for every image of ``split``, in file order."""
+    from tfcovid.train import probabilities
+
+    ds = tfdata.dataset(split, trained.image_size, batch_size)
+    if split.labeled:
+        ds = ds.map(lambda x, y: x)
+    return probabilities(trained.model.predict(ds, verbose=0), trained.task)
+
+
+def _write_predictions(path: Path, split: tfdata.Split, probs: np.ndarray, outputs) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "true_folder", *outputs])
+        for p, folder, row in zip(split.paths, split.folders, probs):
+            w.writerow([p, folder, *(f"{v:.6f}" for v in row)])
+
+
+def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint: str = "last",
+             batch_size: int = 32, task: str | None = None, labels=None, make_plots: bool = True,
+             log=print) -> dict:
+    """Recompute a trained model's metrics on one labeled split and save them with plots.
+
+    Args:
+        run_or_model: a run directory or a ``.keras`` file.
+        data: ImageFolder tree (or "demo"); default the run's own data.
+        split: "train", "validation" or "test".
+        out: output folder; default ``RUN/eval`` or ``<model>-eval/`` beside a bare model.
+        checkpoint: for a run directory, "last" (what metrics.json describes) or "best".
+        batch_size: images per prediction batch.
+        task, labels: for a bare model that does not carry them (see modelinfo.load).
+        make_plots: write the confusion-matrix and ROC PNGs.
+        log: where progress lines go.
+
+    Returns:
+        The JSON written to ``<out>/<split>.json``: model, data, split, task, outputs,
+        ``report`` (binary_report / multilabel_report), ``diseases`` (sensitivity,
+        specificity, ROC AUC, support per disease class) and ``files``.
+
+    Raises:
+        EvaluateError, modelinfo.ModelInfoError, data.DataError: with what to do instead.
+    """
+    trained = modelinfo.load(run_or_model, checkpoint, task, labels)
+    exp = _run_config(trained.run_dir)
+    root = _data_root(data, exp, trained)
+    manifest, chosen = scan_split(root, split, trained, exp)
+    log(f"Evaluating {trained.path} on {chosen.dir} ({len(chosen)} images, {trained.task})")
+    probs = predict_split(trained, chosen, batch_size)
+    if trained.task == "binary":
+        report = metrics.binary_report(chosen.labels, probs, trained.outputs, trained.positive)
+    else:
+        report = metrics.multilabel_report(chosen.labels, probs, trained.outputs, trained.threshold)
+    diseases = disease_classes(trained.task, trained.outputs, trained.positive)
+
+    out = Path(out) if out is not None else default_out_dir(trained)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"{split}.json", out / f"{split}_predictions.csv"]
+    _write_predictions(files[1], chosen, probs, trained.outputs)
+    if make_plots:
+        title = trained.run_dir.name if trained.run_dir else trained.path.stem
+        files += plots.save_split_plots(out, split, report, trained.task, chosen.labels, probs,
+                                        trained.outputs, trained.positive, title)
+    result = {
+        "model": str(trained.path),
+        "data": str(root),
+        "split": split,
+        "task": trained.task,
+        "outputs": list(trained.outputs),
+        "report": report,
+        "diseases": disease_summary(report, trained.task, diseases),
+        "files": [str(f) for f in files],
+    }
+    files[0].write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def format_result(result: dict) -> str:
+    """A short text summary: headline metrics, then sensitivity/specificity per disease class."""
+    r, task = result["report"], result["task"]
+    if task == "binary":
+        head = (f"accuracy {_pct(r['accuracy'])}, F1 ({r['positive_class']}) {r['f1']:.3f}, "
+                f"study F1 ({r['f1_study_positive_class']}) {r['f1_study']:.3f}")
+    else:
+        head = (f"accuracy (sample Jaccard) {_pct(r['jaccard_samples'])}, sample F1 {r['f1']:.3f}, "
+                f"exact match {_pct(r['exact_match'])}, threshold {r['threshold']:g}")
+    lines = [f"{result['split']}: {r['n']} images; {head}",
+             f"{'disease class':<16} {'sensitivity':>12} {'specificity':>12} {'ROC AUC':>8} {'n':>6}"]
+    for name, d in result["diseases"].items():
+        auc = "–" if d["roc_auc"] is None else f"{d['roc_auc']:.3f}"
+        lines.append(f"{name:<16} {_pct(d['sensitivity']):>12} {_pct(d['specificity']):>12} "
+                     f"{auc:>8} {d['support']:>6}")
+    return "\n".join(lines)
