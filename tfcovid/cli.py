@@ -247,5 +247,130 @@ def bench(kind, data_dir, images, as_json, **options):
     click.echo(json.dumps(result, indent=2) if as_json else benchmarks.summary(result))
 
 
+def _model_options(command):
+    """--checkpoint, --task and --labels, shared by evaluate, export and explain."""
+    command = click.option("--labels", "model_labels", default=None,
+                           help="Comma-separated output names, only for a .keras file that does "
+                                "not record them.")(command)
+    command = click.option("--task", type=click.Choice(["binary", "multilabel"]), default=None,
+                           help="Only for a .keras file that does not record its task.")(command)
+    return click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last",
+                        show_default=True, help="Which checkpoint of a run directory: last (what "
+                        "metrics.json describes) or best (lowest validation loss).")(command)
+
+
+def _names(text):
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _trained_model_errors():
+    from tfcovid.evaluate import EvaluateError
+    from tfcovid.explain import ExplainError
+    from tfcovid.export import ExportError
+    from tfcovid.modelinfo import ModelInfoError
+
+    return _user_errors() + (EvaluateError, ExplainError, ExportError, ModelInfoError)
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.option("--data", "data_dir", default=None,
+              help="ImageFolder tree (or 'demo'); default: the run's own data.")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
+              show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for <split>.json, predictions CSV and plots (default RUN/eval, or "
+                   "<model>-eval/ beside a .keras file).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@_model_options
+def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_labels):
+    """Recompute a model's metrics on one labeled split; write JSON, confusion matrices and ROC.
+
+    Reports sensitivity and specificity of each disease class by name. Not for clinical use.
+    """
+    from tfcovid import evaluate as evaluate_lib
+
+    try:
+        result = evaluate_lib.evaluate(target, data_dir, split, out, checkpoint, batch_size, task,
+                                       _names(model_labels), log=click.echo)
+    except _trained_model_errors() as err:
+        _fail(err)
+    click.echo(evaluate_lib.format_result(result))
+    click.echo(f"Wrote {result['files'][0]} and {len(result['files']) - 1} more file(s).")
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.argument("out_dir", metavar="OUT_DIR", required=False, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["saved_model", "tflite", "onnx"]),
+              default="saved_model", show_default=True,
+              help="saved_model: TF Serving (image bytes or pixels in); tflite / onnx: float32 "
+                   "pixels of the model's size in. ONNX needs: pip install 'tfcovid[onnx]'.")
+@_model_options
+def export(target, out_dir, fmt, checkpoint, task, model_labels):
+    """Export a model for serving, reload it and check it gives the model's probabilities.
+
+    OUT_DIR must be new or empty (default RUN/saved_model, RUN/tflite or RUN/onnx).
+    """
+    from tfcovid import export as export_lib
+
+    try:
+        export_lib.export(target, out_dir, fmt, checkpoint, task, _names(model_labels),
+                          log=click.echo)
+    except _trained_model_errors() as err:
+        _fail(err)
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the overlay PNGs (<image>_<label>.png).")
+@click.option("--label", "labels", multiple=True,
+              help="Output to explain (repeatable); default: the predicted class / labels.")
+@click.option("--layer", default=None,
+              help="Target layer (default: the backbone's last conv block, e.g. block5_conv3).")
+@_model_options
+def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
+    """Grad-CAM heatmaps over the input images: where the model looked. Not for clinical use."""
+    from tfcovid import explain as explain_lib
+
+    try:
+        results = explain_lib.explain(target, images, out, list(labels) or None, layer, checkpoint,
+                                      task, _names(model_labels), log=click.echo)
+    except _trained_model_errors() as err:
+        _fail(err)
+    for r in results:
+        click.echo(f"  {r['png']}  ({r['label']}, p = {r['probability']:.3f})")
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir")
+@click.option("--shards", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Shards per split (fewer for small splits). Multi-worker training needs at "
+                   "least one train shard per worker; a multiple of the worker count is even.")
+@click.option("--max-side", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Longest image side after re-encoding (aspect kept, never upscaled); 0 keeps sizes.")
+@click.option("--format", "encoding", type=click.Choice(["png", "jpeg"]), default="png",
+              show_default=True, help="png: lossless; jpeg: quality 95, about 3x smaller.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image-to-shard order.")
+def prepare(data_dir, out_dir, shards, max_side, encoding, seed):
+    """Write the ImageFolder tree DATA_DIR as sharded TFRecords to OUT_DIR (local or gs://).
+
+    OUT_DIR then works wherever an ImageFolder tree does (fit --data OUT_DIR): it is streamed
+    with parallel reads and split across workers by shard.
+    """
+    from tfcovid import records
+
+    try:
+        manifest = records.prepare(data_dir, out_dir, shards, max_side, encoding, seed=seed,
+                                   log=lambda s: click.echo(s))
+    except _user_errors() as err:
+        _fail(err)
+    total = sum(split["images"] for split in manifest["splits"].values())
+    click.echo(f"Wrote {total} images to {out_dir} (manifest {records.MANIFEST}).")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

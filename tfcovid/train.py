@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfcovid import data, demo, losses, metrics, modelinfo, report, runtime, weights
+from tfcovid import data, demo, losses, metrics, modelinfo, plots, report, runtime, weights
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
@@ -184,6 +184,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run / "backup")),
         keras.callbacks.TensorBoard(str(run / "tensorboard"), update_freq="epoch", write_graph=False),
+        plots.TensorBoardImages(run / "tensorboard", exp, manifest, val_ds),
         keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "best.keras"),
                                         monitor="val_loss", save_best_only=True),
         keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "last.keras")),
@@ -222,5 +223,6 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         "splits": results,
     }
     (run / "metrics.json").write_text(json.dumps(summary, indent=2))
+    plots.write_run_plots(run, model, exp, manifest, summary, log)
     log(report.format_run(exp.to_dict(), summary))
     return run
