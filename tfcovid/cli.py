@@ -99,7 +99,7 @@ def fit(config_file, resume, assignments, **flags):
         run = train.fit(exp, run_dir=resume, log=lambda s: click.echo(s))
     except _user_errors() as err:
         _fail(err)
-    click.echo(f"Done: {run}")
+    click.echo(f"Done: {run}" if run else "Done (this worker's files were temporary; the chief wrote the run).")
 
 
 @main.command()
@@ -353,7 +353,7 @@ def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
 @click.option("--max-side", type=click.IntRange(min=0), default=512, show_default=True,
               help="Longest image side after re-encoding (aspect kept, never upscaled); 0 keeps sizes.")
 @click.option("--format", "encoding", type=click.Choice(["png", "jpeg"]), default="png",
-              show_default=True, help="png: lossless; jpeg: quality 95, about 3x smaller.")
+              show_default=True, help="png: lossless; jpeg: quality 95, smaller and slightly lossy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image-to-shard order.")
 def prepare(data_dir, out_dir, shards, max_side, encoding, seed):
     """Write the ImageFolder tree DATA_DIR as sharded TFRecords to OUT_DIR (local or gs://).

@@ -169,6 +169,10 @@ def scan(
         DataError: a split is missing, a folder has no images, class folders differ between
             splits, a file is not an image, or a class folder has no label mapping.
     """
+    from tfcovid import records  # imports this module
+
+    if records.is_prepared(root):  # a `tfcovid prepare` output (local or gs://): its manifest
+        return records.load(root, task, labels, label_map, required)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. Pass --data DIR (an ImageFolder tree) or --data demo.")
@@ -291,6 +295,10 @@ def dataset(
         cache: None, "auto" | "memory" | "disk" | "none", or a shared ``cache.Cache``.
         decode_scale: train images are decoded to a shorter side >= decode_scale * S; 0: full.
     """
+    if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
+        from tfcovid import records
+
+        return records.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder)
     from tfcovid import pipeline  # imports this module
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,

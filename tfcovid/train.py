@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfcovid import data, demo, losses, metrics, modelinfo, plots, report, runtime, weights
+from tfcovid import data, demo, losses, metrics, modelinfo, plots, records, report, runtime, weights
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
@@ -118,8 +118,11 @@ def evaluate_split(model, split: data.Split, exp: Experiment, manifest: data.Man
     return metrics.multilabel_report(split.labels, probs, manifest.output_names, exp.train.threshold)
 
 
-def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
+def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path | None:
     """Train one experiment and write its run directory; return the run directory.
+
+    Under ``--strategy multiworker`` every worker runs this; only the chief (worker 0) writes
+    and returns the run directory, the others return None.
 
     Args:
         exp: the resolved experiment.
@@ -135,22 +138,33 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         log("Demo preset: synthetic data, weights none (from scratch), Adam; not the study's "
             "recipe (pass --config configs/part1/... --data DIR for that).")
     # Phase 1: run directory and the resolved config, before anything can fail halfway.
+    if run_dir and (Path(run_dir) / "metrics.json").exists():
+        raise TrainingError(f"{run_dir} has finished (it has metrics.json); nothing to resume. "
+                            "Start a new run instead.")
     # Resolving the weights (preprocessing mode, absolute file path) here records them in
     # config.yaml, and a missing weights file fails before a run directory exists.
     exp = weights.resolve_experiment_weights(exp)
-    run = Path(run_dir) if run_dir else new_run_dir(exp)
+    # The strategy comes first: MultiWorkerMirroredStrategy must start before TensorFlow runs
+    # anything, and only the chief of a multi-worker run writes the run directory; the other
+    # workers write the same files to a scratch folder that is removed at the end.
+    strategy, strategy_desc = runtime.make_strategy(exp.train.strategy)
+    scratch = runtime.scratch_dir(strategy, run_dir)
+    run = scratch or (Path(run_dir) if run_dir else new_run_dir(exp))
     exp.save(run / "config.yaml")
-    log(f"[1/6] Run directory: {run}")
+    log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     keras.utils.set_random_seed(exp.train.seed)
 
     # Phase 2: where it runs.
     precision = runtime.resolve_precision(exp.train.precision)
-    strategy, strategy_desc = runtime.make_strategy(exp.train.strategy)
+    replicas, workers = strategy.num_replicas_in_sync, runtime.worker_info(strategy)[1]
+    if exp.train.batch_size < replicas:
+        raise TrainingError(f"--batch-size {exp.train.batch_size} is the global batch; it must be at "
+                            f"least the number of replicas ({replicas}).")
     log(f"[2/6] Device: {runtime.describe_device()}; precision {precision}; strategy {strategy_desc}")
 
     # Phase 3: input pipeline.
     manifest = load_manifest(exp, log)
-    for problem in manifest.problems:
+    for problem in manifest.problems + tuple(records.check_workers(manifest, workers)):
         log(f"      note: {problem}")
     counts = {name: len(split) for name, split in manifest.splits.items()}
     log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
@@ -174,9 +188,16 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
             m.preprocessing, m.head_units, name=f"tfcovid_{m.backbone}_{exp.data.task}")
         frozen = apply_freeze(model, m.freeze, is_head_layer)
         compile_model(model, exp, positive_index)
+        synced = runtime.synchronize_batchnorm(model) if replicas > 1 else 0
+        runtime.keras_multiworker_fixes(model, strategy)
+        xla_note = runtime.fit_xla_to_strategy(model, strategy)
     log(f"[4/6] Model: {m.backbone}, {origin}; preprocessing '{mode}'")
     log(f"      {frozen.describe()}")
     log(f"      {runtime.describe_compute(model)}")
+    if synced:
+        log(f"      {synced} BatchNorm layers use global-batch statistics (synchronised across replicas)")
+    if xla_note:
+        log(f"      note: {xla_note}")
 
     # Phase 5: train.
     (run / "checkpoints").mkdir(exist_ok=True)
@@ -193,10 +214,17 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         keras.callbacks.CSVLogger(str(run / "history.csv"), append=run_dir is not None),
         guard, timer,
     ]
-    log(f"[5/6] Training {exp.train.epochs} epochs, batch {exp.train.batch_size}, "
+    batch = runtime.per_replica_batches(exp.train.batch_size, replicas)
+    log(f"[5/6] Training {exp.train.epochs} epochs, batch {batch}, "
         f"{exp.train.optimizer} lr {exp.train.lr:g}, loss {exp.train.loss}")
-    model.fit(train_ds, validation_data=val_ds, epochs=exp.train.epochs, callbacks=callbacks,
-              shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    try:
+        model.fit(train_ds, validation_data=val_ds, epochs=exp.train.epochs, callbacks=callbacks,
+                  shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    except records.READ_ERRORS as err:
+        records.raise_if_damaged(manifest, err)  # names the damaged shard of a prepared dataset
+        raise
+    if workers > 1:
+        log(f"      weights fingerprint {runtime.weights_fingerprint(model)} (equal on every worker)")
     if guard.bad is not None:
         batch, value = guard.bad
         raise TrainingError(
@@ -206,8 +234,12 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
 
     # Phase 6: evaluate every labeled split with scikit-learn and write metrics.json.
     log("[6/6] Evaluating train, validation and test")
-    results = {name: evaluate_split(model, split, exp, manifest)
-               for name, split in manifest.splits.items() if split.labeled}
+    try:
+        results = {name: evaluate_split(model, split, exp, manifest)
+                   for name, split in manifest.splits.items() if split.labeled}
+    except records.READ_ERRORS as err:
+        records.raise_if_damaged(manifest, err)
+        raise
     summary = {
         "task": exp.data.task,
         "outputs": list(manifest.output_names),
@@ -220,9 +252,14 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path:
         "total_params": frozen.total_params,
         "preprocessing": mode,
         "precision": precision,
+        "replicas": replicas,
+        "workers": workers,
         "splits": results,
     }
     (run / "metrics.json").write_text(json.dumps(summary, indent=2))
     plots.write_run_plots(run, model, exp, manifest, summary, log)
     log(report.format_run(exp.to_dict(), summary))
+    if scratch:  # a non-chief worker: its copy of the run is not needed
+        runtime.release(scratch)
+        return None
     return run
