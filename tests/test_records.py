@@ -86,6 +86,37 @@ def test_multilabel_labels_follow_the_label_map(multilabel_tree, tmp_path):
         data.scan(out, "binary")
 
 
+def test_every_path_goes_through_gfile(binary_tree):
+    """ram:// is TensorFlow's in-memory filesystem: a stand-in for gs:// that needs no network."""
+    root = "ram://tfcovid-test/prepared"
+    records.prepare(binary_tree, root, shards=2, max_side=32, log=lambda s: None)
+    assert records.is_prepared(root) and records.verify(root) == []
+    manifest = data.scan(root, "binary")
+    assert manifest.root == root and manifest.splits["train"].shards[0].startswith(root + "/train-")
+    val = manifest.splits["validation"]
+    labels = np.concatenate([y.numpy() for _, y in data.dataset(val, 32, 3)])
+    assert labels.tolist() == val.labels.tolist()
+
+
+def test_unlabeled_split_and_undecodable_image(binary_tree, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(binary_tree, tree, ignore=shutil.ignore_patterns("masks"))
+    for image in list((tree / "test").glob("*/*")):  # the study's Part 2 test set: no classes
+        image.rename(tree / "test" / image.name)
+    for folder in (tree / "test").iterdir():
+        if folder.is_dir():
+            folder.rmdir()
+    records.prepare(tree, tmp_path / "out", shards=2, max_side=32, log=lambda s: None)
+    test = data.scan(tmp_path / "out", "binary").splits["test"]
+    assert not test.labeled and test.folders == ("",) * 4 and all(p.startswith("test/") for p in test.paths)
+    batch = next(iter(data.dataset(test, 32, 4)))
+    assert batch.shape == (4, 32, 32, 3)  # images only
+    victim = sorted((tree / "train" / "normal").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])  # the header is fine, the pixels are gone
+    with pytest.raises(DataError, match=f"Cannot decode {victim}"):
+        records.prepare(tree, tmp_path / "out2", log=lambda s: None)
+
+
 def test_training_stream_is_sharded_by_file(tmp_path, binary_tree):
     """Two workers: each reads whole shards (3 shards of 3, 3, 2 images -> 5 and 3)."""
     from tensorflow.python.data.experimental.ops.distribute import _AutoShardDataset

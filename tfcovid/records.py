@@ -43,7 +43,10 @@ from tfcovid.data import DataError
 MANIFEST = "tfcovid-records.json"
 FORMAT, VERSION = "tfcovid-tfrecords", 1
 ENCODINGS = ("png", "jpeg")
-READ_ERRORS = (tf.errors.OpError,)  # what a damaged shard raises from inside tf.data
+# What a damaged or altered shard raises from inside tf.data: bad record CRC or length, a
+# record count that differs from the manifest, undecodable bytes, a vanished file.
+READ_ERRORS = (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
+               tf.errors.InvalidArgumentError, tf.errors.NotFoundError)
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "class": tf.io.FixedLenFeature([], tf.int64),
@@ -119,6 +122,45 @@ def _example(image: bytes, label: int, name: str) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
+def _class_folders(root: Path) -> tuple[str, ...]:
+    """Class folder names (sorted, ImageFolder order) of the train split, or of any split."""
+    splits = data.find_splits(root)
+    folder = splits.get("train") or next(iter(splits.values()), None)
+    if folder is None:
+        return ()
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
+def _write_split(out: str, split: data.Split, paths, root: Path, class_names, folders,
+                 n_shards: int, reencode) -> dict:
+    """Write one split's images (in the given order) as n_shards shards; return its manifest entry."""
+    names = [os.path.relpath(p, root) for p in paths]
+    classes = [class_names.index(f) if split.labeled else -1 for f in folders]
+    encoded = tf.data.Dataset.from_tensor_slices(paths).map(
+        reencode, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    entries, gray = [], 0
+    for s, group in enumerate(np.array_split(np.arange(len(paths)), n_shards)):
+        path = _join(out, f"{split.name}-{s:05d}-of-{n_shards:05d}.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for i in group:
+                try:
+                    image, channels = next(encoded)
+                except tf.errors.OpError as err:  # images come in order, so image i failed
+                    raise DataError(f"Cannot decode {paths[i]}: {err.message.splitlines()[0]}. "
+                                    "Replace or remove the file.") from None
+                gray += int(channels == 1)
+                writer.write(_example(image, classes[i], names[i]))
+        entries.append({"file": os.path.basename(path), "images": len(group),
+                        "bytes": tf.io.gfile.stat(path).length, "sha256": _sha256(path)})
+    index_file = f"{split.name}.index.json"
+    index_sha = _write_json(_join(out, index_file), {"names": names, "classes": classes})
+    return {
+        "images": len(paths), "labeled": split.labeled,
+        "classes": {c: classes.count(i) for i, c in enumerate(class_names)} if split.labeled else {},
+        "grayscale": gray, "index": index_file, "index_sha256": index_sha, "shards": entries,
+    }
+
+
 def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: str = "png",
             quality: int = 95, seed: int = 0, log=print) -> dict:
     """Write an ImageFolder tree as sharded TFRecords plus a manifest; return the manifest.
@@ -154,9 +196,7 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. tfcovid prepare reads a local ImageFolder "
                         "tree (train/, validation/, optionally test/, one folder per class).")
-    splits = data.find_splits(root)
-    folder = splits.get("train") or next(iter(splits.values()), None)
-    class_names = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))) if folder else ()
+    class_names = _class_folders(root)
     # Scanning as "one label per folder" checks the tree exactly as fit would, task-free.
     scanned = data.scan(root, "multilabel", class_names or ("-",), {c: (c,) for c in class_names})
     tf.io.gfile.makedirs(out)
@@ -180,36 +220,13 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
     }
     for name, split in scanned.splits.items():
         order = rng.permutation(len(split))
-        paths = [split.paths[i] for i in order]
-        names = [os.path.relpath(p, root) for p in paths]
-        classes = [class_names.index(split.folders[i]) if split.labeled else -1 for i in order]
-        encoded = tf.data.Dataset.from_tensor_slices(paths).map(
-            lambda p: _reencode(p, max_side, encoding, quality),
-            num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-        n_shards = min(shards, len(split))
-        entries, gray = [], 0
-        for s, group in enumerate(np.array_split(np.arange(len(split)), n_shards)):
-            path = _join(out, f"{name}-{s:05d}-of-{n_shards:05d}.tfrecord")
-            with tf.io.TFRecordWriter(path) as writer:
-                for i in group:
-                    try:
-                        image, channels = next(encoded)
-                    except tf.errors.OpError as err:  # in order, so element i failed
-                        raise DataError(f"Cannot decode {paths[i]}: {err.message.splitlines()[0]}. "
-                                        "Replace or remove the file.") from None
-                    gray += int(channels == 1)
-                    writer.write(_example(image, classes[i], names[i]))
-            entries.append({"file": os.path.basename(path), "images": len(group),
-                            "bytes": tf.io.gfile.stat(path).length, "sha256": _sha256(path)})
-        index_file = f"{name}.index.json"
-        index_sha = _write_json(_join(out, index_file), {"names": names, "classes": classes})
-        manifest["splits"][name] = {
-            "images": len(split), "labeled": split.labeled,
-            "classes": {c: classes.count(i) for i, c in enumerate(class_names)} if split.labeled else {},
-            "grayscale": gray, "index": index_file, "index_sha256": index_sha, "shards": entries,
-        }
-        size = sum(e["bytes"] for e in entries)
-        log(f"{name}: {len(split)} images in {n_shards} shard(s), {size / 2**20:.2f} MiB, {gray} grayscale")
+        info = _write_split(out, split, [split.paths[i] for i in order], root, class_names,
+                            [split.folders[i] for i in order], min(shards, len(split)),
+                            lambda path: _reencode(path, max_side, encoding, quality))
+        manifest["splits"][name] = info
+        size = sum(e["bytes"] for e in info["shards"])
+        log(f"{name}: {len(split)} images in {len(info['shards'])} shard(s), {size / 2**20:.2f} MiB, "
+            f"{info['grayscale']} grayscale")
     # Written last: a folder without it is an interrupted run, never mistaken for a dataset.
     _write_json(_join(out, MANIFEST), manifest)
     return manifest
