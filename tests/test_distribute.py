@@ -120,6 +120,13 @@ def test_worker_index_without_a_chief_task(monkeypatch):
     assert runtime.worker_info(tf.distribute.get_strategy()) == (0, 1)
 
 
+def test_xla_stays_as_compiled_on_one_device():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(loss="mse", jit_compile=True)
+    assert runtime.fit_xla_to_strategy(model, tf.distribute.get_strategy()) is None
+    assert model.jit_compile is True
+
+
 def test_global_batch_split_per_replica():
     assert runtime.per_replica_batches(60, 1) == "60"
     assert runtime.per_replica_batches(60, 2) == "60 = 2 x 30"

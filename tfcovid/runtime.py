@@ -218,7 +218,11 @@ def fit_xla_to_strategy(model: keras.Model, strategy) -> str | None:
     XLA cannot use variables placed on other devices (tensorflow.org/xla/known_issues), so
     MirroredStrategy over 2+ GPUs fails with jit_compile=True.
     """
-    if len(strategy.extended.worker_devices) > 1 and model.jit_compile:
+    try:
+        local_devices = len(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: one device
+        local_devices = 1
+    if local_devices > 1 and model.jit_compile:
         model.jit_compile = False
         return "XLA off: one Keras step spans several devices, which XLA cannot compile"
     return None
