@@ -77,7 +77,9 @@ def demo_data(out, task, per_class, seed):
 @click.option("--image-size", "data__image_size", type=int, default=None)
 @click.option("--precision", "train__precision", default=None,
               help="auto | float32 | mixed_float16 | mixed_bfloat16")
-@click.option("--strategy", "train__strategy", default=None, help="auto | one | mirrored | multiworker")
+@click.option("--strategy", "train__strategy", default=None,
+              help="auto | one | mirrored | multiworker. auto: multiworker when TF_CONFIG names a "
+                   "cluster, mirrored with more than one GPU, else one device.")
 @click.option("--out", "out", default=None, help="Parent folder of run directories (default runs/).")
 @click.option("--name", "name", default=None, help="Suffix for the run directory's name.")
 @click.option("--seed", "train__seed", type=int, default=None)
