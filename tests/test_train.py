@@ -75,3 +75,26 @@ def test_probabilities():
     p = train.probabilities(np.array([[0.0, 0.0], [2.0, 0.0]]), "binary")
     np.testing.assert_allclose(p, [[0.5, 0.5], [np.e ** 2 / (np.e ** 2 + 1), 1 / (np.e ** 2 + 1)]])
     np.testing.assert_allclose(train.probabilities(np.array([[0.0, 100.0]]), "multilabel"), [[0.5, 1.0]])
+
+
+@pytest.mark.slow
+def test_resume_continues_an_interrupted_run(binary_tree, tmp_path, monkeypatch):
+    exp = _tiny(binary_tree, tmp_path, **{"model.backbone": "resnet18", "model.freeze": "all"})
+    original = train.EpochTimer.on_epoch_end
+
+    def crash_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(train.EpochTimer, "on_epoch_end", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(exp, log=lambda s: None)
+    (run,) = tmp_path.glob("*-resnet18-all-ce")
+    assert any((run / "backup").iterdir()) and not (run / "metrics.json").exists()
+    monkeypatch.setattr(train.EpochTimer, "on_epoch_end", original)
+    assert train.fit(exp, run_dir=run, log=lambda s: None) == run
+    assert len((run / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    with pytest.raises(train.TrainingError, match="has finished"):
+        train.fit(exp, run_dir=run, log=lambda s: None)
