@@ -302,6 +302,8 @@ class TensorBoardImages(keras.callbacks.Callback):
 
         split, task = self.manifest.splits["validation"], self.exp.data.task
         probs = probabilities(self.model.predict(self.val_ds.map(lambda x, y: x), verbose=0), task)
+        if not np.isfinite(probs).all():  # a diverged model: fit()'s NaN guard reports it
+            return
         if task == "binary":
             report = metrics.binary_report(split.labels, probs, self.manifest.class_names,
                                            self.exp.data.positive)
