@@ -101,6 +101,10 @@ class ImageStore:
         return f"{self.name or 'cache'}: {self.count()} images, {self.nbytes() / 2**20:.1f} MB in {where}"
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}" if n < 10 * 2**20 else f"{n / 2**20:.0f}"
+
+
 def _remove_if_empty(directory: str) -> None:
     try:
         os.rmdir(directory)
@@ -183,7 +187,7 @@ class Cache:
         store = ImageStore(mode, self.directory, name)
         self.stores.append(store)
         where = "memory" if mode == "memory" else f"disk, {store.directory}"
-        self.plans.append(f"{name} ~{estimated / 2**20:.0f} MB in {where}")
+        self.plans.append(f"{name} ~{_mb(estimated)} MB in {where}")
         return store
 
     def describe(self) -> str:
