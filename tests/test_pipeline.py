@@ -166,3 +166,13 @@ def test_full_resolution_decode_scale_zero(mixed_split):
         pass
     found, image = policy.stores[0].lookup(tf.constant(4, tf.int64))
     assert image.shape == (260, 200, 1)
+
+
+def test_unlabeled_split_and_disabled_augmentation(mixed_split):
+    unlabeled = data.Split("test", mixed_split.dir, mixed_split.paths, None, ("",) * 6)
+    batches = list(data.dataset(unlabeled, 24, 4, cache="memory"))
+    assert [b.shape for b in batches] == [(4, 24, 24, 3), (2, 24, 24, 3)]  # images only
+    off = config.AugmentConfig(enabled=False)
+    x, y = next(iter(data.dataset(mixed_split, 24, 6, training=True, aug=off, seed=1)))
+    resized = np.stack([data.load_image(p, 24).numpy() for p in mixed_split.paths])
+    np.testing.assert_array_equal(x.numpy(), resized[y.numpy()])  # shuffled, resize only

@@ -108,3 +108,21 @@ def test_augmentation_stays_out_of_the_model():
     assert not any(isinstance(layer, (keras.layers.RandomRotation, keras.layers.RandomFlip,
                                       keras.layers.RandomCrop, keras.layers.RandomZoom))
                    for layer in model.layers)
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal"])
+def test_multilabel_loss_and_metrics_compile_under_xla_and_bfloat16(loss):
+    with runtime.dtype_policy("mixed_bfloat16"):
+        inputs = keras.Input((16, 16, 3))
+        x = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        model = keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(x))
+    exp = config.from_dict({"data": {"task": "multilabel", "image_size": 32},
+                            "train": {"loss": loss, "jit_compile": "true", "optimizer": "sgd"}})
+    train.compile_model(model, exp, positive_index=0)
+    assert model.jit_compile is True
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (8, 16, 16, 3)).astype("uint8")
+    y = rng.integers(0, 2, (8, 3)).astype("float32")
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][0]) and 0 <= history["jaccard"][0] <= 1
