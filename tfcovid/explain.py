@@ -159,7 +159,7 @@ def overlay_png(path: Path, original: np.ndarray, heat: np.ndarray, title: str,
 
     h, w = original.shape[:2]
     big = tf.image.resize(heat[..., None], [h, w], method="bilinear")[..., 0].numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.4 * h / max(w, 1) + 0.6))
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.9 * h / max(w, 1) + 0.5), layout="constrained")
     axes[0].imshow(original)
     axes[0].set_title("input", fontsize=9)
     axes[1].imshow(original)
@@ -170,9 +170,23 @@ def overlay_png(path: Path, original: np.ndarray, heat: np.ndarray, title: str,
     fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def coarse_note(model: keras.Model, layer: str) -> str | None:
+    """A warning when ``layer``'s map is too coarse to localise much (under 4 x 4)."""
+    side = model.get_layer(layer).output.shape[1]
+    if side is None or side >= 4:
+        return None
+    finer = [n for n in conv_layers(model) if (model.get_layer(n).output.shape[1] or 0) >= 4
+             and not isinstance(model.get_layer(n), keras.layers.ZeroPadding2D)]
+    hint = f" or pass --layer {finer[-1]} ({model.get_layer(finer[-1]).output.shape[1]}x" \
+           f"{model.get_layer(finer[-1]).output.shape[2]})" if finer else ""
+    return (f"note: {layer} is a {side}x{model.get_layer(layer).output.shape[2]} map at "
+            f"{model.input_shape[1]} px, so the heatmap can show little more than a quadrant; "
+            f"train at a larger --image-size (the study's 224 px gives 7x7 or 14x14){hint}.")
 
 
 def _safe(name: str) -> str:
@@ -205,6 +219,9 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     trained = modelinfo.load(run_or_model, checkpoint, task, model_labels)
     layer = layer or default_layer(trained.model)
     _grad_model(trained.model, layer)  # fail on a bad layer before reading any image
+    note = coarse_note(trained.model, layer)
+    if note:
+        log(note)
     paths = [Path(p) for p in images]
     pixels = []
     for p in paths:

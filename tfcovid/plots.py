@@ -64,7 +64,8 @@ def plot_history(history_csv: str | Path, path: str | Path, title: str = "") -> 
     names = [k for k in hist if k != "epoch" and not k.startswith("val_")
              and k not in ("learning_rate", "lr")]
     names.sort(key=lambda k: (k != "loss", k))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes[0], names):
         ax.plot(epochs, hist[name], "o-", label="train", color="#1f77b4", ms=3)
         if f"val_{name}" in hist:
@@ -113,13 +114,13 @@ def confusion_figure(report: dict, task: str, title: str = ""):
     else:
         pairs = [(["no", "yes"], report["per_label"][name]["confusion_matrix"], f"{name}: ")
                  for name in report["labels"]]
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(7.4, 3.3 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(7.4, 3.3 * len(pairs)), squeeze=False,
+                             layout="constrained")
     for row, (names, cm, prefix) in zip(axes, pairs):
         _matrix_panel(row[0], cm, names, False, f"{prefix}counts")
         _matrix_panel(row[1], _normalise_rows(cm), names, True, f"{prefix}normalised by true class")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -153,7 +154,7 @@ def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
     curves = [c for c in curves if 0 < c[1].sum() < len(c[1])]  # ROC needs both classes
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), layout="constrained")
     for name, truth, score in curves:
         fpr, tpr, _ = skm.roc_curve(truth, score)
         ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {skm.roc_auc_score(truth, score):.3f})")
@@ -165,7 +166,6 @@ def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "ROC", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -234,13 +234,13 @@ def image_grid_figure(images, captions: Sequence[str], columns: int = 4):
     """A grid of uint8 images (N, H, W, 3) with one caption each."""
     n = len(images)
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, caption in zip(axes.ravel(), images, captions):
         ax.imshow(np.asarray(image, dtype=np.uint8))
         ax.set_title(caption, fontsize=8)
-    fig.tight_layout()
     return fig
 
 
