@@ -7,13 +7,15 @@
 # others still run; the exit status is non-zero if any failed.
 #
 # Usage:
-#   scripts/reproduce_tables.sh [--out DIR] [--only PATTERN] DATA1 DATA2 [-- FIT FLAGS...]
-#   scripts/reproduce_tables.sh --smoke [--out DIR]
+#   scripts/reproduce_tables.sh [--out DIR] [--only PATTERN] [--jobs N] DATA1 DATA2 [-- FIT FLAGS...]
+#   scripts/reproduce_tables.sh --smoke [--out DIR] [--jobs N]
 #
 #   DATA1          ImageFolder tree with train/ validation/ test/ (classes infected, normal)
 #   DATA2          tree with Train/ Validation/ [Test/] (classes covid-19, normal, pneumonia)
 #   --out DIR      where runs, logs and tables.md go (default: runs/reproduce-<time>)
 #   --only PATTERN run only configs whose name matches this shell glob, e.g. 'vgg16_*'
+#   --jobs N       fits run at the same time (default 1; 2 with --smoke, where start-up
+#                  dominates). Use more only with enough devices or memory for N fits.
 #   --smoke        check the whole pipeline in minutes on a CPU: generated demo data at 32 px,
 #                  1 epoch, random weights. Its numbers mean nothing.
 #   -- FLAGS       passed to every `tfcovid fit`, e.g. -- --precision mixed_bfloat16
@@ -22,17 +24,18 @@
 # run is many GPU hours (the study: about 15 h on a Colab T4).
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "reproduce_tables: $*" >&2; exit 2; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SMOKE=0 OUT="" ONLY="*"
+SMOKE=0 OUT="" ONLY="*" JOBS=""
 POSITIONAL=() EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --out) [ $# -ge 2 ] || die "--out needs a folder"; OUT="$2"; shift ;;
     --only) [ $# -ge 2 ] || die "--only needs a pattern"; ONLY="$2"; shift ;;
+    --jobs) [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a number >= 1"; JOBS="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
@@ -61,27 +64,39 @@ if [ "$SMOKE" = 1 ]; then
 fi
 if command -v tfcovid >/dev/null 2>&1; then TFCOVID=(tfcovid); else TFCOVID=(python -m tfcovid.cli); fi
 
-failed=()
-ran=0
+# One fit per config; its output goes to a log file, its exit status to <log>.rc.
+fit_one() {
+  local part="$1" name="$2" config="$3" data="$4" log="$OUT/logs/$1-$2.log" start=$SECONDS status=0
+  "${TFCOVID[@]}" fit --config "$config" --data "$data" --out "$OUT/$part" \
+    ${SIZE_FLAGS[@]+"${SIZE_FLAGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} >"$log" 2>&1 || status=$?
+  echo "$status" >"$log.rc"
+  if [ "$status" = 0 ]; then
+    echo "[$part] $name: done in $((SECONDS - start)) s"
+  else
+    echo "[$part] $name: FAILED (exit $status) after $((SECONDS - start)) s; last lines of $log:" >&2
+    tail -n 5 "$log" | sed 's/^/    /' >&2
+  fi
+}
+
+JOBS="${JOBS:-$([ "$SMOKE" = 1 ] && echo 2 || echo 1)}"
+logs=()
 for part in part1 part2; do
   data="$DATA1"; [ "$part" = part2 ] && data="$DATA2"
   for config in "$ROOT/configs/$part"/*.yaml; do
     name="$(basename "$config" .yaml)"
     # shellcheck disable=SC2254  # ONLY is a glob on purpose
     case "$name" in $ONLY) ;; *) continue ;; esac
-    log="$OUT/logs/$part-$name.log"
-    echo "[$part] $name: training (log: $log)"
-    start=$SECONDS
-    if "${TFCOVID[@]}" fit --config "$config" --data "$data" --out "$OUT/$part" \
-        ${SIZE_FLAGS[@]+"${SIZE_FLAGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} >"$log" 2>&1; then
-      echo "[$part] $name: done in $((SECONDS - start)) s"
-    else
-      echo "[$part] $name: FAILED after $((SECONDS - start)) s; last lines of $log:" >&2
-      tail -n 5 "$log" | sed 's/^/    /' >&2
-      failed+=("$part/$name")
-    fi
-    ran=$((ran + 1))
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    echo "[$part] $name: training (log: $OUT/logs/$part-$name.log)"
+    logs+=("$OUT/logs/$part-$name.log")
+    fit_one "$part" "$name" "$config" "$data" &
   done
+done
+wait
+ran=${#logs[@]}
+failed=()
+for log in ${logs[@]+"${logs[@]}"}; do
+  [ "$(cat "$log.rc" 2>/dev/null)" = 0 ] || failed+=("$(basename "$log" .log)")
 done
 [ "$ran" -gt 0 ] || die "no config matched --only '$ONLY'"
 

@@ -33,7 +33,7 @@ def test_fit_command_on_tiny_data(binary_tree, tmp_path):
     assert result.exit_code == 0, result.output
     runs = list(tmp_path.glob("*-resnet18-all-ce-cli"))
     assert len(runs) == 1 and (runs[0] / "metrics.json").is_file()
-    assert "| ResNet18 | all conv (head only) | 1 |" in result.output
+    assert "| ResNet18 | all but head | 1 |" in result.output  # the study's wording for ResNet18
 
 
 @pytest.mark.parametrize("args, message", [

@@ -98,6 +98,11 @@ def test_multilabel_demo_preset():
     exp = config.resolve(None, {"data.task": "multilabel", "train.loss": "focal"})
     assert exp.data.dir == "demo" and exp.model.weights == "none" and exp.train.loss == "focal"
     assert exp.data.labels == ("covid-19", "normal", "pneumonia")
+    # ResNet18 (BatchNorm) learns from scratch within the 5-minute CPU budget; VGG16 does not.
+    assert (exp.model.backbone, exp.train.optimizer, exp.train.lr, exp.train.epochs) == (
+        "resnet18", "adam", 5e-4, 8)
+    assert (exp.data.image_size, exp.data.demo_per_class) == (48, 160)
+    assert config.resolve(None, {"data.task": "multilabel", "model.backbone": "vgg16"}).model.backbone == "vgg16"
 
 
 @pytest.mark.slow

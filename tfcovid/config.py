@@ -134,7 +134,15 @@ DEMO_PRESET = {
     "model": {"weights": "none"},
     "train": {"optimizer": "adam", "lr": 1e-4, "epochs": 10, "batch_size": 32},
 }
-DEMO_MULTILABEL = {"data": {"demo_per_class": 160}, "train": {"epochs": 12}}
+# The three-label demo trains ResNet18: its BatchNorm lets it learn from scratch in a few epochs,
+# at about a fifth of VGG16's cost. Measured on 2 shared CPU cores with focal loss: VGG16 (Adam
+# 1e-4) sat at Jaccard 0 for 6 epochs and needed ~10 CPU-minutes for 12; ResNet18 (Adam 5e-4)
+# ended at validation Jaccard 0.96 after 8 epochs, 4.6 min wall including data generation.
+DEMO_MULTILABEL = {
+    "data": {"demo_per_class": 160},
+    "model": {"backbone": "resnet18"},
+    "train": {"epochs": 8, "lr": 5e-4},
+}
 
 
 def _plain(obj: Any) -> Any:

@@ -1,0 +1,178 @@
+"""tfcovid predict: the study's CSV for an unlabeled folder, broken files, bare model files."""
+
+import csv
+import shutil
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tfcovid import config, data, modelinfo, predict, train
+from tfcovid.cli import main
+from tfcovid.models import build_model
+
+LABELS = ["covid-19", "normal", "pneumonia"]
+
+
+@pytest.fixture(scope="module")
+def run(multilabel_tree, tmp_path_factory):
+    """A real one-epoch three-label run at 32 px."""
+    exp = config.resolve(None, {
+        "data.dir": str(multilabel_tree), "data.task": "multilabel", "data.image_size": 32,
+        "model.backbone": "resnet18", "model.weights": "none", "train.loss": "focal",
+        "train.epochs": 1, "train.batch_size": 6, "train.optimizer": "adam", "train.lr": 1e-3,
+        "out": str(tmp_path_factory.mktemp("runs"))})
+    return train.fit(exp, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def test_folder(multilabel_tree, tmp_path_factory):
+    """The study's Part 2 Test/ layout: images directly in the folder, no class folders."""
+    folder = tmp_path_factory.mktemp("part2") / "Test"
+    folder.mkdir()
+    for path in sorted((multilabel_tree / "test").rglob("*.*")):
+        shutil.copy(path, folder / f"x{path.name}")  # renamed so the name hides the class
+    return folder
+
+
+def _reference_probs(model_file, paths, size=32):
+    """Sigmoid of the saved model's logits, on images loaded the way evaluation loads them."""
+    model = keras.models.load_model(model_file, compile=False)
+    pixels = np.stack([data.load_image(str(p), size).numpy() for p in paths])
+    return 1.0 / (1.0 + np.exp(-model.predict(pixels, verbose=0).astype(np.float64)))
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1:]
+
+
+def test_unlabeled_test_folder_gives_the_studys_csv(run, test_folder, tmp_path):
+    out = tmp_path / "pred" / "test.csv"
+    result = CliRunner().invoke(main, ["predict", str(run), str(test_folder), "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    header, rows = _read_csv(out)
+    assert header == ["filename", *LABELS]
+    names = sorted(p.name for p in test_folder.iterdir())
+    assert [r[0] for r in rows] == names and len(rows) == 6
+    expected = _reference_probs(run / "checkpoints" / "last.keras", [test_folder / n for n in names])
+    np.testing.assert_array_equal(np.array([r[1:] for r in rows], dtype=int), expected >= 0.5)
+    # The printed table holds the probabilities.
+    first = next(line for line in result.output.splitlines() if line.startswith(names[0]))
+    np.testing.assert_allclose([float(v) for v in first.split()[1:4]], expected[0], atol=6e-4)
+
+
+def test_threshold_and_checkpoint_choice(run, test_folder):
+    trained = modelinfo.load(run, "best")
+    assert trained.path == run / "checkpoints" / "best.keras" and trained.threshold == 0.5
+    names = sorted(p.name for p in test_folder.iterdir())
+    probs = _reference_probs(trained.path, [test_folder / n for n in names])
+    for threshold in (0.2, 0.5, float(np.median(probs))):
+        result = predict.predict(trained, [test_folder], threshold=threshold)
+        assert result.names == names
+        np.testing.assert_allclose(result.probs, probs, atol=1e-5)
+        assert result.predicted == [tuple(int(v) for v in row) for row in probs >= threshold]
+    with pytest.raises(ValueError, match="threshold"):
+        predict.predict(trained, [test_folder], threshold=1.5)
+
+
+def test_broken_files_are_listed_and_the_rest_predicted(run, multilabel_tree, tmp_path):
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    good = sorted((multilabel_tree / "validation" / "normal").iterdir())[:2]
+    shutil.copy(good[0], folder / good[0].name)
+    shutil.copy(good[1], folder / "sub" / good[1].name)
+    png = next((multilabel_tree / "train").rglob("*.png")).read_bytes()
+    (folder / "truncated.png").write_bytes(png[:200])
+    (folder / "sub" / "text.jpg").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "mixed.csv"
+    result = CliRunner().invoke(main, ["predict", str(run), str(folder), str(tmp_path / "gone.png"),
+                                       "--csv", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "Could not read 4 of 6 image(s)" in result.stderr
+    for name, reason in (("truncated.png", "damaged image data"), ("sub/text.jpg", "not a JPEG/PNG"),
+                         ("empty.png", "empty file"), ("gone.png", "no such file or folder")):
+        assert any(name in line and reason in line for line in result.stderr.splitlines()), name
+    assert "skipped 1 file(s) without an image extension" in result.stderr
+    header, rows = _read_csv(out)
+    assert [r[0] for r in rows] == sorted([good[0].name, f"sub/{good[1].name}"])
+
+
+def _bare_binary_model(tmp_path):
+    model = build_model("resnet18", 2, 16, "torch", name="tfcovid_resnet18_binary")
+    path = tmp_path / "bare.keras"
+    model.save(path)
+    return path
+
+
+def test_bare_binary_model_file(multilabel_tree, tmp_path):
+    path = _bare_binary_model(tmp_path)
+    with pytest.raises(modelinfo.ModelInfoError, match="--labels"):
+        modelinfo.load(path)
+    trained = modelinfo.load(path, labels=["infected", "normal"])  # the task is in the model's name
+    assert (trained.task, trained.positive, trained.image_size) == ("binary", "infected", 16)
+    with pytest.raises(modelinfo.ModelInfoError, match="2 outputs but its labels"):
+        modelinfo.load(path, labels=["a", "b", "c"])
+    modelinfo.embed(path, {"task": "binary", "outputs": ["infected", "normal"],
+                           "positive": "infected", "threshold": 0.5})
+    trained = modelinfo.load(path)
+    images = sorted((multilabel_tree / "test" / "normal").iterdir())
+    result = predict.predict(trained, images, threshold=0.3)
+    out = predict.write_csv(result, tmp_path / "binary.csv")
+    header, rows = _read_csv(out)
+    assert header == ["filename", "infected", "normal", "predicted"]
+    probs = np.array([[float(v) for v in r[1:3]] for r in rows])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=2e-6)
+    model = keras.models.load_model(path, compile=False)
+    logits = model.predict(np.stack([data.load_image(str(p), 16).numpy() for p in images]), verbose=0)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, atol=2e-6)
+    assert [r[3] for r in rows] == ["infected" if p >= 0.3 else "normal" for p in probs[:, 0]]
+
+
+def test_embedded_info_is_replaced_and_model_still_loads(tmp_path):
+    path = _bare_binary_model(tmp_path)
+    modelinfo.embed(path, {"task": "binary", "outputs": ["a", "b"]})
+    modelinfo.embed(path, {"task": "binary", "outputs": ["infected", "normal"], "threshold": 0.7})
+    with zipfile.ZipFile(path) as zf:
+        assert zf.namelist().count(modelinfo.INFO_MEMBER) == 1
+    trained = modelinfo.load(path)
+    assert trained.outputs == ("infected", "normal") and trained.threshold == 0.7
+
+
+def test_run_without_embedded_info_uses_its_config(run, tmp_path):
+    copy = tmp_path / "old-run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("tensorboard", "backup"))
+    checkpoint = copy / "checkpoints" / "last.keras"
+    stripped = tmp_path / "stripped.keras"
+    with zipfile.ZipFile(checkpoint) as src, zipfile.ZipFile(stripped, "w") as dst:
+        for item in src.infolist():
+            if item.filename != modelinfo.INFO_MEMBER:
+                dst.writestr(item, src.read(item.filename))
+    stripped.replace(checkpoint)
+    assert modelinfo.read_embedded(checkpoint) is None
+    trained = modelinfo.load(checkpoint)  # a file inside a run directory finds its config.yaml
+    assert trained.run_dir == copy and "config.yaml" in trained.source
+    assert trained.task == "multilabel" and trained.outputs == tuple(LABELS)
+
+
+def test_bad_targets_are_clear_errors(run, tmp_path):
+    (tmp_path / "empty-run").mkdir()
+    (tmp_path / "model.h5").write_text("x")
+    (tmp_path / "broken.keras").write_text("not a zip")
+    for target, message in ((tmp_path / "nope", "Model not found"),
+                            (tmp_path / "empty-run", "not a finished run directory"),
+                            (tmp_path / "model.h5", "not a .keras model file"),
+                            (tmp_path / "broken.keras", "Could not load the Keras model")):
+        result = CliRunner().invoke(main, ["predict", str(target), str(tmp_path)])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    (tmp_path / "no-images").mkdir()
+    result = CliRunner().invoke(main, ["predict", str(run), str(tmp_path / "no-images")])
+    assert result.exit_code == 1 and "No images" in result.output

@@ -1,0 +1,61 @@
+"""scripts/reproduce_tables.sh: argument errors, and the --smoke run of every config."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "reproduce_tables.sh"
+
+
+def _run(*args, timeout=900):
+    # The script calls `tfcovid`; put this interpreter's scripts folder first on PATH.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give DATA1 and DATA2"),
+    (["/no/such/data1", "/no/such/data2"], "data folder not found: /no/such/data1"),
+    (["--smoke", "/data"], "--smoke uses the generated demo data"),
+    (["--frobnicate"], "unknown option --frobnicate"),
+])
+def test_argument_errors(args, message):
+    result = _run(*args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_only_that_matches_nothing(tmp_path):
+    result = _run("--smoke", "--only", "nomatch*", "--out", str(tmp_path))
+    assert result.returncode == 2 and "no config matched --only 'nomatch*'" in result.stderr
+    result = _run("--smoke", "--jobs", "0", "--out", str(tmp_path))
+    assert result.returncode == 2 and "--jobs needs a number" in result.stderr
+
+
+def test_help():
+    result = _run("--help")
+    assert result.returncode == 0 and "--smoke" in result.stdout and "DATA1" in result.stdout
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_config_and_writes_both_tables(tmp_path):
+    # Ten tiny fits (32 px, 1 epoch, 2 images per class): minutes on a 2-core CPU.
+    result = _run("--smoke", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    configs = {p: sorted(q.stem for q in (ROOT / "configs" / p).glob("*.yaml")) for p in ("part1", "part2")}
+    assert len(configs["part1"]) == 6 and len(configs["part2"]) == 4
+    for part, names in configs.items():
+        runs = sorted((tmp_path / "out" / part).iterdir())
+        assert len(runs) == len(names)
+        assert all((run / "metrics.json").is_file() for run in runs)
+        assert sorted(run.name.split(f"{part}-")[-1] for run in runs) == names
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    part1 = tables.split("## Part 1", 1)[1].split("like-for-like", 1)[0]
+    part2 = tables.split("## Part 2", 1)[1]
+    assert sum(line.startswith(("| VGG16 |", "| ResNet18 |")) for line in part1.splitlines()) == 6
+    assert sum(line.startswith(("| VGG16 |", "| ResNet18 |")) for line in part2.splitlines()) == 4
+    assert "| ResNet18 | focal | 1 |" in part2 and "| VGG16 | first 4 conv | 1 |" in part1
