@@ -105,3 +105,8 @@ def test_missing_and_invalid_files(tmp_path):
     (tmp_path / "x.yaml").write_text("data: [1, 2")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.resolve(tmp_path / "x.yaml", {})
+
+
+def test_demo_preset_line_says_what_differs():
+    line = config.describe_demo_preset(config.resolve(None, {"model.freeze": "first7"}))
+    assert line.startswith("Demo preset (not the study's recipe): vgg16 at 48 px, --weights none, adam lr 0.0001")

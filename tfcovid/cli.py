@@ -98,6 +98,8 @@ def fit(config_file, resume, assignments, **flags):
         else:
             exp = config.resolve(config_file, {k.replace("__", "."): v for k, v in flags.items()},
                                  config.parse_assignments(assignments))
+        if not resume and config_file is None and exp.data.dir == "demo":
+            click.echo(config.describe_demo_preset(exp))
         run = train.fit(exp, run_dir=resume, log=lambda s: click.echo(s))
     except _user_errors() as err:
         _fail(err)

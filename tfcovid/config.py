@@ -145,6 +145,15 @@ DEMO_MULTILABEL = {
 }
 
 
+def describe_demo_preset(exp: Experiment) -> str:
+    """The line `tfcovid fit` prints when the demo preset applies: what differs from the study."""
+    t, a = exp.train, exp.augment
+    return (f"Demo preset (not the study's recipe): {exp.model.backbone} at {exp.data.image_size} px, "
+            f"--weights {exp.model.weights}, {t.optimizer} lr {t.lr:g}, {t.epochs} epochs, batch "
+            f"{t.batch_size}, crop scale {a.crop_scale[0]:g}-{a.crop_scale[1]:g}, rotation "
+            f"{a.rotation:g} deg. For the study: --config configs/part1/<row>.yaml --data DIR.")
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}

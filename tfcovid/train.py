@@ -135,8 +135,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     t0 = time.perf_counter()
     log(NOT_CLINICAL)
     if exp.data.dir == "demo":
-        log("Demo preset: synthetic data, weights none (from scratch), Adam; not the study's "
-            "recipe (pass --config configs/part1/... --data DIR for that).")
+        log("Data: the built-in synthetic demo set (chest-X-ray-like pictures, not patient data).")
     # Phase 1: run directory and the resolved config, before anything can fail halfway.
     if run_dir and (Path(run_dir) / "metrics.json").exists():
         raise TrainingError(f"{run_dir} has finished (it has metrics.json); nothing to resume. "
