@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tfcovid import augment, data
 from tfcovid.modelinfo import Trained
+from tfcovid.train import probabilities
 
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
                b"GIF87a": "GIF", b"GIF89a": "GIF"}
@@ -97,14 +98,6 @@ def _decode(raw: bytes):
         return None, "damaged image data: " + (reason[0].strip() if reason else "cannot decode")
 
 
-def _probabilities(logits: np.ndarray, task: str) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
-    if task == "binary":
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-logits))
-
-
 def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | None = None,
             batch_size: int = 32, log=None) -> Predictions:
     """Predict every image under ``inputs``.
@@ -132,7 +125,7 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     def flush():
         if pixels:
             logits = trained.model.predict_on_batch(np.stack(pixels))
-            probs.append(_probabilities(logits, trained.task))
+            probs.append(probabilities(logits, trained.task))
             pixels.clear()
 
     for i, (name, path) in enumerate(sorted(found)):
