@@ -109,4 +109,4 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_demo_preset_line_says_what_differs():
     line = config.describe_demo_preset(config.resolve(None, {"model.freeze": "first7"}))
-    assert line.startswith("Demo preset (not the study's recipe): vgg16 at 48 px, --weights none, adam lr 0.0001")
+    assert line.startswith("Demo preset (not the study's recipe): vgg16 at 48 px, --weights none, adam lr 5e-05")

@@ -93,3 +93,14 @@ def test_preprocess_modes_match_formulas():
     np.testing.assert_allclose(Preprocess("torch")(x)[0, 0, 0],
                                [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225], rtol=1e-5)
     np.testing.assert_allclose(Preprocess("none")(x), x)
+
+
+def test_from_scratch_convs_are_initialised_like_torchvision():
+    from tfcovid.models import init_like_torchvision
+    model = build_model("vgg16", 2, 32)
+    assert init_like_torchvision(model, seed=0) == 13
+    kernel = model.get_layer("block5_conv3").kernel.numpy()  # fan_out = 3 * 3 * 512
+    assert abs(kernel.std() - (2.0 / (9 * 512)) ** 0.5) < 0.002
+    assert not model.get_layer("block5_conv3").bias.numpy().any()
+    head = model.get_layer("head_fc1").kernel.numpy()  # the head keeps Glorot uniform
+    assert abs(head.std() - (2.0 / (512 + 110)) ** 0.5) < 0.005

@@ -29,7 +29,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfcovid.models import build_model, get_backbone
+from tfcovid.models import build_model, get_backbone, init_like_torchvision
 from tfcovid.models.heads import HEAD_PREFIX
 
 KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -287,7 +287,8 @@ def initial_model(backbone: str, num_outputs: int, image_size: int, weights: str
     spec = get_backbone(backbone)
     if weights == "none":
         model = build_model(backbone, num_outputs, image_size, mode, None, head_units, name)
-        return model, mode, "random initialisation (training from scratch)"
+        init_like_torchvision(model)
+        return model, mode, "random initialisation as torchvision's (He normal; training from scratch)"
     if weights == "imagenet":
         if not spec.keras_imagenet:
             _require_torch_for(IMAGENET.get(backbone))

@@ -15,7 +15,7 @@ from tfcovid.models.vgg import resnet50_features, vgg16_features
 
 __all__ = [
     "BACKBONES", "Backbone", "FreezeSummary", "Preprocess", "apply_freeze", "build_model",
-    "count_parameters", "get_backbone",
+    "count_parameters", "get_backbone", "init_like_torchvision",
 ]
 
 
@@ -81,6 +81,24 @@ def build_model(
     features = spec.features(x, keras_weights)
     logits = head(features, num_outputs, spec.pooling, head_units)
     return keras.Model(inputs, logits, name=name or f"tfcovid_{backbone}")
+
+
+def init_like_torchvision(model: keras.Model, seed: int | None = None) -> int:
+    """Re-initialise backbone convolutions as torchvision does: He normal (fan_out), zero bias.
+
+    For training from scratch. keras.applications' conv layers default to Glorot uniform, with
+    which the plain 13-conv VGG16 shrinks its signal by about 2^-6 and can sit at chance for
+    many epochs; torchvision's (and so the study's PyTorch code's) initialisation keeps the
+    activations' scale through the ReLUs. Returns the number of layers re-initialised.
+    """
+    init = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal", seed=seed)
+    convs = [layer for layer in model.layers
+             if isinstance(layer, keras.layers.Conv2D) and not is_head_layer(layer)]
+    for layer in convs:
+        layer.kernel.assign(init(layer.kernel.shape, dtype=layer.kernel.dtype))
+        if layer.bias is not None:
+            layer.bias.assign(keras.ops.zeros_like(layer.bias))
+    return len(convs)
 
 
 def is_head_layer(layer) -> bool:
