@@ -148,10 +148,11 @@ DEMO_MULTILABEL = {
 def describe_demo_preset(exp: Experiment) -> str:
     """The line `tfcovid fit` prints when the demo preset applies: what differs from the study."""
     t, a = exp.train, exp.augment
+    part = "part1" if exp.data.task == "binary" else "part2"
     return (f"Demo preset (not the study's recipe): {exp.model.backbone} at {exp.data.image_size} px, "
             f"--weights {exp.model.weights}, {t.optimizer} lr {t.lr:g}, {t.epochs} epochs, batch "
             f"{t.batch_size}, crop scale {a.crop_scale[0]:g}-{a.crop_scale[1]:g}, rotation "
-            f"{a.rotation:g} deg. For the study: --config configs/part1/<row>.yaml --data DIR.")
+            f"{a.rotation:g} deg. For the study: --config configs/{part}/<row>.yaml --data DIR.")
 
 
 def _plain(obj: Any) -> Any:
