@@ -255,12 +255,21 @@ def decode_image(data):
     return image
 
 
-def to_rgb_uint8(image, size: int):
-    """Round a float image to uint8 and make it 3-channel (grayscale is repeated)."""
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+def round_uint8(image):
+    """Round a float image to uint8 pixels, clipping to [0, 255]."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def gray_to_rgb(image, size: int):
+    """Make an (S, S, 1 or 3) image 3-channel (grayscale is repeated) with a static shape."""
     image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
     image.set_shape([size, size, 3])
     return image
+
+
+def to_rgb_uint8(image, size: int):
+    """Round a float image to uint8 and make it 3-channel (grayscale is repeated)."""
+    return gray_to_rgb(round_uint8(image), size)
 
 
 def load_image(path, size: int):

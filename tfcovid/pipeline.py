@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tfcovid import augment
 from tfcovid.cache import as_cache, estimate_bytes
-from tfcovid.data import Split, decode_image, to_rgb_uint8
+from tfcovid.data import Split, decode_image, gray_to_rgb, round_uint8, to_rgb_uint8
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -98,14 +98,7 @@ def decode_base(data, min_side: int | None):
 
 def _eval_pixels(data, size: int):
     """uint8 (S, S, C) eval pixels, C = 1 or 3: exactly what ``data.load_image`` rounds to."""
-    image = augment.resize_eval(decode_image(data), size)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def _rgb(image, size: int):
-    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
-    image.set_shape([size, size, 3])
-    return image
+    return round_uint8(augment.resize_eval(decode_image(data), size))
 
 
 def dataset(
@@ -175,7 +168,7 @@ def dataset(
         return to_rgb_uint8(out, image_size)
 
     def eval_image(index):
-        return _rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
+        return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
                     image_size)
 
     def load(item, pair):
