@@ -83,6 +83,10 @@ def demo_data(out, task, per_class, seed):
 @click.option("--out", "out", default=None, help="Parent folder of run directories (default runs/).")
 @click.option("--name", "name", default=None, help="Suffix for the run directory's name.")
 @click.option("--seed", "train__seed", type=int, default=None)
+@click.option("--deterministic", "train__deterministic", is_flag=True, default=None,
+              help="Bit-reproducible training on one machine (deterministic ops; slower).")
+@click.option("--skip-bad", "data__skip_bad", is_flag=True, default=None,
+              help="Leave out unusable image files (listed in the run's skipped.txt) instead of stopping.")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue an interrupted run from its backup/ (uses its config.yaml).")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",

@@ -54,6 +54,12 @@ class DataConfig:
     # Train images are decoded (and cached) halved while their shorter side stays at least
     # decode_scale * image_size; 0 keeps full resolution. See tfcovid/pipeline.py.
     decode_scale: float = 2.0
+    # Files that cannot be used (broken, not an image, unreadable, outside a class folder):
+    # false stops fit before the first step with the list; true leaves them out and lists them
+    # in the run's skipped.txt.
+    skip_bad: bool = False
+    # Images with more pixels than this are refused (decompression-bomb guard; 8000x8000 = 64e6).
+    max_pixels: int = 150_000_000
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,10 @@ class TrainConfig:
     jit_compile: str = "auto"  # auto | true | false
     steps_per_execution: int = 1
     seed: int = 0
+    # Same seed, same machine -> same weights: TensorFlow's deterministic ops and an ordered
+    # input pipeline (slower). Shuffling and augmentation are keyed on (seed, epoch, image)
+    # either way, so a resumed run sees the batches an uninterrupted one would have.
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
