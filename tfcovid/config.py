@@ -213,6 +213,12 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"Config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except yaml.constructor.ConstructorError as err:  # e.g. !!python/object/apply:os.system
+        mark = err.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}{where}: {err.problem}. tfcovid reads plain YAML "
+                          "only (yaml.safe_load) and never runs code from config files; remove "
+                          "the tag.") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, Mapping):

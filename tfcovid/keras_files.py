@@ -1,7 +1,13 @@
-"""Reading Keras weight files by layer: .keras models, Keras 3 .weights.h5, legacy .h5.
+"""Reading Keras files: .keras models (safely), Keras 3 .weights.h5, legacy .h5.
 
-Each reader returns ``{layer name: [arrays in layer.weights order]}`` for
+Each weights reader returns ``{layer name: [arrays in layer.weights order]}`` for
 :func:`tfcovid.weights.assign`, which checks every layer and shape.
+
+tfcovid never runs code from a model file. A ``.keras`` file's ``config.json`` can carry Python
+in a ``Lambda`` layer (marshalled bytecode, or a reference to a function); Keras's safe mode
+refuses the bytecode, but a process-wide ``keras.config.enable_unsafe_deserialization()`` turns
+that off for every later load. So :func:`load_model` reads the config itself first and refuses
+any Lambda layer, then loads with ``safe_mode=True``.
 """
 
 from __future__ import annotations
@@ -17,27 +23,68 @@ import numpy as np
 from tfcovid.weights import WeightsError, format_shape, weighted_layers
 
 
-def preprocessing_of(path: Path) -> str | None:
-    """The Preprocess layer's mode recorded in a .keras file's config, if any."""
+# Config entries that carry Python code: a Lambda layer, and the marshalled bytecode of a lambda.
+CODE_CLASSES = ("Lambda", "__lambda__")
+
+
+def _nodes(node):
+    """Every dict in a parsed config.json, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _nodes(value)
+
+
+def read_config(path: str | Path, error: type[Exception] = WeightsError) -> dict:
+    """The parsed ``config.json`` of a .keras file, refused when it carries Python code.
+
+    Raises:
+        error: the file is not a readable .keras archive, or it holds a Lambda layer.
+    """
     try:
         with zipfile.ZipFile(path) as zf:
             config = json.loads(zf.read("config.json"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
-        raise WeightsError(f"{path} is not a readable .keras model: {err}") from None
-    found = []
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not a readable .keras model: {err}") from None
+    found = [node for node in _nodes(config) if node.get("class_name") in CODE_CLASSES]
+    lambdas = sorted({str(node.get("config", {}).get("name", "?")) for node in found
+                      if node["class_name"] == "Lambda"})
+    if found:
+        what = f"Lambda layer {', '.join(lambdas)}" if lambdas else "a marshalled Python lambda"
+        raise error(unsafe_message(path, what))
+    return config
 
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "Preprocess":
-                found.append(node.get("config", {}).get("mode"))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
 
-    walk(config)
-    return found[0] if found else None
+def unsafe_message(path: str | Path, what: str) -> str:
+    """Why a model file with code in it is refused, and what to do instead."""
+    return (f"Refused to load {path}: it holds Python code ({what}), and tfcovid never runs code "
+            "from model files (Keras safe mode). Use a model written by `tfcovid fit` or "
+            "`tfcovid import-torch`, or rebuild this one without Lambda layers.")
+
+
+def load_model(path: str | Path, error: type[Exception] = WeightsError) -> keras.Model:
+    """Load a .keras model without running code from it (uncompiled).
+
+    Raises:
+        error: the file is unreadable, not a Keras model, or holds Python code.
+    """
+    read_config(path, error)  # refuses Lambda layers even if safe mode was turned off globally
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # Keras raises several types for damaged or foreign files
+        if "safe_mode" in str(err):  # any other construct Keras's safe mode refuses
+            raise error(unsafe_message(path, str(err).split(".")[0])) from None
+        raise error(f"Could not load the Keras model {path}: {err}") from None
+
+
+def preprocessing_of(path: Path) -> str | None:
+    """The Preprocess layer's mode recorded in a .keras file's config, if any."""
+    modes = [node.get("config", {}).get("mode") for node in _nodes(read_config(path))
+             if node.get("class_name") == "Preprocess"]
+    return modes[0] if modes else None
 
 
 def _snake(name: str) -> str:
@@ -105,8 +152,6 @@ def legacy_h5_arrays(path: Path) -> dict[str, list]:
 
 
 def model_arrays(path: Path) -> dict[str, list]:
-    try:
-        source = keras.models.load_model(path, compile=False)
-    except Exception as err:  # Keras raises several types for damaged or foreign files
-        raise WeightsError(f"Could not load the Keras model {path}: {err}") from None
+    """Read a ``.keras`` model's weights by layer name (the model is loaded safely)."""
+    source = load_model(path)
     return {name: layer.get_weights() for name, layer in weighted_layers(source).items()}

@@ -22,6 +22,7 @@ import keras
 import yaml
 
 import tfcovid.models  # noqa: F401  (registers the Preprocess layer that load_model needs)
+from tfcovid import keras_files
 
 INFO_MEMBER = "tfcovid.json"
 FORMAT_VERSION = 1
@@ -182,18 +183,16 @@ def load(target: str | Path, checkpoint: str = "last", task: str | None = None,
     the info embedded in the .keras file, the run directory's config.yaml + metrics.json.
 
     Raises:
-        ModelInfoError: the file is missing or not a Keras model, or the task/labels cannot
-            be found or do not match the model's outputs.
+        ModelInfoError: the file is missing, not a Keras model or holds Python code (a Lambda
+            layer: refused, never run), or the task/labels cannot be found or do not match
+            the model's outputs.
     """
     path, run_dir = model_file(target, checkpoint)
     info, source = read_embedded(path), f"{path} (embedded {INFO_MEMBER})"
     if info is None and run_dir is not None:
         info, source = info_from_run_dir(run_dir), f"{run_dir / 'config.yaml'}"
     info = dict(info or {})
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as err:  # Keras raises several types for a damaged or foreign file
-        raise ModelInfoError(f"Could not load the Keras model {path}: {err}") from None
+    model = keras_files.load_model(path, ModelInfoError)  # safe mode: no code from the file
     if labels:
         info["outputs"], source = list(labels), "--labels"
     if task:

@@ -22,6 +22,7 @@ A 1000-output ImageNet classifier is recognised and dropped.
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,20 @@ def _torch_load(path: Path) -> dict:
     except ImportError:
         raise WeightsError(install_torch_hint(path)) from None
     try:
+        # weights_only=True, passed explicitly: torch then unpickles tensors and plain containers
+        # only, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says (it overrides only the default).
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for pickled modules, RuntimeError for bad zips
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False or allowlisting; only the name is news.
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f" ({named.group(1)})" if named else ""
+        raise WeightsError(
+            f"Refused to load {path}: it holds pickled Python objects other than tensors"
+            f"{detail}, and tfcovid never runs code from weight files (torch.load with "
+            "weights_only=True). Re-save only the weights where the file was made: "
+            "torch.save(model.state_dict(), 'state.pth'), or convert it to .safetensors."
+        ) from None
+    except Exception as err:  # RuntimeError for bad zips, EOFError for truncated files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(
             f"Could not read {path} with torch.load(weights_only=True): {first}. tfcovid reads "

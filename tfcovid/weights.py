@@ -369,7 +369,7 @@ def import_torch(checkpoint: str | Path, backbone: str, task: str, out: str | Pa
                       "threshold": 0.5, "source": f"import-torch {checkpoint.name}"})
     # A reload check, as for every export: the written file must give the same logits.
     probe = np.random.default_rng(0).uniform(0, 255, (1, image_size, image_size, 3)).astype("float32")
-    reloaded = keras.models.load_model(out, compile=False)
+    reloaded = keras.models.load_model(out, compile=False, safe_mode=True)
     want = np.asarray(model(probe, training=False))
     got = np.asarray(reloaded(probe, training=False))
     if not np.allclose(want, got, rtol=1e-5, atol=1e-5 * float(np.abs(want).max() + 1e-12)):
