@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tfcovid import config, train
+from tfcovid import config, runstate, train
 
 
 def _tiny(tree, out, **extra):
@@ -80,21 +80,27 @@ def test_probabilities():
 @pytest.mark.slow
 def test_resume_continues_an_interrupted_run(binary_tree, tmp_path, monkeypatch):
     exp = _tiny(binary_tree, tmp_path, **{"model.backbone": "resnet18", "model.freeze": "all"})
-    original = train.EpochTimer.on_epoch_end
+    original = runstate.RunState.on_epoch_end
 
     def crash_after_first_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
         if epoch == 0:
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(train.EpochTimer, "on_epoch_end", crash_after_first_epoch)
+    monkeypatch.setattr(runstate.RunState, "on_epoch_end", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.fit(exp, log=lambda s: None)
     (run,) = tmp_path.glob("*-resnet18-all-ce")
-    assert any((run / "backup").iterdir()) and not (run / "metrics.json").exists()
-    monkeypatch.setattr(train.EpochTimer, "on_epoch_end", original)
-    assert train.fit(exp, run_dir=run, log=lambda s: None) == run
-    assert len((run / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
-    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    state = json.loads((run / "backup" / "state.json").read_text())
+    assert state["epochs_done"] == 1 and (run / "backup" / state["weights"]).is_file()
+    assert not (run / "metrics.json").exists()
+    monkeypatch.setattr(runstate.RunState, "on_epoch_end", original)
+    lines = []
+    assert train.fit(exp, run_dir=run, log=lines.append) == run
+    assert any("resuming after epoch 1" in line for line in lines)
+    history = (run / "history.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in history] == ["epoch", "0", "1"]
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["epochs"] == 2 and summary["train_seconds"] > 0
     with pytest.raises(train.TrainingError, match="has finished"):
         train.fit(exp, run_dir=run, log=lambda s: None)

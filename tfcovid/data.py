@@ -1,10 +1,11 @@
 """Datasets: scan ImageFolder trees into manifests, and turn manifests into tf.data pipelines.
 
 ``scan`` reads ``DATA_DIR/{train,validation,test}/<class>/<image>`` (split names are matched
-case-insensitively, ``val``/``valid`` mean validation), checks it, and returns a
+case-insensitively, ``val``/``valid`` mean validation), checks its structure, and returns a
 :class:`Manifest` with one :class:`Split` per folder: file paths and label vectors. A split
 folder holding images directly (no class folders) is *unlabeled*, as the study's Part 2 test
-set is. ``dataset`` decodes, augments or resizes, batches and prefetches.
+set is. Files that cannot be used are collected, never guessed at (``tfcovid.filecheck``
+checks their content before training). ``dataset`` decodes, augments or resizes, batches and prefetches.
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfcovid import augment
+from tfcovid import augment, filecheck
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = filecheck.IMAGE_EXTENSIONS
 SPLIT_ALIASES = {
     "train": ("train", "training"),
     "validation": ("validation", "val", "valid"),
     "test": ("test", "testing"),
 }
-# File signatures, so a non-image with an image extension is caught at scan time with its
-# name, rather than mid-epoch as a decode error deep inside TensorFlow.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a")
 
 
 class DataError(ValueError):
@@ -63,6 +61,8 @@ class Manifest:
     splits: Mapping[str, Split]
     label_map: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     problems: tuple[str, ...] = ()  # things ignored on the way, reported to the user
+    # Files that cannot be used, left out of the splits (scan(strict=False); see filecheck).
+    bad: tuple[filecheck.BadFile, ...] = ()
 
     def counts(self) -> dict:
         """Images per split and class folder."""
@@ -88,40 +88,45 @@ def find_splits(root: Path) -> dict[str, Path]:
     return found
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+class _Found:
+    """What scanning a tree turns up besides images: unusable files and ignored system files."""
+
+    def __init__(self) -> None:
+        self.bad: list[filecheck.BadFile] = []
+        self.ignored = 0
+
+    def note(self) -> list[str]:
+        if not self.ignored:
+            return []
+        return [f"ignored {self.ignored} system or hidden file(s) and folder(s) "
+                "(.DS_Store, Thumbs.db, desktop.ini, names starting with '.')"]
 
 
-def _check_header(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError:
-        return False
-    return any(head.startswith(m) for m in _MAGIC)
-
-
-def _list_images(folder: Path, problems: list[str]) -> list[str]:
-    images, bad = [], []
+def _list_images(folder: Path, split: str, found: _Found) -> list[str]:
+    """Image files under ``folder`` (recursively, sorted); the others go to ``found``."""
+    images = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.ignored += sum(filecheck.is_system_file(d) for d in dirnames)
+        dirnames[:] = sorted(d for d in dirnames if not filecheck.is_system_file(d))
         for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith("."):
-                continue
-            if not _is_image_file(path):
-                problems.append(f"ignored {path} (not a {'/'.join(IMAGE_EXTENSIONS)} file)")
-            elif not _check_header(path):
-                bad.append(str(path))
+            path = os.path.join(dirpath, name)
+            if filecheck.is_system_file(name):
+                found.ignored += 1
+            elif (reason := filecheck.inspect(path)) is not None:
+                found.bad.append(filecheck.BadFile(path, reason, split))
             else:
-                images.append(str(path))
-    if bad:
-        shown = "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
-        raise DataError(
-            f"{len(bad)} file(s) in {folder} have an image extension but are not readable "
-            f"JPEG/PNG/BMP/GIF images:\n  {shown}\nRemove or replace them."
-        )
+                images.append(path)
     return images
+
+
+def _outside_classes(folder: Path, split: str, found: _Found) -> None:
+    """Files lying directly in a split folder that has class folders: their class is unknown."""
+    for path in sorted(p for p in folder.iterdir() if not p.is_dir()):
+        if filecheck.is_system_file(path.name):
+            found.ignored += 1
+            continue
+        reason = filecheck.inspect(path)
+        found.bad.append(filecheck.BadFile(str(path), reason or filecheck.OUTSIDE_CLASS, split))
 
 
 def label_vectors(
@@ -155,8 +160,13 @@ def scan(
     labels: Sequence[str] = (),
     label_map: Mapping[str, Sequence[str]] | None = None,
     required: Sequence[str] = ("train", "validation"),
+    strict: bool = True,
 ) -> Manifest:
-    """Read an ImageFolder tree and check it.
+    """Read an ImageFolder tree and check its structure.
+
+    Files that cannot be used (not an image, empty, unreadable, or outside any class folder)
+    are left out of the splits and collected in ``Manifest.bad``; system files (``.DS_Store``,
+    ``Thumbs.db``, hidden files) are ignored and counted in ``Manifest.problems``.
 
     Args:
         root: folder holding the split folders.
@@ -164,10 +174,12 @@ def scan(
         labels: multilabel output names, in order.
         label_map: multilabel folder -> labels mapping.
         required: splits that must exist (and be labeled).
+        strict: raise one DataError listing every unusable file. False returns them in
+            ``Manifest.bad`` for ``filecheck.verify`` (which can leave them out).
 
     Raises:
         DataError: a split is missing, a folder has no images, class folders differ between
-            splits, a file is not an image, or a class folder has no label mapping.
+            splits, a class folder has no label mapping, or (strict) files cannot be used.
     """
     from tfcovid import records  # imports this module
 
@@ -184,14 +196,18 @@ def scan(
             f"{root} has no {' or '.join(missing)} split folder (found: {have}). Expected "
             f"train/, validation/ (or val/) and optionally test/, each with one folder per class."
         )
-    problems: list[str] = []
+    found = _Found()
     splits: dict[str, Split] = {}
+    labeled: list[str] = []
     class_names: tuple[str, ...] | None = None
     for name, folder in folders.items():
-        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        subdirs = [p for p in folder.iterdir() if p.is_dir()]
+        class_dirs = sorted(p for p in subdirs if not filecheck.is_system_file(p.name))
+        found.ignored += len(subdirs) - len(class_dirs)
         if not class_dirs:  # images directly in the split folder: an unlabeled split
-            paths = _list_images(folder, problems)
-            if not paths:
+            before = len(found.bad)
+            paths = _list_images(folder, name, found)
+            if not paths and len(found.bad) == before:
                 raise DataError(f"{folder} holds no images and no class folders.")
             if name in required:
                 raise DataError(
@@ -208,14 +224,17 @@ def scan(
                 f"Class folders differ between splits: {folder} has {list(names)} but another "
                 f"split has {list(class_names)}. Every split needs the same class folders."
             )
+        _outside_classes(folder, name, found)
         paths, owners = [], []
         for class_dir in class_dirs:
-            found = _list_images(class_dir, problems)
-            if not found:
+            before = len(found.bad)
+            images = _list_images(class_dir, name, found)
+            if not images and len(found.bad) == before:  # unusable files are reported instead
                 raise DataError(f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            paths += found
-            owners += [class_dir.name] * len(found)
+            paths += images
+            owners += [class_dir.name] * len(images)
         splits[name] = Split(name, str(folder), tuple(paths), None, tuple(owners))
+        labeled.append(name)
     if class_names is None:
         raise DataError(f"No split under {root} has class folders.")
 
@@ -231,11 +250,14 @@ def scan(
         output_names = tuple(labels)
     else:
         raise DataError(f"Unknown task {task!r}. Valid tasks: binary, multilabel.")
-    for name, split in list(splits.items()):
-        if split.folders and split.folders[0] != "":
-            vectors = label_vectors(split.folders, task, class_names, output_names, label_map)
-            splits[name] = Split(name, split.dir, split.paths, vectors, split.folders)
-    return Manifest(str(root), task, class_names, output_names, splits, label_map, tuple(problems))
+    for name in labeled:
+        split = splits[name]
+        vectors = label_vectors(split.folders, task, class_names, output_names, label_map)
+        splits[name] = Split(name, split.dir, split.paths, vectors, split.folders)
+    if strict and found.bad:
+        raise filecheck.problems_error(found.bad, root, "Fix or remove these files.")
+    return Manifest(str(root), task, class_names, output_names, splits, label_map,
+                    tuple(found.note()), tuple(found.bad))
 
 
 # --------------------------------------------------------------------------- tf.data pipeline
@@ -287,6 +309,8 @@ def dataset(
     drop_remainder: bool = False,
     cache=None,
     decode_scale: float = 2.0,
+    epoch=None,
+    deterministic: bool = False,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -303,6 +327,9 @@ def dataset(
         drop_remainder: drop the last partial batch (needed by some strategies).
         cache: None, "auto" | "memory" | "disk" | "none", or a shared ``cache.Cache``.
         decode_scale: train images are decoded to a shorter side >= decode_scale * S; 0: full.
+        epoch: training: a tf.Variable holding the coming epoch; shuffle and augmentation are
+            keyed on (seed, epoch, image) (see tfcovid.pipeline).
+        deterministic: fixed element order in training too.
     """
     if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
         from tfcovid import records
@@ -311,4 +338,4 @@ def dataset(
     from tfcovid import pipeline  # imports this module
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
-                            cache, decode_scale)
+                            cache, decode_scale, epoch, deterministic)

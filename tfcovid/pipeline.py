@@ -22,8 +22,10 @@ Eval: decode, antialiased resize to S x S (exactly ``data.load_image``), cached 
 uint8 pixels (1 channel for grayscale), so later validation passes cost a table lookup.
 
 The same dataset object is iterated every epoch (Keras does), so the cache it captured fills
-on the first pass and serves the rest; the shuffle is over indices, a full reshuffle of the
-split every epoch.
+on the first pass and serves the rest. The shuffle is a stateless permutation of indices
+(``index_shuffle``), a full reshuffle of the split every epoch; it and each image's
+augmentation seed are keyed on (seed, epoch, image index), so an interrupted and resumed run
+sees exactly the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def dataset(
     drop_remainder: bool = False,
     cache=None,
     decode_scale: float = 2.0,
+    epoch: tf.Variable | None = None,
+    deterministic: bool = False,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -126,6 +130,11 @@ def dataset(
             shared by several splits (one memory budget). Caching pays from the second pass.
         decode_scale: train images are decoded to a shorter side of at least
             ``decode_scale * image_size`` (powers of 2 below the original); 0: full size.
+        epoch: training only: an int64 variable holding the epoch about to run. Each pass
+            reads it once and keys its shuffle and augmentation on (seed, epoch, image), so
+            epoch k is the same whether or not the run was interrupted before it. None: each
+            pass draws a fresh key from a stream seeded with ``seed`` (standalone use).
+        deterministic: keep the map's output order fixed in training too (a little slower).
     """
     augmenting = training and aug is not None and aug.enabled
     min_side = working_side(image_size, decode_scale) if augmenting else None
@@ -135,16 +144,33 @@ def dataset(
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting)
         store = policy.store_for(split.name, estimated)
     paths = tf.constant(list(split.paths) or [""], tf.string)
+    labels = None if split.labels is None else tf.constant(split.labels)
+    n = len(split)
 
-    indices = tf.data.Dataset.range(len(split))
-    items = indices if split.labels is None else tf.data.Dataset.zip(
-        indices, tf.data.Dataset.from_tensor_slices(split.labels))
     if training:
-        # Indices, not images, are shuffled: a full reshuffle each epoch costs nothing.
-        items = items.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    # A fresh pair of stateless seeds per image and epoch: reproducible, yet parallel-safe.
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip(items, seeds)
+        # Randomness is keyed on (seed, epoch, image), never on hidden generator state, so a
+        # resumed run sees exactly the batches an uninterrupted one would have. The epoch is
+        # read once per pass: from ``epoch`` (set by fit's callback before each epoch) or, for
+        # a standalone dataset, drawn fresh per pass from a seeded stream.
+        if epoch is not None:
+            keys = tf.data.Dataset.range(1).map(
+                lambda _: tf.random.experimental.stateless_fold_in(
+                    tf.constant([seed, 0], tf.int64), tf.cast(epoch.read_value(), tf.int32)))
+        else:
+            keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(
+                2, drop_remainder=True).take(1)
+
+        def one_epoch(key):
+            key = tf.reshape(tf.cast(key, tf.int64), [2])
+            # A full reshuffle of the split: position -> image index, a stateless permutation.
+            shuffled = tf.data.Dataset.range(n).map(
+                lambda i: tf.random.experimental.index_shuffle(i, key, max(n - 1, 0)))
+            return shuffled.map(lambda index: (index, tf.random.experimental.stateless_fold_in(
+                key, tf.cast(index, tf.int32))))
+
+        ds = keys.flat_map(one_epoch)
+    else:
+        ds = tf.data.Dataset.range(n).map(lambda index: (index, tf.zeros([2], tf.int32)))
 
     def decoded(index, make):
         """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
@@ -171,12 +197,14 @@ def dataset(
         return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
                     image_size)
 
-    def load(item, pair):
-        index, label = (item, None) if split.labels is None else item
+    def load(index, pair):
         image = train_image(index, pair) if augmenting else eval_image(index)
-        return image if label is None else (image, label)
+        return image if labels is None else (image, tf.gather(labels, index))
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or not training)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if training:  # flat_map hides the length; Keras's progress bar and step count want it
+        batches = n // batch_size if drop_remainder else -(-n // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     # Prefetching overlaps decoding of the next batches with the training step on this one.
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
+import yaml
 
-from tfcovid import data, demo, losses, metrics, modelinfo, plots, records, report, runtime, weights
+from tfcovid import (data, demo, losses, metrics, modelinfo, plots, records, report, runstate,
+                     runtime, weights)
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
@@ -22,6 +26,14 @@ NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinic
 
 class TrainingError(RuntimeError):
     """Training could not go on (e.g. the loss became NaN); the message says what to try."""
+
+
+class Interrupted(TrainingError):
+    """SIGTERM or Ctrl-C stopped training; the message holds the command that resumes it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def new_run_dir(exp: Experiment) -> Path:
@@ -85,20 +97,6 @@ class NaNGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Training time: the sum of epoch durations (validation included), as the study reports it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
     """Softmax over the binary task's 2 logits, sigmoid per label for the multilabel task."""
     logits = np.asarray(logits, dtype=np.float64)
@@ -149,17 +147,38 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     strategy, strategy_desc = runtime.make_strategy(exp.train.strategy)
     scratch = runtime.scratch_dir(strategy, run_dir)
     run = scratch or (Path(run_dir) if run_dir else new_run_dir(exp))
-    exp.save(run / "config.yaml")
+    runstate.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     keras.utils.set_random_seed(exp.train.seed)
+    with _determinism(exp.train.deterministic):
+        return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
 
+
+class _determinism:
+    """TensorFlow's deterministic ops for the duration of one fit (then as they were)."""
+
+    def __init__(self, on: bool):
+        self.on = on and not tf.config.experimental.is_op_determinism_enabled()
+
+    def __enter__(self):
+        if self.on:
+            tf.config.experimental.enable_op_determinism()
+
+    def __exit__(self, *exc):
+        if self.on:
+            tf.config.experimental.disable_op_determinism()
+        return False
+
+
+def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     # Phase 2: where it runs.
     precision = runtime.resolve_precision(exp.train.precision)
     replicas, workers = strategy.num_replicas_in_sync, runtime.worker_info(strategy)[1]
     if exp.train.batch_size < replicas:
         raise TrainingError(f"--batch-size {exp.train.batch_size} is the global batch; it must be at "
                             f"least the number of replicas ({replicas}).")
-    log(f"[2/6] Device: {runtime.describe_device()}; precision {precision}; strategy {strategy_desc}")
+    log(f"[2/6] Device: {runtime.describe_device()}; precision {precision}; strategy {strategy_desc}"
+        + ("; deterministic ops" if exp.train.deterministic else ""))
 
     # Phase 3: input pipeline.
     manifest = load_manifest(exp, log)
@@ -170,11 +189,17 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         f"images {counts})")
     positive_index = (manifest.class_names.index(exp.data.positive)
                       if exp.data.positive in manifest.class_names else 0)
-    # One memory budget for both splits' decoded-image caches; a disk cache goes in the run.
+    # One memory budget for both splits' decoded-image caches; a disk cache goes in the run
+    # (a killed process's disk cache is stale: it is removed).
+    shutil.rmtree(run / "cache", ignore_errors=True)
     cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"))
+    # The epoch about to run, set before each epoch: the train pipeline keys its shuffle and
+    # augmentation on it, so a resumed run continues with the batches it would have seen.
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
     train_ds = data.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
                             training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
-                            decode_scale=exp.data.decode_scale)
+                            decode_scale=exp.data.decode_scale, epoch=epoch,
+                            deterministic=exp.train.deterministic)
     val_ds = data.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
                           cache=cache)
     log(f"      {cache.describe()}")
@@ -199,29 +224,40 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         log(f"      note: {xla_note}")
 
     # Phase 5: train.
-    (run / "checkpoints").mkdir(exist_ok=True)
-    guard, timer = NaNGuard(), EpochTimer()
+    info = modelinfo.info_for(exp, manifest)
+    state = runstate.RunState(run, embed=lambda path: modelinfo.embed(path, info))
+    with strategy.scope():
+        first = state.restore(model)
+    guard, stop = NaNGuard(), runstate.StopOnSignal()
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run / "backup")),
+        keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e)),
         keras.callbacks.TensorBoard(str(run / "tensorboard"), update_freq="epoch", write_graph=False),
         plots.TensorBoardImages(run / "tensorboard", exp, manifest, val_ds),
-        keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "best.keras"),
-                                        monitor="val_loss", save_best_only=True),
-        keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "last.keras")),
-        # After the checkpoints: writes task and label names into each .keras file.
-        modelinfo.EmbedInfo(run / "checkpoints", modelinfo.info_for(exp, manifest)),
-        keras.callbacks.CSVLogger(str(run / "history.csv"), append=run_dir is not None),
-        guard, timer,
+        guard,
+        state,  # checkpoints, backup, history.csv: atomically, at each epoch's end
+        stop,
     ]
     batch = runtime.per_replica_batches(exp.train.batch_size, replicas)
+    resuming = f", resuming after epoch {first}" if first else ""
     log(f"[5/6] Training {exp.train.epochs} epochs, batch {batch}, "
-        f"{exp.train.optimizer} lr {exp.train.lr:g}, loss {exp.train.loss}")
+        f"{exp.train.optimizer} lr {exp.train.lr:g}, loss {exp.train.loss}{resuming}")
+    if not scratch:
+        log(f"      if interrupted, resume with: tfcovid fit --resume {run}")
     try:
-        model.fit(train_ds, validation_data=val_ds, epochs=exp.train.epochs, callbacks=callbacks,
-                  shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        with stop:
+            model.fit(train_ds, validation_data=val_ds, epochs=exp.train.epochs, initial_epoch=first,
+                      callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     except records.READ_ERRORS as err:
         records.raise_if_damaged(manifest, err)  # names the damaged shard of a prepared dataset
         raise
+    except runstate.Interrupted as err:
+        done = state.state["epochs_done"]
+        raise Interrupted(
+            f"Training {err} during epoch {done + 1} of {exp.train.epochs}. Epochs 1-{done} are "
+            f"saved in {run} (checkpoints/, backup/); the partial epoch is discarded. Resume "
+            f"with:\n  tfcovid fit --resume {run}" if done else
+            f"Training {err} during epoch 1 of {exp.train.epochs}; no epoch was completed. "
+            f"Start again with:\n  tfcovid fit --resume {run}", err.exit_code) from None
     if workers > 1:
         log(f"      weights fingerprint {runtime.weights_fingerprint(model)} (equal on every worker)")
     if guard.bad is not None:
@@ -244,7 +280,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         "outputs": list(manifest.output_names),
         "class_names": list(manifest.class_names),
         "epochs": exp.train.epochs,
-        "train_seconds": round(sum(timer.seconds), 2),
+        "train_seconds": round(sum(state.seconds), 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "images": counts,
         "trainable_params": frozen.trainable_params,
@@ -255,7 +291,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         "workers": workers,
         "splits": results,
     }
-    (run / "metrics.json").write_text(json.dumps(summary, indent=2))
+    runstate.atomic_write_text(run / "metrics.json", json.dumps(summary, indent=2))
     plots.write_run_plots(run, model, exp, manifest, summary, log)
     log(report.format_run(exp.to_dict(), summary))
     if scratch:  # a non-chief worker: its copy of the run is not needed

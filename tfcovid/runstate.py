@@ -1,0 +1,262 @@
+"""What a run keeps on disk so that a kill at any moment loses at most the epoch in progress.
+
+Every file a run rewrites is written whole to a temporary file in the same folder, flushed to
+disk, and then renamed over the old one (``os.replace`` is atomic), so a reader — or a resumed
+run — sees the old file or the new one, never half of one. At the end of each epoch
+:class:`RunState` writes, in this order:
+
+1. ``checkpoints/last.keras``, and ``checkpoints/best.keras`` when the monitored value improved
+   (the model's task and label names are put into the file before it is renamed into place);
+2. ``backup/epoch-NNNN.weights.h5``: weights and optimizer state after epoch NNNN;
+3. ``backup/state.json``, the commit point: epochs completed, the best value so far, every
+   epoch's metrics and duration, and which weights file belongs to them;
+4. ``history.csv``, rebuilt from ``state.json``; older backup weights are removed.
+
+A kill before step 3 leaves the previous epoch committed: ``tfcovid fit --resume`` restores
+it and runs the lost epoch again (rewriting 1 and 2). A kill after it loses nothing.
+``history.csv`` is rebuilt from ``state.json`` on resume, so it holds each epoch exactly once.
+
+SIGTERM and Ctrl-C (:class:`StopOnSignal`) stop training at the next batch boundary without
+committing the partial epoch, and ``fit`` prints the command that resumes the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import keras
+
+STATE_FILE = "state.json"
+PARTIAL_PREFIX = ".partial-"
+
+
+class Interrupted(RuntimeError):
+    """Training was stopped by a signal; the last completed epoch is on disk."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` via ``write(temp_path)`` and rename it into place.
+
+    The temporary file sits in the same folder (a rename across file systems is not atomic)
+    and keeps the file's name as its ending, because Keras checks endings (``.keras``,
+    ``.weights.h5``).
+    """
+    path = Path(path)
+    tmp = path.with_name(PARTIAL_PREFIX + path.name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Replace the text file ``path`` atomically."""
+    return atomic_save(path, lambda tmp: tmp.write_text(text))
+
+
+def remove_partials(folder: Path) -> int:
+    """Delete temporary files a killed process left behind; return how many."""
+    removed = 0
+    for tmp in Path(folder).rglob(PARTIAL_PREFIX + "*"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def load_state(run: str | Path) -> dict | None:
+    """The committed state of a run (None before its first epoch completed)."""
+    path = Path(run) / "backup" / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as err:  # cannot happen through atomic_save; say so if it does
+        raise ValueError(f"{path} is damaged ({err}); the run cannot be resumed.") from None
+    return state
+
+
+def history_csv(rows: list[dict]) -> str:
+    """The rows as Keras's CSVLogger writes them: ``epoch`` then the metric names, sorted."""
+    keys = sorted({k for row in rows for k in row if k != "epoch"})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["epoch", *keys])
+    for row in rows:
+        writer.writerow([row["epoch"], *(row.get(k, "") for k in keys)])
+    return out.getvalue()
+
+
+def _finite(logs: dict, key: str = "loss") -> bool:
+    value = logs.get(key)
+    return value is None or math.isfinite(float(value))
+
+
+class RunState(keras.callbacks.Callback):
+    """Checkpoints, the resume backup and history.csv, written atomically at each epoch's end.
+
+    Args:
+        run: the run directory.
+        embed: called with each new ``.keras`` file before it is renamed into place (writes
+            the model's task and label names into it).
+        monitor: the value whose minimum picks ``best.keras``.
+    """
+
+    def __init__(self, run: str | Path, embed: Callable[[Path], None] | None = None,
+                 monitor: str = "val_loss"):
+        super().__init__()
+        self.run = Path(run)
+        self.backup = self.run / "backup"
+        self.checkpoints = self.run / "checkpoints"
+        self.embed = embed or (lambda path: None)
+        self.monitor = monitor
+        self.state = {"epochs_done": 0, "best": None, "monitor": monitor, "weights": None,
+                      "history": [], "seconds": []}
+
+    # ------------------------------------------------------------------ resume
+    def restore(self, model: keras.Model) -> int:
+        """Load the committed state into ``model``; return the epoch to start from.
+
+        Temporary files of a killed process are removed, and history.csv is rebuilt from the
+        committed epochs (dropping a row written after the last commit, adding one lost
+        before its file was rewritten).
+        """
+        self.backup.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        remove_partials(self.run)
+        state = load_state(self.run)
+        if state is None:
+            return 0
+        weights = self.backup / state["weights"]
+        if not weights.is_file():
+            raise ValueError(f"{weights} named by {self.backup / STATE_FILE} is missing; the run "
+                             "cannot be resumed.")
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(str(weights))
+        self.state = state
+        atomic_write_text(self.run / "history.csv", history_csv(state["history"]))
+        return int(state["epochs_done"])
+
+    @property
+    def seconds(self) -> list[float]:
+        """Each completed epoch's duration (validation included), across resumes."""
+        return list(self.state["seconds"])
+
+    # ------------------------------------------------------------------ callback
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        if not _finite(logs):  # the NaN guard stops the run; keep the last good epoch
+            return
+        seconds = time.perf_counter() - self._start
+        value = logs.get(self.monitor)
+        best = self.state["best"]
+        improved = value is not None and math.isfinite(value) and (best is None or value < best)
+
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._save_model(self.checkpoints / "last.keras")
+        if improved:
+            self._save_model(self.checkpoints / "best.keras")
+        weights_name = f"epoch-{epoch + 1:04d}.weights.h5"
+        self.backup.mkdir(parents=True, exist_ok=True)
+        atomic_save(self.backup / weights_name, lambda tmp: self.model.save_weights(str(tmp)))
+
+        state = dict(self.state)
+        state.update(
+            epochs_done=epoch + 1,
+            best=value if improved else best,
+            weights=weights_name,
+            history=[row for row in state["history"] if row["epoch"] < epoch] + [{"epoch": epoch, **logs}],
+            seconds=state["seconds"][:epoch] + [round(seconds, 3)],
+        )
+        atomic_write_text(self.backup / STATE_FILE, json.dumps(state, indent=1))  # the commit
+        self.state = state
+        atomic_write_text(self.run / "history.csv", history_csv(state["history"]))
+        for old in self.backup.glob("epoch-*.weights.h5"):
+            if old.name != weights_name:
+                old.unlink(missing_ok=True)
+
+    def _save_model(self, path: Path) -> None:
+        def write(tmp: Path) -> None:
+            self.model.save(str(tmp))
+            self.embed(tmp)
+
+        atomic_save(path, write)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Turn SIGTERM / SIGINT (Ctrl-C) into a clean stop at the next batch boundary.
+
+    The handler only records the signal; the callback raises :class:`Interrupted` at the next
+    batch or epoch boundary, outside any file write, so the last committed epoch stays intact.
+    A second signal gets the previous handler (Ctrl-C twice stops at once).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        super().__init__()
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _check(self, *args, **kwargs):
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = on_epoch_end = _check
