@@ -75,12 +75,14 @@ def test_fake_image_is_named(tmp_path):
         data.scan(tmp_path)
 
 
-def test_non_images_are_reported_not_used(tmp_path):
+def test_non_images_are_listed_not_used(tmp_path):
     _tree(tmp_path)
     (tmp_path / "train" / "normal" / "notes.txt").write_text("x")
-    m = data.scan(tmp_path)
+    with pytest.raises(DataError, match=r"train/normal/notes.txt: not an image file"):
+        data.scan(tmp_path)
+    m = data.scan(tmp_path, strict=False)
     assert len(m.splits["train"]) == 4
-    assert any("notes.txt" in p for p in m.problems)
+    assert [b.path for b in m.bad] == [str(tmp_path / "train" / "normal" / "notes.txt")]
 
 
 def test_binary_needs_two_classes(tmp_path):

@@ -1,0 +1,361 @@
+"""Check every file a run will read, before its first step.
+
+A broken file found mid-epoch costs the hours already trained and says little about which file
+it was. So ``fit`` checks everything up front: ``data.scan`` finds the structural problems
+(a file that is not an image, is empty, cannot be read, or lies outside any class folder) and
+:func:`check` reads every remaining file, takes its size from the header *without decoding*
+(so a 40,000 x 40,000 "decompression bomb" is refused before it can use memory) and then
+decodes it with the TensorFlow ops the pipeline uses. :func:`verify` stops the run with one
+list of every problem, or, with ``data.skip_bad``, leaves those files out and lists them in the
+run directory's ``skipped.txt``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Written by file managers, never images: ignored (and counted) instead of reported.
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+SIGNATURES = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "BMP": (b"BM",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+}
+# What a non-image with an image extension often is, so the reason can say it.
+_OTHER_SIGNATURES = (
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "a gzip archive"), (b"<", "HTML or XML text"),
+)
+_HINTS = {".dcm": "DICOM: convert it to PNG", ".dicom": "DICOM: convert it to PNG",
+          ".tif": "convert it to PNG", ".tiff": "convert it to PNG", ".webp": "convert it to PNG"}
+HEAD_BYTES = 132  # enough for every signature above and DICOM's "DICM" at byte 128
+OUTSIDE_CLASS = "outside any class folder: its class is unknown; move it into a class folder"
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file a run cannot use, and why (one line, for the user)."""
+
+    path: str
+    reason: str
+    split: str = ""
+
+
+class _Unusable(Exception):
+    """Raised inside the checks with the one-line reason a file cannot be used."""
+
+
+def is_system_file(name: str) -> bool:
+    """Hidden files and folders (``.DS_Store``, AppleDouble ``._x``), ``Thumbs.db``, ``desktop.ini``."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+def read_bytes(path, limit: int = -1) -> bytes:
+    """Read a file (its first ``limit`` bytes): the one place the checks touch the disk."""
+    with open(path, "rb") as fh:
+        return fh.read(limit)
+
+
+def sniff(head: bytes) -> str | None:
+    """The image format a file's first bytes announce ("JPEG", "PNG", "BMP", "GIF"), or None."""
+    for kind, signatures in SIGNATURES.items():
+        if any(head.startswith(s) for s in signatures):
+            return kind
+    return None
+
+
+def _what_it_is(head: bytes) -> str:
+    if head[128:132] == b"DICM":
+        return "it is a DICOM file; convert it to PNG"
+    for signature, what in _OTHER_SIGNATURES:
+        if head.startswith(signature):
+            return f"it is {what}"
+    if head[:64].isascii() and all(c >= 32 or c in b"\t\r\n" for c in head[:64]):
+        return "it is text"
+    return "its content is not a format tfcovid reads"
+
+
+def _unreadable(path, err: OSError) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"broken link to {os.readlink(path)}: the file it points to does not exist"
+    reason = err.strerror or str(err)
+    if isinstance(err, PermissionError):
+        return f"cannot be read ({reason}); give read permission (chmod a+r) or remove it"
+    return f"cannot be read ({reason})"
+
+
+def _head(path) -> bytes:
+    try:
+        head = read_bytes(path, HEAD_BYTES)
+    except OSError as err:
+        raise _Unusable(_unreadable(path, err)) from None
+    if not head:
+        raise _Unusable("empty file (0 bytes)")
+    return head
+
+
+def inspect(path) -> str | None:
+    """Why a file in a class folder cannot be a training image (None: it may be one).
+
+    Cheap, structural checks only (extension, readable, non-empty, signature), done while
+    scanning; :func:`check_file` does the full check.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        hint = f" ({_HINTS[suffix]})" if suffix in _HINTS else ""
+        return f"not an image file{hint}: tfcovid reads {', '.join(IMAGE_EXTENSIONS)} files"
+    try:
+        head = _head(path)
+    except _Unusable as err:
+        return str(err)
+    if sniff(head) is None:
+        return f"has a {suffix} name but is not a JPEG/PNG/BMP/GIF image ({_what_it_is(head)})"
+    return None
+
+
+def _u32(data: bytes, at: int, fmt: str = "<I") -> int:
+    size = struct.calcsize(fmt)
+    if len(data) < at + size:
+        raise _Unusable("truncated header")
+    return struct.unpack_from(fmt, data, at)[0]
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a BMP, refusing the kinds TensorFlow's decoder would misread.
+
+    ``tf.io.decode_bmp`` ignores the palette and the compression field: a palette BMP would
+    come out as its colour *indices* read as gray levels, an RLE one as noise.
+    """
+    dib = _u32(data, 14)
+    if dib == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes, no compression field
+        width, height, bpp, compression = _u32(data, 18, "<H"), _u32(data, 20, "<H"), _u32(data, 24, "<H"), 0
+    else:
+        width, height = _u32(data, 18, "<i"), abs(_u32(data, 22, "<i"))
+        bpp, compression = _u32(data, 28, "<H"), _u32(data, 30)
+    if bpp not in (8, 24, 32):
+        raise _Unusable(f"{bpp}-bit BMP, which TensorFlow cannot decode; convert it to PNG")
+    standard_masks = compression == 3 and bpp == 32 and data[54:66] == struct.pack(
+        "<III", 0x00FF0000, 0x0000FF00, 0x000000FF)
+    if compression != 0 and not standard_masks:
+        raise _Unusable(f"compressed BMP (compression type {compression}), which TensorFlow "
+                        "would misread; convert it to PNG")
+    if bpp == 8:
+        colours = (dib != 12 and _u32(data, 46)) or 256
+        entry = 3 if dib == 12 else 4
+        table = data[14 + dib:14 + dib + entry * colours]
+        if len(table) < entry * colours or any(
+                table[i * entry:i * entry + 3] != bytes((i, i, i)) for i in range(colours)):
+            raise _Unusable("8-bit colour-palette BMP: TensorFlow would read its palette "
+                            "indices as gray levels; convert it to PNG")
+    return width, height
+
+
+def image_size(data: bytes, kind: str) -> tuple[int, int]:
+    """(width, height) from the header, without decoding the pixels.
+
+    Raises:
+        _Unusable: a damaged header, or a BMP variant TensorFlow would decode wrongly.
+    """
+    if kind == "JPEG":
+        try:
+            height, width = tf.io.extract_jpeg_shape(data).numpy()[:2]
+        except tf.errors.OpError as err:
+            raise _Unusable(f"damaged JPEG header ({_tf_reason(err)})") from None
+        return int(width), int(height)
+    if kind == "PNG":
+        if data[12:16] != b"IHDR":
+            raise _Unusable("damaged PNG header (no IHDR chunk first)")
+        return _u32(data, 16, ">I"), _u32(data, 20, ">I")
+    if kind == "GIF":
+        return _u32(data, 6, "<H"), _u32(data, 8, "<H")
+    return _bmp_size(data)
+
+
+def _tf_reason(err: tf.errors.OpError) -> str:
+    """TensorFlow's message, first line, without the ``{{function_node ...}}`` and ``[Op:...]`` parts."""
+    message = (err.message or type(err).__name__).splitlines()[0]
+    if message.startswith("{{"):
+        message = message.split("}}", 1)[-1].strip()
+    return message.split(" [Op:", 1)[0].strip()
+
+
+def _decode(data: bytes, kind: str) -> None:
+    if kind == "JPEG":
+        # ratio=8 still entropy-decodes every block (so truncation and corrupt data fail),
+        # but skips most of the inverse DCT: a full check at a fraction of a decode's cost.
+        tf.io.decode_jpeg(data, channels=0, ratio=8)
+    else:  # the op data.decode_image uses
+        tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+
+
+def check_file(path, max_pixels: int) -> str | None:
+    """Why ``path`` cannot be used (one line), or None when it decodes as the pipeline will."""
+    try:
+        data = read_bytes(path)
+    except OSError as err:
+        return _unreadable(path, err)
+    if not data:
+        return "empty file (0 bytes)"
+    kind = sniff(data[:HEAD_BYTES])
+    if kind is None:
+        return f"not a JPEG/PNG/BMP/GIF image ({_what_it_is(data[:HEAD_BYTES])})"
+    try:
+        width, height = image_size(data, kind)
+    except _Unusable as err:
+        return str(err)
+    if width <= 0 or height <= 0:
+        return f"{kind} header says {width}×{height} pixels: damaged file"
+    if width * height > max_pixels:
+        return (f"{width}×{height} = {width * height:,} pixels is over data.max_pixels "
+                f"({max_pixels:,}); downscale it or raise data.max_pixels")
+    try:
+        _decode(data, kind)
+    except tf.errors.OpError as err:
+        return f"cannot be decoded as {kind}, truncated or corrupt ({_tf_reason(err)})"
+    return None
+
+
+def _files(manifest) -> list[tuple[str, str]]:
+    """(path, split) of every file the manifest's splits will read from disk."""
+    out = []
+    for name, split in manifest.splits.items():
+        if getattr(split, "shards", None):  # a prepared dataset: checked when it was written
+            continue
+        out += [(path, name) for path in split.paths]
+    return out
+
+
+def check(manifest, max_pixels: int, log=print, threads: int | None = None) -> list[BadFile]:
+    """Every problem with the manifest's files: ``manifest.bad`` plus a full check of each file.
+
+    Args:
+        manifest: a ``data.Manifest`` (from ``data.scan(..., strict=False)``).
+        max_pixels: larger images are refused from their header, before any decode.
+        log: gets one summary line (and a progress line every ~10 s on large datasets).
+        threads: parallel checks; None: one per CPU core (TensorFlow's decode ops release
+            the GIL, so threads scale).
+
+    Returns:
+        The problems, sorted by path.
+    """
+    files = _files(manifest)
+    threads = threads or min(16, os.cpu_count() or 1)
+    start = last = time.perf_counter()
+    found = list(getattr(manifest, "bad", ()))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = pool.map(lambda item: check_file(item[0], max_pixels), files)
+        for n, ((path, split), reason) in enumerate(zip(files, reasons), 1):
+            if reason is not None:
+                found.append(BadFile(path, reason, split))
+            if time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                log(f"Checking files: {n:,}/{len(files):,}")
+    seconds = time.perf_counter() - start
+    log(f"Checked {len(files):,} files in {seconds:.1f} s: "
+        + (f"{len(found):,} unusable" if found else "all usable"))
+    return sorted(found, key=lambda b: b.path)
+
+
+def describe(bad, root=None) -> str:
+    """One line per problem, "path: reason" (paths relative to ``root`` when under it)."""
+    def shown(path):
+        prefix = str(root).rstrip(os.sep) + os.sep if root is not None else None
+        return path[len(prefix):] if prefix and path.startswith(prefix) else path
+    return "\n".join(f"  {shown(b.path)}: {b.reason}" for b in bad)
+
+
+def problems_error(bad, root, advice: str):
+    """The ``data.DataError`` listing every problem, then what to do."""
+    from tfcovid.data import DataError  # imports this module
+
+    noun = "file" if len(bad) == 1 else "files"
+    return DataError(f"{len(bad):,} {noun} under {root} cannot be used:\n{describe(bad, root)}\n{advice}")
+
+
+def write_skipped(run_dir, bad) -> Path:
+    """Write ``run_dir/skipped.txt`` ("path<TAB>reason" lines) atomically; return its path."""
+    target = Path(run_dir) / "skipped.txt"
+    lines = ["# files left out of this run (data.skip_bad): path<TAB>reason"]
+    lines += [f"{b.path}\t{b.reason}" for b in bad]
+    fd, tmp = tempfile.mkstemp(prefix=".skipped-", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)  # a kill leaves the old file or the new one, never half of one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def leave_out(manifest, bad, required=("train", "validation")):
+    """The manifest without the ``bad`` files: paths, labels and folders filtered together.
+
+    A split outside ``required`` that loses every file is dropped.
+
+    Raises:
+        DataError: a class folder of a required split would be left with no images.
+    """
+    from tfcovid.data import DataError  # imports this module
+
+    drop = {b.path for b in bad}
+    splits, emptied = {}, []
+    for name, split in manifest.splits.items():
+        keep = [i for i, p in enumerate(split.paths) if p not in drop]
+        folders = tuple(split.folders[i] for i in keep) if split.folders else ()
+        labels = None if split.labels is None else split.labels[keep]
+        kept = replace(split, paths=tuple(split.paths[i] for i in keep), labels=labels, folders=folders)
+        if name in required and split.labeled:
+            emptied += [os.path.join(split.dir, c) for c in manifest.class_names if c not in folders]
+        if keep or name in required:
+            splits[name] = kept
+    if emptied:
+        inside = [b for b in bad if any(b.path.startswith(d + os.sep) for d in emptied)]
+        raise DataError(
+            f"Leaving out the unusable files leaves no images in {', '.join(emptied)}:\n"
+            f"{describe(inside, manifest.root)}\nFix or replace these files."
+        )
+    return replace(manifest, splits=splits, bad=())
+
+
+def verify(manifest, data_config, run_dir, log=print):
+    """Check every file of ``manifest``; stop with the full list, or leave them out (skip_bad).
+
+    Args:
+        manifest: from ``data.scan(..., strict=False)``.
+        data_config: a ``config.DataConfig`` (``skip_bad``, ``max_pixels``).
+        run_dir: where ``skipped.txt`` goes when files are left out.
+        log: progress and summary lines.
+
+    Returns:
+        The manifest, unchanged when every file is usable, else without the unusable files.
+
+    Raises:
+        DataError: unusable files and not ``skip_bad`` (the message lists every one), or
+            leaving them out would empty a class folder of the train or validation split.
+    """
+    bad = check(manifest, data_config.max_pixels, log)
+    if not bad:
+        return manifest
+    if not data_config.skip_bad:
+        raise problems_error(bad, manifest.root, "Fix or remove these files, or pass --skip-bad "
+                             "(data.skip_bad: true) to leave them out of the run.")
+    kept = leave_out(manifest, bad)
+    try:
+        where = write_skipped(run_dir, bad)
+    except OSError as err:
+        raise problems_error(bad, manifest.root, f"Could not write the list to {run_dir}: {err}.") from None
+    log(f"Left out {len(bad):,} unusable file{'s' if len(bad) != 1 else ''} (listed in {where})")
+    return kept
