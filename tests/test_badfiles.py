@@ -189,7 +189,8 @@ def test_check_result_does_not_depend_on_threads(tmp_path):
     lines = []
     one = filecheck.check(m, 10**6, log=lines.append, threads=1)
     assert filecheck.check(m, 10**6, log=_quiet, threads=4) == one and len(one) == 1
-    assert len(lines) == 1 and lines[0].startswith("Checked 13 files in ") and lines[0].endswith(": 1 unusable")
+    assert len(lines) == 1
+    assert lines[0].startswith("Checked 13 files in ") and lines[0].endswith(": 1 unusable")
 
 
 def test_very_large_image_is_checked_from_its_header(tmp_path, monkeypatch):
@@ -208,7 +209,8 @@ def test_very_large_image_is_checked_from_its_header(tmp_path, monkeypatch):
     bomb = bytearray(small.getvalue())
     bomb[16:24] = (40000).to_bytes(4, "big") * 2
     (tmp_path / "bomb.png").write_bytes(bytes(bomb))
-    assert filecheck.check_file(tmp_path / "bomb.png", 150_000_000).startswith("40000×40000 = 1,600,000,000 pixels")
+    reason = filecheck.check_file(tmp_path / "bomb.png", 150_000_000)
+    assert reason.startswith("40000×40000 = 1,600,000,000 pixels is over data.max_pixels")
     assert decoded == []
 
 
@@ -229,7 +231,8 @@ def _formats(tmp_path):
     cases = {
         "png_named.jpg": (Image.fromarray(gray), "PNG", gray, 0),
         "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), "JPEG", None, 4),
-        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full((16, 16), 9, np.uint8)]), "RGBA"), "PNG", rgb, 0),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full((16, 16), 9, np.uint8)]), "RGBA"),
+                     "PNG", rgb, 0),
         "palette.png": (palette, "PNG", np.asarray(palette.convert("RGB")), 0),
         "palette.gif": (palette, "GIF", np.asarray(palette.convert("RGB")), 0),
         "gray_alpha.png": (Image.fromarray(np.dstack([gray, 255 - gray]), "LA"), "PNG", gray, 0),
@@ -280,7 +283,8 @@ def test_palette_bmp_is_refused_not_read_as_gray(tmp_path):
         "8-bit colour-palette BMP: TensorFlow would read its palette indices as gray levels; "
         "convert it to PNG")
     one_bit = _save(tmp_path / "mono.bmp", Image.new("1", (8, 8), 1), "BMP")
-    assert filecheck.check_file(one_bit, 10**6) == "1-bit BMP, which TensorFlow cannot decode; convert it to PNG"
+    assert filecheck.check_file(one_bit, 10**6) == (
+        "1-bit BMP, which TensorFlow cannot decode; convert it to PNG")
 
 
 # ------------------------------------------------------------------ verify: stop, or leave out
@@ -361,8 +365,9 @@ def test_skip_bad_that_empties_a_class_folder_names_it(tmp_path):
     m = data.scan(root, strict=False)
     with pytest.raises(DataError) as raised:
         filecheck.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
-    assert str(raised.value).startswith(f"Leaving out the unusable files leaves no images in {root / 'val' / 'b'}:\n"
-                                        "  val/b/0.png: empty file (0 bytes)")
+    assert str(raised.value) == (
+        f"Leaving out the unusable files leaves no images in {root / 'val' / 'b'}:\n"
+        "  val/b/0.png: empty file (0 bytes)\nFix or replace these files.")
 
 
 def test_skip_bad_drops_an_optional_split_it_empties(tmp_path):

@@ -112,7 +112,7 @@ def _list_images(folder: Path, split: str, found: _Found) -> list[str]:
             path = os.path.join(dirpath, name)
             if filecheck.is_system_file(name):
                 found.ignored += 1
-            elif (reason := filecheck.inspect(path)) is not None:
+            elif (reason := filecheck.quick_check(path)) is not None:
                 found.bad.append(filecheck.BadFile(path, reason, split))
             else:
                 images.append(path)
@@ -125,7 +125,7 @@ def _outside_classes(folder: Path, split: str, found: _Found) -> None:
         if filecheck.is_system_file(path.name):
             found.ignored += 1
             continue
-        reason = filecheck.inspect(path)
+        reason = filecheck.quick_check(path)
         found.bad.append(filecheck.BadFile(str(path), reason or filecheck.OUTSIDE_CLASS, split))
 
 

@@ -51,8 +51,8 @@ class BadFile:
     split: str = ""
 
 
-class _Unusable(Exception):
-    """Raised inside the checks with the one-line reason a file cannot be used."""
+class Unusable(ValueError):
+    """A file cannot be used; the message is the one-line reason."""
 
 
 def is_system_file(name: str) -> bool:
@@ -98,13 +98,13 @@ def _head(path) -> bytes:
     try:
         head = read_bytes(path, HEAD_BYTES)
     except OSError as err:
-        raise _Unusable(_unreadable(path, err)) from None
+        raise Unusable(_unreadable(path, err)) from None
     if not head:
-        raise _Unusable("empty file (0 bytes)")
+        raise Unusable("empty file (0 bytes)")
     return head
 
 
-def inspect(path) -> str | None:
+def quick_check(path) -> str | None:
     """Why a file in a class folder cannot be a training image (None: it may be one).
 
     Cheap, structural checks only (extension, readable, non-empty, signature), done while
@@ -116,17 +116,18 @@ def inspect(path) -> str | None:
         return f"not an image file{hint}: tfcovid reads {', '.join(IMAGE_EXTENSIONS)} files"
     try:
         head = _head(path)
-    except _Unusable as err:
+    except Unusable as err:
         return str(err)
     if sniff(head) is None:
         return f"has a {suffix} name but is not a JPEG/PNG/BMP/GIF image ({_what_it_is(head)})"
     return None
 
 
-def _u32(data: bytes, at: int, fmt: str = "<I") -> int:
+def _field(data: bytes, at: int, fmt: str = "<I") -> int:
+    """The integer at byte ``at`` (struct format ``fmt``) of a header that may be cut short."""
     size = struct.calcsize(fmt)
     if len(data) < at + size:
-        raise _Unusable("truncated header")
+        raise Unusable("truncated header")
     return struct.unpack_from(fmt, data, at)[0]
 
 
@@ -136,26 +137,27 @@ def _bmp_size(data: bytes) -> tuple[int, int]:
     ``tf.io.decode_bmp`` ignores the palette and the compression field: a palette BMP would
     come out as its colour *indices* read as gray levels, an RLE one as noise.
     """
-    dib = _u32(data, 14)
+    dib = _field(data, 14)
     if dib == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes, no compression field
-        width, height, bpp, compression = _u32(data, 18, "<H"), _u32(data, 20, "<H"), _u32(data, 24, "<H"), 0
+        width, height = _field(data, 18, "<H"), _field(data, 20, "<H")
+        bpp, compression = _field(data, 24, "<H"), 0
     else:
-        width, height = _u32(data, 18, "<i"), abs(_u32(data, 22, "<i"))
-        bpp, compression = _u32(data, 28, "<H"), _u32(data, 30)
+        width, height = _field(data, 18, "<i"), abs(_field(data, 22, "<i"))
+        bpp, compression = _field(data, 28, "<H"), _field(data, 30)
     if bpp not in (8, 24, 32):
-        raise _Unusable(f"{bpp}-bit BMP, which TensorFlow cannot decode; convert it to PNG")
+        raise Unusable(f"{bpp}-bit BMP, which TensorFlow cannot decode; convert it to PNG")
     standard_masks = compression == 3 and bpp == 32 and data[54:66] == struct.pack(
         "<III", 0x00FF0000, 0x0000FF00, 0x000000FF)
     if compression != 0 and not standard_masks:
-        raise _Unusable(f"compressed BMP (compression type {compression}), which TensorFlow "
+        raise Unusable(f"compressed BMP (compression type {compression}), which TensorFlow "
                         "would misread; convert it to PNG")
     if bpp == 8:
-        colours = (dib != 12 and _u32(data, 46)) or 256
+        colours = (dib != 12 and _field(data, 46)) or 256
         entry = 3 if dib == 12 else 4
         table = data[14 + dib:14 + dib + entry * colours]
         if len(table) < entry * colours or any(
                 table[i * entry:i * entry + 3] != bytes((i, i, i)) for i in range(colours)):
-            raise _Unusable("8-bit colour-palette BMP: TensorFlow would read its palette "
+            raise Unusable("8-bit colour-palette BMP: TensorFlow would read its palette "
                             "indices as gray levels; convert it to PNG")
     return width, height
 
@@ -164,20 +166,20 @@ def image_size(data: bytes, kind: str) -> tuple[int, int]:
     """(width, height) from the header, without decoding the pixels.
 
     Raises:
-        _Unusable: a damaged header, or a BMP variant TensorFlow would decode wrongly.
+        Unusable: a damaged header, or a BMP variant TensorFlow would decode wrongly.
     """
     if kind == "JPEG":
         try:
             height, width = tf.io.extract_jpeg_shape(data).numpy()[:2]
         except tf.errors.OpError as err:
-            raise _Unusable(f"damaged JPEG header ({_tf_reason(err)})") from None
+            raise Unusable(f"damaged JPEG header ({_tf_reason(err)})") from None
         return int(width), int(height)
     if kind == "PNG":
         if data[12:16] != b"IHDR":
-            raise _Unusable("damaged PNG header (no IHDR chunk first)")
-        return _u32(data, 16, ">I"), _u32(data, 20, ">I")
+            raise Unusable("damaged PNG header (no IHDR chunk first)")
+        return _field(data, 16, ">I"), _field(data, 20, ">I")
     if kind == "GIF":
-        return _u32(data, 6, "<H"), _u32(data, 8, "<H")
+        return _field(data, 6, "<H"), _field(data, 8, "<H")
     return _bmp_size(data)
 
 
@@ -211,7 +213,7 @@ def check_file(path, max_pixels: int) -> str | None:
         return f"not a JPEG/PNG/BMP/GIF image ({_what_it_is(data[:HEAD_BYTES])})"
     try:
         width, height = image_size(data, kind)
-    except _Unusable as err:
+    except Unusable as err:
         return str(err)
     if width <= 0 or height <= 0:
         return f"{kind} header says {width}×{height} pixels: damaged file"
