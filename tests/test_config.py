@@ -1,7 +1,9 @@
 """Config: YAML + flags -> validated dataclasses, saved and reloaded unchanged."""
 
 import glob
+import math
 
+import numpy as np
 import pytest
 import yaml
 
@@ -80,7 +82,7 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
     ({"augment.crop_scale": [0.5]}, "'augment.crop_scale'"),
     ({"train.loss": "focal"}, "binary task trains 2 logits"),
     ({"data.task": "multilabel", "train.loss": "ce"}, "use --loss bce or --loss focal"),
-    ({"data.image_size": 8}, "at least 16"),
+    ({"data.image_size": 8}, "'data.image_size': 8. vgg16 needs at least 32 px"),
     ({"data.task": "multilabel", "data.label_map": {"tb": ["tuberculosis"]}},
      "not in data.labels"),
 ])
@@ -110,3 +112,97 @@ def test_missing_and_invalid_files(tmp_path):
 def test_demo_preset_line_says_what_differs():
     line = config.describe_demo_preset(config.resolve(None, {"model.freeze": "first7"}))
     assert line.startswith("Demo preset (not the study's recipe): vgg16 at 48 px, --weights none, adam lr 5e-05")
+
+
+# --- Values that used to pass and break later (issue 8, section 4) ---
+
+@pytest.mark.parametrize("flags, key, message", [
+    ({"train.lr": "fast"}, "train.lr", "Expected a number"),  # a string where a number goes
+    ({"train.lr": True}, "train.lr", "Expected a number"),  # YAML true is not 1.0
+    ({"train.lr": [0.1]}, "train.lr", "Expected a number"),
+    ({"train.epochs": [3]}, "train.epochs", "Expected an integer"),
+    ({"train.epochs": "inf"}, "train.epochs", "Expected an integer"),
+    ({"augment.flip": [True]}, "augment.flip", "Expected true or false"),  # a list where a bool goes
+    ({"augment.enabled": "yes please"}, "augment.enabled", "Expected true or false"),
+    ({"data.positive": ["infected"]}, "data.positive", "Expected a string"),
+    ({"train.seed": -1}, "train.seed", "Use 0 <= seed < 2\\*\\*31"),
+    ({"train.seed": 2**31}, "train.seed", "Use 0 <= seed"),
+    ({"augment.crop_ratio": [1.5, 0.5]}, "augment.crop_ratio", "0 < low <= high"),
+    ({"augment.crop_ratio": [0, 1.0]}, "augment.crop_ratio", "0 < low <= high"),
+    ({"augment.crop_ratio": [0.75, math.inf]}, "augment.crop_ratio", "finite"),
+    ({"augment.crop_scale": [math.nan, 1.0]}, "augment.crop_scale", "finite"),
+    ({"data.max_pixels": 0}, "data.max_pixels", "at least 1"),
+    ({"name": "a/b"}, "name", "no '/'"),
+    ({"name": "a\\b"}, "name", "no '/'"),
+    ({"name": ".hidden"}, "name", "leading '.'"),
+    ({"name": "x" * 200}, "name", "at most 128 bytes"),
+    ({"data.positive": ""}, "data.positive", "binary task needs the disease class"),
+    ({"data.positive": "  "}, "data.positive", "binary task needs the disease class"),
+    ({"train.lr": math.inf}, "train.lr", "finite number"),
+    ({"train.lr": math.nan}, "train.lr", "finite number"),
+    ({"train.momentum": math.nan}, "train.momentum", "finite number"),
+    ({"data.decode_scale": math.inf}, "data.decode_scale", "finite number"),
+    ({"data.task": "multilabel", "data.labels": []}, "data.labels", "non-empty list"),
+    ({"data.task": "multilabel", "data.labels": ["a", "a"]}, "data.labels", "unique"),
+    ({"data.task": "multilabel", "data.labels": ["a", ""]}, "data.labels", "non-empty names"),
+    ({"out": ""}, "out", "a folder for the run directories"),
+    ({"model.weights": " "}, "model.weights", "imagenet, none or a weights file"),
+])
+def test_values_that_would_break_later_name_the_key(flags, key, message):
+    with pytest.raises(ConfigError, match=rf"Bad value for '{key}'.*{message}"):
+        config.resolve(None, flags)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  lr: .nan\n", "train.lr"),
+    ("train:\n  lr: .inf\n", "train.lr"),
+    ("train:\n  threshold: -.inf\n", "train.threshold"),
+    ("augment:\n  rotation: .NaN\n", "augment.rotation"),
+    ("train:\n  focal_gamma: .inf\n", "train.focal_gamma"),
+])
+def test_yaml_nan_and_inf_are_refused(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"Bad value for '{key}'.*finite number"):
+        config.resolve(path, {})
+
+
+def test_numbers_yaml_reads_as_strings_still_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  seed: 2147483647\n  jit_compile: false\n")
+    exp = config.resolve(path, {})  # PyYAML reads 1e-3 (no dot) as a string, false as a bool
+    assert (exp.train.lr, exp.train.seed, exp.train.jit_compile) == (0.001, 2**31 - 1, "false")
+
+
+# --- The smallest image each backbone takes ---
+
+def test_min_image_size_table_matches_the_model_registry():
+    from tfcovid.models import BACKBONES
+
+    assert config.MIN_IMAGE_SIZE == {name: spec.min_size for name, spec in BACKBONES.items()}
+    assert set(config.MIN_IMAGE_SIZE) == set(config.BACKBONES)
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "resnet50"])
+def test_min_image_size_builds_and_one_below_is_refused(backbone):
+    from tfcovid import weights
+
+    low = config.MIN_IMAGE_SIZE[backbone]
+    exp = config.resolve(None, {"model.backbone": backbone, "data.image_size": low})
+    model, _, _ = weights.initial_model(backbone, 2, exp.data.image_size, "none")
+    assert model(np.zeros((1, low, low, 3), "float32")).shape == (1, 2)
+    with pytest.raises(ConfigError, match=rf"Bad value for 'data.image_size': {low - 1}\. "
+                                          rf"{backbone} needs at least {low} px\."):
+        config.resolve(None, {"model.backbone": backbone, "data.image_size": low - 1})
+
+
+def test_vgg16_minimum_is_structural():
+    # Without tfcovid's guard, VGG16's fifth max-pool has nothing left to pool at 31 px.
+    import keras
+
+    from tfcovid.models import get_backbone
+
+    features = get_backbone("vgg16").features
+    assert tuple(features(keras.Input((32, 32, 3)), None).shape) == (None, 1, 1, 512)
+    with pytest.raises(ValueError, match="output size would be zero or negative"):
+        features(keras.Input((31, 31, 3)), None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,14 @@ OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 PREPROCESSING = ("auto", "caffe", "torch", "none")
+# The smallest input side each backbone takes, found by building the models at decreasing sizes.
+# VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
+# one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
+# build down to 1 px; below one stride-32 cell their last blocks see mostly padding. 16 (ResNet18)
+# and 32 (ResNet50, keras.applications' documented minimum) are the floors tfcovid.models
+# enforces; a test keeps the two tables equal.
+MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 16, "resnet50": 32}
+MAX_SEED = 2**31 - 1  # TensorFlow and NumPy seeds are 32-bit
 
 # The study's Part 2 label scheme: COVID-19 is a pneumonia, so its folder sets both labels.
 STUDY_LABELS = ("covid-19", "normal", "pneumonia")
@@ -311,35 +320,32 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             raise bad("Expected true or false.")
         return value
     if isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise bad("Expected an integer.")
-        try:
-            number = float(value)
-        except ValueError:
-            raise bad("Expected an integer.") from None
-        if number != int(number):
+        number = _number(value)
+        if number is None or not math.isfinite(number) or number != int(number):
             raise bad("Expected an integer.")
         return int(number)
     if isinstance(default, float):
         if value is None and f.name in NULLABLE:
             return None
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad("Expected a number.") from None
+        number = _number(value)
+        if number is None:
+            raise bad("Expected a number" + (" or null." if f.name in NULLABLE else "."))
+        if not math.isfinite(number):
+            raise bad("Expected a finite number (not NaN or infinity).")
+        return number
     if isinstance(default, tuple) and default and isinstance(default[0], float):
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise bad("Expected two numbers, e.g. [0.08, 1.0].")
-        try:
-            lo, hi = float(value[0]), float(value[1])
-        except (TypeError, ValueError):
-            raise bad("Expected two numbers, e.g. [0.08, 1.0].") from None
-        if not 0 < lo <= hi:
-            raise bad("Expected 0 < low <= high.")
+        lo, hi = _number(value[0]), _number(value[1])
+        if lo is None or hi is None:
+            raise bad("Expected two numbers, e.g. [0.08, 1.0].")
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise bad("Expected finite numbers with 0 < low <= high.")
         return (lo, hi)
     if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-            raise bad("Expected a non-empty list of names.")
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise bad("Expected a non-empty list of non-empty names, e.g. [covid-19, normal, pneumonia].")
         if len(set(value)) != len(value):
             raise bad("Names must be unique.")
         return tuple(value)
@@ -355,10 +361,25 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             out[str(folder)] = tuple(labels)
         return out
     if isinstance(default, str):
+        if isinstance(value, bool) and f.name == "jit_compile":  # YAML reads `true` as a bool
+            return str(value).lower()
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise bad("Expected a string.")
         return str(value)
     return value
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float, or None when it is not a number (bools, lists, None, 'ten').
+
+    Numeric strings are accepted because PyYAML reads ``1e-3`` (no dot) as a string.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -408,13 +429,19 @@ def validate(exp: Experiment) -> None:
             f"Bad value for 'model.freeze': {m.freeze!r}. Valid values: all, none, firstN "
             "(N >= 1 Conv2D layers in forward order, e.g. first7)."
         )
+    _check_names(exp)
+    if d.image_size < MIN_IMAGE_SIZE[m.backbone]:
+        raise ConfigError(f"Bad value for 'data.image_size': {d.image_size}. {m.backbone} needs at "
+                          f"least {MIN_IMAGE_SIZE[m.backbone]} px.")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"Bad value for 'train.seed': {t.seed}. Use 0 <= seed < 2**31 ({MAX_SEED + 1}).")
     for key, value, low in (
-        ("data.image_size", d.image_size, 16),
         ("train.epochs", t.epochs, 1),
         ("train.batch_size", t.batch_size, 1),
         ("train.steps_per_execution", t.steps_per_execution, 1),
         ("model.head_units", m.head_units, 1),
         ("data.demo_per_class", d.demo_per_class, 1),
+        ("data.max_pixels", d.max_pixels, 1),
     ):
         if value < low:
             raise ConfigError(f"Bad value for '{key}': {value}. It must be at least {low}.")
@@ -437,6 +464,9 @@ def validate(exp: Experiment) -> None:
             f"Bad value for 'train.loss': {t.loss!r} with data.task 'binary'. The binary task "
             "trains 2 logits with cross-entropy: use --loss ce (or --task multilabel for bce/focal)."
         )
+    if d.task == "binary" and not d.positive.strip():
+        raise ConfigError(f"Bad value for 'data.positive': {d.positive!r}. The binary task needs the "
+                          "disease class's folder name, e.g. infected.")
     if d.task == "multilabel":
         if t.loss == "ce":
             raise ConfigError(
@@ -450,3 +480,20 @@ def validate(exp: Experiment) -> None:
                     f"Bad value for 'data.label_map': folder '{folder}' maps to {unknown}, which "
                     f"are not in data.labels ({', '.join(d.labels)}). Add them to data.labels."
                 )
+
+
+def _check_names(exp: Experiment) -> None:
+    """Names that become paths: the run folder's suffix, the output folder, data and weights."""
+    name = exp.name
+    if "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"Bad value for 'name': {name!r}. It becomes part of the run folder's name: "
+                          "use letters, digits, '-' or '_' (no '/', '\\', control characters or "
+                          "leading '.').")
+    if len(name.encode()) > 128:
+        raise ConfigError(f"Bad value for 'name': {name[:40]!r}... ({len(name.encode())} bytes). "
+                          "Use at most 128 bytes; folder names are limited to 255.")
+    for key, value, what in (("out", exp.out, "a folder for the run directories, e.g. runs"),
+                             ("data.dir", exp.data.dir, "an ImageFolder tree, a prepared folder or demo"),
+                             ("model.weights", exp.model.weights, "imagenet, none or a weights file")):
+        if not value.strip():
+            raise ConfigError(f"Bad value for '{key}': {value!r}. Expected {what}.")

@@ -48,7 +48,8 @@ def read_config(path: str | Path, error: type[Exception] = WeightsError) -> dict
         with zipfile.ZipFile(path) as zf:
             config = json.loads(zf.read("config.json"))
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path} is not a readable .keras model: {err}") from None
+        raise error(f"Could not load the Keras model {path}: it is not a readable .keras "
+                    f"archive ({err}).") from None
     found = [node for node in _nodes(config) if node.get("class_name") in CODE_CLASSES]
     lambdas = sorted({str(node.get("config", {}).get("name", "?")) for node in found
                       if node["class_name"] == "Lambda"})
