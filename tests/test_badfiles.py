@@ -387,14 +387,38 @@ def test_verify_returns_a_clean_manifest_unchanged(tmp_path):
 # ------------------------------------------------------- commands that stay strict: fail up front
 
 
-def test_prepare_and_evaluate_fail_before_any_work_with_the_full_list(tmp_path):
+def test_prepare_fails_before_writing_with_the_full_list(tmp_path):
     root = _tree(tmp_path / "data")
     (root / "train" / "a" / "e.png").write_bytes(b"")
     (root / "val" / "b" / "t.jpg").write_text("text")
+    _truncated_jpeg(root / "val" / "a" / "cut.jpg")  # found only by decoding
     out = tmp_path / "records"
-    with pytest.raises(DataError, match=r"(?s)2 files under .*train/a/e.png: empty.*val/b/t.jpg: has a"):
+    with pytest.raises(DataError) as raised:
         records.prepare(root, out, log=_quiet)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"3 files under {root} cannot be used:"
+    assert lines[1] == "  train/a/e.png: empty file (0 bytes)"
+    assert lines[2].startswith("  val/a/cut.jpg: cannot be decoded as JPEG, truncated or corrupt")
+    assert lines[3].startswith("  val/b/t.jpg: has a .jpg name") and lines[4] == "Fix or remove these files."
     assert not out.exists()
+
+
+def test_evaluate_checks_its_split_first(tmp_path):
+    root = _tree(tmp_path / "data")
+    (root / "train" / "a" / "e.png").write_bytes(b"")  # not the evaluated split: no matter
+    _truncated_jpeg(root / "val" / "a" / "cut.jpg")
+    (root / "val" / "b" / "t.jpg").write_text("text")
     trained = SimpleNamespace(task="binary", outputs=("a", "b"))
-    with pytest.raises(DataError, match=r"(?s)2 files under .*train/a/e.png.*val/b/t.jpg"):
-        evaluate.scan_split(root, "validation", trained)
+    with pytest.raises(DataError) as raised:
+        evaluate.scan_split(root, "validation", trained, log=_quiet)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"2 files under {root} cannot be used:"
+    assert lines[1].startswith("  val/a/cut.jpg: cannot be decoded as JPEG")
+    assert lines[2].startswith("  val/b/t.jpg: has a .jpg name") and len(lines) == 4
+    # A run trained with data.skip_bad is evaluated without them, labels still aligned.
+    run = SimpleNamespace(data=config.DataConfig(skip_bad=True))
+    logged = []
+    _, chosen = evaluate.scan_split(root, "validation", trained, run, log=logged.append)
+    assert len(chosen) == 6 and chosen.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert [Path(p).parent.name for p in chosen.paths] == ["a"] * 3 + ["b"] * 3
+    assert logged[-1].startswith("Left out 2 unusable file(s), as the run did (data.skip_bad):\n  val/a/cut.jpg")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfcovid import config, demo, metrics, modelinfo, plots
+from tfcovid import config, demo, filecheck, metrics, modelinfo, plots
 from tfcovid import data as tfdata  # `data` is evaluate()'s argument, as in the CLI
 
 SPLITS = ("train", "validation", "test")
@@ -72,12 +72,19 @@ def _data_root(data_dir, exp, trained) -> Path:
     return Path(data_dir).expanduser()
 
 
-def scan_split(root: Path, split: str, trained, exp=None) -> tuple[tfdata.Manifest, tfdata.Split]:
-    """Scan ``root`` for one labeled split whose classes match what the model predicts."""
+def scan_split(root: Path, split: str, trained, exp=None,
+               log=print) -> tuple[tfdata.Manifest, tfdata.Split]:
+    """Scan ``root`` for one labeled split whose classes match what the model predicts.
+
+    Every file of the split is checked first, as ``fit`` checks them (``tfcovid.filecheck``):
+    unusable ones stop the evaluation with their full list, or are left out when the run
+    was trained with ``data.skip_bad``. Problems in other splits do not matter here.
+    """
     if split not in SPLITS:
         raise EvaluateError(f"Unknown split {split!r}. Valid splits: {', '.join(SPLITS)}.")
     label_map = exp.data.label_map if exp is not None else config.STUDY_LABEL_MAP
-    manifest = tfdata.scan(root, trained.task, trained.outputs, label_map, required=(split,))
+    manifest = tfdata.scan(root, trained.task, trained.outputs, label_map, required=(split,),
+                           strict=False)
     chosen = manifest.splits[split]
     if not chosen.labeled:
         raise EvaluateError(
@@ -89,7 +96,21 @@ def scan_split(root: Path, split: str, trained, exp=None) -> tuple[tfdata.Manife
             f"{root} has class folders {list(manifest.class_names)} but the model predicts "
             f"{list(trained.outputs)}. Evaluate it on data with the same class folders."
         )
-    return manifest, chosen
+    return manifest, _usable(filecheck.only_split(manifest, split), exp, log)
+
+
+def _usable(manifest: tfdata.Manifest, exp, log) -> tfdata.Split:
+    """The manifest's one split, without unusable files if the run's data.skip_bad says so."""
+    settings = exp.data if exp is not None else config.DataConfig()
+    (name,) = manifest.splits
+    if not settings.skip_bad:
+        filecheck.require_usable(manifest, settings.max_pixels, log)
+        return manifest.splits[name]
+    bad = filecheck.check(manifest, settings.max_pixels, log)
+    if bad:
+        log(f"Left out {len(bad)} unusable file(s), as the run did (data.skip_bad):\n"
+            + filecheck.describe(bad, manifest.root))
+    return filecheck.leave_out(manifest, bad, required=(name,)).splits[name]
 
 
 def default_out_dir(trained) -> Path:
@@ -144,7 +165,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     trained = modelinfo.load(run_or_model, checkpoint, task, labels)
     exp = _run_config(trained.run_dir)
     root = _data_root(data, exp, trained)
-    manifest, chosen = scan_split(root, split, trained, exp)
+    manifest, chosen = scan_split(root, split, trained, exp, log)
     log(f"Evaluating {trained.path} on {chosen.dir} ({len(chosen)} images, {trained.task})")
     probs = predict_split(trained, chosen, batch_size)
     if trained.task == "binary":

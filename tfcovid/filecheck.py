@@ -284,6 +284,19 @@ def problems_error(bad, root, advice: str):
     return DataError(f"{len(bad):,} {noun} under {root} cannot be used:\n{describe(bad, root)}\n{advice}")
 
 
+def only_split(manifest, name: str):
+    """The manifest reduced to one split (and that split's ``bad`` files), for checking it alone."""
+    return replace(manifest, splits={name: manifest.splits[name]},
+                   bad=tuple(b for b in getattr(manifest, "bad", ()) if b.split == name))
+
+
+def require_usable(manifest, max_pixels: int, log=print) -> None:
+    """Raise one DataError listing every unusable file (for commands without ``--skip-bad``)."""
+    bad = check(manifest, max_pixels, log)
+    if bad:
+        raise problems_error(bad, manifest.root, "Fix or remove these files.")
+
+
 def write_skipped(run_dir, bad) -> Path:
     """Write ``run_dir/skipped.txt`` ("path<TAB>reason" lines) atomically; return its path."""
     target = Path(run_dir) / "skipped.txt"

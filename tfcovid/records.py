@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfcovid import augment, data
+from tfcovid import augment, data, filecheck
+from tfcovid.config import DataConfig
 from tfcovid.data import DataError
 
 MANIFEST = "tfcovid-records.json"
@@ -162,7 +163,8 @@ def _write_split(out: str, split: data.Split, paths, root: Path, class_names, fo
 
 
 def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: str = "png",
-            quality: int = 95, seed: int = 0, log=print) -> dict:
+            quality: int = 95, seed: int = 0, log=print,
+            max_pixels: int = DataConfig.max_pixels) -> dict:
     """Write an ImageFolder tree as sharded TFRecords plus a manifest; return the manifest.
 
     Args:
@@ -175,9 +177,10 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
         quality: JPEG quality.
         seed: seed of the image-to-shard assignment.
         log: where progress lines go.
+        max_pixels: larger images are refused (checked from their headers, before decoding).
 
     Raises:
-        DataError: bad arguments, a bad tree, or an image that cannot be decoded.
+        DataError: bad arguments, a bad tree, or images that cannot be used (all listed).
         FileExistsError: out_dir exists and is not empty (nothing is ever overwritten).
     """
     if shards < 1:
@@ -198,7 +201,11 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
                         "tree (train/, validation/, optionally test/, one folder per class).")
     class_names = _class_folders(root)
     # Scanning as "one label per folder" checks the tree exactly as fit would, task-free.
-    scanned = data.scan(root, "multilabel", class_names or ("-",), {c: (c,) for c in class_names})
+    scanned = data.scan(root, "multilabel", class_names or ("-",), {c: (c,) for c in class_names},
+                        strict=False)
+    # Every file checked (and decoded once) before anything is written: one list of all the
+    # unusable ones, found by the scan or by decoding.
+    filecheck.require_usable(scanned, max_pixels, log)
     tf.io.gfile.makedirs(out)
     rng = np.random.default_rng(seed)
     manifest = {
