@@ -422,3 +422,23 @@ def test_evaluate_checks_its_split_first(tmp_path):
     assert len(chosen) == 6 and chosen.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert [Path(p).parent.name for p in chosen.paths] == ["a"] * 3 + ["b"] * 3
     assert logged[-1].startswith("Left out 2 unusable file(s), as the run did (data.skip_bad):\n  val/a/cut.jpg")
+
+
+def test_every_unusual_format_goes_through_both_pipelines(tmp_path):
+    """What verify lets through never fails mid-epoch: one train and one eval pass over them all."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            _formats(root / split / c)
+    _truncated_jpeg(root / "train" / "a" / "zz.jpg")
+    m = filecheck.verify(data.scan(root, strict=False), config.DataConfig(skip_bad=True),
+                         tmp_path, log=_quiet)
+    assert {k: len(v) for k, v in m.splits.items()} == {"train": 18, "validation": 18}
+    aug = config.AugmentConfig()
+    for training in (True, False):
+        images, labels = [], []
+        for x, y in data.dataset(m.splits["train"], 24, 8, training=training, aug=aug, decode_scale=0.5):
+            images.append(x.numpy())
+            labels.append(y.numpy())
+        assert np.concatenate(images).shape == (18, 24, 24, 3)
+        assert sorted(np.concatenate(labels).tolist()) == [0] * 9 + [1] * 9
