@@ -214,12 +214,25 @@ def test_very_large_image_is_checked_from_its_header(tmp_path, monkeypatch):
     assert decoded == []
 
 
-def test_header_sizes_of_every_format(tmp_path):
+def test_header_sizes_of_every_format():
     image = _gray((7, 13))  # height 7, width 13
-    for fmt in ("JPEG", "PNG", "GIF", "BMP"):
+    exif = Image.Exif()
+    exif[0x010F] = "scanner"
+    variants = [("JPEG", image, {}), ("PNG", image, {}), ("GIF", image, {}), ("BMP", image, {}),
+                ("JPEG", image, {"progressive": True}), ("JPEG", image, {"exif": exif.tobytes()}),
+                ("JPEG", image.convert("CMYK"), {}), ("BMP", image.convert("RGBA"), {})]
+    for fmt, picture, options in variants:
         buffer = io.BytesIO()
-        image.save(buffer, fmt)
-        assert filecheck.image_size(buffer.getvalue(), fmt) == (13, 7), fmt
+        picture.save(buffer, fmt, **options)
+        assert filecheck.image_size(buffer.getvalue(), fmt) == (13, 7), (fmt, options)
+        if fmt == "JPEG":  # the same answer as TensorFlow's own header reader
+            assert tf.io.extract_jpeg_shape(buffer.getvalue()).numpy()[:2].tolist() == [7, 13]
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG")
+    frame = jpeg.getvalue().index(b"\xff\xc0")
+    for cut in (3, 20, frame + 6):  # before and inside the frame header
+        with pytest.raises(filecheck.Unusable, match="damaged JPEG header|truncated header"):
+            filecheck.image_size(jpeg.getvalue()[:cut], "JPEG")
 
 
 def _formats(tmp_path):
