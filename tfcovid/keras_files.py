@@ -38,6 +38,12 @@ def _nodes(node):
             yield from _nodes(value)
 
 
+def _config_of(node: dict) -> dict:
+    # A hostile or damaged file may put anything here; never let it raise AttributeError.
+    config = node.get("config")
+    return config if isinstance(config, dict) else {}
+
+
 def read_config(path: str | Path, error: type[Exception] = WeightsError) -> dict:
     """The parsed ``config.json`` of a .keras file, refused when it carries Python code.
 
@@ -51,7 +57,7 @@ def read_config(path: str | Path, error: type[Exception] = WeightsError) -> dict
         raise error(f"Could not load the Keras model {path}: it is not a readable .keras "
                     f"archive ({err}).") from None
     found = [node for node in _nodes(config) if node.get("class_name") in CODE_CLASSES]
-    lambdas = sorted({str(node.get("config", {}).get("name", "?")) for node in found
+    lambdas = sorted({str(_config_of(node).get("name", "?")) for node in found
                       if node["class_name"] == "Lambda"})
     if found:
         what = f"Lambda layer {', '.join(lambdas)}" if lambdas else "a marshalled Python lambda"
@@ -83,7 +89,7 @@ def load_model(path: str | Path, error: type[Exception] = WeightsError) -> keras
 
 def preprocessing_of(path: Path) -> str | None:
     """The Preprocess layer's mode recorded in a .keras file's config, if any."""
-    modes = [node.get("config", {}).get("mode") for node in _nodes(read_config(path))
+    modes = [_config_of(node).get("mode") for node in _nodes(read_config(path))
              if node.get("class_name") == "Preprocess"]
     return modes[0] if modes else None
 
