@@ -105,6 +105,9 @@ def fit(config_file, resume, assignments, **flags):
         if not resume and config_file is None and exp.data.dir == "demo":
             click.echo(config.describe_demo_preset(exp))
         run = train.fit(exp, run_dir=resume, log=lambda s: click.echo(s))
+    except train.Interrupted as err:  # SIGTERM / Ctrl-C: a clean stop, not a failure to report
+        click.echo(str(err), err=True)
+        sys.exit(err.exit_code)
     except _user_errors() as err:
         _fail(err)
     click.echo(f"Done: {run}" if run else "Done (this worker's files were temporary; the chief wrote the run).")

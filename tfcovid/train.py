@@ -155,18 +155,26 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
 
 
 class _determinism:
-    """TensorFlow's deterministic ops for the duration of one fit (then as they were)."""
+    """TensorFlow's deterministic ops for the duration of one fit.
+
+    Op determinism is process-wide; it is turned off again afterwards where TensorFlow allows
+    (its switch-off is not public API), so fits in the same process do not inherit it.
+    """
 
     def __init__(self, on: bool):
-        self.on = on and not tf.config.experimental.is_op_determinism_enabled()
+        from tensorflow.python.framework import config as tf_config
+
+        self._is_on = getattr(tf_config, "is_op_determinism_enabled", lambda: False)
+        self._disable = getattr(tf_config, "disable_op_determinism", None)
+        self.on = on and not self._is_on()
 
     def __enter__(self):
         if self.on:
             tf.config.experimental.enable_op_determinism()
 
     def __exit__(self, *exc):
-        if self.on:
-            tf.config.experimental.disable_op_determinism()
+        if self.on and self._disable is not None:
+            self._disable()
         return False
 
 
