@@ -2,8 +2,10 @@
 
 import errno
 import os
+import re
 import shutil
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 
@@ -66,17 +68,40 @@ def test_a_real_os_failure_is_caught(tmp_path):
         preflight.check_output_dir(tmp_path / ("x" * 300) / "runs")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through mode bits; the monkeypatched "
-                                              "test above covers the message")
-def test_read_only_folder_by_permissions(tmp_path):
-    locked = tmp_path / "locked"
+_AS_NOBODY = """
+import os, sys
+from tfcovid import preflight
+os.setgid(65534); os.setuid(65534)  # root writes through mode bits; nobody does not
+try:
+    preflight.check_output_dir(sys.argv[1])
+except preflight.PreflightError as err:
+    print(err)
+"""
+
+
+def test_read_only_folder_by_permissions():
+    """A real permission failure: directly, or as user nobody when the tests run as root."""
+    import subprocess
+    import sys
+    import tempfile
+
+    parent = Path(tempfile.mkdtemp(prefix="tfcovid-perm-", dir="/tmp"))
+    locked = parent / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
+    parent.chmod(0o755)
+    locked.chmod(0o555)
+    expected = rf"cannot write in {locked}: Permission denied"
     try:
-        with pytest.raises(PreflightError, match=rf"cannot write in {locked}: Permission denied"):
-            preflight.check_output_dir(locked / "runs")
+        if os.geteuid() != 0:
+            with pytest.raises(PreflightError, match=expected):
+                preflight.check_output_dir(locked / "runs")
+        else:
+            done = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(locked / "runs")],
+                                  capture_output=True, text=True, timeout=60)
+            assert re.search(expected, done.stdout), done.stdout + done.stderr
     finally:
         locked.chmod(0o700)
+        shutil.rmtree(parent)
 
 
 # --- checkpoint size ---

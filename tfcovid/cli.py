@@ -25,10 +25,12 @@ def _fail(err: Exception) -> None:
 def _user_errors():
     from tfcovid.config import ConfigError
     from tfcovid.data import DataError
+    from tfcovid.preflight import PreflightError
     from tfcovid.train import TrainingError
     from tfcovid.weights import WeightsError
 
-    return (ConfigError, DataError, TrainingError, WeightsError, FileExistsError, FileNotFoundError)
+    return (ConfigError, DataError, PreflightError, TrainingError, WeightsError, FileExistsError,
+            FileNotFoundError)
 
 
 @click.group(help=f"Fine-tune ImageNet backbones to classify chest X-rays. {NOT_CLINICAL}")

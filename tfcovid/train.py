@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from tfcovid import (data, demo, losses, metrics, modelinfo, plots, records, report, runstate,
-                     runtime, weights)
+from tfcovid import (data, demo, filecheck, losses, metrics, modelinfo, plots, preflight, records,
+                     report, runstate, runtime, weights)
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
@@ -60,7 +60,8 @@ def load_manifest(exp: Experiment, log=print) -> data.Manifest:
     root = d.dir
     if root == "demo":
         root = demo.ensure_demo_data(d.task, per_class=d.demo_per_class, log=log)
-    return data.scan(root, d.task, d.labels, d.label_map)
+    # Unusable files come back in manifest.bad; fit() checks every file (filecheck.verify).
+    return data.scan(root, d.task, d.labels, d.label_map, strict=False)
 
 
 def compile_model(model: keras.Model, exp: Experiment, positive_index: int) -> None:
@@ -146,12 +147,20 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     # workers write the same files to a scratch folder that is removed at the end.
     strategy, strategy_desc = runtime.make_strategy(exp.train.strategy)
     scratch = runtime.scratch_dir(strategy, run_dir)
+    if not scratch:
+        preflight.check_output_dir(run_dir or exp.out)
     run = scratch or (Path(run_dir) if run_dir else new_run_dir(exp))
     runstate.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     keras.utils.set_random_seed(exp.train.seed)
-    with _determinism(exp.train.deterministic):
-        return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
+    try:
+        with _determinism(exp.train.deterministic):
+            return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
+    except (data.DataError, preflight.PreflightError):
+        # Found before training started (phase 5 makes backup/): leave no half-made run behind.
+        if not run_dir and not scratch and not (run / "backup").exists():
+            shutil.rmtree(run, ignore_errors=True)
+        raise
 
 
 class _determinism:
@@ -189,12 +198,13 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         + ("; deterministic ops" if exp.train.deterministic else ""))
 
     # Phase 3: input pipeline.
-    manifest = load_manifest(exp, log)
+    manifest = filecheck.verify(load_manifest(exp, log), exp.data, run, lambda line: log(f"      {line}"))
     for problem in manifest.problems + tuple(records.check_workers(manifest, workers)):
         log(f"      note: {problem}")
     counts = {name: len(split) for name, split in manifest.splits.items()}
     log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
         f"images {counts})")
+    preflight.check_batch_size(counts, exp.train.batch_size)
     positive_index = (manifest.class_names.index(exp.data.positive)
                       if exp.data.positive in manifest.class_names else 0)
     # One memory budget for both splits' decoded-image caches; a disk cache goes in the run
@@ -223,6 +233,8 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         synced = runtime.synchronize_batchnorm(model) if replicas > 1 else 0
         runtime.keras_multiworker_fixes(model, strategy)
         xla_note = runtime.fit_xla_to_strategy(model, strategy)
+    preflight.check_free_disk(run, preflight.checkpoint_bytes(
+        frozen.total_params, frozen.trainable_params, exp.train.optimizer, exp.train.momentum))
     log(f"[4/6] Model: {m.backbone}, {origin}; preprocessing '{mode}'")
     log(f"      {frozen.describe()}")
     log(f"      {runtime.describe_compute(model)}")
