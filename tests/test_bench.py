@@ -123,7 +123,7 @@ def test_cli_bench_bad_input_is_a_clear_error(tmp_path):
     scale = runner.invoke(main, ["bench", "pipeline", "--decode-scale", "0.5"])
     assert scale.exit_code == 1 and "--decode-scale" in scale.output
     small = runner.invoke(main, ["bench", "model", "--backbone", "vgg16", "--image-size", "16"])
-    assert small.exit_code == 1 and "too small" in small.output
+    assert small.exit_code == 1 and "vgg16 needs at least 32 px" in small.output
     freeze = runner.invoke(main, ["bench", "model", "--freeze", "some"])
     assert freeze.exit_code == 1 and "model.freeze" in freeze.output
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tfcovid import config, runstate, train
+from tfcovid import config, train
 
 
 def _tiny(tree, out, **extra):
@@ -75,32 +75,3 @@ def test_probabilities():
     p = train.probabilities(np.array([[0.0, 0.0], [2.0, 0.0]]), "binary")
     np.testing.assert_allclose(p, [[0.5, 0.5], [np.e ** 2 / (np.e ** 2 + 1), 1 / (np.e ** 2 + 1)]])
     np.testing.assert_allclose(train.probabilities(np.array([[0.0, 100.0]]), "multilabel"), [[0.5, 1.0]])
-
-
-@pytest.mark.slow
-def test_resume_continues_an_interrupted_run(binary_tree, tmp_path, monkeypatch):
-    exp = _tiny(binary_tree, tmp_path, **{"model.backbone": "resnet18", "model.freeze": "all"})
-    original = runstate.RunState.on_epoch_end
-
-    def crash_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(runstate.RunState, "on_epoch_end", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(exp, log=lambda s: None)
-    (run,) = tmp_path.glob("*-resnet18-all-ce")
-    state = json.loads((run / "backup" / "state.json").read_text())
-    assert state["epochs_done"] == 1 and (run / "backup" / state["weights"]).is_file()
-    assert not (run / "metrics.json").exists()
-    monkeypatch.setattr(runstate.RunState, "on_epoch_end", original)
-    lines = []
-    assert train.fit(exp, run_dir=run, log=lines.append) == run
-    assert any("resuming after epoch 1" in line for line in lines)
-    history = (run / "history.csv").read_text().strip().splitlines()
-    assert [row.split(",")[0] for row in history] == ["epoch", "0", "1"]
-    summary = json.loads((run / "metrics.json").read_text())
-    assert summary["epochs"] == 2 and summary["train_seconds"] > 0
-    with pytest.raises(train.TrainingError, match="has finished"):
-        train.fit(exp, run_dir=run, log=lambda s: None)

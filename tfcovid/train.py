@@ -161,6 +161,8 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         if not run_dir and not scratch and not (run / "backup").exists():
             shutil.rmtree(run, ignore_errors=True)
         raise
+    finally:  # a disk cache of decoded images is only worth keeping while the run trains
+        shutil.rmtree(run / "cache", ignore_errors=True)
 
 
 class _determinism:
