@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tfcovid import config, demo, runstate, train
+from tfcovid import atomic, config, demo, runstate, train
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +87,14 @@ def _history_epochs(run: Path) -> list[str]:
 
 def test_atomic_save_keeps_the_old_file_when_the_writer_dies(tmp_path):
     path = tmp_path / "metrics.json"
-    runstate.atomic_write_text(path, '{"ok": 1}')
+    atomic.atomic_write_text(path, '{"ok": 1}')
 
     def dies_halfway(tmp):
         tmp.write_text('{"half')
         raise KeyboardInterrupt("killed while writing")
 
     with pytest.raises(KeyboardInterrupt):
-        runstate.atomic_save(path, dies_halfway)
+        atomic.atomic_save(path, dies_halfway)
     assert json.loads(path.read_text()) == {"ok": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temp file left
 
@@ -191,7 +191,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tree,
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
     (ref_run,) = (tmp_path / "ref").iterdir()
     assert _max_diff(_weights(run), _weights(ref_run)) < 1e-6
-    assert not list(run.rglob(runstate.PARTIAL_PREFIX + "*"))
+    assert not list(run.rglob(atomic.PARTIAL_PREFIX + "*"))
     seconds = json.loads((run / "backup" / "state.json").read_text())["seconds"]
     assert len(seconds) == 3 and json.loads((run / "metrics.json").read_text())["train_seconds"] == \
         pytest.approx(sum(seconds), abs=0.01)  # time of both sessions
@@ -238,4 +238,4 @@ def test_sigterm_stops_cleanly_and_prints_the_resume_command(tree, tmp_path, sig
     assert state["epochs_done"] >= 1 and (run / "backup" / state["weights"]).is_file()
     assert _history_epochs(run) == [str(e) for e in range(state["epochs_done"])]
     assert (run / "checkpoints" / "last.keras").is_file() and not (run / "metrics.json").exists()
-    assert not list(run.rglob(runstate.PARTIAL_PREFIX + "*"))
+    assert not list(run.rglob(atomic.PARTIAL_PREFIX + "*"))

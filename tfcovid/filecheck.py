@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tensorflow as tf
+
+from tfcovid.atomic import atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Written by file managers, never images: ignored (and counted) instead of reported.
@@ -326,17 +327,7 @@ def write_skipped(run_dir, bad) -> Path:
     target = Path(run_dir) / "skipped.txt"
     lines = ["# files left out of this run (data.skip_bad): path<TAB>reason"]
     lines += [f"{b.path}\t{b.reason}" for b in bad]
-    fd, tmp = tempfile.mkstemp(prefix=".skipped-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)  # a kill leaves the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_text(target, "\n".join(lines) + "\n")
 
 
 def leave_out(manifest, bad, required=("train", "validation")):

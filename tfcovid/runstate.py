@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -35,8 +34,9 @@ from typing import Callable
 
 import keras
 
+from tfcovid.atomic import atomic_save, atomic_write_text, remove_partials
+
 STATE_FILE = "state.json"
-PARTIAL_PREFIX = ".partial-"
 
 
 class Interrupted(RuntimeError):
@@ -50,54 +50,6 @@ class Interrupted(RuntimeError):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` via ``write(temp_path)`` and rename it into place.
-
-    The temporary file sits in the same folder (a rename across file systems is not atomic)
-    and keeps the file's name as its ending, because Keras checks endings (``.keras``,
-    ``.weights.h5``).
-    """
-    path = Path(path)
-    tmp = path.with_name(PARTIAL_PREFIX + path.name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Replace the text file ``path`` atomically."""
-    return atomic_save(path, lambda tmp: tmp.write_text(text))
-
-
-def remove_partials(folder: Path) -> int:
-    """Delete temporary files a killed process left behind; return how many."""
-    removed = 0
-    for tmp in Path(folder).rglob(PARTIAL_PREFIX + "*"):
-        tmp.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 def load_state(run: str | Path) -> dict | None:

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from tfcovid import (data, demo, filecheck, losses, metrics, modelinfo, plots, preflight, records,
+from tfcovid import (atomic, data, demo, filecheck, losses, metrics, modelinfo, plots, preflight, records,
                      report, runstate, runtime, weights)
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
@@ -150,7 +150,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     if not scratch:
         preflight.check_output_dir(run_dir or exp.out)
     run = scratch or (Path(run_dir) if run_dir else new_run_dir(exp))
-    runstate.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    atomic.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     keras.utils.set_random_seed(exp.train.seed)
     try:
@@ -313,7 +313,7 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         "workers": workers,
         "splits": results,
     }
-    runstate.atomic_write_text(run / "metrics.json", json.dumps(summary, indent=2))
+    atomic.atomic_write_text(run / "metrics.json", json.dumps(summary, indent=2))
     plots.write_run_plots(run, model, exp, manifest, summary, log)
     log(report.format_run(exp.to_dict(), summary))
     if scratch:  # a non-chief worker: its copy of the run is not needed
