@@ -326,3 +326,31 @@ def describe_compute(model: keras.Model) -> str:
     return (f"compute {policy.compute_dtype}, variables {policy.variable_dtype}, logits {logits}"
             f"{', dynamic loss scaling' if scaled else ''}; XLA {'on' if model.jit_compile else 'off'}; "
             f"steps_per_execution {model.steps_per_execution}")
+
+
+class forget_traced_gradients:
+    """Drop the gradient functions TensorFlow registered while tracing one fit, afterwards.
+
+    Keras's optimizer all-reduces gradients through ``ReplicaContext.all_reduce`` even with
+    one replica, and in graph mode that registers a ``tf.custom_gradient`` in TensorFlow's
+    process-wide gradient registry, which is never emptied. The entry holds the traced train
+    step, and with it a handle to every model and optimizer variable: without this, each
+    ``fit`` in a long-lived process (a notebook, a sweep) kept its model's weights and
+    optimizer state alive (~170 MB per VGG16 fit, measured by tests/test_soak.py). The
+    registry is private TensorFlow API; if it moves, this does nothing.
+    """
+
+    def __enter__(self):
+        from tensorflow.python.framework import ops as tf_ops
+
+        registry = getattr(getattr(tf_ops, "_gradient_registry", None), "_registry", None)
+        self._registry = registry if isinstance(registry, dict) else None
+        self._before = set(self._registry) if self._registry is not None else set()
+        return self
+
+    def __exit__(self, *exc):
+        if self._registry is not None:
+            for key in [k for k in self._registry if k not in self._before]:
+                if key.startswith("CustomGradient-"):
+                    del self._registry[key]
+        return False

@@ -154,7 +154,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     keras.utils.set_random_seed(exp.train.seed)
     try:
-        with _determinism(exp.train.deterministic):
+        with _determinism(exp.train.deterministic), runtime.forget_traced_gradients():
             return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
     except (data.DataError, preflight.PreflightError):
         # Found before training started (phase 5 makes backup/): leave no half-made run behind.
