@@ -3,7 +3,9 @@
 Checked after the fits: no child process still alive, no file written outside the run
 directories (data folders, the working folder, TFCOVID_HOME and the temporary folder are
 compared before and after), every run directory complete, and resident memory grown by less
-than SOAK_MEMORY_BOUND_MB between the end of the warm-up fits and the end of the last one.
+than SOAK_MEMORY_BOUND_MB: the median over the last five fits against the median over the
+five after the warm-up. (Measured on 2 CPU cores: flat at 1.0-1.35 GB over 20 fits; before
+runtime.forget_traced_gradients it grew by ~100 MB per fit.)
 
 `TFCOVID_SOAK_FITS` sets the number of fits (default 20; the bound is for that default).
 About 5 minutes on 2 CPU cores, so it is left out of the default run:
@@ -14,6 +16,7 @@ import gc
 import os
 import random
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from tfcovid import config, train
 
 SOAK_FITS = int(os.environ.get("TFCOVID_SOAK_FITS", "20"))
 WARM_UP = 3  # the first fits build TensorFlow's and Keras's one-time state
-SOAK_MEMORY_BOUND_MB = 600
+SOAK_MEMORY_BOUND_MB = 250
 
 
 def _files(root: Path, skip: Path | None = None) -> set:
@@ -110,6 +113,8 @@ def test_many_fits_in_a_row_leak_no_processes_files_or_memory(binary_tree, multi
     assert not changed, f"files written or removed outside the run directories: {changed}"
     assert all(p.is_dir() for p in out.iterdir()) and len(list(out.iterdir())) == SOAK_FITS
     assert not list(out.glob("*/cache/*"))  # disk caches are removed after each fit
-    growth = rss[-1] - rss[min(WARM_UP, len(rss)) - 1]
+    # RSS swings by ~300 MB with the size of the last model; compare medians of five fits.
+    early, late = rss[WARM_UP:WARM_UP + 5] or rss, rss[-5:]
+    growth = statistics.median(late) - statistics.median(early)
     print(f"soak: {SOAK_FITS} fits, RSS after each (MB): {[round(r) for r in rss]}; growth {growth:.0f} MB")
     assert growth < SOAK_MEMORY_BOUND_MB, f"memory grew {growth:.0f} MB over {SOAK_FITS} fits: {rss}"
