@@ -75,3 +75,14 @@ def test_probabilities():
     p = train.probabilities(np.array([[0.0, 0.0], [2.0, 0.0]]), "binary")
     np.testing.assert_allclose(p, [[0.5, 0.5], [np.e ** 2 / (np.e ** 2 + 1), 1 / (np.e ** 2 + 1)]])
     np.testing.assert_allclose(train.probabilities(np.array([[0.0, 100.0]]), "multilabel"), [[0.5, 1.0]])
+
+
+def test_up_front_checks_stop_fit_before_training_and_leave_no_run(binary_tree, tmp_path):
+    from tfcovid.preflight import PreflightError
+
+    with pytest.raises(PreflightError, match=r"--batch-size 64 is larger than the train split \(8 images\)"):
+        train.fit(_tiny(binary_tree, tmp_path / "runs", **{"train.batch_size": 64}), log=lambda s: None)
+    assert list((tmp_path / "runs").iterdir()) == []  # the run directory it made is removed
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(PreflightError, match="a-file"):
+        train.fit(_tiny(binary_tree, tmp_path / "a-file" / "runs"), log=lambda s: None)
