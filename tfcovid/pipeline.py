@@ -161,12 +161,12 @@ def dataset(
                 2, drop_remainder=True).take(1)
 
         def one_epoch(key):
+            # One epoch at once, vectorised (cheaper than per-element maps): a stateless
+            # permutation of the split (a full reshuffle) and a seed pair per image index.
             key = tf.reshape(tf.cast(key, tf.int64), [2])
-            # A full reshuffle of the split: position -> image index, a stateless permutation.
-            shuffled = tf.data.Dataset.range(n).map(
-                lambda i: tf.random.experimental.index_shuffle(i, key, max(n - 1, 0)))
-            return shuffled.map(lambda index: (index, tf.random.experimental.stateless_fold_in(
-                key, tf.cast(index, tf.int32))))
+            order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), key, max(n - 1, 0))
+            pairs = tf.random.stateless_uniform([max(n, 1), 2], key, minval=None, maxval=None, dtype=tf.int64)
+            return tf.data.Dataset.from_tensor_slices((order, tf.gather(pairs, order)))
 
         ds = keys.flat_map(one_epoch)
     else:
