@@ -160,6 +160,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         # Found before training started (phase 5 makes backup/): leave no half-made run behind.
         if not run_dir and not scratch and not (run / "backup").exists():
             shutil.rmtree(run, ignore_errors=True)
+            log(f"      removed {run}: stopped before training")
         raise
     finally:  # a disk cache of decoded images is only worth keeping while the run trains
         shutil.rmtree(run / "cache", ignore_errors=True)
