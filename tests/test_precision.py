@@ -19,6 +19,26 @@ def test_auto_precision_follows_compute_capability(monkeypatch, cc, expected):
     assert runtime.resolve_precision("mixed_float16") == "mixed_float16"
 
 
+class _FakeJaxGpu:  # what jax.devices("gpu")[0] reports on an H100
+    device_kind = "NVIDIA H100 80GB HBM3"
+    compute_capability = "9.0"
+
+
+@pytest.mark.parametrize("raw,expected", [("9.0", (9, 0)), ("7.5", (7, 5)), ((8, 6), (8, 6)), ("8", (8, 0)),
+                                          (None, None)])
+def test_compute_capability_is_read_from_jax_strings_and_tf_tuples(raw, expected):
+    assert runtime._cc_tuple(raw) == expected
+
+
+def test_jax_backend_gpu_drives_auto_precision_and_device_name(monkeypatch):
+    # Under KERAS_BACKEND=jax the model runs on JAX's GPU while tf.data's TensorFlow may be a
+    # CPU-only build: precision and the device line must follow JAX's device, not TensorFlow's.
+    monkeypatch.setattr(runtime, "_jax_gpus", lambda: [_FakeJaxGpu(), _FakeJaxGpu()])
+    assert runtime.gpu_compute_capability() == (9, 0)
+    assert runtime.resolve_precision("auto") == "mixed_bfloat16"
+    assert runtime.describe_device() == "GPU NVIDIA H100 80GB HBM3 (cc 9.0) x2, JAX backend"
+
+
 def test_auto_precision_on_this_cpu_machine_is_float32():
     assert runtime.resolve_precision("auto") == ("float32" if runtime.gpu_compute_capability() is None
                                                  else runtime.resolve_precision("auto"))

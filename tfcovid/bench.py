@@ -89,7 +89,17 @@ def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {"device": runtime.describe_device(), "cpu_count": os.cpu_count(),
             "load_average_1min": round(load[0], 2), "tensorflow": tf.__version__,
-            "keras": keras.__version__}
+            "keras": keras.__version__, **_backend()}
+
+
+def _backend() -> dict:
+    """Keras's backend; under JAX (KERAS_BACKEND=jax) the model runs on JAX, tf.data on TensorFlow."""
+    backend = keras.backend.backend()
+    if backend != "jax":
+        return {"keras_backend": backend}
+    import jax
+
+    return {"keras_backend": backend, "jax": jax.__version__}
 
 
 def _median_rate(images: int, seconds: list[float]) -> float:

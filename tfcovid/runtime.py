@@ -19,23 +19,56 @@ import tensorflow as tf
 from tfcovid.config import STRATEGIES, ConfigError
 
 
+def _jax_gpus() -> list:
+    """JAX's GPUs when Keras runs on the JAX backend (KERAS_BACKEND=jax), else []."""
+    if keras.backend.backend() != "jax":
+        return []
+    import jax
+
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # JAX found no GPU backend
+        return []
+
+
+def _cc_tuple(value) -> tuple[int, int] | None:
+    """(major, minor) from a device's compute capability: '9.0', (9, 0) or None."""
+    if value is None:
+        return None
+    major, minor = (str(value).split(".") + ["0"])[:2] if not isinstance(value, tuple) else value
+    return int(major), int(minor)
+
+
 def gpu_compute_capability() -> tuple[int, int] | None:
-    """Compute capability of the first visible GPU, or None without one."""
-    gpus = tf.config.list_physical_devices("GPU")
+    """Compute capability of the first visible GPU, or None without one.
+
+    The GPUs are those of the backend Keras runs on: TensorFlow's, or JAX's under
+    KERAS_BACKEND=jax (tf.data still runs on TensorFlow then, which may be a CPU-only build).
+    """
+    jax_gpus = _jax_gpus()
+    if jax_gpus:
+        return _cc_tuple(getattr(jax_gpus[0], "compute_capability", None))
+    gpus = tf.config.list_physical_devices("GPU") if keras.backend.backend() == "tensorflow" else []
     if not gpus:
         return None
     details = tf.config.experimental.get_device_details(gpus[0])
-    return details.get("compute_capability")
+    return _cc_tuple(details.get("compute_capability"))
 
 
 def describe_device() -> str:
-    """E.g. 'GPU NVIDIA H100 (cc 9.0) x1' or 'CPU (2 cores)'."""
-    gpus = tf.config.list_physical_devices("GPU")
+    """E.g. 'GPU NVIDIA H100 (cc 9.0) x1', 'GPU NVIDIA H100 80GB HBM3 (cc 9.0) x1, JAX backend' or 'CPU (2 cores)'."""
+    jax_gpus = _jax_gpus()
+    if jax_gpus:
+        cc = gpu_compute_capability()
+        where = f" (cc {cc[0]}.{cc[1]})" if cc else ""
+        return f"GPU {jax_gpus[0].device_kind}{where} x{len(jax_gpus)}, JAX backend"
+    gpus = tf.config.list_physical_devices("GPU") if keras.backend.backend() == "tensorflow" else []
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
-        cc = details.get("compute_capability")
+        cc = _cc_tuple(details.get("compute_capability"))
         return f"GPU {details.get('device_name', 'unknown')} (cc {cc[0]}.{cc[1]}) x{len(gpus)}" if cc else f"GPU x{len(gpus)}"
-    return f"CPU ({os.cpu_count()} cores)"
+    backend = keras.backend.backend()
+    return f"CPU ({os.cpu_count()} cores)" + ("" if backend == "tensorflow" else f", {backend.upper()} backend")
 
 
 def resolve_precision(name: str) -> str:

@@ -97,7 +97,7 @@ def init_like_torchvision(model: keras.Model, seed: int | None = None) -> int:
     for layer in convs:
         layer.kernel.assign(init(layer.kernel.shape, dtype=layer.kernel.dtype))
         if layer.bias is not None:
-            layer.bias.assign(keras.ops.zeros_like(layer.bias))
+            layer.bias.assign(keras.ops.zeros(layer.bias.shape, dtype=layer.bias.dtype))
     return len(convs)
 
 
