@@ -146,3 +146,20 @@ def test_multilabel_loss_and_metrics_compile_under_xla_and_bfloat16(loss):
     y = rng.integers(0, 2, (8, 3)).astype("float32")
     history = model.fit(x, y, batch_size=4, epochs=1, verbose=0).history
     assert np.isfinite(history["loss"][0]) and 0 <= history["jaccard"][0] <= 1
+
+
+def test_deterministic_on_a_jax_gpu_needs_xlas_flag(monkeypatch):
+    # TensorFlow's op determinism does not reach JAX: without XLA's flag --deterministic
+    # would silently not hold, so fit refuses it before making a run directory.
+    from tfcovid.config import ConfigError
+
+    monkeypatch.setattr(runtime, "_jax_gpus", lambda: [_FakeJaxGpu()])
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    runtime.check_determinism(False)  # not asked for: nothing to check
+    with pytest.raises(ConfigError, match="xla_gpu_deterministic_ops=true"):
+        runtime.check_determinism(True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true --xla_dump_to=/tmp/x")
+    runtime.check_determinism(True)
+    monkeypatch.setattr(runtime, "_jax_gpus", lambda: [])  # TensorFlow backend or no GPU
+    monkeypatch.delenv("XLA_FLAGS")
+    runtime.check_determinism(True)

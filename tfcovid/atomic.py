@@ -7,9 +7,11 @@ not atomic), is flushed to disk, and is renamed over the old file with ``os.repl
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 PARTIAL_PREFIX = ".partial-"
 
@@ -51,6 +53,13 @@ def atomic_save(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Replace the text file ``path`` atomically."""
     return atomic_save(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_csv(path: str | Path, rows: Iterable[Iterable]) -> Path:
+    """Replace the CSV file ``path`` atomically with ``rows`` (the header first)."""
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    return atomic_write_text(path, out.getvalue())
 
 
 def remove_partials(folder: Path) -> int:

@@ -13,15 +13,13 @@ positive class, and every label of the three-label task except "normal".
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from tfcovid import config, demo, filecheck, metrics, modelinfo, plots
-from tfcovid.atomic import atomic_write_text
+from tfcovid.atomic import atomic_write_csv, atomic_write_text
 from tfcovid import data as tfdata  # `data` is evaluate()'s argument, as in the CLI
 
 SPLITS = ("train", "validation", "test")
@@ -133,12 +131,8 @@ def predict_split(trained, split: tfdata.Split, batch_size: int = 32) -> np.ndar
 
 
 def _write_predictions(path: Path, split: tfdata.Split, probs: np.ndarray, outputs) -> None:
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(["path", "true_folder", *outputs])
-    for p, folder, row in zip(split.paths, split.folders, probs):
-        w.writerow([p, folder, *(f"{v:.6f}" for v in row)])
-    atomic_write_text(path, out.getvalue())
+    rows = [[p, folder, *(f"{v:.6f}" for v in row)] for p, folder, row in zip(split.paths, split.folders, probs)]
+    atomic_write_csv(path, [["path", "true_folder", *outputs], *rows])
 
 
 def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint: str = "last",

@@ -8,8 +8,6 @@ study's 0/1 per label (``filename,covid-19,normal,pneumonia``), probabilities in
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcovid import augment, data
-from tfcovid.atomic import atomic_write_text
+from tfcovid.atomic import atomic_write_csv
 from tfcovid.modelinfo import Trained
 from tfcovid.train import probabilities
 
@@ -167,17 +165,14 @@ def write_csv(result: Predictions, path: str | Path) -> Path:
     the study's ``filename,<label>...`` with 0/1 per label."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = io.StringIO()
-    writer = csv.writer(out)
     if result.task == "binary":
-        writer.writerow(["filename", *result.outputs, "predicted"])
-        for name, p, pred in zip(result.names, result.probs, result.predicted):
-            writer.writerow([name, *(f"{v:.6f}" for v in p), pred])
+        rows = [["filename", *result.outputs, "predicted"]]
+        rows += [[name, *(f"{v:.6f}" for v in p), pred]
+                 for name, p, pred in zip(result.names, result.probs, result.predicted)]
     else:
-        writer.writerow(["filename", *result.outputs])
-        for name, pred in zip(result.names, result.predicted):
-            writer.writerow([name, *pred])
-    atomic_write_text(path, out.getvalue())
+        rows = [["filename", *result.outputs]]
+        rows += [[name, *pred] for name, pred in zip(result.names, result.predicted)]
+    atomic_write_csv(path, rows)
     return path
 
 

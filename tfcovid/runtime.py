@@ -100,6 +100,45 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
+class op_determinism:
+    """Deterministic ops for the duration of one fit (``--deterministic``).
+
+    TensorFlow's op determinism is process-wide; it is turned off again afterwards where
+    TensorFlow allows (its switch-off is not public API), so fits in the same process do not
+    inherit it. Under the JAX backend XLA decides, and on a GPU only the XLA flag
+    ``--xla_gpu_deterministic_ops=true``, set before JAX starts, makes it deterministic:
+    without it the fit stops before it begins (see ``check_determinism``).
+    """
+
+    def __init__(self, on: bool):
+        from tensorflow.python.framework import config as tf_config
+
+        self._is_on = getattr(tf_config, "is_op_determinism_enabled", lambda: False)
+        self._disable = getattr(tf_config, "disable_op_determinism", None)
+        self.on = on and not self._is_on()
+
+    def __enter__(self):
+        if self.on:
+            tf.config.experimental.enable_op_determinism()
+
+    def __exit__(self, *exc):
+        if self.on and self._disable is not None:
+            self._disable()
+        return False
+
+
+JAX_DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def check_determinism(deterministic: bool) -> None:
+    """Refuse ``--deterministic`` where it would not hold: the JAX backend on a GPU without XLA's flag."""
+    if deterministic and _jax_gpus() and JAX_DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        raise ConfigError(
+            "--deterministic on the JAX backend needs XLA's deterministic GPU ops, which must be "
+            f"set before JAX starts: XLA_FLAGS={JAX_DETERMINISTIC_FLAG} tfcovid fit ... "
+            "(or train on the default TensorFlow backend).")
+
+
 # ----------------------------------------------------------------------------- tf.distribute
 
 _TASK_TYPES = ("chief", "worker")
@@ -383,7 +422,7 @@ class forget_traced_gradients:
 
     def __exit__(self, *exc):
         if self._registry is not None:
-            for key in [k for k in self._registry if k not in self._before]:
+            for key in set(self._registry) - self._before:
                 if key.startswith("CustomGradient-"):
                     del self._registry[key]
         return False

@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from tfcovid import (atomic, data, demo, filecheck, losses, metrics, modelinfo, plots, preflight, records,
-                     report, runstate, runtime, weights)
+from tfcovid import (atomic, data, demo, filecheck, losses, metrics, modelinfo, plots, preflight,
+                     records, report, runstate, runtime, weights)
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
@@ -147,6 +147,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     # workers write the same files to a scratch folder that is removed at the end.
     strategy, strategy_desc = runtime.make_strategy(exp.train.strategy)
     scratch = runtime.scratch_dir(strategy, run_dir)
+    runtime.check_determinism(exp.train.deterministic)
     if not scratch:
         preflight.check_output_dir(run_dir or exp.out)
     run = scratch or (Path(run_dir) if run_dir else new_run_dir(exp))
@@ -154,7 +155,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     keras.utils.set_random_seed(exp.train.seed)
     try:
-        with _determinism(exp.train.deterministic), runtime.forget_traced_gradients():
+        with runtime.op_determinism(exp.train.deterministic), runtime.forget_traced_gradients():
             return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
     except (data.DataError, preflight.PreflightError):
         # Found before training started (phase 5 makes backup/): leave no half-made run behind.
@@ -164,30 +165,6 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         raise
     finally:  # a disk cache of decoded images is only worth keeping while the run trains
         shutil.rmtree(run / "cache", ignore_errors=True)
-
-
-class _determinism:
-    """TensorFlow's deterministic ops for the duration of one fit.
-
-    Op determinism is process-wide; it is turned off again afterwards where TensorFlow allows
-    (its switch-off is not public API), so fits in the same process do not inherit it.
-    """
-
-    def __init__(self, on: bool):
-        from tensorflow.python.framework import config as tf_config
-
-        self._is_on = getattr(tf_config, "is_op_determinism_enabled", lambda: False)
-        self._disable = getattr(tf_config, "disable_op_determinism", None)
-        self.on = on and not self._is_on()
-
-    def __enter__(self):
-        if self.on:
-            tf.config.experimental.enable_op_determinism()
-
-    def __exit__(self, *exc):
-        if self.on and self._disable is not None:
-            self._disable()
-        return False
 
 
 def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
