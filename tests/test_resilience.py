@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import yaml
@@ -239,3 +240,26 @@ def test_sigterm_stops_cleanly_and_prints_the_resume_command(tree, tmp_path, sig
     assert _history_epochs(run) == [str(e) for e in range(state["epochs_done"])]
     assert (run / "checkpoints" / "last.keras").is_file() and not (run / "metrics.json").exists()
     assert not list(run.rglob(atomic.PARTIAL_PREFIX + "*"))
+
+
+def test_best_checkpoint_is_last_of_its_epoch_and_survives_later_epochs(tmp_path):
+    # best.keras is written as a second name (hard link) of last.keras when an epoch improves;
+    # a later, worse epoch must replace last.keras without touching best.keras.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head_logits")(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    state = runstate.RunState(tmp_path)
+    state.set_model(model)
+    state.on_train_begin()
+    ckpt = tmp_path / "checkpoints"
+    for epoch, val_loss in enumerate((0.5, 0.9)):
+        state.on_epoch_begin(epoch)
+        model.layers[-1].kernel.assign(np.full((3, 2), float(epoch), "float32"))
+        state.on_epoch_end(epoch, {"loss": 1.0, "val_loss": val_loss})
+        if epoch == 0:
+            assert (ckpt / "best.keras").read_bytes() == (ckpt / "last.keras").read_bytes()
+    best = keras.saving.load_model(ckpt / "best.keras")
+    last = keras.saving.load_model(ckpt / "last.keras")
+    np.testing.assert_array_equal(best.layers[-1].kernel.numpy(), np.zeros((3, 2)))
+    np.testing.assert_array_equal(last.layers[-1].kernel.numpy(), np.ones((3, 2)))
+    assert state.state["best"] == 0.5 and not list(ckpt.glob(atomic.PARTIAL_PREFIX + "*"))

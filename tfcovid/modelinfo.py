@@ -2,7 +2,7 @@
 
 A ``.keras`` file is a zip archive and Keras ignores members it does not know, so tfcovid
 writes this as a small JSON member, ``tfcovid.json``, into every checkpoint it saves (see
-:class:`EmbedInfo`). A model file copied away from its run directory therefore still knows its
+``runstate.RunState``). A model file copied away from its run directory therefore still knows its
 labels. For files without it (older runs, foreign models) :func:`load` falls back to the run
 directory's ``config.yaml`` + ``metrics.json`` beside the file, then to names given by the user.
 
@@ -94,24 +94,6 @@ def embed(path: str | Path, info: dict) -> None:
                 dst.writestr(item, src.read(item.filename))
         dst.writestr(INFO_MEMBER, json.dumps(info, indent=1))
     tmp.replace(path)
-
-
-class EmbedInfo(keras.callbacks.Callback):
-    """Embed the model info into each .keras checkpoint after it is written.
-
-    Place it after the ModelCheckpoint callbacks: callbacks run in list order.
-    """
-
-    def __init__(self, checkpoint_dir: str | Path, info: dict):
-        super().__init__()
-        self.dir, self.info = Path(checkpoint_dir), info
-
-    def on_epoch_end(self, epoch, logs=None):
-        for path in sorted(self.dir.glob("*.keras")):
-            try:
-                embed(path, self.info)
-            except (OSError, zipfile.BadZipFile) as err:  # never stop training for this
-                print(f"warning: could not write label info into {path}: {err}")
 
 
 def _run_dir_of(model_path: Path) -> Path | None:

@@ -26,6 +26,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -145,9 +147,9 @@ class RunState(keras.callbacks.Callback):
         improved = value is not None and math.isfinite(value) and (best is None or value < best)
 
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self._save_model(self.checkpoints / "last.keras")
-        if improved:
-            self._save_model(self.checkpoints / "best.keras")
+        last = self._save_model(self.checkpoints / "last.keras")
+        if improved:  # the same bytes: a second name for the file, not a second save
+            atomic_save(self.checkpoints / "best.keras", lambda tmp: _link_or_copy(last, tmp))
         weights_name = f"epoch-{epoch + 1:04d}.weights.h5"
         self.backup.mkdir(parents=True, exist_ok=True)
         atomic_save(self.backup / weights_name, lambda tmp: self.model.save_weights(str(tmp)))
@@ -167,12 +169,25 @@ class RunState(keras.callbacks.Callback):
             if old.name != weights_name:
                 old.unlink(missing_ok=True)
 
-    def _save_model(self, path: Path) -> None:
+    def _save_model(self, path: Path) -> Path:
         def write(tmp: Path) -> None:
             self.model.save(str(tmp))
             self.embed(tmp)
 
-        atomic_save(path, write)
+        return atomic_save(path, write)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` a hard link to ``src`` (a copy where the file system has no hard links).
+
+    Safe for checkpoints because they are never changed in place: the next epoch's last.keras
+    is a new file renamed over the name, so best.keras keeps the old content.
+    """
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 class StopOnSignal(keras.callbacks.Callback):
