@@ -31,12 +31,19 @@ def _jax_gpus() -> list:
         return []
 
 
+def _tf_gpus() -> list:
+    """TensorFlow's GPUs when Keras runs on TensorFlow, else [] (they do not run the model)."""
+    return tf.config.list_physical_devices("GPU") if keras.backend.backend() == "tensorflow" else []
+
+
 def _cc_tuple(value) -> tuple[int, int] | None:
-    """(major, minor) from a device's compute capability: '9.0', (9, 0) or None."""
+    """(major, minor) from a compute capability as TensorFlow, (9, 0), or JAX, '9.0', gives it."""
     if value is None:
         return None
-    major, minor = (str(value).split(".") + ["0"])[:2] if not isinstance(value, tuple) else value
-    return int(major), int(minor)
+    if isinstance(value, tuple):
+        return int(value[0]), int(value[1])
+    major, _, minor = str(value).partition(".")
+    return int(major), int(minor or 0)
 
 
 def gpu_compute_capability() -> tuple[int, int] | None:
@@ -48,7 +55,7 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     jax_gpus = _jax_gpus()
     if jax_gpus:
         return _cc_tuple(getattr(jax_gpus[0], "compute_capability", None))
-    gpus = tf.config.list_physical_devices("GPU") if keras.backend.backend() == "tensorflow" else []
+    gpus = _tf_gpus()
     if not gpus:
         return None
     details = tf.config.experimental.get_device_details(gpus[0])
@@ -56,13 +63,14 @@ def gpu_compute_capability() -> tuple[int, int] | None:
 
 
 def describe_device() -> str:
-    """E.g. 'GPU NVIDIA H100 (cc 9.0) x1', 'GPU NVIDIA H100 80GB HBM3 (cc 9.0) x1, JAX backend' or 'CPU (2 cores)'."""
+    """E.g. 'GPU NVIDIA H100 (cc 9.0) x1', 'CPU (2 cores)', or on JAX's GPU
+    'GPU NVIDIA H100 80GB HBM3 (cc 9.0) x1, JAX backend'."""
     jax_gpus = _jax_gpus()
     if jax_gpus:
         cc = gpu_compute_capability()
         where = f" (cc {cc[0]}.{cc[1]})" if cc else ""
         return f"GPU {jax_gpus[0].device_kind}{where} x{len(jax_gpus)}, JAX backend"
-    gpus = tf.config.list_physical_devices("GPU") if keras.backend.backend() == "tensorflow" else []
+    gpus = _tf_gpus()
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         cc = _cc_tuple(details.get("compute_capability"))
@@ -131,7 +139,7 @@ JAX_DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def check_determinism(deterministic: bool) -> None:
-    """Refuse ``--deterministic`` where it would not hold: the JAX backend on a GPU without XLA's flag."""
+    """Refuse ``--deterministic`` where it would not hold: on JAX's GPU without XLA's flag."""
     if deterministic and _jax_gpus() and JAX_DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", ""):
         raise ConfigError(
             "--deterministic on the JAX backend needs XLA's deterministic GPU ops, which must be "
