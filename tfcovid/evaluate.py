@@ -131,7 +131,8 @@ def predict_split(trained, split: tfdata.Split, batch_size: int = 32) -> np.ndar
 
 
 def _write_predictions(path: Path, split: tfdata.Split, probs: np.ndarray, outputs) -> None:
-    rows = [[p, folder, *(f"{v:.6f}" for v in row)] for p, folder, row in zip(split.paths, split.folders, probs)]
+    rows = [[p, folder, *(f"{v:.6f}" for v in row)]
+            for p, folder, row in zip(split.paths, split.folders, probs)]
     atomic_write_csv(path, [["path", "true_folder", *outputs], *rows])
 
 

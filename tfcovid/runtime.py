@@ -46,37 +46,42 @@ def _cc_tuple(value) -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
-def gpu_compute_capability() -> tuple[int, int] | None:
-    """Compute capability of the first visible GPU, or None without one.
+def _gpu() -> tuple[str, tuple[int, int] | None, int, bool] | None:
+    """(name, compute capability, count, on JAX) of the GPUs the model runs on, or None.
 
-    The GPUs are those of the backend Keras runs on: TensorFlow's, or JAX's under
-    KERAS_BACKEND=jax (tf.data still runs on TensorFlow then, which may be a CPU-only build).
+    Those of the backend Keras runs on: TensorFlow's, or JAX's under KERAS_BACKEND=jax
+    (tf.data still runs on TensorFlow then, which may be a CPU-only build).
     """
     jax_gpus = _jax_gpus()
     if jax_gpus:
-        return _cc_tuple(getattr(jax_gpus[0], "compute_capability", None))
+        first = jax_gpus[0]
+        return first.device_kind, _cc_tuple(getattr(first, "compute_capability", None)), len(jax_gpus), True
     gpus = _tf_gpus()
     if not gpus:
         return None
     details = tf.config.experimental.get_device_details(gpus[0])
-    return _cc_tuple(details.get("compute_capability"))
+    cc = _cc_tuple(details.get("compute_capability"))
+    return details.get("device_name", "unknown"), cc, len(gpus), False
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """Compute capability of the first GPU the model runs on, or None without one."""
+    gpu = _gpu()
+    return gpu[1] if gpu else None
 
 
 def describe_device() -> str:
     """E.g. 'GPU NVIDIA H100 (cc 9.0) x1', 'CPU (2 cores)', or on JAX's GPU
     'GPU NVIDIA H100 80GB HBM3 (cc 9.0) x1, JAX backend'."""
-    jax_gpus = _jax_gpus()
-    if jax_gpus:
-        cc = gpu_compute_capability()
-        where = f" (cc {cc[0]}.{cc[1]})" if cc else ""
-        return f"GPU {jax_gpus[0].device_kind}{where} x{len(jax_gpus)}, JAX backend"
-    gpus = _tf_gpus()
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        cc = _cc_tuple(details.get("compute_capability"))
-        return f"GPU {details.get('device_name', 'unknown')} (cc {cc[0]}.{cc[1]}) x{len(gpus)}" if cc else f"GPU x{len(gpus)}"
-    backend = keras.backend.backend()
-    return f"CPU ({os.cpu_count()} cores)" + ("" if backend == "tensorflow" else f", {backend.upper()} backend")
+    gpu = _gpu()
+    if gpu is None:
+        backend = keras.backend.backend()
+        on = "" if backend == "tensorflow" else f", {backend.upper()} backend"
+        return f"CPU ({os.cpu_count()} cores){on}"
+    name, cc, count, on_jax = gpu
+    if on_jax:
+        return f"GPU {name}" + (f" (cc {cc[0]}.{cc[1]})" if cc else "") + f" x{count}, JAX backend"
+    return f"GPU {name} (cc {cc[0]}.{cc[1]}) x{count}" if cc else f"GPU x{count}"
 
 
 def resolve_precision(name: str) -> str:
