@@ -147,3 +147,20 @@ def test_same_seed_same_view_different_seed_different_view():
     c = augment.random_resized_crop_rotate_flip(image, tf.constant([1, 2], tf.int64), 32).numpy()
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_epoch_plan_equals_per_image_sampling():
+    """The pipeline plans a whole epoch at once; image i's row equals sampling it alone."""
+    hw = tf.constant([[512, 512], [300, 1000], [10, 1000], [900, 500]], tf.float32)
+    seeds = [tf.constant([5, i], tf.int64) for i in range(4)]
+    u = tf.stack([augment.draws(s) for s in seeds])
+    together = augment.params_from_draws(hw, u, SCALE, RATIO, 30.0, True)
+    transforms, k = augment.plan(hw, u, 64)
+    for i, seed in enumerate(seeds):
+        alone = augment.sample_params(int(hw[i, 0]), int(hw[i, 1]), SCALE, RATIO, 30.0, True, seed)
+        for key in alone:
+            assert together[key][i].numpy() == alone[key].numpy(), key
+        one = augment.fused_transform(alone, hw[i, 0], hw[i, 1], 64)
+        np.testing.assert_array_equal(transforms[i].numpy(), one.numpy())
+        zoom = min(float(alone["height"]), float(alone["width"])) / 64
+        assert int(k[i]) == max(1, math.floor(zoom))

@@ -176,3 +176,45 @@ def test_unlabeled_split_and_disabled_augmentation(mixed_split):
     x, y = next(iter(data.dataset(mixed_split, 24, 6, training=True, aug=off, seed=1)))
     resized = np.stack([data.load_image(p, 24).numpy() for p in mixed_split.paths])
     np.testing.assert_array_equal(x.numpy(), resized[y.numpy()])  # shuffled, resize only
+
+
+def test_file_plan_sizes_and_decoders_match_decode_base(mixed_split, tmp_path):
+    # Mixed formats: sizes from the headers equal the decoded working sizes; general decoder.
+    shapes, decode = pipeline._file_plan(mixed_split.paths, 64)
+    for path, shape in zip(mixed_split.paths, shapes):
+        expected = pipeline.decode_base(_bytes(path), 64)
+        assert tuple(shape) == tuple(expected.shape[:2])
+        np.testing.assert_array_equal(decode(_bytes(path)), expected)
+    # One kind of JPEG (grey, 1/4 scale here): a single decode_jpeg, the same pixels.
+    same = [_write(tmp_path / f"g{i}.jpg", _smooth(1000, 1200 - 8 * i, seed=i), "JPEG") for i in range(2)]
+    shapes, decode = pipeline._file_plan(same, 200)
+    for path, shape in zip(same, shapes):
+        expected = pipeline.decode_base(_bytes(path), 200)
+        assert tuple(shape) == tuple(expected.shape[:2]) and expected.shape[0] == 250
+        np.testing.assert_array_equal(decode(_bytes(path)), expected)
+    # Powers of two exactly at the limit: halved while the shorter side stays >= min_side.
+    assert cache.working_shape(896, 1000, True, 448) == (448, 500)
+    assert cache.working_shape(895, 1000, True, 448) == (895, 1000)  # 447 < 448: not halved
+    assert cache.working_shape(897, 1001, True, 448) == (449, 501)  # libjpeg rounds up
+    assert cache.working_shape(897, 1001, False, 448) == (448, 500)  # pooling drops the odd row
+
+
+def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
+    """An epoch is planned from the files' headers; where a header is wrong or unreadable the
+    image is planned from its decoded pixels instead, and the batches are the same."""
+    def epoch():
+        ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache="memory", seed=9)
+        x, y = next(iter(ds))
+        return x.numpy()[np.argsort(y.numpy())]
+
+    truth = epoch()
+    real = cache.header
+
+    def lying(path):
+        head = real(path)
+        return None if path.endswith(".png") else head._replace(height=head.height + 64)
+
+    monkeypatch.setattr(pipeline, "header", lying)
+    shapes, _ = pipeline._file_plan(mixed_split.paths, 64)
+    assert (shapes[[2, 3, 5]] == -1).all()  # the PNGs: unknown
+    np.testing.assert_array_equal(epoch(), truth)

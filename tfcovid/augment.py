@@ -11,7 +11,12 @@ intermediate image is ever made.
 Anti-aliasing: bilinear sampling of a crop 2x or more larger than the output would alias
 (PIL's resize antialiases), so such images are box-averaged by the integer factor first.
 With the input pipeline's working resolution (see ``pipeline``) that happens for the largest
-crops only, about a quarter of them.
+crops only (under a tenth of them for 1024 px files at 224 px).
+
+The work is split in two: ``plan`` turns each image's size and random draws into its
+transform, vectorised over any number of images (the pipeline plans a whole epoch in one go,
+since per-image scalar ops cost more CPU than the arithmetic); ``apply`` resamples one image.
+``random_resized_crop_rotate_flip`` does both for one image.
 
 Augmentation runs in the tf.data pipeline, not in the model, so the model can be compiled with
 XLA (Keras augmentation layers inside a model disable it).
@@ -24,44 +29,65 @@ import math
 import tensorflow as tf
 
 
-def sample_crop(height, width, scale, ratio, seed):
-    """Sample a RandomResizedCrop box exactly as torchvision's ``get_params`` does.
+DRAWS = 24
+"""Uniform draws per image: 10 area fractions, 10 log aspect ratios (torchvision's ten tries),
+the box's top and left, the angle and the flip."""
+
+
+def draws(seed, n: int | None = None):
+    """The ``DRAWS`` U[0, 1) numbers one image's augmentation is made of ([n, DRAWS] for n images).
+
+    One stateless op: reproducible from ``seed`` (shape [2]) and cheap. The pipeline draws a
+    whole epoch at once and gives row i to image i.
+    """
+    return tf.random.stateless_uniform([DRAWS] if n is None else [n, DRAWS], seed)
+
+
+def crop_boxes(hw, u, scale, ratio):
+    """RandomResizedCrop boxes sampled exactly as torchvision's ``get_params``, for N images at once.
 
     Ten tries of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); the first box
     that fits the image wins; if none fits, a centre crop clamped to the ratio range.
 
     Args:
-        height, width: image size (scalar int tensors).
+        hw: [N, 2] float32 image sizes (height, width).
+        u: [N, DRAWS] uniforms from ``draws``.
         scale, ratio: (low, high) pairs.
-        seed: shape [2] int seed for stateless random ops.
 
     Returns:
-        (top, left, crop_height, crop_width) as float32 scalars.
+        (top, left, crop_height, crop_width), each [N] float32 with integer values.
     """
-    h = tf.cast(height, tf.float32)
-    w = tf.cast(width, tf.float32)
-    seeds = tf.random.experimental.stateless_split(seed, 4)
-    area = h * w * tf.random.stateless_uniform([10], seeds[0], scale[0], scale[1])
-    log_ratio = tf.random.stateless_uniform(
-        [10], seeds[1], math.log(ratio[0]), math.log(ratio[1]))
-    aspect = tf.exp(log_ratio)
+    h, w = hw[:, :1], hw[:, 1:]
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(log_lo + (log_hi - log_lo) * u[:, 10:20])
     cw = tf.round(tf.sqrt(area * aspect))
     ch = tf.round(tf.sqrt(area / aspect))
     fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = tf.argmax(tf.cast(fits, tf.int32))  # index of the first True (0 if none)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1)  # index of the first True (0 if none)
+    any_fit = tf.reduce_any(fits, axis=1)
+    cw = tf.gather(cw, first, batch_dims=1)
+    ch = tf.gather(ch, first, batch_dims=1)
+    h, w = hw[:, 0], hw[:, 1]
 
     # torchvision's fallback: the whole image, narrowed to the nearest allowed aspect ratio.
     in_ratio = w / h
-    fb_w = tf.where(in_ratio < ratio[0], w, tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w))
+    fb_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
     fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
-    any_fit = tf.reduce_any(fits)
-    cw = tf.where(any_fit, cw[first], fb_w)
-    ch = tf.where(any_fit, ch[first], fb_h)
-    u = tf.random.stateless_uniform([2], seeds[2])
+    cw = tf.where(any_fit, cw, fb_w)
+    ch = tf.where(any_fit, ch, fb_h)
     # randint(0, H - h + 1) for the random box; centred for the fallback.
-    top = tf.where(any_fit, tf.floor(u[0] * (h - ch + 1)), tf.floor((h - ch) / 2))
-    left = tf.where(any_fit, tf.floor(u[1] * (w - cw + 1)), tf.floor((w - cw) / 2))
+    top = tf.where(any_fit, tf.floor(u[:, 20] * (h - ch + 1)), tf.floor((h - ch) / 2))
+    left = tf.where(any_fit, tf.floor(u[:, 21] * (w - cw + 1)), tf.floor((w - cw) / 2))
     return top, left, ch, cw
+
+
+def params_from_draws(hw, u, scale, ratio, max_angle, flip):
+    """The study's three random choices for N images (see ``sample_params``), each [N]."""
+    top, left, ch, cw = crop_boxes(hw, u, scale, ratio)
+    angle = (2.0 * u[:, 22] - 1.0) * (max_angle * math.pi / 180.0)
+    flipped = u[:, 23] < (0.5 if flip else 0.0)
+    return {"top": top, "left": left, "height": ch, "width": cw, "angle": angle, "flip": flipped}
 
 
 def sample_params(height, width, scale, ratio, max_angle, flip, seed):
@@ -72,11 +98,9 @@ def sample_params(height, width, scale, ratio, max_angle, flip, seed):
         rotated canvas), ``angle`` (radians, uniform in [-max_angle, max_angle] degrees,
         counter-clockwise as torchvision's) and bool ``flip``.
     """
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    top, left, ch, cw = sample_crop(height, width, scale, ratio, seeds[0])
-    angle = tf.random.stateless_uniform([], seeds[1], -max_angle, max_angle) * (math.pi / 180.0)
-    flipped = tf.random.stateless_uniform([], seeds[2]) < (0.5 if flip else 0.0)
-    return {"top": top, "left": left, "height": ch, "width": cw, "angle": angle, "flip": flipped}
+    hw = tf.cast(tf.reshape(tf.stack([height, width]), [1, 2]), tf.float32)
+    params = params_from_draws(hw, draws(seed)[None], scale, ratio, max_angle, flip)
+    return {key: value[0] for key, value in params.items()}
 
 
 def fused_transform(params, height, width, size):
@@ -84,6 +108,8 @@ def fused_transform(params, height, width, size):
 
     It maps output pixel (u, v) of the S x S result to a point of the source image, as
     ``tf.raw_ops.ImageProjectiveTransformV3`` expects (pixel centres at integer coordinates).
+    ``params`` (from ``sample_params`` or ``params_from_draws``), ``height`` and ``width`` are
+    scalars (result [8]) or [N] vectors (result [N, 8]).
     """
     s = float(size)
     ch, cw, top, left = params["height"], params["width"], params["top"], params["left"]
@@ -97,18 +123,30 @@ def fused_transform(params, height, width, size):
     cx = (tf.cast(width, tf.float32) - 1.0) / 2.0
     cy = (tf.cast(height, tf.float32) - 1.0) / 2.0
     cos, sin = tf.cos(params["angle"]), tf.sin(params["angle"])
+    zero = tf.zeros_like(ax)
     return tf.stack([
         cos * ax, -sin * ay, cx + cos * (bx - cx) - sin * (by - cy),
         sin * ax, cos * ay, cy + sin * (bx - cx) + cos * (by - cy),
-        0.0, 0.0,
-    ])
+        zero, zero,
+    ], axis=-1)
 
 
-def augment_params(height, width, size, scale, ratio, max_angle, flip, seed):
-    """Sample crop box, angle and flip; return (fused transform, zoom = crop side / S)."""
-    params = sample_params(height, width, scale, ratio, max_angle, flip, seed)
-    transform = fused_transform(params, height, width, size)
-    return transform, tf.minimum(params["height"], params["width"]) / float(size)
+def plan(hw, u, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), max_angle=30.0, flip=True):
+    """Everything about N images' augmentation that does not need their pixels.
+
+    Args:
+        hw: [N, 2] image sizes (height, width).
+        u: [N, DRAWS] uniforms from ``draws``.
+
+    Returns:
+        (transforms [N, 8] for ``apply``, shrink factors k [N] int32: the integer factor the
+        image is box-averaged by first, >= 2 only for crops 2x or more larger than S).
+    """
+    hw = tf.cast(hw, tf.float32)
+    params = params_from_draws(hw, u, scale, ratio, max_angle, flip)
+    transforms = fused_transform(params, hw[:, 0], hw[:, 1], size)
+    zoom = tf.minimum(params["height"], params["width"]) / float(size)
+    return transforms, tf.maximum(1, tf.cast(tf.floor(zoom), tf.int32))
 
 
 def scale_transform(transform, sy, sx):
@@ -130,6 +168,21 @@ def resample(image, transform, size):
     return out[0]
 
 
+def apply(image, transform, k, size):
+    """Resample one image (H, W, C) through its planned ``transform`` and shrink factor ``k``
+    (from ``plan``) to (S, S, C) float32."""
+
+    def shrink():
+        shape_f = tf.cast(tf.shape(image)[:2], tf.float32)
+        small = tf.maximum(tf.floor(shape_f / tf.cast(k, tf.float32)), 1.0)
+        pooled = tf.image.resize(tf.cast(image, tf.float32), tf.cast(small, tf.int32), method="area")
+        return pooled, scale_transform(transform, shape_f[0] / small[0], shape_f[1] / small[1])
+
+    # Anti-aliasing: average k x k blocks first when the crop is >= 2x the output size.
+    image, transform = tf.cond(k > 1, shrink, lambda: (tf.cast(image, tf.float32), transform))
+    return resample(image, transform, size)
+
+
 def random_resized_crop_rotate_flip(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                                     max_angle=30.0, flip=True):
     """Apply the study's train augmentation to one image (H, W, C) and return (S, S, C) float32.
@@ -142,19 +195,9 @@ def random_resized_crop_rotate_flip(image, seed, size, scale=(0.08, 1.0), ratio=
         max_angle: rotation range in degrees, uniform in [-max_angle, max_angle].
         flip: random horizontal flip with probability 0.5.
     """
-    shape = tf.shape(image)
-    transform, zoom = augment_params(shape[0], shape[1], size, scale, ratio, max_angle, flip, seed)
-    # Anti-aliasing: average k x k blocks first when the crop is >= 2x the output size.
-    k = tf.maximum(1, tf.cast(tf.floor(zoom), tf.int32))
-
-    def shrink():
-        shape_f = tf.cast(shape[:2], tf.float32)
-        small = tf.maximum(tf.floor(shape_f / tf.cast(k, tf.float32)), 1.0)
-        pooled = tf.image.resize(tf.cast(image, tf.float32), tf.cast(small, tf.int32), method="area")
-        return pooled, scale_transform(transform, shape_f[0] / small[0], shape_f[1] / small[1])
-
-    image, transform = tf.cond(k > 1, shrink, lambda: (tf.cast(image, tf.float32), transform))
-    return resample(image, transform, size)
+    transforms, k = plan(tf.shape(image)[None, :2], draws(seed)[None], size, scale, ratio,
+                         max_angle, flip)
+    return apply(image, transforms[0], k[0], size)
 
 
 def resize_eval(image, size):

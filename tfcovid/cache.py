@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import tensorflow as tf
 from PIL import Image
@@ -113,15 +113,42 @@ def _remove_if_empty(directory: str) -> None:
         pass
 
 
-def _header(path: str) -> tuple[int, int, int, bool] | None:
-    """(height, width, channels after decoding, is JPEG) from the file header, or None."""
+class Header(NamedTuple):
+    """What a file's header says: size, channels after decoding, JPEG or not, PIL mode."""
+
+    height: int
+    width: int
+    channels: int
+    jpeg: bool
+    mode: str
+
+
+def header(path: str) -> Header | None:
+    """Read ``path``'s header (not its pixels); None when it cannot be read."""
     try:
         with Image.open(path) as im:
             width, height = im.size
             gray = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-            return height, width, 1 if gray else 3, im.format == "JPEG"
+            return Header(height, width, 1 if gray else 3, im.format == "JPEG", im.mode)
     except (OSError, ValueError):
         return None
+
+
+def halvings(short: int, min_side: int, jpeg: bool) -> int:
+    """How many times ``pipeline.decode_base`` halves an image whose shorter side is ``short``:
+    as often as the shorter side stays >= ``min_side`` (libjpeg: 1/8 at most)."""
+    cap = 3 if jpeg else 30
+    return sum(short >= min_side * 2**j for j in range(1, cap + 1))
+
+
+def working_shape(height: int, width: int, jpeg: bool, min_side: int | None) -> tuple[int, int]:
+    """(height, width) of a train image at its working resolution (mirrors ``pipeline.decode_base``)."""
+    if not min_side:
+        return height, width
+    k = halvings(min(height, width), min_side, jpeg)
+    if jpeg:  # libjpeg scales by 1/2, 1/4 or 1/8 and rounds up
+        return -(-height // 2**k), -(-width // 2**k)
+    return height // 2**k, width // 2**k  # repeated 2x2 pooling drops odd rows
 
 
 def cached_pixels(height: int, width: int, channels: int, jpeg: bool, image_size: int,
@@ -129,13 +156,7 @@ def cached_pixels(height: int, width: int, channels: int, jpeg: bool, image_size
     """Bytes of pixels one image takes in the cache (mirrors ``pipeline.decode_base``)."""
     if not training:
         return image_size * image_size * channels
-    if min_side:
-        k = max(0, int(math.floor(math.log2(max(min(height, width) / min_side, 1.0)))))
-        if jpeg:  # libjpeg scales by 1/2, 1/4 or 1/8 and rounds up
-            k = min(k, 3)
-            height, width = -(-height // 2**k), -(-width // 2**k)
-        else:  # repeated 2x2 pooling drops odd rows
-            height, width = height // 2**k, width // 2**k
+    height, width = working_shape(height, width, jpeg, min_side)
     return height * width * channels
 
 
@@ -147,9 +168,10 @@ def estimate_bytes(paths: Sequence[str], image_size: int, min_side: int | None, 
     step = max(1, len(paths) // sample)
     sizes = []
     for path in list(paths)[::step][:sample]:
-        head = _header(path)
+        head = header(path)
         if head is not None:
-            sizes.append(cached_pixels(*head, image_size, min_side, training))
+            sizes.append(cached_pixels(head.height, head.width, head.channels, head.jpeg, image_size,
+                                       min_side, training))
     if not sizes:
         return len(paths) * image_size * image_size * 3
     return int(len(paths) * (sum(sizes) / len(sizes) + _OVERHEAD))

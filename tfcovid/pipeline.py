@@ -1,13 +1,18 @@
 """tf.data input pipelines: indices -> (cached) decode -> augment or resize -> batch -> prefetch.
 
-Train (``training=True`` with augmentation on), per image and epoch:
+Train (``training=True`` with augmentation on). Once per epoch, for all images at once
+(vectorised: a few dozen ops per epoch instead of per image): the shuffle, each image's
+random draws and its augmentation plan (``augment.plan``: crop box, angle, flip as one affine
+transform), from the working-resolution sizes the files' headers give. Then per image:
 
 1. The decoded image, from the cache (``tfcovid.cache``) or, the first time, from the file:
    ``decode_base`` decodes it at a bounded *working resolution* (JPEGs straight from their DCT
    coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it.
-2. ``augment.random_resized_crop_rotate_flip``: the study's rotation, random resized crop and
-   flip, sampled as torchvision samples them, fused into one bilinear resample (box-averaged
-   first when the crop is 2x or more larger than the output, so it does not alias).
+   If its size is not the one its header gave, its plan is made again from its pixels (same
+   draws, so the same result as if the header had been right).
+2. ``augment.apply``: the study's rotation, random resized crop and flip, sampled as
+   torchvision samples them, fused into one bilinear resample (box-averaged first when the
+   crop is 2x or more larger than the output, so it does not alias).
 3. Round to uint8; grayscale is repeated to 3 channels only here, at the end.
 
 Reordering for speed (documented, and tested for its statistics): the study rotates and crops
@@ -24,7 +29,7 @@ uint8 pixels (1 channel for grayscale), so later validation passes cost a table 
 The same dataset object is iterated every epoch (Keras does), so the cache it captured fills
 on the first pass and serves the rest. The shuffle is a stateless permutation of indices
 (``index_shuffle``), a full reshuffle of the split every epoch; it and each image's
-augmentation seed are keyed on (seed, epoch, image index), so an interrupted and resumed run
+augmentation draws are keyed on (seed, epoch, image index), so an interrupted and resumed run
 sees exactly the batches an uninterrupted one would have.
 """
 
@@ -32,10 +37,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from tfcovid import augment
-from tfcovid.cache import as_cache, estimate_bytes
+from tfcovid.cache import as_cache, estimate_bytes, halvings, header, working_shape
 from tfcovid.data import Split, decode_image, gray_to_rgb, round_uint8, to_rgb_uint8
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -48,10 +54,11 @@ def working_side(image_size: int, decode_scale: float) -> int | None:
     return int(math.ceil(decode_scale * image_size))
 
 
-def _halvings(short, min_side):
-    """How many times an image can be halved and keep its shorter side >= min_side."""
-    ratio = tf.maximum(tf.cast(short, tf.float32) / float(min_side), 1.0)
-    return tf.cast(tf.floor(tf.math.log(ratio) / math.log(2.0)), tf.int32)
+def _halvings(short, min_side: int, cap: int):
+    """How many times (at most ``cap``) an image can be halved and keep its shorter side >=
+    min_side; integer arithmetic, the same count as ``cache.halvings``."""
+    steps = tf.constant([min_side * 2**j for j in range(1, cap + 1)], tf.int64)
+    return tf.reduce_sum(tf.cast(tf.cast(short, tf.int64) >= steps, tf.int32))
 
 
 def _one_or_three(image):
@@ -74,14 +81,14 @@ def decode_base(data, min_side: int | None):
 
     def jpeg():
         shape = tf.io.extract_jpeg_shape(data)
-        k = tf.minimum(_halvings(tf.minimum(shape[0], shape[1]), min_side), 3)
+        k = _halvings(tf.minimum(shape[0], shape[1]), min_side, 3)
         branches = [lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r) for r in (1, 2, 4, 8)]
         return _one_or_three(tf.switch_case(k, branches))
 
     def other():
         image = decode_image(data)
         shape = tf.shape(image)
-        k = _halvings(tf.minimum(shape[0], shape[1]), min_side)
+        k = _halvings(tf.minimum(shape[0], shape[1]), min_side, 30)
 
         def pool():
             x = tf.cast(image, tf.float32)[None]
@@ -96,6 +103,34 @@ def decode_base(data, min_side: int | None):
 
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), _JPEG_MAGIC)
     return tf.cond(is_jpeg, jpeg, other)
+
+
+def _file_plan(paths, min_side: int | None):
+    """Every train file's working-resolution (height, width) from its header, and its decoder.
+
+    The sizes let a whole epoch's augmentation be planned at once (``augment.plan``), before
+    any pixel is decoded; an unreadable header gives (-1, -1) and that image is planned from
+    its pixels instead. When every file is a JPEG of one kind (grey or RGB, one DCT scale) the
+    decoder is a single ``decode_jpeg`` with that scale, else the general ``decode_base``:
+    the same pixels either way.
+    """
+    shapes = np.full((max(len(paths), 1), 2), -1, np.int32)
+    kinds = set()
+    for i, path in enumerate(paths):
+        head = header(path)
+        if head is None:
+            kinds.add(None)
+            continue
+        shapes[i] = working_shape(head.height, head.width, head.jpeg, min_side)
+        if head.jpeg and head.mode in ("L", "RGB"):
+            k = halvings(min(head.height, head.width), min_side, True) if min_side else 0
+            kinds.add((head.channels, 2**k))
+        else:
+            kinds.add(None)
+    if len(kinds) == 1 and None not in kinds:
+        channels, ratio = kinds.pop()
+        return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio)
+    return shapes, lambda data: decode_base(data, min_side)
 
 
 def _eval_pixels(data, size: int):
@@ -138,6 +173,9 @@ def dataset(
     """
     augmenting = training and aug is not None and aug.enabled
     min_side = working_side(image_size, decode_scale) if augmenting else None
+    if augmenting:
+        shapes, decode = _file_plan(split.paths, min_side)
+        aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
     policy = as_cache(cache)
     store = None
     if policy is not None:
@@ -161,16 +199,22 @@ def dataset(
                 2, drop_remainder=True).take(1)
 
         def one_epoch(key):
-            # One epoch at once, vectorised (cheaper than per-element maps): a stateless
-            # permutation of the split (a full reshuffle) and a seed pair per image index.
+            # One epoch at once, vectorised (far cheaper than per-image ops): a stateless
+            # permutation of the split (a full reshuffle) and each image's augmentation draws
+            # and plan, from the sizes its header gave.
             key = tf.reshape(tf.cast(key, tf.int64), [2])
             order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), key, max(n - 1, 0))
-            pairs = tf.random.stateless_uniform([max(n, 1), 2], key, minval=None, maxval=None, dtype=tf.int64)
-            return tf.data.Dataset.from_tensor_slices((order, tf.gather(pairs, order)))
+            if not augmenting:
+                return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
+            draws = augment.draws(key, max(n, 1))
+            transforms, shrink = augment.plan(shapes, draws, image_size, *aug_args)
+            plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
+                               tf.cast(shapes, tf.float32)], axis=1)
+            return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
 
         ds = keys.flat_map(one_epoch)
     else:
-        ds = tf.data.Dataset.range(n).map(lambda index: (index, tf.zeros([2], tf.int32)))
+        ds = tf.data.Dataset.range(n).map(lambda index: (index, tf.zeros([0])))
 
     def decoded(index, make):
         """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
@@ -187,18 +231,25 @@ def dataset(
         image.set_shape([None, None, None])
         return image
 
-    def train_image(index, pair):
-        base = decoded(index, lambda: decode_base(tf.io.read_file(paths[index]), min_side))
-        out = augment.random_resized_crop_rotate_flip(
-            base, pair, image_size, aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
-        return to_rgb_uint8(out, image_size)
+    def train_image(index, plan):
+        base = decoded(index, lambda: decode(tf.io.read_file(paths[index])))
+        draws, transform, shrink, expected = tf.split(plan, [augment.DRAWS, 8, 1, 2])
+        hw = tf.shape(base)[:2]
+
+        def replan():  # the header's size was not the decoded one: plan from the pixels
+            transforms, k = augment.plan(hw[None], draws[None], image_size, *aug_args)
+            return transforms[0], k[0]
+
+        same = tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
+        transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)), replan)
+        return to_rgb_uint8(augment.apply(base, transform, k, image_size), image_size)
 
     def eval_image(index):
         return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
                     image_size)
 
-    def load(index, pair):
-        image = train_image(index, pair) if augmenting else eval_image(index)
+    def load(index, plan):
+        image = train_image(index, plan) if augmenting else eval_image(index)
         return image if labels is None else (image, tf.gather(labels, index))
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or not training)
