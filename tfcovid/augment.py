@@ -26,7 +26,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
+
+try:  # optional ("tfcovid[fast]"): OpenCV's warpAffine resamples ~5x faster than TensorFlow's op
+    import cv2
+except ImportError:  # pragma: no cover - depends on the environment
+    cv2 = None
+else:
+    cv2.setNumThreads(0)  # tf.data already runs one image per core; no pool inside each call
 
 
 DRAWS = 24
@@ -181,6 +189,50 @@ def apply(image, transform, k, size):
     # Anti-aliasing: average k x k blocks first when the crop is >= 2x the output size.
     image, transform = tf.cond(k > 1, shrink, lambda: (tf.cast(image, tf.float32), transform))
     return resample(image, transform, size)
+
+
+def _warp(image, transform, k, size):
+    """NumPy side of ``apply_uint8`` with OpenCV (called through ``tf.numpy_function``)."""
+    if k > 1:
+        h, w = image.shape[:2]
+        small_h, small_w = max(h // k, 1), max(w // k, 1)
+        # In float, as TensorFlow's path does: rounding the shrunk image would add its own error.
+        image = cv2.resize(image.astype(np.float32), (small_w, small_h), interpolation=cv2.INTER_AREA)
+        sy, sx = h / small_h, w / small_w
+        transform = np.array([transform[0] / sx, transform[1] / sx, (transform[2] + 0.5) / sx - 0.5,
+                              transform[3] / sy, transform[4] / sy, (transform[5] + 0.5) / sy - 0.5])
+    out = cv2.warpAffine(image, np.asarray(transform[:6], np.float64).reshape(2, 3), (size, size),
+                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if out.dtype != np.uint8:
+        out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out.reshape(size, size, -1)
+
+
+FAST_HINT = 'pip install "tfcovid[fast]" for OpenCV\'s resampler: ~1.5x the augmented images/s on a CPU'
+
+
+def resampler() -> str:
+    """Which library ``apply_uint8`` resamples with: "opencv" when it is installed, else "tensorflow"."""
+    return "opencv" if cv2 is not None else "tensorflow"
+
+
+def apply_uint8(image, transform, k, size, use_opencv: bool | None = None):
+    """``apply`` rounded to uint8 pixels (S, S, C), with OpenCV when it is installed.
+
+    The two resamplers implement the same map (pixel centres at integers, black outside the
+    image, the same k x k area pre-shrink, in float); OpenCV's fixed-point bilinear weights move
+    a few pixels by one grey level from TensorFlow's float result (``tests/test_augment.py``).
+    """
+    if use_opencv is None:
+        use_opencv = cv2 is not None
+    if not use_opencv:
+        out = apply(image, transform, k, size)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    out = tf.numpy_function(lambda im, t, kk: _warp(im, t, int(kk), size),
+                            [tf.cast(image, tf.uint8), transform, k], tf.uint8, stateful=False)
+    out.set_shape([size, size, image.shape[-1]])
+    return out
 
 
 def random_resized_crop_rotate_flip(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcovid import cache as cache_lib
-from tfcovid import config, data, runtime
+from tfcovid import augment, config, data, runtime
 
 KINDS = ("pipeline", "model", "fit")
 
@@ -89,7 +89,7 @@ def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {"device": runtime.describe_device(), "cpu_count": os.cpu_count(),
             "load_average_1min": round(load[0], 2), "tensorflow": tf.__version__,
-            "keras": keras.__version__, **_backend()}
+            "keras": keras.__version__, "augment_resampler": augment.resampler(), **_backend()}
 
 
 def _backend() -> dict:
@@ -387,6 +387,10 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
     return {**result, "data": source}
 
 
+def _resampler_hint(result: dict) -> str:
+    return "" if result["augment_resampler"] == "opencv" else f" ({augment.FAST_HINT})"
+
+
 def summary(result: dict) -> str:
     """A few human-readable lines for one benchmark result."""
     r = result
@@ -401,6 +405,7 @@ def summary(result: dict) -> str:
             f"  later epochs (from cache)  {r['later_epochs_images_per_s']:8.1f} images/s",
             f"  start-up per pass (not in the rates above): {r['startup_s']} s",
             f"  cache: {r['cache']['stored']}",
+            f"  augmentation resampled with {r['augment_resampler']}" + _resampler_hint(r),
         ])
     model = (f"{r['backbone']} (freeze {r['freeze']}) at {r['image_size']} px, batch {r['batch_size']}, "
              f"{r['precision']}{' + loss scaling' if r['loss_scaling'] else ''}, XLA "

@@ -242,7 +242,7 @@ def dataset(
 
         same = tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
         transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)), replan)
-        return to_rgb_uint8(augment.apply(base, transform, k, image_size), image_size)
+        return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
 
     def eval_image(index):
         return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),

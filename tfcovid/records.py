@@ -352,11 +352,11 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
             # zipped in would stop TensorFlow from sharding the files across workers.
             draw = tf.random.uniform([], maxval=2**62, dtype=tf.int64, seed=seed)
             pair = tf.stack([tf.strings.to_hash_bucket_fast(example["name"], 2**62), draw])
-            image = augment.random_resized_crop_rotate_flip(
-                image, pair, image_size, aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
+            transforms, k = augment.plan(tf.shape(image)[None, :2], augment.draws(pair)[None], image_size,
+                                         aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
+            image = data.gray_to_rgb(augment.apply_uint8(image, transforms[0], k[0], image_size), image_size)
         else:
-            image = augment.resize_eval(image, image_size)
-        image = data.to_rgb_uint8(image, image_size)
+            image = data.to_rgb_uint8(augment.resize_eval(image, image_size), image_size)
         return image if table is None else (image, tf.gather(table, example["class"]))
 
     ds = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)

@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from tfcovid import (atomic, data, demo, filecheck, losses, metrics, modelinfo, plots, preflight,
-                     records, report, runstate, runtime, weights)
+from tfcovid import (atomic, augment, data, demo, filecheck, losses, metrics, modelinfo, plots,
+                     preflight, records, report, runstate, runtime, weights)
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
@@ -201,6 +201,9 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     val_ds = data.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
                           cache=cache)
     log(f"      {cache.describe()}")
+    if exp.augment.enabled:
+        hint = "" if augment.resampler() == "opencv" else f" ({augment.FAST_HINT})"
+        log(f"      augmentation resampled with {augment.resampler()}{hint}")
 
     # Phase 4: model, weights, freeze policy, compile — inside the strategy scope.
     with runtime.dtype_policy(precision), strategy.scope():
