@@ -218,3 +218,24 @@ def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
     shapes, _ = pipeline._file_plan(mixed_split.paths, 64)
     assert (shapes[[2, 3, 5]] == -1).all()  # the PNGs: unknown
     np.testing.assert_array_equal(epoch(), truth)
+
+
+def test_opencv_and_tensorflow_pipelines_make_the_same_batches(mixed_split, monkeypatch):
+    """With the fast extra the batch is resampled by OpenCV after batching; without it, per
+    image by TensorFlow. Same images, same views, grey repeated to 3 channels either way."""
+    from tfcovid import augment
+
+    def epoch():
+        ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache="memory", seed=4)
+        x, y = next(iter(ds))
+        return x.numpy()[np.argsort(y.numpy())]
+
+    assert augment.resampler() == "opencv"
+    fast = epoch()
+    monkeypatch.setattr(augment, "resampler", lambda: "tensorflow")
+    plain = epoch()
+    assert fast.shape == plain.shape == (6, 32, 32, 3) and fast.dtype == plain.dtype == np.uint8
+    assert np.abs(fast.astype(int) - plain).max() <= 1
+    assert (fast.std(axis=(1, 2)) > 1).all()  # real views, not blank
+    gray = [0, 2, 4, 5]  # grey files: the three channels are equal
+    assert (fast[gray, ..., 0] == fast[gray, ..., 2]).all() and (fast[1, ..., 0] != fast[1, ..., 2]).any()

@@ -10,10 +10,13 @@ transform), from the working-resolution sizes the files' headers give. Then per 
    coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it.
    If its size is not the one its header gave, its plan is made again from its pixels (same
    draws, so the same result as if the header had been right).
-2. ``augment.apply``: the study's rotation, random resized crop and flip, sampled as
-   torchvision samples them, fused into one bilinear resample (box-averaged first when the
-   crop is 2x or more larger than the output, so it does not alias).
-3. Round to uint8; grayscale is repeated to 3 channels only here, at the end.
+2. The study's rotation, random resized crop and flip, sampled as torchvision samples them,
+   fused into one bilinear resample (box-averaged first when the crop is 2x or more larger
+   than the output, so it does not alias), rounded to uint8; grayscale is repeated to 3
+   channels only here, at the end. With OpenCV installed (the ``fast`` extra) the images are
+   batched first (zero-padded to the batch's largest) and ``augment.warp_batch`` resamples
+   the whole batch in one call on all cores; without it, ``augment.apply_uint8`` resamples
+   each image with TensorFlow's op before batching. The two agree to one grey level.
 
 Reordering for speed (documented, and tested for its statistics): the study rotates and crops
 the full-resolution image; tfcovid first brings the image down to its working resolution
@@ -42,7 +45,7 @@ import tensorflow as tf
 
 from tfcovid import augment
 from tfcovid.cache import as_cache, estimate_bytes, halvings, header, working_shape
-from tfcovid.data import Split, decode_image, gray_to_rgb, round_uint8, to_rgb_uint8
+from tfcovid.data import Split, decode_image, gray_to_rgb, round_uint8
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -173,6 +176,8 @@ def dataset(
     """
     augmenting = training and aug is not None and aug.enabled
     min_side = working_side(image_size, decode_scale) if augmenting else None
+    # With OpenCV (the fast extra) a whole batch is resampled in one call after batching.
+    warp_batches = augmenting and augment.resampler() == "opencv"
     if augmenting:
         shapes, decode = _file_plan(split.paths, min_side)
         aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
@@ -231,7 +236,8 @@ def dataset(
         image.set_shape([None, None, None])
         return image
 
-    def train_image(index, plan):
+    def train_view(index, plan):
+        """The image (uint8 at working resolution), its transform and shrink factor."""
         base = decoded(index, lambda: decode(tf.io.read_file(paths[index])))
         draws, transform, shrink, expected = tf.split(plan, [augment.DRAWS, 8, 1, 2])
         hw = tf.shape(base)[:2]
@@ -242,7 +248,13 @@ def dataset(
 
         same = tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
         transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)), replan)
-        return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
+        return base, transform, k
+
+    def train_image(index, plan):
+        base, transform, k = train_view(index, plan)
+        if warp_batches:  # resampled after batching, by OpenCV (augment.warp_batch)
+            return base, tf.shape(base), transform, k
+        return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size, use_opencv=False), image_size)
 
     def eval_image(index):
         return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
@@ -252,8 +264,14 @@ def dataset(
         image = train_image(index, plan) if augmenting else eval_image(index)
         return image if labels is None else (image, tf.gather(labels, index))
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or not training)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    in_order = deterministic or not training
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+    if warp_batches:
+        ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(augment.batch_warper(image_size), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=in_order)
+    else:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if training:  # flat_map hides the length; Keras's progress bar and step count want it
         batches = n // batch_size if drop_remainder else -(-n // batch_size)
         ds = ds.apply(tf.data.experimental.assert_cardinality(batches))

@@ -354,13 +354,24 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
             pair = tf.stack([tf.strings.to_hash_bucket_fast(example["name"], 2**62), draw])
             transforms, k = augment.plan(tf.shape(image)[None, :2], augment.draws(pair)[None], image_size,
                                          aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
-            image = data.gray_to_rgb(augment.apply_uint8(image, transforms[0], k[0], image_size), image_size)
+            if warp_batches:  # resampled after batching, by OpenCV (augment.warp_batch)
+                image = (image, tf.shape(image), transforms[0], k[0])
+            else:
+                image = data.gray_to_rgb(augment.apply_uint8(image, transforms[0], k[0], image_size, False),
+                                         image_size)
         else:
             image = data.to_rgb_uint8(augment.resize_eval(image, image_size), image_size)
         return image if table is None else (image, tf.gather(table, example["class"]))
 
+    warp_batches = augmenting and augment.resampler() == "opencv"
     ds = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    if warp_batches:
+        ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(augment.batch_warper(image_size), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=not training)
+    else:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.FILE if training else tf.data.experimental.AutoShardPolicy.DATA)
