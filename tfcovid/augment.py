@@ -240,10 +240,13 @@ def apply_uint8(image, transform, k, size, use_opencv: bool | None = None):
 _POOL: list = []
 
 
+_THREADS = os.cpu_count() or 1
+
+
 def _pool() -> ThreadPoolExecutor:
-    """Threads for ``_warp_batch`` (OpenCV releases the GIL while it resamples)."""
+    """``_THREADS`` threads for ``_warp_batch`` (OpenCV releases the GIL while it resamples)."""
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tfcovid-warp"))
+        _POOL.append(ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="tfcovid-warp"))
     return _POOL[0]
 
 
@@ -258,9 +261,15 @@ def _warp_into(out, image, transform, k, size):
 def _warp_batch(images, shapes, transforms, ks, size):
     """NumPy side of ``warp_batch``: the batch's images resampled on all cores, 3 channels out."""
     out = np.empty((len(images), size, size, 3), np.uint8)
-    jobs = [_pool().submit(_warp_into, out[i], images[i, :h, :w, :c], transforms[i], int(ks[i]), size)
-            for i, (h, w, c) in enumerate(shapes)]
-    for job in jobs:
+
+    def run(indices):
+        for i in indices:
+            h, w, c = shapes[i]
+            _warp_into(out[i], images[i, :h, :w, :c], transforms[i], int(ks[i]), size)
+
+    # One job per worker thread (contiguous runs of images), not one per image: fewer futures.
+    chunks = np.array_split(np.arange(len(images)), min(len(images), _THREADS) or 1)
+    for job in [_pool().submit(run, chunk) for chunk in chunks]:
         job.result()
     return out
 
@@ -271,7 +280,7 @@ def warp_batch(images, shapes, transforms, k, size):
     One ``tf.numpy_function`` call per batch, its images resampled by a thread pool: a call
     costs ~0.2 ms of CPU under Python's global lock whatever it does, more than OpenCV's
     resample of a 224 px view, so one call per image would cap every machine at ~5,000
-    images/s; per batch the lock is held ~15 us per image.
+    images/s; per batch the lock is held ~13 us per image (measured with OpenCV stubbed out).
 
     Args:
         images: uint8 [B, H, W, C], each image at the top left, zero-padded.
