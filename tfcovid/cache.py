@@ -1,7 +1,7 @@
 """A cache of decoded images for the input pipeline: in memory within a budget, else on disk.
 
 Decoding a 1024 x 1024 JPEG costs 2-5 ms of CPU (150-270 KB files on a 2-core x86 machine),
-more than everything else the train pipeline does to it (~1.5 ms), and it gives the same
+more than everything else the train pipeline does to it (~0.7-1.3 ms), and it gives the same
 pixels every epoch. So the first epoch
 decodes each image once, at a bounded resolution (see ``pipeline.decode_base``), and stores
 it here; later epochs read it back instead of decoding.
