@@ -24,6 +24,7 @@ XLA (Keras augmentation layers inside a model disable it).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -165,9 +166,13 @@ def scale_transform(transform, sy, sx):
     Source coordinate x (pixel centres at integers) sits at (x + 0.5) / s - 0.5 in the shrunk
     image, which is where a k x k box average (or a JPEG decoded at 1/k scale) puts it.
     """
-    a0, a1, a2, b0, b1, b2 = tf.unstack(transform[:6])
-    return tf.stack([a0 / sx, a1 / sx, (a2 + 0.5) / sx - 0.5,
-                     b0 / sy, b1 / sy, (b2 + 0.5) / sy - 0.5, 0.0, 0.0])
+    return tf.stack(_rescaled(tf.unstack(transform[:6]), sy, sx) + [0.0, 0.0])
+
+
+def _rescaled(t, sy, sx):
+    """``scale_transform``'s arithmetic on any six numbers (TensorFlow or NumPy)."""
+    a0, a1, a2, b0, b1, b2 = t[:6]
+    return [a0 / sx, a1 / sx, (a2 + 0.5) / sx - 0.5, b0 / sy, b1 / sy, (b2 + 0.5) / sy - 0.5]
 
 
 def resample(image, transform, size):
@@ -194,15 +199,13 @@ def apply(image, transform, k, size):
 
 
 def _warp(image, transform, k, size):
-    """NumPy side of ``apply_uint8`` with OpenCV (called through ``tf.numpy_function``)."""
+    """``apply_uint8``'s result for one NumPy image, with OpenCV (see ``warp_batch``)."""
     if k > 1:
         h, w = image.shape[:2]
         small_h, small_w = max(h // k, 1), max(w // k, 1)
         # In float, as TensorFlow's path does: rounding the shrunk image would add its own error.
         image = cv2.resize(image.astype(np.float32), (small_w, small_h), interpolation=cv2.INTER_AREA)
-        sy, sx = h / small_h, w / small_w
-        transform = np.array([transform[0] / sx, transform[1] / sx, (transform[2] + 0.5) / sx - 0.5,
-                              transform[3] / sy, transform[4] / sy, (transform[5] + 0.5) / sy - 0.5])
+        transform = np.array(_rescaled(transform, h / small_h, w / small_w))
     out = cv2.warpAffine(image, np.asarray(transform[:6], np.float64).reshape(2, 3), (size, size),
                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -215,39 +218,34 @@ FAST_HINT = 'pip install "tfcovid[fast]" for OpenCV\'s resampler: ~1.6x the augm
 
 
 def resampler() -> str:
-    """Which library ``apply_uint8`` resamples with: "opencv" when it is installed, else "tensorflow"."""
+    """Which library the pipelines resample with: "opencv" when it is installed, else "tensorflow"."""
     return "opencv" if cv2 is not None else "tensorflow"
 
 
-def apply_uint8(image, transform, k, size, use_opencv: bool | None = None):
-    """``apply`` rounded to uint8 pixels (S, S, C), with OpenCV when it is installed.
+def describe_resampler(name: str | None = None) -> str:
+    """``name`` (default: ``resampler()``), with the install hint when it is not OpenCV."""
+    name = name or resampler()
+    return name if name == "opencv" else f"{name} ({FAST_HINT})"
 
-    The two resamplers implement the same map (pixel centres at integers, black outside the
-    image, the same k x k area pre-shrink, in float); OpenCV's fixed-point bilinear weights move
-    a few pixels by one grey level from TensorFlow's float result (``tests/test_augment.py``).
+
+def apply_uint8(image, transform, k, size):
+    """``apply`` rounded to uint8 pixels (S, S, C), with TensorFlow's op.
+
+    ``warp_batch`` is the same with OpenCV: the same map (pixel centres at integers, black
+    outside the image, the same k x k area pre-shrink, in float); OpenCV's fixed-point bilinear
+    weights move a few pixels by one grey level (``tests/test_augment.py``).
     """
-    if use_opencv is None:
-        use_opencv = cv2 is not None
-    if not use_opencv:
-        out = apply(image, transform, k, size)
-        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
-    out = tf.numpy_function(lambda im, t, kk: _warp(im, t, int(kk), size),
-                            [tf.cast(image, tf.uint8), transform, k], tf.uint8, stateful=False)
-    out.set_shape([size, size, image.shape[-1]])
-    return out
-
-
-_POOL: list = []
+    out = apply(image, transform, k, size)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
 _THREADS = os.cpu_count() or 1
 
 
+@functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
     """``_THREADS`` threads for ``_warp_batch`` (OpenCV releases the GIL while it resamples)."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="tfcovid-warp"))
-    return _POOL[0]
+    return ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="tfcovid-warp")
 
 
 def _warp_into(out, image, transform, k, size):
@@ -275,7 +273,7 @@ def _warp_batch(images, shapes, transforms, ks, size):
 
 
 def warp_batch(images, shapes, transforms, k, size):
-    """``apply_uint8`` with OpenCV for a padded batch of images, 3 channels out (grey repeated).
+    """``apply_uint8`` done by OpenCV for a padded batch of images, 3 channels out (grey repeated).
 
     One ``tf.numpy_function`` call per batch, its images resampled by a thread pool: a call
     costs ~0.2 ms of CPU under Python's global lock whatever it does, more than OpenCV's

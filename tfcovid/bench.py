@@ -387,10 +387,6 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
     return {**result, "data": source}
 
 
-def _resampler_hint(result: dict) -> str:
-    return "" if result["augment_resampler"] == "opencv" else f" ({augment.FAST_HINT})"
-
-
 def summary(result: dict) -> str:
     """A few human-readable lines for one benchmark result."""
     r = result
@@ -405,7 +401,7 @@ def summary(result: dict) -> str:
             f"  later epochs (from cache)  {r['later_epochs_images_per_s']:8.1f} images/s",
             f"  start-up per pass (not in the rates above): {r['startup_s']} s",
             f"  cache: {r['cache']['stored']}",
-            f"  augmentation resampled with {r['augment_resampler']}" + _resampler_hint(r),
+            f"  augmentation resampled with {augment.describe_resampler(r['augment_resampler'])}",
         ])
     model = (f"{r['backbone']} (freeze {r['freeze']}) at {r['image_size']} px, batch {r['batch_size']}, "
              f"{r['precision']}{' + loss scaling' if r['loss_scaling'] else ''}, XLA "

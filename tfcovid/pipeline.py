@@ -254,7 +254,7 @@ def dataset(
         base, transform, k = train_view(index, plan)
         if warp_batches:  # resampled after batching, by OpenCV (augment.warp_batch)
             return base, tf.shape(base), transform, k
-        return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size, use_opencv=False), image_size)
+        return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
 
     def eval_image(index):
         return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),

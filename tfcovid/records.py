@@ -357,8 +357,7 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
             if warp_batches:  # resampled after batching, by OpenCV (augment.warp_batch)
                 image = (image, tf.shape(image), transforms[0], k[0])
             else:
-                image = data.gray_to_rgb(augment.apply_uint8(image, transforms[0], k[0], image_size, False),
-                                         image_size)
+                image = data.gray_to_rgb(augment.apply_uint8(image, transforms[0], k[0], image_size), image_size)
         else:
             image = data.to_rgb_uint8(augment.resize_eval(image, image_size), image_size)
         return image if table is None else (image, tf.gather(table, example["class"]))

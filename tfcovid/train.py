@@ -202,8 +202,7 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
                           cache=cache)
     log(f"      {cache.describe()}")
     if exp.augment.enabled:
-        hint = "" if augment.resampler() == "opencv" else f" ({augment.FAST_HINT})"
-        log(f"      augmentation resampled with {augment.resampler()}{hint}")
+        log(f"      augmentation resampled with {augment.describe_resampler()}")
 
     # Phase 4: model, weights, freeze policy, compile — inside the strategy scope.
     with runtime.dtype_policy(precision), strategy.scope():
