@@ -239,3 +239,57 @@ def test_opencv_and_tensorflow_pipelines_make_the_same_batches(mixed_split, monk
     assert (fast.std(axis=(1, 2)) > 1).all()  # real views, not blank
     gray = [0, 2, 4, 5]  # grey files: the three channels are equal
     assert (fast[gray, ..., 0] == fast[gray, ..., 2]).all() and (fast[1, ..., 0] != fast[1, ..., 2]).any()
+
+
+def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, tmp_path, monkeypatch):
+    """With OpenCV the memory cache is an ArrayStore that the batch resampler fills and reads.
+    An epoch decodes only what is not stored yet; later epochs read the store, not the files
+    (they are moved away here), and give exactly the batches of an uncached run."""
+    import dataclasses
+    import shutil
+
+    from tfcovid import augment
+
+    assert augment.resampler() == "opencv"
+    copies = [shutil.copy(p, tmp_path / os.path.basename(p)) for p in mixed_split.paths]
+    split = dataclasses.replace(mixed_split, dir=str(tmp_path), paths=tuple(map(str, copies)))
+    real = cache.header
+    # The first file's header is wrong: the store's true size must replace it in later plans.
+    monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=999) if p == split.paths[0] else real(p))
+
+    def uncached(e):  # (images, labels) of epoch e without a cache
+        epoch = tf.Variable(e, dtype=tf.int64)
+        got = list(data.dataset(split, 32, 4, training=True, aug=AUG, seed=2, epoch=epoch,
+                                 deterministic=True))
+        return np.concatenate([x for x, _ in got]), np.concatenate([y for _, y in got])
+
+    truth = [uncached(e) for e in range(3)]
+    policy = cache.Cache("memory")
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = data.dataset(split, 32, 4, training=True, aug=AUG, cache=policy, seed=2, epoch=epoch,
+                      deterministic=True)
+    store = policy.stores[0]
+    assert isinstance(store, cache.ArrayStore)
+    # As if an interrupted first pass had stored two images: this epoch decodes the others.
+    for i in (1, 3):
+        store.put(i, pipeline.decode_base(_bytes(split.paths[i]), 64).numpy())
+    assert np.flatnonzero(store.state()[0]).tolist() == [1, 3]
+    for e in range(3):
+        if e == 2:  # everything is stored now: the files are not needed any more
+            for p in split.paths:
+                os.rename(p, p + ".moved")
+        epoch.assign(e)
+        got = [(x.numpy(), y.numpy()) for x, y in ds]
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in got]), truth[e][0])
+        np.testing.assert_array_equal(np.concatenate([y for _, y in got]), truth[e][1])
+    assert store.count() == len(split)
+    for i, path in enumerate(mixed_split.paths):
+        np.testing.assert_array_equal(store.get(i), pipeline.decode_base(_bytes(path), 64).numpy())
+    assert store.state()[1][0].tolist() == list(store.get(0).shape[:2])  # not the header's
+    assert store.nbytes() == sum(store.get(i).nbytes for i in range(len(split))) + cache._OVERHEAD * len(split)
+    assert "6 images" in store.describe() and "in memory" in store.describe()
+    # Without OpenCV the memory cache stays TensorFlow's table (the per-image path reads it).
+    monkeypatch.setattr(augment, "resampler", lambda: "tensorflow")
+    plain = cache.Cache("memory")
+    data.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=plain)
+    assert isinstance(plain.stores[0], cache.ImageStore)

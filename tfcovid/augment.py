@@ -256,14 +256,20 @@ def _warp_into(out, image, transform, k, size):
         out[...] = warped
 
 
-def _warp_batch(images, shapes, transforms, ks, size):
+def _warp_batch(images, shapes, transforms, ks, size, indices=None, stored=None, store=None):
     """NumPy side of ``warp_batch``: the batch's images resampled on all cores, 3 channels out."""
     out = np.empty((len(images), size, size, 3), np.uint8)
 
-    def run(indices):
-        for i in indices:
-            h, w, c = shapes[i]
-            _warp_into(out[i], images[i, :h, :w, :c], transforms[i], int(ks[i]), size)
+    def run(rows):
+        for i in rows:
+            if store is not None and stored[i]:
+                image = store.get(int(indices[i]))
+            else:
+                h, w, c = shapes[i]
+                image = images[i, :h, :w, :c]
+                if store is not None:  # its first pass: keep it (the copy is what is warped)
+                    image = store.put(int(indices[i]), image)
+            _warp_into(out[i], image, transforms[i], int(ks[i]), size)
 
     # One job per worker thread (contiguous runs of images), not one per image: fewer futures.
     chunks = np.array_split(np.arange(len(images)), min(len(images), _THREADS) or 1)
@@ -272,7 +278,7 @@ def _warp_batch(images, shapes, transforms, ks, size):
     return out
 
 
-def warp_batch(images, shapes, transforms, k, size):
+def warp_batch(images, shapes, transforms, k, size, indices=None, stored=None, store=None):
     """``apply_uint8`` done by OpenCV for a padded batch of images, 3 channels out (grey repeated).
 
     One ``tf.numpy_function`` call per batch, its images resampled by a thread pool: a call
@@ -284,18 +290,28 @@ def warp_batch(images, shapes, transforms, k, size):
         images: uint8 [B, H, W, C], each image at the top left, zero-padded.
         shapes: int32 [B, 3], each image's own (height, width, channels), channels 1 or 3.
         transforms: [B, 8] from ``plan``; k: [B] shrink factors from ``plan``.
+        indices, stored, store: with a ``cache.ArrayStore``: each image's index in the split
+            and whether ``store`` holds it. A stored image is read from the store (its slot in
+            ``images`` is an empty placeholder); any other is put there.
     """
-    out = tf.numpy_function(lambda *args: _warp_batch(*args, size), [images, shapes, transforms, k],
-                            tf.uint8, stateful=False)
+    args = [images, shapes, transforms, k]
+    if store is not None:
+        args += [indices, stored]
+
+    def run(*arrays):
+        return _warp_batch(*arrays[:4], size, *arrays[4:], store=store)
+
+    out = tf.numpy_function(run, args, tf.uint8, stateful=store is not None)
     out.set_shape([images.shape[0], size, size, 3])
     return out
 
 
-def batch_warper(size):
-    """A tf.data map function for padded batches of (image, shape, transform, k)[, label]
-    elements: resamples them with ``warp_batch``, returns (images[, labels])."""
+def batch_warper(size, store=None):
+    """A tf.data map function for padded batches of (image, shape, transform, k[, index,
+    stored])[, label] elements (index and stored with ``store``, a ``cache.ArrayStore``):
+    resamples them with ``warp_batch``, returns (images[, labels])."""
     def warp(item, label=None):
-        images = warp_batch(*item, size)
+        images = warp_batch(*item[:4], size, *item[4:], store=store)
         return images if label is None else (images, label)
     return warp
 

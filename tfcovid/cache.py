@@ -6,11 +6,13 @@ pixels every epoch. So the first epoch
 decodes each image once, at a bounded resolution (see ``pipeline.decode_base``), and stores
 it here; later epochs read it back instead of decoding.
 
-The store is random access by image index (a ``tf.lookup`` hash table; files on disk when the
-images do not fit the memory budget), so every epoch is still a full reshuffle of the whole
-split, as with PyTorch's ``shuffle=True``, with no shuffle buffer of images. It fills itself
-during the first epoch: an image missing from the store is decoded and added on the spot, so
-the first epoch trains while it fills, and an interrupted epoch loses nothing.
+The store is random access by image index, so every epoch is still a full reshuffle of the
+whole split, as with PyTorch's ``shuffle=True``, with no shuffle buffer of images. In memory it
+is an ``ArrayStore`` (NumPy arrays, filled and read by OpenCV's batch resampler) for train
+splits resampled with OpenCV, else an ``ImageStore`` (a ``tf.lookup`` hash table read and
+filled inside tf.data); on disk, files. It fills itself during the first epoch: an image
+missing from the store is decoded and added on the spot, so the first epoch trains while it
+fills, and an interrupted epoch loses nothing.
 
 A disk cache lives in a fresh temporary folder (under ``directory`` or ``$TMPDIR``) that is
 deleted when the process exits; caches are never shared between processes.
@@ -23,8 +25,10 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import tensorflow as tf
 from PIL import Image
 
@@ -100,6 +104,74 @@ class ImageStore:
     def describe(self) -> str:
         where = "memory" if self.mode == "memory" else f"disk ({self.directory})"
         return f"{self.name or 'cache'}: {self.count()} images, {self.nbytes() / 2**20:.1f} MB in {where}"
+
+
+class ArrayStore:
+    """Decoded images as NumPy arrays by index, in memory: the train split's store when OpenCV
+    resamples (``augment.warp_batch`` fills it and reads from it).
+
+    ``ImageStore``'s memory table costs ~0.5-1 ms of CPU per 256 KB image to fill on a 2-core
+    machine (serialising, copying into the table under its lock) and two more copies to read
+    back, all inside tf.data's per-image map; here the batch resampler copies each new image
+    once into its own array and reads it back in place, so a cached image never passes
+    through TensorFlow again. ``state()`` tells an epoch, once, which images are stored (and
+    their true sizes), so that epoch decodes only the others.
+
+    Args:
+        size: images in the split (indices 0 .. size - 1).
+        name: a label for messages (e.g. the split).
+    """
+
+    mode = "memory"
+
+    def __init__(self, size: int, name: str = ""):
+        self.name = name
+        self._images: list[np.ndarray | None] = [None] * size
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        """(stored bool [N], (height, width) int32 [N] of the stored images, -1 elsewhere)."""
+        images = list(self._images)
+        stored = np.array([a is not None for a in images], bool)
+        shapes = np.array([a.shape[:2] if a is not None else (-1, -1) for a in images], np.int32)
+        return stored, shapes.reshape(len(images), 2)
+
+    def get(self, index: int) -> np.ndarray | None:
+        """The stored image (H, W, C) uint8, or None; not a copy: do not write to it."""
+        return self._images[index]
+
+    def put(self, index: int, image: np.ndarray) -> np.ndarray:
+        """Keep a contiguous copy of ``image`` under ``index`` and return what is kept (the
+        first copy: later puts of an index change nothing)."""
+        kept = self._images[index]
+        if kept is not None:
+            return kept
+        copy = np.array(image, np.uint8, order="C")
+        copy.flags.writeable = False
+        with self._lock:
+            if self._images[index] is None:
+                self._images[index] = copy
+                self._bytes += copy.nbytes + _OVERHEAD
+            return self._images[index]
+
+    def lookup(self, index):
+        """(found, image) as ``ImageStore.lookup`` gives them, for inspection (eager)."""
+        image = self.get(int(index))
+        if image is None:
+            return tf.constant(False), tf.zeros([0, 0, 1], tf.uint8)
+        return tf.constant(True), tf.constant(image)
+
+    def count(self) -> int:
+        """Images stored so far."""
+        return sum(a is not None for a in self._images)
+
+    def nbytes(self) -> int:
+        """Bytes stored so far (pixels plus a small per-image overhead)."""
+        return self._bytes
+
+    def describe(self) -> str:
+        return f"{self.name or 'cache'}: {self.count()} images, {self.nbytes() / 2**20:.1f} MB in memory"
 
 
 def _mb(n: int) -> str:
@@ -195,11 +267,15 @@ class Cache:
         self.mode, self.budget = mode, int(budget_mb * 2**20)
         self.directory = directory
         self.used = 0
-        self.stores: list[ImageStore] = []
+        self.stores: list[ImageStore | ArrayStore] = []
         self.plans: list[str] = []
 
-    def store_for(self, name: str, estimated: int) -> ImageStore | None:
-        """A new store for split ``name`` whose cache should take about ``estimated`` bytes."""
+    def store_for(self, name: str, estimated: int, arrays: int | None = None) -> ImageStore | ArrayStore | None:
+        """A new store for split ``name`` whose cache should take about ``estimated`` bytes.
+
+        ``arrays``: the split's size, when its pipeline resamples with OpenCV: a memory store
+        is then an ``ArrayStore`` (NumPy arrays) instead of a TensorFlow table.
+        """
         if self.mode == "none":
             return None
         mode = self.mode
@@ -207,7 +283,10 @@ class Cache:
             mode = "memory" if self.used + estimated <= self.budget else "disk"
         if mode == "memory":
             self.used += estimated
-        store = ImageStore(mode, self.directory, name)
+        if mode == "memory" and arrays is not None:
+            store = ArrayStore(arrays, name)
+        else:
+            store = ImageStore(mode, self.directory, name)
         self.stores.append(store)
         where = "memory" if mode == "memory" else f"disk, {store.directory}"
         self.plans.append(f"{name} ~{_mb(estimated)} MB in {where}")

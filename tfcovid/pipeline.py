@@ -9,7 +9,10 @@ transform), from the working-resolution sizes the files' headers give. Then per 
    ``decode_base`` decodes it at a bounded *working resolution* (JPEGs straight from their DCT
    coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it.
    If its size is not the one its header gave, its plan is made again from its pixels (same
-   draws, so the same result as if the header had been right).
+   draws, so the same result as if the header had been right). With OpenCV and a memory
+   cache the store is an ``ArrayStore`` that the batch resampler reads and fills: the epoch
+   asks it once which images it holds (and their true sizes, for the plan), and only the
+   others are read and decoded here.
 2. The study's rotation, random resized crop and flip, sampled as torchvision samples them,
    fused into one bilinear resample (box-averaged first when the crop is 2x or more larger
    than the output, so it does not alias), rounded to uint8; grayscale is repeated to 3
@@ -44,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcovid import augment
-from tfcovid.cache import as_cache, estimate_bytes, halvings, header, working_shape
+from tfcovid.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
 from tfcovid.data import Split, decode_image, gray_to_rgb, round_uint8
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -181,15 +184,16 @@ def dataset(
     if augmenting:
         shapes, decode = _file_plan(split.paths, min_side)
         aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
+    n = len(split)
     policy = as_cache(cache)
     store = None
     if policy is not None:
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting)
-        store = policy.store_for(split.name, estimated)
+        store = policy.store_for(split.name, estimated, arrays=max(n, 1) if warp_batches else None)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
-    n = len(split)
 
+    arrays = isinstance(store, ArrayStore)  # the batch resampler reads and fills the cache
     if training:
         # Randomness is keyed on (seed, epoch, image), never on hidden generator state, so a
         # resumed run sees exactly the batches an uninterrupted one would have. The epoch is
@@ -212,9 +216,15 @@ def dataset(
             if not augmenting:
                 return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
             draws = augment.draws(key, max(n, 1))
-            transforms, shrink = augment.plan(shapes, draws, image_size, *aug_args)
+            known, stored = shapes, tf.zeros([max(n, 1)], tf.bool)
+            if arrays:  # what the cache holds now, once per epoch: those are not decoded
+                stored, held = tf.numpy_function(store.state, [], [tf.bool, tf.int32], stateful=True)
+                stored = tf.reshape(stored, [max(n, 1)])
+                known = tf.where(stored[:, None], tf.reshape(held, [-1, 2]), shapes)
+            transforms, shrink = augment.plan(known, draws, image_size, *aug_args)
             plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
-                               tf.cast(shapes, tf.float32)], axis=1)
+                               tf.cast(known, tf.float32), tf.cast(stored, tf.float32)[:, None]],
+                              axis=1)
             return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
 
         ds = keys.flat_map(one_epoch)
@@ -223,7 +233,7 @@ def dataset(
 
     def decoded(index, make):
         """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
-        if store is None:
+        if store is None or arrays:  # an ArrayStore is read and filled by the batch resampler
             return make()
         found, cached = store.lookup(index)
 
@@ -237,22 +247,31 @@ def dataset(
         return image
 
     def train_view(index, plan):
-        """The image (uint8 at working resolution), its transform and shrink factor."""
-        base = decoded(index, lambda: decode(tf.io.read_file(paths[index])))
-        draws, transform, shrink, expected = tf.split(plan, [augment.DRAWS, 8, 1, 2])
+        """The image (uint8 at working resolution), its transform and shrink factor; with an
+        ArrayStore, a stored image is an empty placeholder (the resampler reads the store)."""
+        draws, transform, shrink, expected, stored = tf.split(plan, [augment.DRAWS, 8, 1, 2, 1])
+        stored = stored[0] > 0
+        load = lambda: decoded(index, lambda: decode(tf.io.read_file(paths[index])))  # noqa: E731
+        if arrays:
+            base = tf.cond(stored, lambda: tf.zeros([0, 0, 1], tf.uint8), load)
+            base.set_shape([None, None, None])
+        else:
+            base = load()
         hw = tf.shape(base)[:2]
 
         def replan():  # the header's size was not the decoded one: plan from the pixels
             transforms, k = augment.plan(hw[None], draws[None], image_size, *aug_args)
             return transforms[0], k[0]
 
-        same = tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
+        same = stored | tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
         transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)), replan)
-        return base, transform, k
+        return base, transform, k, stored
 
     def train_image(index, plan):
-        base, transform, k = train_view(index, plan)
+        base, transform, k, stored = train_view(index, plan)
         if warp_batches:  # resampled after batching, by OpenCV (augment.warp_batch)
+            if arrays:
+                return base, tf.shape(base), transform, k, index, stored
             return base, tf.shape(base), transform, k
         return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
 
@@ -268,8 +287,8 @@ def dataset(
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
     if warp_batches:
         ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(augment.batch_warper(image_size), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=in_order)
+        warp = augment.batch_warper(image_size, store if arrays else None)
+        ds = ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if training:  # flat_map hides the length; Keras's progress bar and step count want it
