@@ -180,14 +180,14 @@ def test_unlabeled_split_and_disabled_augmentation(mixed_split):
 
 def test_file_plan_sizes_and_decoders_match_decode_base(mixed_split, tmp_path):
     # Mixed formats: sizes from the headers equal the decoded working sizes; general decoder.
-    shapes, decode = pipeline._file_plan(mixed_split.paths, 64)
+    shapes, decode, _ = pipeline._file_plan(mixed_split.paths, 64)
     for path, shape in zip(mixed_split.paths, shapes):
         expected = pipeline.decode_base(_bytes(path), 64)
         assert tuple(shape) == tuple(expected.shape[:2])
         np.testing.assert_array_equal(decode(_bytes(path)), expected)
     # One kind of JPEG (grey, 1/4 scale here): a single decode_jpeg, the same pixels.
     same = [_write(tmp_path / f"g{i}.jpg", _smooth(1000, 1200 - 8 * i, seed=i), "JPEG") for i in range(2)]
-    shapes, decode = pipeline._file_plan(same, 200)
+    shapes, decode, _ = pipeline._file_plan(same, 200)
     for path, shape in zip(same, shapes):
         expected = pipeline.decode_base(_bytes(path), 200)
         assert tuple(shape) == tuple(expected.shape[:2]) and expected.shape[0] == 250
@@ -215,7 +215,7 @@ def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
         return None if path.endswith(".png") else head._replace(height=head.height + 64)
 
     monkeypatch.setattr(pipeline, "header", lying)
-    shapes, _ = pipeline._file_plan(mixed_split.paths, 64)
+    shapes, _, _ = pipeline._file_plan(mixed_split.paths, 64)
     assert (shapes[[2, 3, 5]] == -1).all()  # the PNGs: unknown
     np.testing.assert_array_equal(epoch(), truth)
 

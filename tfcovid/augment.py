@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -244,11 +245,43 @@ _THREADS = os.cpu_count() or 1
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    """``_THREADS`` threads for ``_warp_batch`` (OpenCV releases the GIL while it resamples)."""
-    return ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="tfcovid-warp")
+    """Threads for ``on_all_cores``'s other chunks (OpenCV releases the GIL while it works)."""
+    return ThreadPoolExecutor(max_workers=max(_THREADS - 1, 1), thread_name_prefix="tfcovid-warp")
 
 
-def _warp_into(out, image, transform, k, size):
+def on_all_cores(count: int, work) -> None:
+    """Call ``work(i)`` for i in 0 .. count - 1 on the calling thread (one of tf.data's) and
+    up to one pool thread per other core. Rows are handed out one at a time, so a slow image
+    (a decode, a large crop) does not leave a core idle at the end of the batch, and the
+    caller waits only for rows in progress, never for a helper still queued behind another
+    batch's call."""
+    if count <= 0:
+        return
+    rows = iter(range(count))  # next() on it is atomic under the GIL: each row runs once
+    lock, finished = threading.Lock(), threading.Event()
+    done, failed = [0], []
+
+    def drain():
+        for i in rows:
+            try:
+                work(i)
+            except BaseException as error:  # noqa: BLE001  (re-raised by the caller)
+                failed.append(error)
+            with lock:
+                done[0] += 1
+                if done[0] == count:
+                    finished.set()
+
+    for _ in range(min(count, _THREADS) - 1):
+        _pool().submit(drain)
+    drain()
+    finished.wait()
+    if failed:
+        raise failed[0]
+
+
+def warp_into(out, image, transform, k, size) -> None:
+    """``_warp`` one NumPy image into ``out`` (S, S, 3) uint8; grey is repeated to 3 channels."""
     warped = _warp(np.ascontiguousarray(image), transform, k, size)
     if warped.shape[-1] == 1:  # grey: repeated to 3 channels straight into the batch
         cv2.cvtColor(warped[..., 0], cv2.COLOR_GRAY2RGB, dst=out)
@@ -256,29 +289,19 @@ def _warp_into(out, image, transform, k, size):
         out[...] = warped
 
 
-def _warp_batch(images, shapes, transforms, ks, size, indices=None, stored=None, store=None):
+def _warp_batch(images, shapes, transforms, ks, size):
     """NumPy side of ``warp_batch``: the batch's images resampled on all cores, 3 channels out."""
     out = np.empty((len(images), size, size, 3), np.uint8)
 
-    def run(rows):
-        for i in rows:
-            if store is not None and stored[i]:
-                image = store.get(int(indices[i]))
-            else:
-                h, w, c = shapes[i]
-                image = images[i, :h, :w, :c]
-                if store is not None:  # its first pass: keep it (the copy is what is warped)
-                    image = store.put(int(indices[i]), image)
-            _warp_into(out[i], image, transforms[i], int(ks[i]), size)
+    def row(i):
+        h, w, c = shapes[i]
+        warp_into(out[i], images[i, :h, :w, :c], transforms[i], int(ks[i]), size)
 
-    # One job per worker thread (contiguous runs of images), not one per image: fewer futures.
-    chunks = np.array_split(np.arange(len(images)), min(len(images), _THREADS) or 1)
-    for job in [_pool().submit(run, chunk) for chunk in chunks]:
-        job.result()
+    on_all_cores(len(images), row)
     return out
 
 
-def warp_batch(images, shapes, transforms, k, size, indices=None, stored=None, store=None):
+def warp_batch(images, shapes, transforms, k, size):
     """``apply_uint8`` done by OpenCV for a padded batch of images, 3 channels out (grey repeated).
 
     One ``tf.numpy_function`` call per batch, its images resampled by a thread pool: a call
@@ -290,30 +313,46 @@ def warp_batch(images, shapes, transforms, k, size, indices=None, stored=None, s
         images: uint8 [B, H, W, C], each image at the top left, zero-padded.
         shapes: int32 [B, 3], each image's own (height, width, channels), channels 1 or 3.
         transforms: [B, 8] from ``plan``; k: [B] shrink factors from ``plan``.
-        indices, stored, store: with a ``cache.ArrayStore``: each image's index in the split
-            and whether ``store`` holds it. A stored image is read from the store (its slot in
-            ``images`` is an empty placeholder); any other is put there.
     """
-    args = [images, shapes, transforms, k]
-    if store is not None:
-        args += [indices, stored]
-
-    def run(*arrays):
-        return _warp_batch(*arrays[:4], size, *arrays[4:], store=store)
-
-    out = tf.numpy_function(run, args, tf.uint8, stateful=store is not None)
+    out = tf.numpy_function(lambda *args: _warp_batch(*args, size), [images, shapes, transforms, k],
+                            tf.uint8, stateful=False)
     out.set_shape([images.shape[0], size, size, 3])
     return out
 
 
-def batch_warper(size, store=None):
-    """A tf.data map function for padded batches of (image, shape, transform, k[, index,
-    stored])[, label] elements (index and stored with ``store``, a ``cache.ArrayStore``):
-    resamples them with ``warp_batch``, returns (images[, labels])."""
+def batch_warper(size):
+    """A tf.data map function for padded batches of (image, shape, transform, k)[, label]
+    elements: resamples them with ``warp_batch``, returns (images[, labels])."""
     def warp(item, label=None):
-        images = warp_batch(*item[:4], size, *item[4:], store=store)
+        images = warp_batch(*item, size)
         return images if label is None else (images, label)
     return warp
+
+
+def _jpeg_flags():
+    return {(1, 0): cv2.IMREAD_GRAYSCALE, (1, 1): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+            (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_4, (1, 3): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+            (3, 0): cv2.IMREAD_COLOR, (3, 1): cv2.IMREAD_REDUCED_COLOR_2,
+            (3, 2): cv2.IMREAD_REDUCED_COLOR_4, (3, 3): cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_jpeg(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
+    """Decode a grey (``channels`` 1) or colour (3) JPEG at 1 / 2**``halvings`` scale with
+    OpenCV: uint8 (H, W, channels), RGB, or None when it cannot be decoded.
+
+    The same pixels as ``tf.io.decode_jpeg(data, channels, ratio=2**halvings,
+    dct_method="INTEGER_ACCURATE")`` (both are libjpeg-turbo with its exact integer IDCT;
+    ``tests/test_pipeline.py`` checks it), without a TensorFlow op per image: it runs inside
+    the batch resampler's ``numpy_function``, on its threads, with the GIL released. EXIF
+    orientation is ignored, as TensorFlow ignores it.
+    """
+    flags = _jpeg_flags()[(channels, halvings)] | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        return None
+    if channels == 1:
+        return image[..., None]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def random_resized_crop_rotate_flip(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

@@ -141,18 +141,20 @@ class ArrayStore:
         """The stored image (H, W, C) uint8, or None; not a copy: do not write to it."""
         return self._images[index]
 
-    def put(self, index: int, image: np.ndarray) -> np.ndarray:
-        """Keep a contiguous copy of ``image`` under ``index`` and return what is kept (the
-        first copy: later puts of an index change nothing)."""
+    def put(self, index: int, image: np.ndarray, copy: bool = True) -> np.ndarray:
+        """Keep ``image`` under ``index`` and return what is kept (the first image: later puts
+        of an index change nothing). ``copy=False``: ``image`` is a fresh contiguous uint8
+        array nothing else writes to, kept as it is."""
         kept = self._images[index]
         if kept is not None:
             return kept
-        copy = np.array(image, np.uint8, order="C")
-        copy.flags.writeable = False
+        if copy or not image.flags.c_contiguous or image.dtype != np.uint8:
+            image = np.array(image, np.uint8, order="C")
+        image.flags.writeable = False
         with self._lock:
             if self._images[index] is None:
-                self._images[index] = copy
-                self._bytes += copy.nbytes + _OVERHEAD
+                self._images[index] = image
+                self._bytes += image.nbytes + _OVERHEAD
             return self._images[index]
 
     def lookup(self, index):

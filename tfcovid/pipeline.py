@@ -51,6 +51,12 @@ from tfcovid.cache import ArrayStore, as_cache, estimate_bytes, halvings, header
 from tfcovid.data import Split, decode_image, gray_to_rgb, round_uint8
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,
+# so a JPEG decoded by either library has the same pixels (see ``augment.decode_jpeg``).
+_DCT = "INTEGER_ACCURATE"
+# Where the batch resampler gets each train image (OpenCV path): from the ArrayStore, from the
+# file's bytes with OpenCV's JPEG decoder, or decoded by TensorFlow in the per-image map.
+_STORED, _OPENCV, _TENSORFLOW = 0, 1, 2
 
 
 def working_side(image_size: int, decode_scale: float) -> int | None:
@@ -88,7 +94,8 @@ def decode_base(data, min_side: int | None):
     def jpeg():
         shape = tf.io.extract_jpeg_shape(data)
         k = _halvings(tf.minimum(shape[0], shape[1]), min_side, 3)
-        branches = [lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r) for r in (1, 2, 4, 8)]
+        branches = [lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r, dct_method=_DCT)
+                    for r in (1, 2, 4, 8)]
         return _one_or_three(tf.switch_case(k, branches))
 
     def other():
@@ -112,15 +119,18 @@ def decode_base(data, min_side: int | None):
 
 
 def _file_plan(paths, min_side: int | None):
-    """Every train file's working-resolution (height, width) from its header, and its decoder.
+    """Every train file's working-resolution (height, width) from its header, its decoder,
+    and what OpenCV would need to decode it.
 
     The sizes let a whole epoch's augmentation be planned at once (``augment.plan``), before
     any pixel is decoded; an unreadable header gives (-1, -1) and that image is planned from
     its pixels instead. When every file is a JPEG of one kind (grey or RGB, one DCT scale) the
     decoder is a single ``decode_jpeg`` with that scale, else the general ``decode_base``:
-    the same pixels either way.
+    the same pixels either way. ``jpegs``: int32 [N, 2], (channels, halvings) of each grey or
+    RGB JPEG (``augment.decode_jpeg``'s arguments), (0, 0) for any other file.
     """
     shapes = np.full((max(len(paths), 1), 2), -1, np.int32)
+    jpegs = np.zeros((max(len(paths), 1), 2), np.int32)
     kinds = set()
     for i, path in enumerate(paths):
         head = header(path)
@@ -131,12 +141,13 @@ def _file_plan(paths, min_side: int | None):
         if head.jpeg and head.mode in ("L", "RGB"):
             k = halvings(min(head.height, head.width), min_side, True) if min_side else 0
             kinds.add((head.channels, 2**k))
+            jpegs[i] = head.channels, k
         else:
             kinds.add(None)
-    if len(kinds) == 1 and None not in kinds:
+    if len(kinds) == 1 and None not in kinds and min_side:
         channels, ratio = kinds.pop()
-        return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio)
-    return shapes, lambda data: decode_base(data, min_side)
+        return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=_DCT), jpegs
+    return shapes, lambda data: decode_base(data, min_side), jpegs
 
 
 def _eval_pixels(data, size: int):
@@ -182,18 +193,21 @@ def dataset(
     # With OpenCV (the fast extra) a whole batch is resampled in one call after batching.
     warp_batches = augmenting and augment.resampler() == "opencv"
     if augmenting:
-        shapes, decode = _file_plan(split.paths, min_side)
+        shapes, decode, jpegs = _file_plan(split.paths, min_side)
         aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
-    n = len(split)
+    n, m = len(split), max(len(split), 1)
     policy = as_cache(cache)
     store = None
     if policy is not None:
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting)
-        store = policy.store_for(split.name, estimated, arrays=max(n, 1) if warp_batches else None)
+        store = policy.store_for(split.name, estimated, arrays=m if warp_batches else None)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
-
     arrays = isinstance(store, ArrayStore)  # the batch resampler reads and fills the cache
+    # The batch resampler also decodes the JPEGs (OpenCV, same pixels) unless a TensorFlow
+    # table or disk cache must be filled inside the per-image map.
+    opencv_jpegs = warp_batches and min_side is not None and (store is None or arrays)
+
     if training:
         # Randomness is keyed on (seed, epoch, image), never on hidden generator state, so a
         # resumed run sees exactly the batches an uninterrupted one would have. The epoch is
@@ -215,16 +229,19 @@ def dataset(
             order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), key, max(n - 1, 0))
             if not augmenting:
                 return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
-            draws = augment.draws(key, max(n, 1))
-            known, stored = shapes, tf.zeros([max(n, 1)], tf.bool)
+            draws = augment.draws(key, m)
+            known, source = shapes, tf.fill([m], _TENSORFLOW)
+            if opencv_jpegs:
+                source = tf.where(jpegs[:, 0] > 0, _OPENCV, source)
             if arrays:  # what the cache holds now, once per epoch: those are not decoded
                 stored, held = tf.numpy_function(store.state, [], [tf.bool, tf.int32], stateful=True)
-                stored = tf.reshape(stored, [max(n, 1)])
-                known = tf.where(stored[:, None], tf.reshape(held, [-1, 2]), shapes)
+                stored = tf.reshape(stored, [m])
+                known = tf.where(stored[:, None], tf.reshape(held, [m, 2]), shapes)
+                source = tf.where(stored, _STORED, source)
             transforms, shrink = augment.plan(known, draws, image_size, *aug_args)
             plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
-                               tf.cast(known, tf.float32), tf.cast(stored, tf.float32)[:, None]],
-                              axis=1)
+                               tf.cast(known, tf.float32), tf.cast(source, tf.float32)[:, None],
+                               tf.cast(jpegs, tf.float32)], axis=1)
             return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
 
         ds = keys.flat_map(one_epoch)
@@ -246,34 +263,43 @@ def dataset(
         image.set_shape([None, None, None])
         return image
 
-    def train_view(index, plan):
-        """The image (uint8 at working resolution), its transform and shrink factor; with an
-        ArrayStore, a stored image is an empty placeholder (the resampler reads the store)."""
-        draws, transform, shrink, expected, stored = tf.split(plan, [augment.DRAWS, 8, 1, 2, 1])
-        stored = stored[0] > 0
-        load = lambda: decoded(index, lambda: decode(tf.io.read_file(paths[index])))  # noqa: E731
-        if arrays:
-            base = tf.cond(stored, lambda: tf.zeros([0, 0, 1], tf.uint8), load)
-            base.set_shape([None, None, None])
-        else:
-            base = load()
+    def train_image(index, plan):
+        """TensorFlow resampler: the augmented image. OpenCV: what the batch resampler needs
+        (the decoded image, or an empty placeholder when it reads the store or decodes the
+        file's bytes itself)."""
+        draws, transform, shrink, expected, source, jpeg = tf.split(plan, [augment.DRAWS, 8, 1, 2, 1, 2])
+        source = tf.cast(source[0], tf.int32)
+        here = tf.equal(source, _TENSORFLOW)
+        base = tf.cond(here, lambda: decoded(index, lambda: decode(tf.io.read_file(paths[index]))),
+                       lambda: tf.zeros([0, 0, 1], tf.uint8))
+        base.set_shape([None, None, None])
         hw = tf.shape(base)[:2]
 
         def replan():  # the header's size was not the decoded one: plan from the pixels
             transforms, k = augment.plan(hw[None], draws[None], image_size, *aug_args)
             return transforms[0], k[0]
 
-        same = stored | tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
+        same = ~here | tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
         transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)), replan)
-        return base, transform, k, stored
+        if not warp_batches:
+            return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
+        jpeg = tf.cast(jpeg, tf.int32)
+        opencv = tf.equal(source, _OPENCV)
+        data = tf.cond(opencv, lambda: tf.io.read_file(paths[index]), lambda: tf.constant(""))
+        shape = tf.where(opencv, tf.concat([tf.cast(expected, tf.int32), jpeg[:1]], 0), tf.shape(base))
+        return base, shape, transform, k, index, source, data, jpeg[1], draws
 
-    def train_image(index, plan):
-        base, transform, k, stored = train_view(index, plan)
-        if warp_batches:  # resampled after batching, by OpenCV (augment.warp_batch)
-            if arrays:
-                return base, tf.shape(base), transform, k, index, stored
-            return base, tf.shape(base), transform, k
-        return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
+    def fallback(index, data, draws):
+        """For the batch resampler, in eager TensorFlow: an image whose header misled OpenCV's
+        decode (another size than planned), decoded by ``decode_base`` and planned from it."""
+        try:
+            image = decode_base(tf.constant(data), min_side)
+        except tf.errors.OpError as error:
+            raise ValueError(f"{split.paths[index]}: cannot be decoded ({error.message}). "
+                             "Replace or remove the file.") from None
+        transforms, k = augment.plan(tf.shape(image)[None, :2], tf.constant(draws)[None], image_size,
+                                     *aug_args)
+        return image.numpy(), transforms[0].numpy(), int(k[0])
 
     def eval_image(index):
         return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
@@ -287,7 +313,7 @@ def dataset(
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
     if warp_batches:
         ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
-        warp = augment.batch_warper(image_size, store if arrays else None)
+        warp = _batch_resampler(image_size, store if arrays else None, fallback)
         ds = ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -296,3 +322,37 @@ def dataset(
         ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     # Prefetching overlaps decoding of the next batches with the training step on this one.
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _batch_resampler(size: int, store: ArrayStore | None, fallback):
+    """A tf.data map function for padded batches of ``train_image``'s OpenCV elements[, labels]:
+    one ``tf.numpy_function`` per batch (see ``augment.warp_batch`` for why per batch) that
+    gets each image from the store, from its JPEG bytes (``augment.decode_jpeg``) or from the
+    batch, keeps the new ones in ``store``, and resamples them all on all cores."""
+    def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
+        out = np.empty((len(images), size, size, 3), np.uint8)
+
+        def row(i):
+            index, transform, k = int(indices[i]), transforms[i], int(ks[i])
+            h, w, c = shapes[i]
+            if sources[i] == _STORED:
+                image = store.get(index)
+            elif sources[i] == _OPENCV:
+                image = augment.decode_jpeg(files[i], int(c), int(halvings[i]))
+                if image is None or image.shape[:2] != (h, w):  # its header was wrong
+                    image, transform, k = fallback(index, files[i], draws[i])
+            else:
+                image = images[i, :h, :w, :c]
+            if store is not None and sources[i] != _STORED:
+                image = store.put(index, image, copy=sources[i] == _TENSORFLOW)
+            augment.warp_into(out[i], image, transform, k, size)
+
+        augment.on_all_cores(len(images), row)
+        return out
+
+    def warp(item, label=None):
+        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None)
+        images.set_shape([item[0].shape[0], size, size, 3])
+        return images if label is None else (images, label)
+
+    return warp
