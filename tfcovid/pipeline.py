@@ -310,12 +310,27 @@ def dataset(
         return image if labels is None else (image, tf.gather(labels, index))
 
     in_order = deterministic or not training
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
-    if warp_batches:
+    if opencv_jpegs and (jpegs[:, 0] > 0).all():
+        # Every file is a JPEG OpenCV decodes: no per-image TensorFlow work at all. Batches of
+        # (index, plan) go straight to the batch resampler, which reads the files itself.
+        def batch_of_plans(indices, plans):
+            _, transforms, shrink, known, source, jpeg = tf.split(plans, [augment.DRAWS, 8, 1, 2, 1, 2], axis=1)
+            jpeg = tf.cast(jpeg, tf.int32)
+            item = (tf.zeros([0, 0, 0, 1], tf.uint8), tf.concat([tf.cast(known, tf.int32), jpeg[:, :1]], 1),
+                    transforms, tf.cast(shrink[:, 0], tf.int32), indices, tf.cast(source[:, 0], tf.int32),
+                    tf.zeros([0], tf.string), jpeg[:, 1], plans[:, :augment.DRAWS])
+            return item if labels is None else (item, tf.gather(labels, indices))
+
+        warp = _batch_resampler(image_size, store if arrays else None, fallback, split.paths)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(batch_of_plans).map(
+            warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+    elif warp_batches:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
         ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
         warp = _batch_resampler(image_size, store if arrays else None, fallback)
         ds = ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
     else:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if training:  # flat_map hides the length; Keras's progress bar and step count want it
         batches = n // batch_size if drop_remainder else -(-n // batch_size)
@@ -324,13 +339,22 @@ def dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _batch_resampler(size: int, store: ArrayStore | None, fallback):
+def _read(path: str) -> bytes:
+    if "://" in path:  # a URL-like path (gs://, s3://, ...): TensorFlow's file systems
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
     """A tf.data map function for padded batches of ``train_image``'s OpenCV elements[, labels]:
     one ``tf.numpy_function`` per batch (see ``augment.warp_batch`` for why per batch) that
     gets each image from the store, from its JPEG bytes (``augment.decode_jpeg``) or from the
-    batch, keeps the new ones in ``store``, and resamples them all on all cores."""
+    batch, keeps the new ones in ``store``, and resamples them all on all cores. With
+    ``paths`` the JPEG bytes are read here, from ``paths[index]``, not from the batch."""
     def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
-        out = np.empty((len(images), size, size, 3), np.uint8)
+        out = np.empty((len(indices), size, size, 3), np.uint8)
 
         def row(i):
             index, transform, k = int(indices[i]), transforms[i], int(ks[i])
@@ -338,21 +362,22 @@ def _batch_resampler(size: int, store: ArrayStore | None, fallback):
             if sources[i] == _STORED:
                 image = store.get(index)
             elif sources[i] == _OPENCV:
-                image = augment.decode_jpeg(files[i], int(c), int(halvings[i]))
+                data = files[i] if paths is None else _read(paths[index])
+                image = augment.decode_jpeg(data, int(c), int(halvings[i]))
                 if image is None or image.shape[:2] != (h, w):  # its header was wrong
-                    image, transform, k = fallback(index, files[i], draws[i])
+                    image, transform, k = fallback(index, data, draws[i])
             else:
                 image = images[i, :h, :w, :c]
             if store is not None and sources[i] != _STORED:
                 image = store.put(index, image, copy=sources[i] == _TENSORFLOW)
             augment.warp_into(out[i], image, transform, k, size)
 
-        augment.on_all_cores(len(images), row)
+        augment.on_all_cores(len(indices), row)
         return out
 
     def warp(item, label=None):
-        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None)
-        images.set_shape([item[0].shape[0], size, size, 3])
+        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None or paths is not None)
+        images.set_shape([item[4].shape[0], size, size, 3])
         return images if label is None else (images, label)
 
     return warp
