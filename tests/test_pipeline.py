@@ -293,3 +293,118 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
     plain = cache.Cache("memory")
     data.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=plain)
     assert isinstance(plain.stores[0], cache.ImageStore)
+
+
+@pytest.mark.parametrize("channels,subsampling", [(1, None), (3, 0), (3, 2)])
+def test_opencv_jpeg_decode_is_tensorflows_exact_decode(tmp_path, channels, subsampling):
+    """OpenCV's JPEG decode (the batch resampler's) gives TensorFlow's pixels exactly, at every
+    DCT scale, grey and colour, 4:4:4 and 4:2:0 chroma; a broken file gives None."""
+    from tfcovid import augment
+
+    image = _smooth(301, 403, channels, seed=channels)
+    path = tmp_path / "x.jpg"
+    if subsampling is None:
+        Image.fromarray(image).save(path, quality=90)
+    else:
+        Image.fromarray(image).save(path, quality=90, subsampling=subsampling)
+    data = path.read_bytes()
+    for halvings in range(4):
+        ours = augment.decode_jpeg(data, channels, halvings)
+        theirs = tf.io.decode_jpeg(data, channels=channels, ratio=2**halvings, dct_method="INTEGER_ACCURATE")
+        assert ours.shape == (-(-301 // 2**halvings), -(-403 // 2**halvings), channels)
+        np.testing.assert_array_equal(ours, theirs.numpy())
+    np.testing.assert_array_equal(augment.decode_jpeg(data, channels, 1), pipeline.decode_base(tf.constant(data), 150))
+    assert augment.decode_jpeg(data[: len(data) // 2], channels, 1) is None
+
+
+@pytest.fixture()
+def jpeg_split(tmp_path):
+    """Five JPEGs only (grey and colour, different sizes): the OpenCV path without a per-image map."""
+    specs = [(300, 260, 1), (200, 330, 3), (420, 400, 1), (150, 180, 1), (260, 260, 3)]
+    paths = [_write(tmp_path / f"j{i}.jpg", _smooth(h, w, c, seed=i), "JPEG", quality=92)
+             for i, (h, w, c) in enumerate(specs)]
+    return data.Split("train", str(tmp_path), tuple(paths), np.arange(5, dtype=np.int64), ("x",) * 5)
+
+
+def _epochs(split, count, cache_mode=None, policy=None, between=None):
+    """[(images, labels)] of epochs 0 .. count - 1 of one dataset, in a fixed order."""
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = data.dataset(split, 32, 2, training=True, aug=AUG, cache=policy or cache_mode, seed=6, epoch=epoch,
+                      deterministic=True)
+    out = []
+    for e in range(count):
+        if between is not None:
+            between(e)
+        epoch.assign(e)
+        got = list(ds)
+        out.append((np.concatenate([x.numpy() for x, _ in got]), np.concatenate([y.numpy() for _, y in got])))
+    return out
+
+
+def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split, monkeypatch):
+    from tfcovid import augment
+
+    assert (pipeline._file_plan(jpeg_split.paths, 64)[2][:, 0] > 0).all()  # all OpenCV-decodable
+    decoded = []
+    real_decode = augment.decode_jpeg
+    monkeypatch.setattr(augment, "decode_jpeg", lambda *a: decoded.append(1) or real_decode(*a))
+    policy = cache.Cache("memory")
+
+    def move_files_away(e):  # epoch 2 must come from the cache alone
+        if e == 2:
+            for p in jpeg_split.paths:
+                os.rename(p, p + ".moved")
+
+    cached = _epochs(jpeg_split, 3, policy=policy, between=move_files_away)
+    assert len(decoded) == 5  # each file decoded once, in the first epoch
+    assert isinstance(policy.stores[0], cache.ArrayStore) and policy.stores[0].count() == 5
+    for p in jpeg_split.paths:
+        os.rename(p + ".moved", p)
+    plain = _epochs(jpeg_split, 3)  # OpenCV, no cache
+    monkeypatch.setattr(augment, "resampler", lambda: "tensorflow")
+    reference = _epochs(jpeg_split, 3, "memory")  # TensorFlow's decode and resampler
+    for (x, y), (x2, y2), (x3, y3) in zip(cached, plain, reference):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+        np.testing.assert_array_equal(y, y3)
+        assert x.shape == (5, 32, 32, 3) and np.abs(x.astype(int) - x3).max() <= 1
+
+
+def test_opencv_path_wrong_header_and_broken_file(jpeg_split, monkeypatch):
+    """A header that misleads OpenCV's scaled decode: the image is decoded and planned again by
+    TensorFlow, same batches. A file that cannot be decoded is named in the error."""
+    from tfcovid import augment
+
+    truth = _epochs(jpeg_split, 1, "memory")
+    real = cache.header
+    monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
+    shapes = []
+    real_decode = augment.decode_jpeg
+    monkeypatch.setattr(augment, "decode_jpeg", lambda *a: shapes.append(real_decode(*a).shape) or real_decode(*a))
+    again = _epochs(jpeg_split, 1, "memory")
+    planned = pipeline._file_plan(jpeg_split.paths, 64)[0]
+    assert any(tuple(s[:2]) != tuple(p) for s, p in zip(shapes, planned))  # the fallback ran
+    np.testing.assert_array_equal(again[0][0], truth[0][0])
+    monkeypatch.setattr(pipeline, "header", real)
+    monkeypatch.setattr(augment, "decode_jpeg", real_decode)
+    broken = jpeg_split.paths[3]
+    with open(broken, "r+b") as f:
+        f.truncate(os.path.getsize(broken) // 2)
+    with pytest.raises(Exception, match=r"j3\.jpg: cannot be decoded"):
+        _epochs(jpeg_split, 1)
+
+
+def test_on_all_cores_runs_each_row_once_and_raises():
+    from tfcovid import augment
+
+    seen = []
+    augment.on_all_cores(37, seen.append)
+    assert sorted(seen) == list(range(37))
+    augment.on_all_cores(0, seen.append)
+
+    def fail(i):
+        if i == 5:
+            raise RuntimeError("row 5")
+
+    with pytest.raises(RuntimeError, match="row 5"):
+        augment.on_all_cores(9, fail)
