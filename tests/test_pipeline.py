@@ -408,3 +408,15 @@ def test_on_all_cores_runs_each_row_once_and_raises():
 
     with pytest.raises(RuntimeError, match="row 5"):
         augment.on_all_cores(9, fail)
+
+
+def test_halve_is_avg_pool():
+    """decode_base's 2 x 2 box average equals avg_pool2d exactly, odd sizes and twice included."""
+    rng = np.random.default_rng(3)
+    for shape in [(7, 9, 1), (10, 6, 3), (2, 2, 1), (33, 65, 3)]:
+        x = tf.constant(rng.integers(0, 256, shape).astype(np.float32))
+        pooled = tf.nn.avg_pool2d(x[None], 2, 2, "VALID")
+        np.testing.assert_array_equal(pipeline._halve(x).numpy(), pooled[0].numpy())
+        if min(shape[:2]) >= 4:
+            twice = tf.nn.avg_pool2d(pooled, 2, 2, "VALID")[0]
+            np.testing.assert_array_equal(pipeline._halve(pipeline._halve(x)).numpy(), twice.numpy())
