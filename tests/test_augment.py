@@ -167,9 +167,9 @@ def test_epoch_plan_equals_per_image_sampling():
 
 
 def test_opencv_resampler_matches_tensorflow():
-    """The fast extra's OpenCV resampler and TensorFlow's op make the same views: same map,
+    """OpenCV's resampler and TensorFlow's op make the same views: same map,
     same pre-shrink, black outside; OpenCV's fixed-point weights move a few pixels by one grey level."""
-    import cv2  # noqa: F401  (installed by the test extra; the fast path must be tested)
+    import cv2  # noqa: F401  (a dependency: the fast path must be tested, not skipped)
 
     rng = np.random.default_rng(0)
     board = ((np.indices((512, 512)).sum(0) % 2) * 255).astype(np.uint8)[..., None]

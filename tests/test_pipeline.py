@@ -221,7 +221,7 @@ def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
 
 
 def test_opencv_and_tensorflow_pipelines_make_the_same_batches(mixed_split, monkeypatch):
-    """With the fast extra the batch is resampled by OpenCV after batching; without it, per
+    """With OpenCV the batch is resampled by OpenCV after batching; without it, per
     image by TensorFlow. Same images, same views, grey repeated to 3 channels either way."""
     from tfcovid import augment
 

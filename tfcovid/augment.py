@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import tensorflow as tf
 
-try:  # optional ("tfcovid[fast]"): OpenCV's warpAffine resamples ~5x faster than TensorFlow's op
+try:  # a dependency; without it (no wheel for the platform) the pipelines use TensorFlow's ops
     import cv2
 except ImportError:  # pragma: no cover - depends on the environment
     cv2 = None
@@ -215,7 +215,8 @@ def _warp(image, transform, k, size):
     return out.reshape(size, size, -1)
 
 
-FAST_HINT = 'pip install "tfcovid[fast]" for OpenCV\'s resampler: ~1.6x the augmented images/s on a CPU'
+FAST_HINT = ("OpenCV could not be imported; pip install opencv-python-headless for ~1.3x the "
+             "first-epoch and ~3x the later-epoch images/s on a CPU")
 
 
 def resampler() -> str:

@@ -16,10 +16,12 @@ transform), from the working-resolution sizes the files' headers give. Then per 
 2. The study's rotation, random resized crop and flip, sampled as torchvision samples them,
    fused into one bilinear resample (box-averaged first when the crop is 2x or more larger
    than the output, so it does not alias), rounded to uint8; grayscale is repeated to 3
-   channels only here, at the end. With OpenCV installed (the ``fast`` extra) the images are
-   batched first (zero-padded to the batch's largest) and ``augment.warp_batch`` resamples
-   the whole batch in one call on all cores; without it, ``augment.apply_uint8`` resamples
-   each image with TensorFlow's op before batching. The two agree to one grey level.
+   channels only here, at the end. With OpenCV (a dependency; TensorFlow's ops where it
+   cannot be imported) the images are batched first and one call per batch decodes the
+   JPEGs, fills and reads the cache and resamples them all on all cores
+   (``_batch_resampler``; when every file is such a JPEG, batches of plans go straight to
+   it, with no per-image map); without it, ``augment.apply_uint8`` resamples each image
+   with TensorFlow's op before batching. The two agree to one grey level.
 
 Reordering for speed (documented, and tested for its statistics): the study rotates and crops
 the full-resolution image; tfcovid first brings the image down to its working resolution
@@ -200,7 +202,7 @@ def dataset(
     """
     augmenting = training and aug is not None and aug.enabled
     min_side = working_side(image_size, decode_scale) if augmenting else None
-    # With OpenCV (the fast extra) a whole batch is resampled in one call after batching.
+    # With OpenCV a whole batch is resampled in one call after batching.
     warp_batches = augmenting and augment.resampler() == "opencv"
     if augmenting:
         shapes, decode, jpegs = _file_plan(split.paths, min_side)
