@@ -108,13 +108,13 @@ class ImageStore:
 
 class ArrayStore:
     """Decoded images as NumPy arrays by index, in memory: the train split's store when OpenCV
-    resamples (``augment.warp_batch`` fills it and reads from it).
+    resamples (``pipeline._batch_resampler`` fills it and reads from it).
 
     ``ImageStore``'s memory table costs ~0.5-1 ms of CPU per 256 KB image to fill on a 2-core
     machine (serialising, copying into the table under its lock) and two more copies to read
-    back, all inside tf.data's per-image map; here the batch resampler copies each new image
-    once into its own array and reads it back in place, so a cached image never passes
-    through TensorFlow again. ``state()`` tells an epoch, once, which images are stored (and
+    back, all inside tf.data's per-image map; here the batch resampler keeps each new image
+    (the array OpenCV decoded it into, or one copy) and reads it back in place, so a cached
+    image never passes through TensorFlow again. ``state()`` tells an epoch, once, which images are stored (and
     their true sizes), so that epoch decodes only the others.
 
     Args:
