@@ -295,18 +295,17 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
     assert isinstance(plain.stores[0], cache.ImageStore)
 
 
-@pytest.mark.parametrize("channels,subsampling", [(1, None), (3, 0), (3, 2)])
-def test_opencv_jpeg_decode_is_tensorflows_exact_decode(tmp_path, channels, subsampling):
+@pytest.mark.parametrize("channels,options", [(1, {}), (3, {"subsampling": 0}), (3, {"subsampling": 2}),
+                                              (1, {"progressive": True}), (3, {"progressive": True})])
+def test_opencv_jpeg_decode_is_tensorflows_exact_decode(tmp_path, channels, options):
     """OpenCV's JPEG decode (the batch resampler's) gives TensorFlow's pixels exactly, at every
-    DCT scale, grey and colour, 4:4:4 and 4:2:0 chroma; a broken file gives None."""
+    DCT scale, grey and colour, 4:4:4 and 4:2:0 chroma, baseline and progressive; a broken
+    file gives None."""
     from tfcovid import augment
 
     image = _smooth(301, 403, channels, seed=channels)
     path = tmp_path / "x.jpg"
-    if subsampling is None:
-        Image.fromarray(image).save(path, quality=90)
-    else:
-        Image.fromarray(image).save(path, quality=90, subsampling=subsampling)
+    Image.fromarray(image).save(path, quality=90, **options)
     data = path.read_bytes()
     for halvings in range(4):
         ours = augment.decode_jpeg(data, channels, halvings)
