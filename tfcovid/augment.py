@@ -266,7 +266,7 @@ def on_all_cores(count: int, work) -> None:
         for i in rows:
             try:
                 work(i)
-            except BaseException as error:  # noqa: BLE001  (re-raised by the caller)
+            except Exception as error:  # noqa: BLE001  (re-raised by the caller)
                 failed.append(error)
             with lock:
                 done[0] += 1

@@ -114,8 +114,8 @@ class ArrayStore:
     machine (serialising, copying into the table under its lock) and two more copies to read
     back, all inside tf.data's per-image map; here the batch resampler keeps each new image
     (the array OpenCV decoded it into, or one copy) and reads it back in place, so a cached
-    image never passes through TensorFlow again. ``state()`` tells an epoch, once, which images are stored (and
-    their true sizes), so that epoch decodes only the others.
+    image never passes through TensorFlow again. ``state()`` tells an epoch, once, which
+    images are stored (and their true sizes), so that epoch decodes only the others.
 
     Args:
         size: images in the split (indices 0 .. size - 1).
