@@ -67,12 +67,19 @@ def test_working_side():
     assert pipeline.working_side(224, 0) is None
 
 
+@pytest.mark.parametrize("resampler", ["opencv", "tensorflow"])
 @pytest.mark.parametrize("mode", ["memory", "disk"])
-def test_cache_holds_exactly_a_fresh_decode(mixed_split, mode, tmp_path):
+def test_cache_holds_exactly_a_fresh_decode(mixed_split, mode, resampler, tmp_path, monkeypatch):
+    """OpenCV's path keeps NumPy arrays (ArrayStore), TensorFlow's a table or tensor files
+    (ImageStore); either way the cache holds exactly what decode_base gives."""
+    from tfcovid import augment
+
+    monkeypatch.setattr(augment, "resampler", lambda: resampler)
     policy = cache.Cache(mode, directory=str(tmp_path / "c"))
     ds = data.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=policy, decode_scale=2.0)
     first = [lab for _, y in ds for lab in y.numpy()]
     store = policy.stores[0]
+    assert isinstance(store, cache.ArrayStore if resampler == "opencv" else cache.ImageStore)
     assert sorted(first) == list(range(len(mixed_split))) and store.count() == len(mixed_split)
     total = 0
     for i, path in enumerate(mixed_split.paths):
@@ -340,14 +347,15 @@ def _epochs(split, count, cache_mode=None, policy=None, between=None):
     return out
 
 
-def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split, monkeypatch):
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split, mode, monkeypatch):
     from tfcovid import augment
 
     assert (pipeline._file_plan(jpeg_split.paths, 64)[2][:, 0] > 0).all()  # all OpenCV-decodable
     decoded = []
     real_decode = augment.decode_jpeg
     monkeypatch.setattr(augment, "decode_jpeg", lambda *a: decoded.append(1) or real_decode(*a))
-    policy = cache.Cache("memory")
+    policy = cache.Cache(mode)
 
     def move_files_away(e):  # epoch 2 must come from the cache alone
         if e == 2:
@@ -357,6 +365,7 @@ def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split,
     cached = _epochs(jpeg_split, 3, policy=policy, between=move_files_away)
     assert len(decoded) == 5  # each file decoded once, in the first epoch
     assert isinstance(policy.stores[0], cache.ArrayStore) and policy.stores[0].count() == 5
+    assert policy.stores[0].mode == mode
     for p in jpeg_split.paths:
         os.rename(p + ".moved", p)
     plain = _epochs(jpeg_split, 3)  # OpenCV, no cache

@@ -7,10 +7,10 @@ decodes each image once, at a bounded resolution (see ``pipeline.decode_base``),
 it here; later epochs read it back instead of decoding.
 
 The store is random access by image index, so every epoch is still a full reshuffle of the
-whole split, as with PyTorch's ``shuffle=True``, with no shuffle buffer of images. In memory it
-is an ``ArrayStore`` (NumPy arrays, filled and read by OpenCV's batch resampler) for train
-splits resampled with OpenCV, else an ``ImageStore`` (a ``tf.lookup`` hash table read and
-filled inside tf.data); on disk, files. It fills itself during the first epoch: an image
+whole split, as with PyTorch's ``shuffle=True``, with no shuffle buffer of images. For train
+splits resampled with OpenCV it is an ``ArrayStore`` (NumPy arrays, or ``.npy`` files on disk,
+filled and read by the batch resampler), else an ``ImageStore`` (a ``tf.lookup`` hash table,
+or serialised tensor files on disk, read and filled inside tf.data). It fills itself during the first epoch: an image
 missing from the store is decoded and added on the spot, so the first epoch trains while it
 fills, and an interrupted epoch loses nothing.
 
@@ -55,13 +55,7 @@ class ImageStore:
         # memory: index -> serialised image; disk: index -> "1" once its file is complete.
         self._table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.string, "")
         self._bytes = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.directory = None
-        if mode == "disk":
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-                atexit.register(_remove_if_empty, directory)  # atexit runs last-in first-out
-            self.directory = tempfile.mkdtemp(prefix=f"tfcovid-cache-{name}-", dir=directory or None)
-            atexit.register(shutil.rmtree, self.directory, True)
+        self.directory = _temporary_folder(directory, name) if mode == "disk" else None
 
     def _file(self, index):
         return tf.strings.join([self.directory, "/", tf.strings.as_string(index), ".tensor"])
@@ -102,13 +96,13 @@ class ImageStore:
         return int(self._bytes.numpy())
 
     def describe(self) -> str:
-        where = "memory" if self.mode == "memory" else f"disk ({self.directory})"
-        return f"{self.name or 'cache'}: {self.count()} images, {self.nbytes() / 2**20:.1f} MB in {where}"
+        return _describe(self)
 
 
 class ArrayStore:
-    """Decoded images as NumPy arrays by index, in memory: the train split's store when OpenCV
-    resamples (``pipeline._batch_resampler`` fills it and reads from it).
+    """Decoded images as NumPy arrays by index, in memory or as ``.npy`` files on disk: the
+    train split's store when OpenCV resamples (``pipeline._batch_resampler`` fills it and
+    reads from it, with Python's lock released while it copies, writes or reads).
 
     ``ImageStore``'s memory table costs ~0.5-1 ms of CPU per 256 KB image to fill on a 2-core
     machine (serialising, copying into the table under its lock) and two more copies to read
@@ -120,42 +114,59 @@ class ArrayStore:
     Args:
         size: images in the split (indices 0 .. size - 1).
         name: a label for messages (e.g. the split).
+        mode: "memory" or "disk".
+        directory: parent folder of a disk cache (default: the system's temporary folder).
     """
 
-    mode = "memory"
-
-    def __init__(self, size: int, name: str = ""):
-        self.name = name
-        self._images: list[np.ndarray | None] = [None] * size
+    def __init__(self, size: int, name: str = "", mode: str = "memory", directory: str | None = None):
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"Unknown store mode {mode!r}. Valid modes: memory, disk.")
+        self.mode, self.name = mode, name
+        self.directory = _temporary_folder(directory, name) if mode == "disk" else None
+        # memory: the image; disk: its shape, once its file is complete. None: not stored.
+        self._entries: list = [None] * size
         self._bytes = 0
         self._lock = threading.Lock()
 
+    def _shape(self, entry) -> tuple:
+        return entry.shape if self.mode == "memory" else entry
+
+    def _file(self, index: int) -> str:
+        return os.path.join(self.directory, f"{index}.npy")
+
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """(stored bool [N], (height, width) int32 [N] of the stored images, -1 elsewhere)."""
-        images = list(self._images)
-        stored = np.array([a is not None for a in images], bool)
-        shapes = np.array([a.shape[:2] if a is not None else (-1, -1) for a in images], np.int32)
-        return stored, shapes.reshape(len(images), 2)
+        entries = list(self._entries)
+        stored = np.array([e is not None for e in entries], bool)
+        shapes = np.array([self._shape(e)[:2] if e is not None else (-1, -1) for e in entries], np.int32)
+        return stored, shapes.reshape(len(entries), 2)
 
     def get(self, index: int) -> np.ndarray | None:
-        """The stored image (H, W, C) uint8, or None; not a copy: do not write to it."""
-        return self._images[index]
+        """The stored image (H, W, C) uint8, or None. In memory it is not a copy (read-only)."""
+        entry = self._entries[index]
+        if entry is None or self.mode == "memory":
+            return entry
+        return np.load(self._file(index))
 
     def put(self, index: int, image: np.ndarray, copy: bool = True) -> np.ndarray:
-        """Keep ``image`` under ``index`` and return what is kept (the first image: later puts
-        of an index change nothing). ``copy=False``: ``image`` is a fresh contiguous uint8
-        array nothing else writes to, kept as it is."""
-        kept = self._images[index]
-        if kept is not None:
-            return kept
+        """Keep ``image`` under ``index`` and return it as kept (an index is stored once: later
+        puts of it change nothing). ``copy=False``: ``image`` is a fresh contiguous uint8 array
+        nothing else writes to, which memory keeps as it is. On disk the file is written under
+        a temporary name and renamed, so a stored index always has a whole file."""
         if copy or not image.flags.c_contiguous or image.dtype != np.uint8:
             image = np.array(image, np.uint8, order="C")
+        if self.mode == "disk" and self._entries[index] is None:
+            path = self._file(index)
+            partial = f"{path}.{threading.get_ident()}.partial"
+            with open(partial, "wb") as f:
+                np.save(f, image)
+            os.replace(partial, path)
         image.flags.writeable = False
         with self._lock:
-            if self._images[index] is None:
-                self._images[index] = image
+            if self._entries[index] is None:
+                self._entries[index] = image if self.mode == "memory" else image.shape
                 self._bytes += image.nbytes + _OVERHEAD
-            return self._images[index]
+            return image if self.mode == "disk" else self._entries[index]
 
     def lookup(self, index):
         """(found, image) as ``ImageStore.lookup`` gives them, for inspection (eager)."""
@@ -166,14 +177,30 @@ class ArrayStore:
 
     def count(self) -> int:
         """Images stored so far."""
-        return sum(a is not None for a in self._images)
+        return sum(e is not None for e in self._entries)
 
     def nbytes(self) -> int:
         """Bytes stored so far (pixels plus a small per-image overhead)."""
         return self._bytes
 
     def describe(self) -> str:
-        return f"{self.name or 'cache'}: {self.count()} images, {self.nbytes() / 2**20:.1f} MB in memory"
+        return _describe(self)
+
+
+def _describe(store: ImageStore | ArrayStore) -> str:
+    where = "memory" if store.mode == "memory" else f"disk ({store.directory})"
+    return f"{store.name or 'cache'}: {store.count()} images, {store.nbytes() / 2**20:.1f} MB in {where}"
+
+
+def _temporary_folder(parent: str | None, name: str) -> str:
+    """A fresh folder for a disk cache under ``parent`` (default: the system's temporary
+    folder), deleted when the process exits (``parent`` too, if it is then empty)."""
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+        atexit.register(_remove_if_empty, parent)  # atexit runs last-in first-out
+    folder = tempfile.mkdtemp(prefix=f"tfcovid-cache-{name}-", dir=parent or None)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _mb(n: int) -> str:
@@ -275,8 +302,9 @@ class Cache:
     def store_for(self, name: str, estimated: int, arrays: int | None = None) -> ImageStore | ArrayStore | None:
         """A new store for split ``name`` whose cache should take about ``estimated`` bytes.
 
-        ``arrays``: the split's size, when its pipeline resamples with OpenCV: a memory store
-        is then an ``ArrayStore`` (NumPy arrays) instead of a TensorFlow table.
+        ``arrays``: the split's size, when its pipeline resamples with OpenCV: the store is
+        then an ``ArrayStore`` (NumPy arrays or ``.npy`` files) instead of an ``ImageStore``
+        (a TensorFlow table, or files it writes inside tf.data).
         """
         if self.mode == "none":
             return None
@@ -285,8 +313,8 @@ class Cache:
             mode = "memory" if self.used + estimated <= self.budget else "disk"
         if mode == "memory":
             self.used += estimated
-        if mode == "memory" and arrays is not None:
-            store = ArrayStore(arrays, name)
+        if arrays is not None:
+            store = ArrayStore(arrays, name, mode, self.directory)
         else:
             store = ImageStore(mode, self.directory, name)
         self.stores.append(store)
