@@ -8,7 +8,7 @@ it here; later epochs read it back instead of decoding.
 
 The store is random access by image index, so every epoch is still a full reshuffle of the
 whole split, as with PyTorch's ``shuffle=True``, with no shuffle buffer of images. For train
-splits resampled with OpenCV it is an ``ArrayStore`` (NumPy arrays, or ``.npy`` files on disk,
+splits resampled with OpenCV it is an ``ArrayStore`` (NumPy arrays, or raw pixel files on disk,
 filled and read by the batch resampler), else an ``ImageStore`` (a ``tf.lookup`` hash table,
 or serialised tensor files on disk, read and filled inside tf.data). It fills itself during the first epoch: an image
 missing from the store is decoded and added on the spot, so the first epoch trains while it
@@ -100,7 +100,7 @@ class ImageStore:
 
 
 class ArrayStore:
-    """Decoded images as NumPy arrays by index, in memory or as ``.npy`` files on disk: the
+    """Decoded images as NumPy arrays by index, in memory or as raw pixel files on disk: the
     train split's store when OpenCV resamples (``pipeline._batch_resampler`` fills it and
     reads from it, with Python's lock released while it copies, writes or reads).
 
@@ -132,7 +132,7 @@ class ArrayStore:
         return entry.shape if self.mode == "memory" else entry
 
     def _file(self, index: int) -> str:
-        return os.path.join(self.directory, f"{index}.npy")
+        return os.path.join(self.directory, f"{index}.uint8")
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """(stored bool [N], (height, width) int32 [N] of the stored images, -1 elsewhere)."""
@@ -146,7 +146,7 @@ class ArrayStore:
         entry = self._entries[index]
         if entry is None or self.mode == "memory":
             return entry
-        return np.load(self._file(index))
+        return np.fromfile(self._file(index), np.uint8).reshape(entry)  # its shape is kept here
 
     def put(self, index: int, image: np.ndarray, copy: bool = True) -> np.ndarray:
         """Keep ``image`` under ``index`` and return it as kept (an index is stored once: later
@@ -158,8 +158,7 @@ class ArrayStore:
         if self.mode == "disk" and self._entries[index] is None:
             path = self._file(index)
             partial = f"{path}.{threading.get_ident()}.partial"
-            with open(partial, "wb") as f:
-                np.save(f, image)
+            image.tofile(partial)  # raw pixels: the shape is kept in memory, not in the file
             os.replace(partial, path)
         image.flags.writeable = False
         with self._lock:
@@ -303,7 +302,7 @@ class Cache:
         """A new store for split ``name`` whose cache should take about ``estimated`` bytes.
 
         ``arrays``: the split's size, when its pipeline resamples with OpenCV: the store is
-        then an ``ArrayStore`` (NumPy arrays or ``.npy`` files) instead of an ``ImageStore``
+        then an ``ArrayStore`` (NumPy arrays or raw pixel files) instead of an ``ImageStore``
         (a TensorFlow table, or files it writes inside tf.data).
         """
         if self.mode == "none":
