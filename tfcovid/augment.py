@@ -33,12 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import tensorflow as tf
 
-try:  # a dependency; without it (no wheel for the platform) the pipelines use TensorFlow's ops
+try:  # a dependency. Where it cannot be imported (no wheel for the platform, or a broken install
+    # such as opencv-python and opencv-python-headless side by side) the pipelines use
+    # TensorFlow's ops, and fit's log says so.
     import cv2
-except ImportError:  # pragma: no cover - depends on the environment
-    cv2 = None
-else:
+
     cv2.setNumThreads(0)  # tf.data already runs one image per core; no pool inside each call
+except Exception:  # noqa: BLE001  # pragma: no cover - depends on the environment
+    cv2 = None
 
 
 DRAWS = 24
