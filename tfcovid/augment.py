@@ -292,16 +292,26 @@ def warp_into(out, image, transform, k, size) -> None:
         out[...] = warped
 
 
-def _warp_batch(images, shapes, transforms, ks, size):
-    """NumPy side of ``warp_batch``: the batch's images resampled on all cores, 3 channels out."""
-    out = np.empty((len(images), size, size, 3), np.uint8)
+def warp_rows(count: int, size: int, source) -> np.ndarray:
+    """A uint8 batch (count, S, S, 3) of OpenCV views: ``source(i)`` gives row i's (image,
+    transform, k); the rows are fetched and resampled on all cores (``on_all_cores``)."""
+    out = np.empty((count, size, size, 3), np.uint8)
 
     def row(i):
-        h, w, c = shapes[i]
-        warp_into(out[i], images[i, :h, :w, :c], transforms[i], int(ks[i]), size)
+        image, transform, k = source(i)
+        warp_into(out[i], image, transform, int(k), size)
 
-    on_all_cores(len(images), row)
+    on_all_cores(count, row)
     return out
+
+
+def _warp_batch(images, shapes, transforms, ks, size):
+    """NumPy side of ``warp_batch``: the batch's images resampled on all cores, 3 channels out."""
+    def source(i):
+        h, w, c = shapes[i]
+        return images[i, :h, :w, :c], transforms[i], ks[i]
+
+    return warp_rows(len(images), size, source)
 
 
 def warp_batch(images, shapes, transforms, k, size):
@@ -332,7 +342,9 @@ def batch_warper(size):
     return warp
 
 
-def _jpeg_flags():
+@functools.lru_cache(maxsize=1)
+def _jpeg_flags() -> dict:
+    """imdecode flags by (channels, halvings), built once (cv2 may be missing at import)."""
     return {(1, 0): cv2.IMREAD_GRAYSCALE, (1, 1): cv2.IMREAD_REDUCED_GRAYSCALE_2,
             (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_4, (1, 3): cv2.IMREAD_REDUCED_GRAYSCALE_8,
             (3, 0): cv2.IMREAD_COLOR, (3, 1): cv2.IMREAD_REDUCED_COLOR_2,

@@ -143,21 +143,17 @@ def _file_plan(paths, min_side: int | None):
     """
     shapes = np.full((max(len(paths), 1), 2), -1, np.int32)
     jpegs = np.zeros((max(len(paths), 1), 2), np.int32)
-    kinds = set()
     for i, path in enumerate(paths):
         head = header(path)
         if head is None:
-            kinds.add(None)
             continue
         shapes[i] = working_shape(head.height, head.width, head.jpeg, min_side)
         if head.jpeg and head.mode in ("L", "RGB"):
             k = halvings(min(head.height, head.width), min_side, True) if min_side else 0
-            kinds.add((head.channels, 2**k))
             jpegs[i] = head.channels, k
-        else:
-            kinds.add(None)
-    if len(kinds) == 1 and None not in kinds and min_side:
-        channels, ratio = kinds.pop()
+    kinds = np.unique(jpegs[: len(paths)], axis=0)
+    if min_side and len(kinds) == 1 and kinds[0, 0] > 0:
+        channels, ratio = int(kinds[0, 0]), 2 ** int(kinds[0, 1])
         return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=_DCT), jpegs
     return shapes, lambda data: decode_base(data, min_side), jpegs
 
@@ -366,9 +362,7 @@ def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
     batch, keeps the new ones in ``store``, and resamples them all on all cores. With
     ``paths`` the JPEG bytes are read here, from ``paths[index]``, not from the batch."""
     def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
-        out = np.empty((len(indices), size, size, 3), np.uint8)
-
-        def row(i):
+        def source(i):
             index, transform, k = int(indices[i]), transforms[i], int(ks[i])
             h, w, c = shapes[i]
             if sources[i] == _STORED:
@@ -382,10 +376,9 @@ def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
                 image = images[i, :h, :w, :c]
             if store is not None and sources[i] != _STORED:
                 image = store.put(index, image, copy=sources[i] == _TENSORFLOW)
-            augment.warp_into(out[i], image, transform, k, size)
+            return image, transform, k
 
-        augment.on_all_cores(len(indices), row)
-        return out
+        return augment.warp_rows(len(indices), size, source)
 
     def warp(item, label=None):
         images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None or paths is not None)
