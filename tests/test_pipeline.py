@@ -428,3 +428,124 @@ def test_halve_is_avg_pool():
         if min(shape[:2]) >= 4:
             twice = tf.nn.avg_pool2d(pooled, 2, 2, "VALID")[0]
             np.testing.assert_array_equal(pipeline._halve(pipeline._halve(x)).numpy(), twice.numpy())
+
+
+def _halved(path, halvings):
+    """decode_image, then decode_base's 2 x 2 box average ``halvings`` times, rounded once."""
+    x = tf.cast(data.decode_image(_bytes(path)), tf.float32)
+    for _ in range(halvings):
+        x = pipeline._halve(x)
+    return tf.cast(tf.round(x), tf.uint8).numpy()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_opencv_png_decode_is_decode_bases_box_average(tmp_path, channels):
+    """OpenCV's PNG decode plus an area resize in float gives decode_base's pixels exactly, at
+    every number of halvings (odd sizes: the last row/column dropped per halving); PNGs it
+    does not take (16-bit, alpha, palette) and broken files give None."""
+    from tfcovid import augment
+
+    image = _smooth(301, 403, channels, seed=channels)
+    path = _write(tmp_path / "x.png", image)
+    raw = open(path, "rb").read()
+    for halvings in range(5):
+        ours = augment.decode_png(raw, channels, halvings)
+        assert ours.shape == (301 // 2**halvings, 403 // 2**halvings, channels)
+        np.testing.assert_array_equal(ours, _halved(path, halvings))
+    # decode_base halves while the shorter side stays >= min_side: twice for 301 at 75.
+    np.testing.assert_array_equal(augment.decode_png(raw, channels, 2), pipeline.decode_base(_bytes(path), 75))
+    assert augment.decode_png(raw[: len(raw) // 2], channels, 1) is None
+    assert augment.decode_png(raw, 4 - channels, 0) is None  # the header says otherwise
+    others = {"x16.png": Image.fromarray(image[..., 0].astype(np.uint16) * 257),
+              "xa.png": Image.fromarray(np.dstack([_smooth(30, 40, 3)] + [np.full((30, 40), 9, np.uint8)])),
+              "xp.png": Image.fromarray(_smooth(30, 40, 3)).convert("P")}
+    for name, im in others.items():
+        im.save(tmp_path / name)
+        raw = (tmp_path / name).read_bytes()
+        assert augment.decode_png(raw, 1, 0) is None and augment.decode_png(raw, 3, 0) is None, name
+
+
+def test_one_channel_if_gray_numpy_and_tensorflow():
+    """A grey X-ray saved as RGB is kept as its one channel (lossless); a single differing
+    value keeps all three. NumPy (OpenCV path) and TensorFlow (eval cache) agree."""
+    from tfcovid import augment
+
+    grey = _smooth(37, 53)
+    same = np.dstack([grey] * 3)
+    nearly = same.copy()
+    nearly[36, 52, 2] += 1
+    one = augment.one_channel_if_gray(same)
+    assert one.shape == (37, 53, 1) and one.flags.c_contiguous
+    np.testing.assert_array_equal(one[..., 0], grey)
+    assert augment.one_channel_if_gray(nearly) is nearly
+    assert augment.one_channel_if_gray(grey[..., None]).shape == (37, 53, 1)
+    assert data.one_channel_if_gray(tf.constant(same)).shape == (37, 53, 1)
+    np.testing.assert_array_equal(data.one_channel_if_gray(tf.constant(nearly)), nearly)
+    assert data.one_channel_if_gray(tf.constant(grey[..., None])).shape == (37, 53, 1)
+
+
+@pytest.fixture(scope="module")
+def formats_split(tmp_path_factory):
+    """What the batch resampler meets: files OpenCV decodes (grey and RGB JPEGs and 8-bit
+    PNGs, grey saved as RGB in both) and files TensorFlow decodes for it (16-bit, RGBA and
+    palette PNGs, a BMP); label = index."""
+    root = tmp_path_factory.mktemp("formats")
+    grey = [_smooth(140 + 10 * i, 150 + 7 * i, 1, seed=i) for i in range(8)]
+    items = [("grey.jpg", Image.fromarray(grey[0]), "JPEG"),
+             ("rgb.jpg", Image.fromarray(_smooth(130, 170, 3, 1)), "JPEG"),
+             ("grey_as_rgb.jpg", Image.fromarray(np.dstack([grey[2]] * 3)), "JPEG"),
+             ("grey.png", Image.fromarray(grey[3]), None),
+             ("rgb.png", Image.fromarray(_smooth(96, 120, 3, 4)), None),
+             ("grey_as_rgb.png", Image.fromarray(np.dstack([_smooth(300, 280, 1, 5)] * 3)), None),
+             ("grey16.png", Image.fromarray(grey[6].astype(np.uint16) * 257), None),
+             ("rgba.png", Image.fromarray(np.dstack([_smooth(90, 110, 3, 7), np.full((90, 110), 99, np.uint8)])), None),
+             ("palette.png", Image.fromarray(_smooth(100, 90, 3, 8)).convert("P"), None),
+             ("grey.bmp", Image.fromarray(grey[1]), None)]
+    paths = []
+    for name, im, fmt in items:
+        im.save(root / name, fmt, quality=92) if fmt else im.save(root / name)
+        paths.append(str(root / name))
+    labels = np.arange(len(paths), dtype=np.int64)
+    return data.Split("train", str(root), tuple(paths), labels, ("x",) * len(paths))
+
+
+def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
+    """OpenCV decodes the JPEGs and 8-bit PNGs in the batched call; TensorFlow decodes the
+    rest in the per-image map. The cache holds decode_base's pixels, grey saved as RGB as one
+    channel; batches equal an uncached run exactly and TensorFlow's resampler within one
+    grey level; eval caches grey saved as RGB as one channel too."""
+    from tfcovid import augment
+
+    readable = pipeline._file_plan(formats_split.paths, 64)[2]
+    assert (readable[:, 0] > 0).tolist() == [True] * 6 + [False] * 4
+    assert readable[5].tolist() == [3, 2]  # RGB PNG, shorter side 280 >= 4 * 64: halved twice
+    decoded = []
+    real = augment.decode_file
+    monkeypatch.setattr(augment, "decode_file", lambda *a: decoded.append(1) or real(*a))
+    policy = cache.Cache("memory")
+    cached = _epochs(formats_split, 2, policy=policy)
+    assert len(decoded) == 6  # the six OpenCV files, once each
+    store = policy.stores[0]
+    assert isinstance(store, cache.ArrayStore) and store.count() == 10
+    channels = [store.get(i).shape[-1] for i in range(10)]
+    assert channels == [1, 3, 1, 1, 3, 1, 1, 3, 3, 1]
+    for i, path in enumerate(formats_split.paths):
+        expected = pipeline.decode_base(_bytes(path), 64).numpy()
+        np.testing.assert_array_equal(store.get(i), expected[..., : channels[i]])
+        if channels[i] == 1 and expected.shape[-1] == 3:  # lossless: the channels were equal
+            assert (expected == expected[..., :1]).all()
+    plain = _epochs(formats_split, 2)
+    monkeypatch.setattr(augment, "resampler", lambda: "tensorflow")
+    reference = _epochs(formats_split, 2, "memory")
+    for (x, y), (x2, y2), (x3, y3) in zip(cached, plain, reference):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y3)
+        assert x.shape == (10, 32, 32, 3) and np.abs(x.astype(int) - x3).max() <= 1
+        grey_rows = np.isin(y, [0, 2, 3, 5, 6, 9])
+        assert (x[grey_rows] == x[grey_rows][..., :1]).all()
+    evaluation = cache.Cache("memory")
+    batches = np.concatenate([x.numpy() for x, _ in data.dataset(formats_split, 24, 4, cache=evaluation)])
+    for i, path in enumerate(formats_split.paths):
+        np.testing.assert_array_equal(batches[i], data.load_image(path, 24).numpy())
+    found, pixels = evaluation.stores[0].lookup(tf.constant(2, tf.int64))
+    assert bool(found) and pixels.shape == (24, 24, 1)  # grey_as_rgb.jpg

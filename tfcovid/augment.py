@@ -367,7 +367,64 @@ def decode_jpeg(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
         return None
     if channels == 1:
         return image[..., None]
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second image
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
+    """Decode an 8-bit grey (``channels`` 1) or RGB (3) PNG with OpenCV and halve it
+    ``halvings`` times: uint8 (H // 2**halvings, W // 2**halvings, channels), RGB, or None for
+    any other PNG (16-bit, palette, alpha: TensorFlow's ``decode_base`` converts those) or a
+    broken file.
+
+    The same pixels as ``pipeline.decode_base``: its repeated 2 x 2 box average in float, with
+    the odd last row or column dropped at each step, rounded once, is the mean of each
+    2**h x 2**h block of the cropped image, which an area resize of the float image computes
+    exactly (the sums are exact in float32; ``tests/test_pipeline.py`` checks it).
+    """
+    colour_type = {1: 0, 3: 2}[channels]  # PNG's IHDR: bit depth at byte 24, colour type at 25
+    if len(data) < 26 or data[:8] != _PNG_MAGIC or data[24] != 8 or data[25] != colour_type:
+        return None
+    flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        return None
+    if channels == 3:
+        cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+    if halvings:
+        f = 2**halvings
+        h, w = image.shape[0] // f, image.shape[1] // f
+        if not h or not w:
+            return None
+        area = cv2.resize(image[: h * f, : w * f].astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+        image = np.rint(area).astype(np.uint8)
+    return image.reshape(image.shape[0], image.shape[1], channels)
+
+
+def one_channel_if_gray(image: np.ndarray) -> np.ndarray:
+    """An RGB image whose three channels are equal everywhere (a grey X-ray saved as RGB) as
+    its one channel (H, W, 1), contiguous; any other image as it is. Lossless: the batch
+    repeats grey to 3 channels at the end, and resampling treats channels alike, so the
+    views are the same, at a third of the cache memory and resampling work."""
+    if image.shape[-1] != 3:
+        return image
+    r, g, b = cv2.split(image)
+    if cv2.norm(r, g, cv2.NORM_INF) == 0 and cv2.norm(g, b, cv2.NORM_INF) == 0:
+        return g[..., None]
+    return image
+
+
+def decode_file(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
+    """A train file's working-resolution pixels with OpenCV (``decode_jpeg`` or ``decode_png``,
+    by the file's first bytes; the same pixels as ``pipeline.decode_base``), grey content kept
+    as one channel; None where OpenCV cannot give them."""
+    if data[:3] == b"\xff\xd8\xff":
+        image = decode_jpeg(data, channels, halvings)
+    else:
+        image = decode_png(data, channels, halvings)
+    return None if image is None else one_channel_if_gray(image)
 
 
 def random_resized_crop_rotate_flip(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

@@ -214,13 +214,15 @@ def _remove_if_empty(directory: str) -> None:
 
 
 class Header(NamedTuple):
-    """What a file's header says: size, channels after decoding, JPEG or not, PIL mode."""
+    """What a file's header says: size, channels after decoding, JPEG or not, PIL mode and
+    format ("JPEG", "PNG", ...)."""
 
     height: int
     width: int
     channels: int
     jpeg: bool
     mode: str
+    format: str = ""
 
 
 def header(path: str) -> Header | None:
@@ -229,7 +231,7 @@ def header(path: str) -> Header | None:
         with Image.open(path) as im:
             width, height = im.size
             gray = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-            return Header(height, width, 1 if gray else 3, im.format == "JPEG", im.mode)
+            return Header(height, width, 1 if gray else 3, im.format == "JPEG", im.mode, im.format or "")
     except (OSError, ValueError):
         return None
 

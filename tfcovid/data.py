@@ -277,6 +277,21 @@ def decode_image(data):
     return image
 
 
+def one_channel_if_gray(image):
+    """An (H, W, 3) image whose three channels are equal everywhere (a grey X-ray saved as
+    RGB) as its one channel; any other image as it is. Lossless: ``gray_to_rgb`` repeats it
+    at the end and every resize treats channels alike (``augment.one_channel_if_gray`` is the
+    same for NumPy images). Used on small (S x S) images: on a full-size one TensorFlow's
+    check costs a quarter of the decode."""
+    def gray():
+        return tf.reduce_all(tf.equal(tf.reduce_max(image, -1), tf.reduce_min(image, -1)))
+
+    same = tf.cond(tf.equal(tf.shape(image)[-1], 3), gray, lambda: tf.constant(False))
+    image = tf.cond(same, lambda: image[..., :1], lambda: image)
+    image.set_shape([None, None, None])
+    return image
+
+
 def round_uint8(image):
     """Round a float image to uint8 pixels, clipping to [0, 255]."""
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)

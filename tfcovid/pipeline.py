@@ -7,7 +7,9 @@ transform), from the working-resolution sizes the files' headers give. Then per 
 
 1. The decoded image, from the cache (``tfcovid.cache``) or, the first time, from the file:
    ``decode_base`` decodes it at a bounded *working resolution* (JPEGs straight from their DCT
-   coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it.
+   coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it
+   (with OpenCV, an RGB image whose three channels are equal, a grey X-ray saved as RGB, as
+   one channel: ``augment.one_channel_if_gray``).
    If its size is not the one its header gave, its plan is made again from its pixels (same
    draws, so the same result as if the header had been right). With OpenCV and a memory
    cache the store is an ``ArrayStore`` that the batch resampler reads and fills: the epoch
@@ -18,9 +20,9 @@ transform), from the working-resolution sizes the files' headers give. Then per 
    than the output, so it does not alias), rounded to uint8; grayscale is repeated to 3
    channels only here, at the end. With OpenCV (a dependency; TensorFlow's ops where it
    cannot be imported) the images are batched first and one call per batch decodes the
-   JPEGs, fills and reads the cache and resamples them all on all cores
-   (``_batch_resampler``; when every file is such a JPEG, batches of plans go straight to
-   it, with no per-image map); without it, ``augment.apply_uint8`` resamples each image
+   JPEGs and 8-bit grey/RGB PNGs, fills and reads the cache and resamples them all on all
+   cores (``_batch_resampler``; when every file is of those kinds, batches of plans go
+   straight to it, with no per-image map); without it, ``augment.apply_uint8`` resamples each image
    with TensorFlow's op before batching. The two agree to one grey level.
 
 Reordering for speed (documented, and tested for its statistics): the study rotates and crops
@@ -32,7 +34,8 @@ position are relative, so their distributions are unchanged; only crops smaller 
 upsampled from fewer pixels than the original had. ``decode_scale 0`` keeps full resolution.
 
 Eval: decode, antialiased resize to S x S (exactly ``data.load_image``), cached as the final
-uint8 pixels (1 channel for grayscale), so later validation passes cost a table lookup.
+uint8 pixels (1 channel for grayscale, and for RGB whose channels are equal), so later
+validation passes cost a table lookup.
 
 The same dataset object is iterated every epoch (Keras does), so the cache it captured fills
 on the first pass and serves the rest. The shuffle is a stateless permutation of indices
@@ -50,7 +53,7 @@ import tensorflow as tf
 
 from tfcovid import augment
 from tfcovid.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
-from tfcovid.data import Split, decode_image, gray_to_rgb, round_uint8
+from tfcovid.data import Split, decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,
@@ -138,29 +141,32 @@ def _file_plan(paths, min_side: int | None):
     any pixel is decoded; an unreadable header gives (-1, -1) and that image is planned from
     its pixels instead. When every file is a JPEG of one kind (grey or RGB, one DCT scale) the
     decoder is a single ``decode_jpeg`` with that scale, else the general ``decode_base``:
-    the same pixels either way. ``jpegs``: int32 [N, 2], (channels, halvings) of each grey or
-    RGB JPEG (``augment.decode_jpeg``'s arguments), (0, 0) for any other file.
+    the same pixels either way. ``readable``: int32 [N, 2], (channels, halvings) of each file
+    OpenCV decodes to ``decode_base``'s pixels (``augment.decode_file``'s arguments: grey or
+    RGB JPEGs, 8-bit grey or RGB PNGs), (0, 0) for any other file.
     """
     shapes = np.full((max(len(paths), 1), 2), -1, np.int32)
-    jpegs = np.zeros((max(len(paths), 1), 2), np.int32)
+    readable = np.zeros((max(len(paths), 1), 2), np.int32)
+    jpeg = np.zeros(max(len(paths), 1), bool)
     for i, path in enumerate(paths):
         head = header(path)
         if head is None:
             continue
         shapes[i] = working_shape(head.height, head.width, head.jpeg, min_side)
-        if head.jpeg and head.mode in ("L", "RGB"):
-            k = halvings(min(head.height, head.width), min_side, True) if min_side else 0
-            jpegs[i] = head.channels, k
-    kinds = np.unique(jpegs[: len(paths)], axis=0)
-    if min_side and len(kinds) == 1 and kinds[0, 0] > 0:
+        if head.format in ("JPEG", "PNG") and head.mode in ("L", "RGB"):
+            k = halvings(min(head.height, head.width), min_side, head.jpeg) if min_side else 0
+            readable[i], jpeg[i] = (head.channels, k), head.jpeg
+    kinds = np.unique(readable[: len(paths)], axis=0)
+    if min_side and len(kinds) == 1 and kinds[0, 0] > 0 and jpeg[: len(paths)].all():
         channels, ratio = int(kinds[0, 0]), 2 ** int(kinds[0, 1])
-        return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=_DCT), jpegs
-    return shapes, lambda data: decode_base(data, min_side), jpegs
+
+        return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=_DCT), readable
+    return shapes, lambda data: decode_base(data, min_side), readable
 
 
 def _eval_pixels(data, size: int):
     """uint8 (S, S, C) eval pixels, C = 1 or 3: exactly what ``data.load_image`` rounds to."""
-    return round_uint8(augment.resize_eval(decode_image(data), size))
+    return one_channel_if_gray(round_uint8(augment.resize_eval(decode_image(data), size)))
 
 
 def dataset(
@@ -201,7 +207,7 @@ def dataset(
     # With OpenCV a whole batch is resampled in one call after batching.
     warp_batches = augmenting and augment.resampler() == "opencv"
     if augmenting:
-        shapes, decode, jpegs = _file_plan(split.paths, min_side)
+        shapes, decode, readable = _file_plan(split.paths, min_side)
         aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
     n, m = len(split), max(len(split), 1)
     policy = as_cache(cache)
@@ -212,9 +218,9 @@ def dataset(
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
     arrays = isinstance(store, ArrayStore)  # the batch resampler reads and fills the cache
-    # The batch resampler also decodes the JPEGs (OpenCV, same pixels) unless a TensorFlow
-    # table or disk cache must be filled inside the per-image map.
-    opencv_jpegs = warp_batches and min_side is not None and (store is None or arrays)
+    # The batch resampler also decodes the JPEGs and PNGs (OpenCV, same pixels) unless a
+    # TensorFlow table must be filled inside the per-image map.
+    opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)
 
     if training:
         # Randomness is keyed on (seed, epoch, image), never on hidden generator state, so a
@@ -239,8 +245,8 @@ def dataset(
                 return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
             draws = augment.draws(key, m)
             known, source = shapes, tf.fill([m], _TENSORFLOW)
-            if opencv_jpegs:
-                source = tf.where(jpegs[:, 0] > 0, _OPENCV, source)
+            if opencv_decodes:
+                source = tf.where(readable[:, 0] > 0, _OPENCV, source)
             if arrays:  # what the cache holds now, once per epoch: those are not decoded
                 stored, held = tf.numpy_function(store.state, [], [tf.bool, tf.int32], stateful=True)
                 stored = tf.reshape(stored, [m])
@@ -249,7 +255,7 @@ def dataset(
             transforms, shrink = augment.plan(known, draws, image_size, *aug_args)
             plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
                                tf.cast(known, tf.float32), tf.cast(source, tf.float32)[:, None],
-                               tf.cast(jpegs, tf.float32)], axis=1)
+                               tf.cast(readable, tf.float32)], axis=1)
             return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
 
         ds = keys.flat_map(one_epoch)
@@ -275,7 +281,7 @@ def dataset(
         """TensorFlow resampler: the augmented image. OpenCV: what the batch resampler needs
         (the decoded image, or an empty placeholder when it reads the store or decodes the
         file's bytes itself)."""
-        draws, transform, shrink, expected, source, jpeg = tf.split(plan, [augment.DRAWS, 8, 1, 2, 1, 2])
+        draws, transform, shrink, expected, source, coded = tf.split(plan, [augment.DRAWS, 8, 1, 2, 1, 2])
         source = tf.cast(source[0], tf.int32)
         here = tf.equal(source, _TENSORFLOW)
         base = tf.cond(here, lambda: decoded(index, lambda: decode(tf.io.read_file(paths[index]))),
@@ -291,11 +297,11 @@ def dataset(
         transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)), replan)
         if not warp_batches:
             return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
-        jpeg = tf.cast(jpeg, tf.int32)
+        coded = tf.cast(coded, tf.int32)
         opencv = tf.equal(source, _OPENCV)
         data = tf.cond(opencv, lambda: tf.io.read_file(paths[index]), lambda: tf.constant(""))
-        shape = tf.where(opencv, tf.concat([tf.cast(expected, tf.int32), jpeg[:1]], 0), tf.shape(base))
-        return base, shape, transform, k, index, source, data, jpeg[1], draws
+        shape = tf.where(opencv, tf.concat([tf.cast(expected, tf.int32), coded[:1]], 0), tf.shape(base))
+        return base, shape, transform, k, index, source, data, coded[1], draws
 
     def fallback(index, data, draws):
         """For the batch resampler, in eager TensorFlow: an image whose header misled OpenCV's
@@ -318,15 +324,15 @@ def dataset(
         return image if labels is None else (image, tf.gather(labels, index))
 
     in_order = deterministic or not training
-    if opencv_jpegs and (jpegs[:, 0] > 0).all():
-        # Every file is a JPEG OpenCV decodes: no per-image TensorFlow work at all. Batches of
+    if opencv_decodes and (readable[:, 0] > 0).all():
+        # Every file is one OpenCV decodes: no per-image TensorFlow work at all. Batches of
         # (index, plan) go straight to the batch resampler, which reads the files itself.
         def batch_of_plans(indices, plans):
-            _, transforms, shrink, known, source, jpeg = tf.split(plans, [augment.DRAWS, 8, 1, 2, 1, 2], axis=1)
-            jpeg = tf.cast(jpeg, tf.int32)
-            item = (tf.zeros([0, 0, 0, 1], tf.uint8), tf.concat([tf.cast(known, tf.int32), jpeg[:, :1]], 1),
+            _, transforms, shrink, known, source, coded = tf.split(plans, [augment.DRAWS, 8, 1, 2, 1, 2], axis=1)
+            coded = tf.cast(coded, tf.int32)
+            item = (tf.zeros([0, 0, 0, 1], tf.uint8), tf.concat([tf.cast(known, tf.int32), coded[:, :1]], 1),
                     transforms, tf.cast(shrink[:, 0], tf.int32), indices, tf.cast(source[:, 0], tf.int32),
-                    tf.zeros([0], tf.string), jpeg[:, 1], plans[:, :augment.DRAWS])
+                    tf.zeros([0], tf.string), coded[:, 1], plans[:, :augment.DRAWS])
             return item if labels is None else (item, tf.gather(labels, indices))
 
         warp = _batch_resampler(image_size, store if arrays else None, fallback, split.paths)
@@ -358,7 +364,7 @@ def _read(path: str) -> bytes:
 def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
     """A tf.data map function for padded batches of ``train_image``'s OpenCV elements[, labels]:
     one ``tf.numpy_function`` per batch (see ``augment.warp_batch`` for why per batch) that
-    gets each image from the store, from its JPEG bytes (``augment.decode_jpeg``) or from the
+    gets each image from the store, from its file's bytes (``augment.decode_file``) or from the
     batch, keeps the new ones in ``store``, and resamples them all on all cores. With
     ``paths`` the JPEG bytes are read here, from ``paths[index]``, not from the batch."""
     def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
@@ -369,11 +375,13 @@ def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
                 image = store.get(index)
             elif sources[i] == _OPENCV:
                 data = files[i] if paths is None else _read(paths[index])
-                image = augment.decode_jpeg(data, int(c), int(halvings[i]))
+                image = augment.decode_file(data, int(c), int(halvings[i]))
                 if image is None or image.shape[:2] != (h, w):  # its header was wrong
                     image, transform, k = fallback(index, data, draws[i])
             else:
                 image = images[i, :h, :w, :c]
+            if sources[i] == _TENSORFLOW:  # decode_file already did this for its decodes
+                image = augment.one_channel_if_gray(image)
             if store is not None and sources[i] != _STORED:
                 image = store.put(index, image, copy=sources[i] == _TENSORFLOW)
             return image, transform, k
