@@ -549,3 +549,33 @@ def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
         np.testing.assert_array_equal(batches[i], data.load_image(path, 24).numpy())
     found, pixels = evaluation.stores[0].lookup(tf.constant(2, tf.int64))
     assert bool(found) and pixels.shape == (24, 24, 1)  # grey_as_rgb.jpg
+
+
+def _raw_png(path, width, height, depth, colour_type, row):
+    """A PNG written byte by byte (PIL does not write 4-bit grey or 16-bit RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\x00" + row for _ in range(height)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return str(path)
+
+
+def test_pngs_pil_reads_as_8_bit_stay_with_tensorflow(tmp_path):
+    """PIL opens 4-bit grey PNGs as "L" and 16-bit RGB ones as "RGB"; the PNG header's own bit
+    depth keeps them off OpenCV's path (whose decode would refuse them every time)."""
+    grey4 = _raw_png(tmp_path / "g4.png", 8, 6, 4, 0, bytes([0x0F, 0xF0, 0x5A, 0xA5]))
+    rgb16 = _raw_png(tmp_path / "c16.png", 5, 4, 16, 2, bytes(range(30)))
+    grey8 = _write(tmp_path / "g8.png", _smooth(6, 8))
+    heads = [cache.header(p) for p in (grey4, rgb16, grey8)]
+    assert [(h.mode, h.depth) for h in heads] == [("L", 4), ("RGB", 16), ("L", 8)]
+    readable = pipeline._file_plan([grey4, rgb16, grey8], 2)[2]
+    assert readable[:, 0].tolist() == [0, 0, 1]
+    from tfcovid import augment
+
+    assert augment.decode_png(open(grey4, "rb").read(), 1, 0) is None
+    assert augment.decode_png(open(rgb16, "rb").read(), 3, 0) is None

@@ -214,8 +214,9 @@ def _remove_if_empty(directory: str) -> None:
 
 
 class Header(NamedTuple):
-    """What a file's header says: size, channels after decoding, JPEG or not, PIL mode and
-    format ("JPEG", "PNG", ...)."""
+    """What a file's header says: size, channels after decoding, JPEG or not, PIL mode,
+    format ("JPEG", "PNG", ...) and bits per sample (PIL reads 1-4 and 16-bit PNGs as 8-bit
+    modes; the PNG header's own bit depth, 8 for other formats)."""
 
     height: int
     width: int
@@ -223,6 +224,7 @@ class Header(NamedTuple):
     jpeg: bool
     mode: str
     format: str = ""
+    depth: int = 8
 
 
 def header(path: str) -> Header | None:
@@ -231,7 +233,11 @@ def header(path: str) -> Header | None:
         with Image.open(path) as im:
             width, height = im.size
             gray = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-            return Header(height, width, 1 if gray else 3, im.format == "JPEG", im.mode, im.format or "")
+            depth = 8
+            if im.format == "PNG":
+                im.fp.seek(24)  # IHDR: bit depth at byte 24
+                depth = im.fp.read(1)[0]
+            return Header(height, width, 1 if gray else 3, im.format == "JPEG", im.mode, im.format or "", depth)
     except (OSError, ValueError):
         return None
 

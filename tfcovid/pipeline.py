@@ -153,13 +153,12 @@ def _file_plan(paths, min_side: int | None):
         if head is None:
             continue
         shapes[i] = working_shape(head.height, head.width, head.jpeg, min_side)
-        if head.format in ("JPEG", "PNG") and head.mode in ("L", "RGB"):
+        if head.format in ("JPEG", "PNG") and head.mode in ("L", "RGB") and head.depth == 8:
             k = halvings(min(head.height, head.width), min_side, head.jpeg) if min_side else 0
             readable[i], jpeg[i] = (head.channels, k), head.jpeg
     kinds = np.unique(readable[: len(paths)], axis=0)
     if min_side and len(kinds) == 1 and kinds[0, 0] > 0 and jpeg[: len(paths)].all():
         channels, ratio = int(kinds[0, 0]), 2 ** int(kinds[0, 1])
-
         return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=_DCT), readable
     return shapes, lambda data: decode_base(data, min_side), readable
 
