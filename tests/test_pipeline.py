@@ -456,13 +456,20 @@ def test_opencv_png_decode_is_decode_bases_box_average(tmp_path, channels):
     np.testing.assert_array_equal(augment.decode_png(raw, channels, 2), pipeline.decode_base(_bytes(path), 75))
     assert augment.decode_png(raw[: len(raw) // 2], channels, 1) is None
     assert augment.decode_png(raw, 4 - channels, 0) is None  # the header says otherwise
-    others = {"x16.png": Image.fromarray(image[..., 0].astype(np.uint16) * 257),
-              "xa.png": Image.fromarray(np.dstack([_smooth(30, 40, 3)] + [np.full((30, 40), 9, np.uint8)])),
-              "xp.png": Image.fromarray(_smooth(30, 40, 3)).convert("P")}
-    for name, im in others.items():
-        im.save(tmp_path / name)
-        raw = (tmp_path / name).read_bytes()
-        assert augment.decode_png(raw, 1, 0) is None and augment.decode_png(raw, 3, 0) is None, name
+    # 16 bits per sample (the high byte, as TensorFlow's decode), and alpha (dropped).
+    rng = np.random.default_rng(channels)
+    wide = rng.integers(0, 65536, (45, 38, channels)).astype(">u2")
+    alpha = np.dstack([_smooth(45, 38, channels), np.full((45, 38), 9, np.uint8)])
+    kinds = {"x16.png": (wide, 16, {1: 0, 3: 2}[channels]), "xa.png": (alpha, 8, {1: 4, 3: 6}[channels]),
+             "xa16.png": (np.dstack([wide, wide[..., :1]]), 16, {1: 4, 3: 6}[channels])}
+    for name, (pixels, depth, colour_type) in kinds.items():
+        path = _raw_png(tmp_path / name, 38, 45, depth, colour_type, pixels.tobytes(), rows=45)
+        for halvings in (0, 1, 3):
+            np.testing.assert_array_equal(augment.decode_png(open(path, "rb").read(), channels, halvings),
+                                          _halved(path, halvings), err_msg=name)
+    Image.fromarray(_smooth(30, 40, 3)).convert("P").save(tmp_path / "xp.png")
+    raw = (tmp_path / "xp.png").read_bytes()
+    assert augment.decode_png(raw, 1, 0) is None and augment.decode_png(raw, 3, 0) is None  # palette
 
 
 def test_one_channel_if_gray_numpy_and_tensorflow():
@@ -486,9 +493,9 @@ def test_one_channel_if_gray_numpy_and_tensorflow():
 
 @pytest.fixture(scope="module")
 def formats_split(tmp_path_factory):
-    """What the batch resampler meets: files OpenCV decodes (grey and RGB JPEGs and 8-bit
-    PNGs, grey saved as RGB in both) and files TensorFlow decodes for it (16-bit, RGBA and
-    palette PNGs, a BMP); label = index."""
+    """What the batch resampler meets: files OpenCV decodes (grey and RGB JPEGs and PNGs,
+    grey saved as RGB in both, a 16-bit and an RGBA PNG) and files TensorFlow decodes for it
+    (a palette PNG, a BMP); label = index."""
     root = tmp_path_factory.mktemp("formats")
     grey = [_smooth(140 + 10 * i, 150 + 7 * i, 1, seed=i) for i in range(8)]
     items = [("grey.jpg", Image.fromarray(grey[0]), "JPEG"),
@@ -510,21 +517,21 @@ def formats_split(tmp_path_factory):
 
 
 def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
-    """OpenCV decodes the JPEGs and 8-bit PNGs in the batched call; TensorFlow decodes the
-    rest in the per-image map. The cache holds decode_base's pixels, grey saved as RGB as one
+    """OpenCV decodes the JPEGs and PNGs in the batched call; TensorFlow decodes the rest
+    (palette PNG, BMP) in the per-image map. The cache holds decode_base's pixels, grey saved as RGB as one
     channel; batches equal an uncached run exactly and TensorFlow's resampler within one
     grey level; eval caches grey saved as RGB as one channel too."""
     from tfcovid import augment
 
     readable = pipeline._file_plan(formats_split.paths, 64)[2]
-    assert (readable[:, 0] > 0).tolist() == [True] * 6 + [False] * 4
+    assert (readable[:, 0] > 0).tolist() == [True] * 8 + [False] * 2
     assert readable[5].tolist() == [3, 2]  # RGB PNG, shorter side 280 >= 4 * 64: halved twice
     decoded = []
     real = augment.decode_file
     monkeypatch.setattr(augment, "decode_file", lambda *a: decoded.append(1) or real(*a))
     policy = cache.Cache("memory")
     cached = _epochs(formats_split, 2, policy=policy)
-    assert len(decoded) == 6  # the six OpenCV files, once each
+    assert len(decoded) == 8  # the eight OpenCV files, once each
     store = policy.stores[0]
     assert isinstance(store, cache.ArrayStore) and store.count() == 10
     channels = [store.get(i).shape[-1] for i in range(10)]
@@ -551,8 +558,9 @@ def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
     assert bool(found) and pixels.shape == (24, 24, 1)  # grey_as_rgb.jpg
 
 
-def _raw_png(path, width, height, depth, colour_type, row):
-    """A PNG written byte by byte (PIL does not write 4-bit grey or 16-bit RGB)."""
+def _raw_png(path, width, height, depth, colour_type, row, rows=None):
+    """A PNG written byte by byte (PIL does not write 4-bit grey or 16-bit RGB): ``row``
+    repeated ``height`` times or, with ``rows``, ``row`` is all rows' bytes."""
     import struct
     import zlib
 
@@ -560,22 +568,24 @@ def _raw_png(path, width, height, depth, colour_type, row):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    pixels = zlib.compress(b"".join(b"\x00" + row for _ in range(height)))
+    size = len(row) // rows if rows else len(row)
+    lines = [row[i * size:(i + 1) * size] for i in range(height)] if rows else [row] * height
+    pixels = zlib.compress(b"".join(b"\x00" + line for line in lines))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
     return str(path)
 
 
-def test_pngs_pil_reads_as_8_bit_stay_with_tensorflow(tmp_path):
-    """PIL opens 4-bit grey PNGs as "L" and 16-bit RGB ones as "RGB"; the PNG header's own bit
-    depth keeps them off OpenCV's path (whose decode would refuse them every time)."""
+def test_png_bit_depth_decides_the_decoder(tmp_path):
+    """PIL opens 4-bit grey PNGs as "L" like 8-bit ones; the PNG header's own bit depth keeps
+    them off OpenCV's path (whose decode would refuse them every epoch); 16-bit PNGs (PIL:
+    "RGB" or "I;16") are OpenCV's."""
     grey4 = _raw_png(tmp_path / "g4.png", 8, 6, 4, 0, bytes([0x0F, 0xF0, 0x5A, 0xA5]))
     rgb16 = _raw_png(tmp_path / "c16.png", 5, 4, 16, 2, bytes(range(30)))
     grey8 = _write(tmp_path / "g8.png", _smooth(6, 8))
     heads = [cache.header(p) for p in (grey4, rgb16, grey8)]
     assert [(h.mode, h.depth) for h in heads] == [("L", 4), ("RGB", 16), ("L", 8)]
     readable = pipeline._file_plan([grey4, rgb16, grey8], 2)[2]
-    assert readable[:, 0].tolist() == [0, 0, 1]
+    assert readable[:, 0].tolist() == [0, 3, 1]
     from tfcovid import augment
 
     assert augment.decode_png(open(grey4, "rb").read(), 1, 0) is None
-    assert augment.decode_png(open(rgb16, "rb").read(), 3, 0) is None

@@ -373,19 +373,26 @@ def decode_jpeg(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
-    """Decode an 8-bit grey (``channels`` 1) or RGB (3) PNG with OpenCV and halve it
-    ``halvings`` times: uint8 (H // 2**halvings, W // 2**halvings, channels), RGB, or None for
-    any other PNG (16-bit, palette, alpha: TensorFlow's ``decode_base`` converts those) or a
-    broken file.
+# PNG colour types OpenCV decodes to TensorFlow's pixels, by the channels they decode to:
+# grey and grey + alpha; RGB and RGBA (alpha dropped, as ``data.decode_image`` drops it).
+_PNG_TYPES = {1: (0, 4), 3: (2, 6)}
 
-    The same pixels as ``pipeline.decode_base``: its repeated 2 x 2 box average in float, with
-    the odd last row or column dropped at each step, rounded once, is the mean of each
+
+def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
+    """Decode a grey (``channels`` 1) or RGB (3) PNG, 8 or 16 bits per sample, alpha or not,
+    with OpenCV and halve it ``halvings`` times: uint8 (H // 2**halvings, W // 2**halvings,
+    channels), RGB, or None for any other PNG (palette, 1-4 bits: TensorFlow's
+    ``decode_base`` converts those) or a broken file.
+
+    The same pixels as ``pipeline.decode_base``: 16-bit samples become their high byte, as
+    TensorFlow's decode makes them, alpha is dropped; its repeated 2 x 2 box average in float,
+    with the odd last row or column dropped at each step, rounded once, is the mean of each
     2**h x 2**h block of the cropped image, which an area resize of the float image computes
-    exactly (the sums are exact in float32; ``tests/test_pipeline.py`` checks it).
+    exactly (the sums are exact in float32; ``tests/test_pipeline.py`` checks both).
     """
-    colour_type = {1: 0, 3: 2}[channels]  # PNG's IHDR: bit depth at byte 24, colour type at 25
-    if len(data) < 26 or data[:8] != _PNG_MAGIC or data[24] != 8 or data[25] != colour_type:
+    # PNG's IHDR: bit depth at byte 24, colour type at byte 25.
+    if (len(data) < 26 or data[:8] != _PNG_MAGIC or data[24] not in (8, 16)
+            or data[25] not in _PNG_TYPES[channels]):
         return None
     flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)

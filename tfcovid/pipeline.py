@@ -20,7 +20,7 @@ transform), from the working-resolution sizes the files' headers give. Then per 
    than the output, so it does not alias), rounded to uint8; grayscale is repeated to 3
    channels only here, at the end. With OpenCV (a dependency; TensorFlow's ops where it
    cannot be imported) the images are batched first and one call per batch decodes the
-   JPEGs and 8-bit grey/RGB PNGs, fills and reads the cache and resamples them all on all
+   JPEGs and most PNGs, fills and reads the cache and resamples them all on all
    cores (``_batch_resampler``; when every file is of those kinds, batches of plans go
    straight to it, with no per-image map); without it, ``augment.apply_uint8`` resamples each image
    with TensorFlow's op before batching. The two agree to one grey level.
@@ -143,7 +143,7 @@ def _file_plan(paths, min_side: int | None):
     decoder is a single ``decode_jpeg`` with that scale, else the general ``decode_base``:
     the same pixels either way. ``readable``: int32 [N, 2], (channels, halvings) of each file
     OpenCV decodes to ``decode_base``'s pixels (``augment.decode_file``'s arguments: grey or
-    RGB JPEGs, 8-bit grey or RGB PNGs), (0, 0) for any other file.
+    RGB JPEGs; PNGs of 8 or 16 bits, grey or RGB, alpha or not), (0, 0) for any other file.
     """
     shapes = np.full((max(len(paths), 1), 2), -1, np.int32)
     readable = np.zeros((max(len(paths), 1), 2), np.int32)
@@ -153,7 +153,8 @@ def _file_plan(paths, min_side: int | None):
         if head is None:
             continue
         shapes[i] = working_shape(head.height, head.width, head.jpeg, min_side)
-        if head.format in ("JPEG", "PNG") and head.mode in ("L", "RGB") and head.depth == 8:
+        if (head.jpeg and head.mode in ("L", "RGB")) or (head.format == "PNG" and head.depth in (8, 16)
+                                                         and head.mode not in ("P", "PA", "1")):
             k = halvings(min(head.height, head.width), min_side, head.jpeg) if min_side else 0
             readable[i], jpeg[i] = (head.channels, k), head.jpeg
     kinds = np.unique(readable[: len(paths)], axis=0)
