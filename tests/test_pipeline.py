@@ -589,3 +589,22 @@ def test_png_bit_depth_decides_the_decoder(tmp_path):
     from tfcovid import augment
 
     assert augment.decode_png(open(grey4, "rb").read(), 1, 0) is None
+
+
+def test_cache_estimate_counts_rgb_saved_grey_as_one_channel(tmp_path):
+    """The cache plan's estimate (memory or disk) counts grey X-rays saved as RGB as the one
+    channel the stores keep: decoded small, a sample of the RGB files is checked."""
+    grey = [_write(tmp_path / f"g{i}.jpg", np.dstack([_smooth(200, 240, seed=i)] * 3), "JPEG") for i in range(4)]
+    colour = [_write(tmp_path / f"c{i}.jpg", _smooth(200, 240, 3, seed=i), "JPEG") for i in range(4)]
+    assert [cache.looks_gray(p) for p in (grey[0], colour[0])] == [True, False]
+    png = _write(tmp_path / "g.png", np.dstack([_smooth(50, 60)] * 3))
+    assert cache.looks_gray(png) and not cache.looks_gray(str(tmp_path / "missing.png"))
+    split = data.Split("train", str(tmp_path), tuple(grey + colour), np.zeros(8, np.int64), ("x",))
+    plain = cache.estimate_bytes(split.paths, 32, 64, training=True)
+    estimate = cache.estimate_bytes(split.paths, 32, 64, training=True, gray_as_one=True)
+    policy = cache.Cache("memory")
+    for _ in data.dataset(split, 32, 4, training=True, aug=AUG, cache=policy):
+        pass
+    held = policy.stores[0].nbytes()
+    assert [policy.stores[0].get(i).shape[-1] for i in range(8)] == [1] * 4 + [3] * 4
+    assert estimate == held and plain > 1.4 * held  # 100 x 120 working size: 1 + 3 channels vs 3 + 3

@@ -268,20 +268,46 @@ def cached_pixels(height: int, width: int, channels: int, jpeg: bool, image_size
     return height * width * channels
 
 
+def looks_gray(path: str) -> bool:
+    """Whether an RGB file shows a grey image (all three channels equal), judged on a small
+    decode (JPEGs at 1/8 scale): what the cache will keep as one channel."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (max(im.width // 8, 1), max(im.height // 8, 1)))
+            pixels = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError):
+        return False
+    return bool((pixels == pixels[..., :1]).all())
+
+
 def estimate_bytes(paths: Sequence[str], image_size: int, min_side: int | None, training: bool,
-                   sample: int = 64) -> int:
-    """Estimate a split's cache size from the headers of up to ``sample`` evenly spaced files."""
+                   sample: int = 64, gray_as_one: bool = False, checks: int = 16) -> int:
+    """Estimate a split's cache size from the headers of up to ``sample`` evenly spaced files.
+
+    ``gray_as_one``: the store keeps an RGB image whose channels are equal as one channel
+    (grey X-rays are often saved as RGB); the first ``checks`` sampled RGB files are decoded
+    small to see how many are, and the others are counted alike.
+    """
     if not paths:
         return 0
     step = max(1, len(paths) // sample)
-    sizes = []
+    sizes, rgb, gray = [], [], []
     for path in list(paths)[::step][:sample]:
         head = header(path)
-        if head is not None:
-            sizes.append(cached_pixels(head.height, head.width, head.channels, head.jpeg, image_size,
-                                       min_side, training))
+        if head is None:
+            continue
+        sizes.append(cached_pixels(head.height, head.width, head.channels, head.jpeg, image_size,
+                                   min_side, training))
+        if gray_as_one and head.channels == 3:
+            rgb.append(len(sizes) - 1)
+            if len(gray) < checks:
+                gray.append(looks_gray(path))
     if not sizes:
         return len(paths) * image_size * image_size * 3
+    if gray:  # RGB files that are grey take a third
+        share = sum(gray) / len(gray)
+        for i in rgb:
+            sizes[i] = sizes[i] * (1 - share * 2 / 3)
     return int(len(paths) * (sum(sizes) / len(sizes) + _OVERHEAD))
 
 

@@ -213,7 +213,9 @@ def dataset(
     policy = as_cache(cache)
     store = None
     if policy is not None:
-        estimated = estimate_bytes(split.paths, image_size, min_side, augmenting)
+        # RGB-saved grey is kept as one channel by the eval cache and by OpenCV's train store.
+        estimated = estimate_bytes(split.paths, image_size, min_side, augmenting,
+                                   gray_as_one=warp_batches or not augmenting)
         store = policy.store_for(split.name, estimated, arrays=m if warp_batches else None)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
