@@ -238,7 +238,7 @@ def header(path: str) -> Header | None:
                 im.fp.seek(24)  # IHDR: bit depth at byte 24
                 depth = im.fp.read(1)[0]
             return Header(height, width, 1 if gray else 3, im.format == "JPEG", im.mode, im.format or "", depth)
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -268,14 +268,19 @@ def cached_pixels(height: int, width: int, channels: int, jpeg: bool, image_size
     return height * width * channels
 
 
+_LOOK_PIXELS = 36_000_000  # 6000 x 6000: larger non-JPEG files are not decoded by looks_gray
+
+
 def looks_gray(path: str) -> bool:
     """Whether an RGB file shows a grey image (all three channels equal), judged on a small
     decode (JPEGs at 1/8 scale): what the cache will keep as one channel."""
     try:
         with Image.open(path) as im:
+            if im.format != "JPEG" and im.width * im.height > _LOOK_PIXELS:
+                return False  # not decoded whole for an estimate (counted as RGB)
             im.draft("RGB", (max(im.width // 8, 1), max(im.height // 8, 1)))
             pixels = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return False
     return bool((pixels == pixels[..., :1]).all())
 
