@@ -180,7 +180,7 @@ def test_opencv_resampler_matches_tensorflow():
         for s in range(8):
             hw = tf.constant([image.shape[:2]])
             transforms, k = augment.plan(hw, augment.draws(tf.constant([j, s], tf.int64))[None], 64)
-            ours = augment._warp(image, transforms[0].numpy(), int(k[0]), 64)  # warp_batch's per-image work
+            ours = augment._warp(image, transforms[0].numpy(), int(k[0]), 64)  # warp_rows's per-image work
             ref = augment.apply_uint8(image, transforms[0], k[0], 64).numpy()
             assert ours.shape == ref.shape == (64, 64, image.shape[-1]) and ours.dtype == np.uint8
             diff = np.abs(ours.astype(int) - ref)

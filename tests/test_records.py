@@ -220,3 +220,58 @@ def test_cli_prepare_then_fit_and_a_damaged_shard(binary_tree, tmp_path):
     assert result.exit_code == 1, result.output
     assert f"{shard.name}: sha256 differs from the manifest (damaged)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_encoded_shape_reads_jpeg_and_png_headers(tmp_path):
+    """Sizes and OpenCV channel counts from the headers alone; 0 channels where OpenCV's
+    decode is not to be tried."""
+    from PIL import Image
+
+    grey = np.full((13, 21), 90, np.uint8)
+    cases = {"g.jpg": (Image.fromarray(grey), [13, 21, 1]),
+             "c.jpg": (Image.fromarray(np.dstack([grey, grey + 9, grey])), [13, 21, 3]),
+             "k.jpg": (Image.fromarray(np.dstack([grey] * 3)).convert("CMYK"), [13, 21, 0]),
+             "g.png": (Image.fromarray(grey), [13, 21, 1]),
+             "a.png": (Image.fromarray(np.dstack([grey] * 4)), [13, 21, 3]),
+             "la.png": (Image.fromarray(np.dstack([grey] * 2), "LA"), [13, 21, 1]),
+             "p.png": (Image.fromarray(np.dstack([grey] * 3)).convert("P"), [13, 21, 0]),
+             "g.bmp": (Image.fromarray(grey), [-1, -1, 0])}
+    for name, (image, expected) in cases.items():
+        image.save(tmp_path / name)
+        shape = records.encoded_shape(tf.constant((tmp_path / name).read_bytes()))
+        assert shape.numpy().tolist() == expected, name
+
+
+def test_batch_decoder_is_the_per_image_path(tmp_path):
+    """The training stream's batched OpenCV decode gives exactly the per-image path's views
+    (TensorFlow's decode, a plan from the decoded size, OpenCV's resample), also where the
+    header's size is wrong or OpenCV is not to decode (planned again from the pixels), and
+    TensorFlow's resampler's views within one grey level."""
+    from PIL import Image
+
+    from tfcovid import augment
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (h, w, c, name) in enumerate([(60, 80, 1, "a.png"), (70, 50, 3, "b.jpg"), (90, 90, 1, "c.jpg"),
+                                         (40, 64, 3, "d.png"), (50, 50, 3, "e.jpg")]):
+        pixels = rng.integers(0, 255, (h, w, c), dtype=np.uint8).squeeze()
+        image = Image.fromarray(pixels)
+        (image.convert("CMYK") if name == "e.jpg" else image).save(tmp_path / name, quality=90)
+        files.append((tmp_path / name).read_bytes())
+    encoded = tf.constant(files)
+    shapes = tf.stack([records.encoded_shape(e) for e in files])
+    assert shapes[:, 2].numpy().tolist() == [1, 3, 1, 3, 0]
+    shapes = tf.tensor_scatter_nd_update(shapes, [[2, 0]], [45])  # a wrong header
+    draws = augment.draws(tf.constant([7, 1], tf.int64), len(files))
+    args = (config.AugmentConfig().crop_scale, config.AugmentConfig().crop_ratio, 30.0, True)
+    transforms, k = augment.plan(tf.maximum(shapes[:, :2], 1), draws, 32, *args)
+    batch = records._batch_decoder(32, args)((encoded, shapes, transforms, k, draws)).numpy()
+    assert batch.shape == (5, 32, 32, 3)
+    for i, data_ in enumerate(files):
+        image = records.train_decode(tf.constant(data_))
+        t, kk = augment.plan(tf.shape(image)[None, :2], draws[i:i + 1], 32, *args)
+        ours = augment._warp(image.numpy(), t[0].numpy(), int(kk[0]), 32)
+        np.testing.assert_array_equal(batch[i], np.broadcast_to(ours, (32, 32, 3)))
+        theirs = data.gray_to_rgb(augment.apply_uint8(image, t[0], kk[0], 32), 32).numpy()
+        assert np.abs(batch[i].astype(int) - theirs).max() <= 1

@@ -202,7 +202,7 @@ def apply(image, transform, k, size):
 
 
 def _warp(image, transform, k, size):
-    """``apply_uint8``'s result for one NumPy image, with OpenCV (see ``warp_batch``)."""
+    """``apply_uint8``'s result for one NumPy image, with OpenCV (see ``warp_rows``)."""
     if k > 1:
         h, w = image.shape[:2]
         small_h, small_w = max(h // k, 1), max(w // k, 1)
@@ -235,7 +235,7 @@ def describe_resampler(name: str | None = None) -> str:
 def apply_uint8(image, transform, k, size):
     """``apply`` rounded to uint8 pixels (S, S, C), with TensorFlow's op.
 
-    ``warp_batch`` is the same with OpenCV: the same map (pixel centres at integers, black
+    ``_warp`` is the same with OpenCV: the same map (pixel centres at integers, black
     outside the image, the same k x k area pre-shrink, in float); OpenCV's fixed-point bilinear
     weights move a few pixels by one grey level (``tests/test_augment.py``).
     """
@@ -294,7 +294,13 @@ def warp_into(out, image, transform, k, size) -> None:
 
 def warp_rows(count: int, size: int, source) -> np.ndarray:
     """A uint8 batch (count, S, S, 3) of OpenCV views: ``source(i)`` gives row i's (image,
-    transform, k); the rows are fetched and resampled on all cores (``on_all_cores``)."""
+    transform, k); the rows are fetched and resampled on all cores (``on_all_cores``).
+
+    The pipelines call this once per batch, inside one ``tf.numpy_function``: a call costs
+    ~0.2 ms of CPU under Python's global lock whatever it does, more than OpenCV's resample of
+    a 224 px view, so one call per image would cap every machine at ~5,000 images/s; per
+    batch the lock is held ~9-13 us per image (OpenCV releases it while it works).
+    """
     out = np.empty((count, size, size, 3), np.uint8)
 
     def row(i):
@@ -303,43 +309,6 @@ def warp_rows(count: int, size: int, source) -> np.ndarray:
 
     on_all_cores(count, row)
     return out
-
-
-def _warp_batch(images, shapes, transforms, ks, size):
-    """NumPy side of ``warp_batch``: the batch's images resampled on all cores, 3 channels out."""
-    def source(i):
-        h, w, c = shapes[i]
-        return images[i, :h, :w, :c], transforms[i], ks[i]
-
-    return warp_rows(len(images), size, source)
-
-
-def warp_batch(images, shapes, transforms, k, size):
-    """``apply_uint8`` done by OpenCV for a padded batch of images, 3 channels out (grey repeated).
-
-    One ``tf.numpy_function`` call per batch, its images resampled by a thread pool: a call
-    costs ~0.2 ms of CPU under Python's global lock whatever it does, more than OpenCV's
-    resample of a 224 px view, so one call per image would cap every machine at ~5,000
-    images/s; per batch the lock is held ~13 us per image (measured with OpenCV stubbed out).
-
-    Args:
-        images: uint8 [B, H, W, C], each image at the top left, zero-padded.
-        shapes: int32 [B, 3], each image's own (height, width, channels), channels 1 or 3.
-        transforms: [B, 8] from ``plan``; k: [B] shrink factors from ``plan``.
-    """
-    out = tf.numpy_function(lambda *args: _warp_batch(*args, size), [images, shapes, transforms, k],
-                            tf.uint8, stateful=False)
-    out.set_shape([images.shape[0], size, size, 3])
-    return out
-
-
-def batch_warper(size):
-    """A tf.data map function for padded batches of (image, shape, transform, k)[, label]
-    elements: resamples them with ``warp_batch``, returns (images[, labels])."""
-    def warp(item, label=None):
-        images = warp_batch(*item, size)
-        return images if label is None else (images, label)
-    return warp
 
 
 @functools.lru_cache(maxsize=1)

@@ -365,7 +365,7 @@ def _read(path: str) -> bytes:
 
 def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
     """A tf.data map function for padded batches of ``train_image``'s OpenCV elements[, labels]:
-    one ``tf.numpy_function`` per batch (see ``augment.warp_batch`` for why per batch) that
+    one ``tf.numpy_function`` per batch (see ``augment.warp_rows`` for why per batch) that
     gets each image from the store, from its file's bytes (``augment.decode_file``) or from the
     batch, keeps the new ones in ``store``, and resamples them all on all cores. With
     ``paths`` the JPEG bytes are read here, from ``paths[index]``, not from the batch."""

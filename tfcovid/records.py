@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfcovid import augment, data, filecheck
+from tfcovid import augment, data, filecheck, pipeline
 from tfcovid.config import DataConfig
 from tfcovid.data import DataError
 
@@ -345,28 +345,35 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
 
     def load(serialized):
         example = tf.io.parse_single_example(serialized, _FEATURES)
-        image = data.decode_image(example["image"])
+        encoded = example["image"]
         if augmenting:
             # Stateless seeds per image: its name, and a draw that changes with its position
             # in the shuffled stream (so every epoch differs). A tf.data.Dataset.random source
             # zipped in would stop TensorFlow from sharding the files across workers.
             draw = tf.random.uniform([], maxval=2**62, dtype=tf.int64, seed=seed)
             pair = tf.stack([tf.strings.to_hash_bucket_fast(example["name"], 2**62), draw])
-            transforms, k = augment.plan(tf.shape(image)[None, :2], augment.draws(pair)[None], image_size,
-                                         aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
-            if warp_batches:  # resampled after batching, by OpenCV (augment.warp_batch)
-                image = (image, tf.shape(image), transforms[0], k[0])
+            draws = augment.draws(pair)[None]
+            if warp_batches:
+                # Planned from the header's size; decoded and resampled after batching, by
+                # OpenCV (``_batch_decoder``), which plans again where the header misled.
+                shape = encoded_shape(encoded)
+                transforms, k = augment.plan(tf.maximum(shape[None, :2], 1), draws, image_size, *aug_args)
+                image = (encoded, shape, transforms[0], k[0], draws[0])
             else:
+                image = train_decode(encoded)
+                transforms, k = augment.plan(tf.shape(image)[None, :2], draws, image_size, *aug_args)
                 image = data.gray_to_rgb(augment.apply_uint8(image, transforms[0], k[0], image_size), image_size)
         else:
-            image = data.to_rgb_uint8(augment.resize_eval(image, image_size), image_size)
+            image = data.to_rgb_uint8(augment.resize_eval(data.decode_image(encoded), image_size), image_size)
         return image if table is None else (image, tf.gather(table, example["class"]))
 
     warp_batches = augmenting and augment.resampler() == "opencv"
+    if augmenting:
+        aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
     ds = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
     if warp_batches:
-        ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(augment.batch_warper(image_size), num_parallel_calls=tf.data.AUTOTUNE,
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(_batch_decoder(image_size, aug_args), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=not training)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -375,6 +382,68 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.FILE if training else tf.data.experimental.AutoShardPolicy.DATA)
     return ds.with_options(options)
+
+
+def train_decode(encoded):
+    """``data.decode_image`` with libjpeg's exact IDCT for JPEGs, as the train side decodes
+    them everywhere (``pipeline.decode_base``): OpenCV's pixels, so both resamplers' paths
+    start from the same image."""
+    def jpeg():
+        return pipeline._one_or_three(tf.io.decode_jpeg(encoded, channels=0, dct_method=pipeline._DCT))
+
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(is_jpeg, jpeg, lambda: data.decode_image(encoded))
+
+
+def encoded_shape(encoded):
+    """(height, width, channels) int32 of a JPEG or PNG from its header, without decoding it;
+    channels 1 (grey, grey + alpha) or 3 (colour), 0 where OpenCV's ``augment.decode_file``
+    is not to be tried (not a JPEG or PNG, a CMYK JPEG)."""
+    def jpeg():
+        size = tf.io.extract_jpeg_shape(encoded, tf.int32)
+        channels = tf.where(size[2] == 1, 1, tf.where(size[2] == 3, 3, 0))
+        return tf.stack([size[0], size[1], channels])
+
+    def png():  # IHDR: width and height (big-endian) at bytes 16 and 20, colour type at 25
+        head = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 10), tf.uint8), tf.int32)
+        width = head[0] * 2**24 + head[1] * 2**16 + head[2] * 2**8 + head[3]
+        height = head[4] * 2**24 + head[5] * 2**16 + head[6] * 2**8 + head[7]
+        colour = head[9]
+        channels = tf.where((colour == 0) | (colour == 4), 1, tf.where((colour == 2) | (colour == 6), 3, 0))
+        return tf.stack([height, width, channels])
+
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
+    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n") & (tf.strings.length(encoded) >= 26)
+    return tf.cond(is_jpeg, jpeg, lambda: tf.cond(is_png, png, lambda: tf.constant([-1, -1, 0])))
+
+
+def _batch_decoder(image_size: int, aug_args):
+    """A tf.data map function for batches of (encoded image, header shape, transform, k,
+    draws)[, labels]: one ``tf.numpy_function`` per batch decodes the images with OpenCV
+    (``augment.decode_file``: the same pixels as ``train_decode``) and resamples them on
+    all cores (``augment.warp_rows``). An image whose header's size or kind was not what
+    OpenCV decoded is decoded by TensorFlow and planned from its pixels, with its draws."""
+    def replan(encoded, draws):
+        image = train_decode(tf.constant(encoded))
+        transforms, k = augment.plan(tf.shape(image)[None, :2], tf.constant(draws)[None], image_size, *aug_args)
+        return image.numpy(), transforms[0].numpy(), int(k[0])
+
+    def run(files, shapes, transforms, ks, draws):
+        def source(i):
+            height, width, channels = (int(v) for v in shapes[i])
+            image = augment.decode_file(files[i], channels, 0) if channels else None
+            if image is None or image.shape[:2] != (height, width):
+                return replan(files[i], draws[i])
+            return image, transforms[i], int(ks[i])
+
+        return augment.warp_rows(len(files), image_size, source)
+
+    def warp(item, label=None):
+        images = tf.numpy_function(run, list(item), tf.uint8, stateful=False)
+        images.set_shape([item[0].shape[0], image_size, image_size, 3])
+        return images if label is None else (images, label)
+
+    return warp
 
 
 def check_workers(manifest: data.Manifest, workers: int) -> list[str]:
