@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import tensorflow as tf
 
+from tfcovid.filecheck import SIGNATURES
+
 try:  # a dependency. Where it cannot be imported (no wheel for the platform, or a broken install
     # such as opencv-python and opencv-python-headless side by side) the pipelines use
     # TensorFlow's ops, and fit's log says so.
@@ -44,6 +46,7 @@ except Exception:  # noqa: BLE001  # pragma: no cover - depends on the environme
 
 
 DRAWS = 24
+JPEG_MAGIC, PNG_MAGIC = SIGNATURES["JPEG"][0], SIGNATURES["PNG"][0]
 """Uniform draws per image: 10 area fractions, 10 log aspect ratios (torchvision's ten tries),
 the box's top and left, the angle and the flip."""
 
@@ -161,6 +164,13 @@ def plan(hw, u, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), max_angle=30.0, f
     transforms = fused_transform(params, hw[:, 0], hw[:, 1], size)
     zoom = tf.minimum(params["height"], params["width"]) / float(size)
     return transforms, tf.maximum(1, tf.cast(tf.floor(zoom), tf.int32))
+
+
+def plan_one(hw, u, size, *aug):
+    """``plan`` for one image: (transform [8], shrink factor k) from its (height, width) and
+    its draws [DRAWS]; ``aug``: ``plan``'s scale, ratio, max_angle, flip."""
+    transforms, k = plan(tf.reshape(hw, [1, 2]), tf.reshape(u, [1, DRAWS]), size, *aug)
+    return transforms[0], k[0]
 
 
 def scale_transform(transform, sy, sx):
@@ -339,9 +349,6 @@ def decode_jpeg(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second image
 
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
 # PNG colour types OpenCV decodes to TensorFlow's pixels, by the channels they decode to:
 # grey and grey + alpha; RGB and RGBA (alpha dropped, as ``data.decode_image`` drops it).
 _PNG_TYPES = {1: (0, 4), 3: (2, 6)}
@@ -360,7 +367,7 @@ def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
     exactly (the sums are exact in float32; ``tests/test_pipeline.py`` checks both).
     """
     # PNG's IHDR: bit depth at byte 24, colour type at byte 25.
-    if (len(data) < 26 or data[:8] != _PNG_MAGIC or data[24] not in (8, 16)
+    if (len(data) < 26 or data[:8] != PNG_MAGIC or data[24] not in (8, 16)
             or data[25] not in _PNG_TYPES[channels]):
         return None
     flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
@@ -396,7 +403,7 @@ def decode_file(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
     """A train file's working-resolution pixels with OpenCV (``decode_jpeg`` or ``decode_png``,
     by the file's first bytes; the same pixels as ``pipeline.decode_base``), grey content kept
     as one channel; None where OpenCV cannot give them."""
-    if data[:3] == b"\xff\xd8\xff":
+    if data[:3] == JPEG_MAGIC:
         image = decode_jpeg(data, channels, halvings)
     else:
         image = decode_png(data, channels, halvings)

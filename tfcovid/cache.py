@@ -214,17 +214,20 @@ def _remove_if_empty(directory: str) -> None:
 
 
 class Header(NamedTuple):
-    """What a file's header says: size, channels after decoding, JPEG or not, PIL mode,
-    format ("JPEG", "PNG", ...) and bits per sample (PIL reads 1-4 and 16-bit PNGs as 8-bit
-    modes; the PNG header's own bit depth, 8 for other formats)."""
+    """What a file's header says: size, channels after decoding, PIL mode, format ("JPEG",
+    "PNG", ...) and bits per sample (PIL reads 1-4 and 16-bit PNGs as 8-bit modes; the PNG
+    header's own bit depth, 8 for other formats)."""
 
     height: int
     width: int
     channels: int
-    jpeg: bool
     mode: str
     format: str = ""
     depth: int = 8
+
+    @property
+    def jpeg(self) -> bool:
+        return self.format == "JPEG"
 
 
 def header(path: str) -> Header | None:
@@ -237,7 +240,7 @@ def header(path: str) -> Header | None:
             if im.format == "PNG":
                 im.fp.seek(24)  # IHDR: bit depth at byte 24
                 depth = im.fp.read(1)[0]
-            return Header(height, width, 1 if gray else 3, im.format == "JPEG", im.mode, im.format or "", depth)
+            return Header(height, width, 1 if gray else 3, im.mode, im.format or "", depth)
     except (OSError, ValueError, IndexError):
         return None
 

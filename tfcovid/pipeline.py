@@ -55,7 +55,6 @@ from tfcovid import augment
 from tfcovid.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
 from tfcovid.data import Split, decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
 # libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,
 # so a JPEG decoded by either library has the same pixels (see ``augment.decode_jpeg``).
 _DCT = "INTEGER_ACCURATE"
@@ -95,6 +94,12 @@ def _halve(x):
     return (cols[:, :, 0] + cols[:, :, 1]) * 0.25
 
 
+def exact_jpeg(data, ratio: int = 1):
+    """A JPEG decoded at 1/``ratio`` scale with libjpeg's exact IDCT (OpenCV's pixels, see
+    ``_DCT``): uint8 (H, W, C), C = 1 or 3."""
+    return _one_or_three(tf.io.decode_jpeg(data, channels=0, ratio=ratio, dct_method=_DCT))
+
+
 def decode_base(data, min_side: int | None):
     """Decode image bytes to uint8 (H, W, C), C = 1 or 3, halved while the shorter side stays
     >= ``min_side`` (never upscaled; None decodes at full resolution).
@@ -110,9 +115,7 @@ def decode_base(data, min_side: int | None):
     def jpeg():
         shape = tf.io.extract_jpeg_shape(data)
         k = _halvings(tf.minimum(shape[0], shape[1]), min_side, 3)
-        branches = [lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r, dct_method=_DCT)
-                    for r in (1, 2, 4, 8)]
-        return _one_or_three(tf.switch_case(k, branches))
+        return tf.switch_case(k, [lambda r=r: exact_jpeg(data, r) for r in (1, 2, 4, 8)])
 
     def other():
         image = decode_image(data)
@@ -129,7 +132,7 @@ def decode_base(data, min_side: int | None):
         out.set_shape([None, None, None])
         return out
 
-    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), _JPEG_MAGIC)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), augment.JPEG_MAGIC)
     return tf.cond(is_jpeg, jpeg, other)
 
 
@@ -291,12 +294,10 @@ def dataset(
         base.set_shape([None, None, None])
         hw = tf.shape(base)[:2]
 
-        def replan():  # the header's size was not the decoded one: plan from the pixels
-            transforms, k = augment.plan(hw[None], draws[None], image_size, *aug_args)
-            return transforms[0], k[0]
-
         same = ~here | tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
-        transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)), replan)
+        # Where the header's size was not the decoded one, the image is planned from its pixels.
+        transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)),
+                               lambda: augment.plan_one(hw, draws, image_size, *aug_args))
         if not warp_batches:
             return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
         coded = tf.cast(coded, tf.int32)
@@ -313,9 +314,8 @@ def dataset(
         except tf.errors.OpError as error:
             raise ValueError(f"{split.paths[index]}: cannot be decoded ({error.message}). "
                              "Replace or remove the file.") from None
-        transforms, k = augment.plan(tf.shape(image)[None, :2], tf.constant(draws)[None], image_size,
-                                     *aug_args)
-        return image.numpy(), transforms[0].numpy(), int(k[0])
+        transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), image_size, *aug_args)
+        return image.numpy(), transform.numpy(), int(k)
 
     def eval_image(index):
         return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),

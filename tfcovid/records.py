@@ -352,17 +352,17 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
             # zipped in would stop TensorFlow from sharding the files across workers.
             draw = tf.random.uniform([], maxval=2**62, dtype=tf.int64, seed=seed)
             pair = tf.stack([tf.strings.to_hash_bucket_fast(example["name"], 2**62), draw])
-            draws = augment.draws(pair)[None]
+            draws = augment.draws(pair)
             if warp_batches:
                 # Planned from the header's size; decoded and resampled after batching, by
                 # OpenCV (``_batch_decoder``), which plans again where the header misled.
                 shape = encoded_shape(encoded)
-                transforms, k = augment.plan(tf.maximum(shape[None, :2], 1), draws, image_size, *aug_args)
-                image = (encoded, shape, transforms[0], k[0], draws[0])
+                transform, k = augment.plan_one(tf.maximum(shape[:2], 1), draws, image_size, *aug_args)
+                image = (encoded, shape, transform, k, draws)
             else:
                 image = train_decode(encoded)
-                transforms, k = augment.plan(tf.shape(image)[None, :2], draws, image_size, *aug_args)
-                image = data.gray_to_rgb(augment.apply_uint8(image, transforms[0], k[0], image_size), image_size)
+                transform, k = augment.plan_one(tf.shape(image)[:2], draws, image_size, *aug_args)
+                image = data.gray_to_rgb(augment.apply_uint8(image, transform, k, image_size), image_size)
         else:
             image = data.to_rgb_uint8(augment.resize_eval(data.decode_image(encoded), image_size), image_size)
         return image if table is None else (image, tf.gather(table, example["class"]))
@@ -388,11 +388,8 @@ def train_decode(encoded):
     """``data.decode_image`` with libjpeg's exact IDCT for JPEGs, as the train side decodes
     them everywhere (``pipeline.decode_base``): OpenCV's pixels, so both resamplers' paths
     start from the same image."""
-    def jpeg():
-        return pipeline._one_or_three(tf.io.decode_jpeg(encoded, channels=0, dct_method=pipeline._DCT))
-
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
-    return tf.cond(is_jpeg, jpeg, lambda: data.decode_image(encoded))
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), augment.JPEG_MAGIC)
+    return tf.cond(is_jpeg, lambda: pipeline.exact_jpeg(encoded), lambda: data.decode_image(encoded))
 
 
 def encoded_shape(encoded):
@@ -412,8 +409,8 @@ def encoded_shape(encoded):
         channels = tf.where((colour == 0) | (colour == 4), 1, tf.where((colour == 2) | (colour == 6), 3, 0))
         return tf.stack([height, width, channels])
 
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
-    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n") & (tf.strings.length(encoded) >= 26)
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), augment.JPEG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), augment.PNG_MAGIC) & (tf.strings.length(encoded) >= 26)
     return tf.cond(is_jpeg, jpeg, lambda: tf.cond(is_png, png, lambda: tf.constant([-1, -1, 0])))
 
 
@@ -425,8 +422,8 @@ def _batch_decoder(image_size: int, aug_args):
     OpenCV decoded is decoded by TensorFlow and planned from its pixels, with its draws."""
     def replan(encoded, draws):
         image = train_decode(tf.constant(encoded))
-        transforms, k = augment.plan(tf.shape(image)[None, :2], tf.constant(draws)[None], image_size, *aug_args)
-        return image.numpy(), transforms[0].numpy(), int(k[0])
+        transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), image_size, *aug_args)
+        return image.numpy(), transform.numpy(), int(k)
 
     def run(files, shapes, transforms, ks, draws):
         def source(i):
