@@ -191,3 +191,24 @@ def test_opencv_resampler_matches_tensorflow():
     transform = tf.constant([8.0, 0, 3.5, 0, 8.0, 3.5, 0, 0])
     out = augment._warp(board, transform.numpy(), 8, 64)
     assert abs(out.mean() - 127.5) < 2 and out.std() < 3
+
+
+def test_warp_rows_is_each_rows_warp_grey_repeated():
+    """The batch: grey rows (resampled in place into a grey batch, or pre-shrunk first) and
+    colour rows, each exactly ``_warp``'s view of it, grey repeated to three channels."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (90, 70, 1), np.uint8), rng.integers(0, 256, (120, 100, 3), np.uint8),
+              rng.integers(0, 256, (200, 180, 1), np.uint8), rng.integers(0, 256, (50, 60, 1), np.uint8)]
+    transforms = [np.array([0.9, 0.2, 3.0, -0.1, 1.1, 2.0, 0, 0], np.float32),
+                  np.array([1.2, 0.0, 5.0, 0.0, 1.2, 1.0, 0, 0], np.float32),
+                  np.array([3.1, 0.4, 1.0, -0.3, 2.9, 4.0, 0, 0], np.float32),
+                  np.array([-0.7, 0.0, 49.0, 0.0, 0.7, 0.0, 0, 0], np.float32)]
+    ks = [1, 1, 3, 1]
+    rows = [(images[i % 4], transforms[i % 4], ks[i % 4]) for i in range(11)]
+    expected = np.stack([np.broadcast_to(augment._warp(*row[:2], row[2], 32), (32, 32, 3)) for row in rows])
+    batch = augment.warp_rows(len(rows), 32, lambda i: rows[i])
+    assert batch.shape == (11, 32, 32, 3) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch, expected)
+    grey_only = augment.warp_rows(3, 32, lambda i: rows[[0, 2, 3][i]])
+    np.testing.assert_array_equal(grey_only, expected[[0, 2, 3]])
+    assert batch[:, :, :, 0].std() > 0  # real views, not an empty batch

@@ -211,17 +211,23 @@ def apply(image, transform, k, size):
     return resample(image, transform, size)
 
 
+def _affine(image, transform, size, dst=None):
+    """OpenCV's bilinear resample of ``image`` through ``transform`` (``plan``'s 8 numbers, an
+    output-to-input map) to S x S, into ``dst`` when given (uint8 (S, S) for an (H, W) image)."""
+    matrix = np.asarray(transform[:6], np.float64).reshape(2, 3)
+    return cv2.warpAffine(image, matrix, (size, size), dst=dst, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def _warp(image, transform, k, size):
-    """``apply_uint8``'s result for one NumPy image, with OpenCV (see ``warp_rows``)."""
+    """``apply_uint8``'s result (S, S, C) for one NumPy image, with OpenCV (see ``warp_rows``)."""
     if k > 1:
         h, w = image.shape[:2]
         small_h, small_w = max(h // k, 1), max(w // k, 1)
         # In float, as TensorFlow's path does: rounding the shrunk image would add its own error.
         image = cv2.resize(image.astype(np.float32), (small_w, small_h), interpolation=cv2.INTER_AREA)
         transform = np.array(_rescaled(transform, h / small_h, w / small_w))
-    out = cv2.warpAffine(image, np.asarray(transform[:6], np.float64).reshape(2, 3), (size, size),
-                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out = _affine(image, transform, size)
     if out.dtype != np.uint8:
         out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return out.reshape(size, size, -1)
@@ -293,31 +299,36 @@ def on_all_cores(count: int, work) -> None:
         raise failed[0]
 
 
-def warp_into(out, image, transform, k, size) -> None:
-    """``_warp`` one NumPy image into ``out`` (S, S, 3) uint8; grey is repeated to 3 channels."""
-    warped = _warp(np.ascontiguousarray(image), transform, k, size)
-    if warped.shape[-1] == 1:  # grey: repeated to 3 channels straight into the batch
-        cv2.cvtColor(warped[..., 0], cv2.COLOR_GRAY2RGB, dst=out)
-    else:
-        out[...] = warped
-
-
 def warp_rows(count: int, size: int, source) -> np.ndarray:
     """A uint8 batch (count, S, S, 3) of OpenCV views: ``source(i)`` gives row i's (image,
     transform, k); the rows are fetched and resampled on all cores (``on_all_cores``).
 
     The pipelines call this once per batch, inside one ``tf.numpy_function``: a call costs
     ~0.2 ms of CPU under Python's global lock whatever it does, more than OpenCV's resample of
-    a 224 px view, so one call per image would cap every machine at ~5,000 images/s; per
-    batch the lock is held ~9-13 us per image (OpenCV releases it while it works).
+    a 224 px view, so one call per image would cap every machine at ~5,000 images/s. Per
+    batch, each row holds the lock a few microseconds between OpenCV calls, which release it.
+    On many cores the lock's hand-overs are what limits (16 cores of an H100 host: the rows
+    topped out at ~8,000 images/s with 3-4 cores busy), so a grey row is one OpenCV call,
+    straight into a grey batch that one call per batch repeats to RGB at the end.
     """
-    out = np.empty((count, size, size, 3), np.uint8)
+    grey = np.empty((count, size, size), np.uint8)
+    colour = {}
 
     def row(i):
         image, transform, k = source(i)
-        warp_into(out[i], image, transform, int(k), size)
+        image = np.ascontiguousarray(image)
+        if image.shape[-1] != 1:
+            colour[i] = _warp(image, transform, k, size)
+        elif k > 1:  # pre-shrunk in float first
+            grey[i] = _warp(image, transform, k, size)[..., 0]
+        else:  # most rows: one OpenCV call, into the batch
+            _affine(image[..., 0], transform, size, grey[i])
 
     on_all_cores(count, row)
+    out = np.empty((count, size, size, 3), np.uint8)
+    cv2.cvtColor(grey.reshape(count * size, size), cv2.COLOR_GRAY2RGB, dst=out.reshape(count * size, size, 3))
+    for i, warped in colour.items():
+        out[i] = warped
     return out
 
 

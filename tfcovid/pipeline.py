@@ -370,22 +370,24 @@ def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
     batch, keeps the new ones in ``store``, and resamples them all on all cores. With
     ``paths`` the JPEG bytes are read here, from ``paths[index]``, not from the batch."""
     def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
+        # Python ints, once per batch: each row's few microseconds under the Python lock count
+        # on many cores (see augment.warp_rows).
+        indices_, ks_, sources_ = indices.tolist(), ks.tolist(), sources.tolist()
+
         def source(i):
-            index, transform, k = int(indices[i]), transforms[i], int(ks[i])
-            h, w, c = shapes[i]
-            if sources[i] == _STORED:
-                image = store.get(index)
-            elif sources[i] == _OPENCV:
+            index, transform, k, kind = indices_[i], transforms[i], ks_[i], sources_[i]
+            if kind == _STORED:
+                return store.get(index), transform, k
+            h, w, c = shapes[i].tolist()
+            if kind == _OPENCV:
                 data = files[i] if paths is None else _read(paths[index])
-                image = augment.decode_file(data, int(c), int(halvings[i]))
+                image = augment.decode_file(data, c, int(halvings[i]))
                 if image is None or image.shape[:2] != (h, w):  # its header was wrong
                     image, transform, k = fallback(index, data, draws[i])
-            else:
-                image = images[i, :h, :w, :c]
-            if sources[i] == _TENSORFLOW:  # decode_file already did this for its decodes
-                image = augment.one_channel_if_gray(image)
-            if store is not None and sources[i] != _STORED:
-                image = store.put(index, image, copy=sources[i] == _TENSORFLOW)
+            else:  # decoded by TensorFlow's per-image map (decode_file did this for its decodes)
+                image = augment.one_channel_if_gray(images[i, :h, :w, :c])
+            if store is not None:
+                image = store.put(index, image, copy=kind == _TENSORFLOW)
             return image, transform, k
 
         return augment.warp_rows(len(indices), size, source)
