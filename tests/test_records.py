@@ -266,8 +266,25 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
     draws = augment.draws(tf.constant([7, 1], tf.int64), len(files))
     args = (config.AugmentConfig().crop_scale, config.AugmentConfig().crop_ratio, 30.0, True)
     transforms, k = augment.plan(tf.maximum(shapes[:, :2], 1), draws, 32, *args)
-    batch = records._batch_decoder(32, args)((encoded, shapes, transforms, k, draws)).numpy()
+    item = (encoded, shapes, transforms, k, draws, tf.range(5, dtype=tf.int64))
+    batch = records._batch_decoder(32, args)(item).numpy()
     assert batch.shape == (5, 32, 32, 3)
+    # With a store: the first call keeps what OpenCV decoded (not the wrong header's image,
+    # nor the CMYK one: those are planned from TensorFlow's pixels each time); the second
+    # takes them from it, decoding only the two others, and gives the same batch.
+    from tfcovid.cache import ArrayStore
+
+    store = ArrayStore(5, "train")
+    np.testing.assert_array_equal(records._batch_decoder(32, args, store)(item).numpy(), batch)
+    assert store.state()[0].tolist() == [True, True, False, True, False]
+    decoded = []
+    real = augment.decode_file
+    try:
+        augment.decode_file = lambda data_, c, h: decoded.append(data_) or real(data_, c, h)
+        np.testing.assert_array_equal(records._batch_decoder(32, args, store)(item).numpy(), batch)
+    finally:
+        augment.decode_file = real
+    assert decoded == [files[2]]  # the wrong header's file (CMYK's header says no channels)
     for i, data_ in enumerate(files):
         image = records.train_decode(tf.constant(data_))
         t, kk = augment.plan(tf.shape(image)[None, :2], draws[i:i + 1], 32, *args)
@@ -275,3 +292,46 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
         np.testing.assert_array_equal(batch[i], np.broadcast_to(ours, (32, 32, 3)))
         theirs = data.gray_to_rgb(augment.apply_uint8(image, t[0], kk[0], 32), 32).numpy()
         assert np.abs(batch[i].astype(int) - theirs).max() <= 1
+
+
+def test_decoded_records_are_cached(prepared):
+    """With a cache, later epochs decode no record: training keeps each record's pixels by
+    its position in the split (``test_batch_decoder_is_the_per_image_path`` checks that the
+    views from the store are those from a decode), evaluation its resized image (the same
+    pixels as without a cache)."""
+    from tfcovid import augment
+    from tfcovid.cache import Cache
+
+    out, _ = prepared
+    splits = data.scan(out, "binary").splits
+    train_split, val = splits["train"], splits["validation"]
+    policy = Cache("memory", 64)
+    cached = data.dataset(train_split, 32, 8, training=True, aug=config.AugmentConfig(), seed=5,
+                          cache=policy)
+    decoded, epochs = [], []
+    real = augment.decode_file
+    try:
+        augment.decode_file = lambda data_, c, h: decoded.append(1) or real(data_, c, h)
+        for _ in range(3):
+            before = len(decoded)
+            batches = list(cached)
+            epochs.append(np.concatenate([x.numpy() for x, _ in batches]))
+            labels = np.concatenate([y.numpy() for _, y in batches])
+            assert sorted(labels.tolist()) == sorted(train_split.labels.tolist())
+            assert len(decoded) - before == (len(train_split) if not before else 0)
+    finally:
+        augment.decode_file = real
+    assert epochs[0].shape == (len(train_split), 32, 32, 3) and epochs[0].std() > 10
+    assert not np.array_equal(epochs[1], epochs[2])  # fresh views every epoch, from the store
+    store = policy.stores[0]
+    assert store.count() == len(train_split) and store.nbytes() > 0
+    assert policy.plans[0].startswith("train ~") and "in memory" in policy.plans[0]
+    # Evaluation: filled in the first pass, the same pixels in both.
+    policy = Cache("memory", 64)
+    first = np.concatenate([x.numpy() for x, _ in data.dataset(val, 32, 3, cache=policy)])
+    again = np.concatenate([x.numpy() for x, _ in data.dataset(val, 32, 3, cache=policy)])
+    plain = np.concatenate([x.numpy() for x, _ in data.dataset(val, 32, 3)])
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(again, plain)
+    assert policy.stores[0].count() == len(val)
+    assert records.cache_estimate(val, 32, False) == 32 * 32 * (val.grayscale + 3 * (len(val) - val.grayscale))

@@ -74,6 +74,20 @@ class ImageStore:
         image.set_shape([None, None, None])
         return found, image
 
+    def through(self, index, make):
+        """The image stored under ``index``, else ``make()``'s image, stored on the way (TF ops,
+        for a tf.data map function)."""
+        found, cached = self.lookup(index)
+
+        def fresh():
+            image = make()
+            with tf.control_dependencies([self.put(index, image)]):
+                return tf.identity(image)
+
+        image = tf.cond(found, lambda: cached, fresh)
+        image.set_shape([None, None, None])
+        return image
+
     def put(self, index, image):
         """Add ``image`` (uint8) under ``index``; returns the op (the entry is visible last)."""
         index = tf.cast(index, tf.int64)

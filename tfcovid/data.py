@@ -349,7 +349,7 @@ def dataset(
     if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
         from tfcovid import records
 
-        return records.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder)
+        return records.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache)
     from tfcovid import pipeline  # imports this module
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,

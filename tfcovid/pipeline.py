@@ -167,7 +167,7 @@ def _file_plan(paths, min_side: int | None):
     return shapes, lambda data: decode_base(data, min_side), readable
 
 
-def _eval_pixels(data, size: int):
+def eval_pixels(data, size: int):
     """uint8 (S, S, C) eval pixels, C = 1 or 3: exactly what ``data.load_image`` rounds to."""
     return one_channel_if_gray(round_uint8(augment.resize_eval(decode_image(data), size)))
 
@@ -271,16 +271,7 @@ def dataset(
         """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
         if store is None or arrays:  # an ArrayStore is read and filled by the batch resampler
             return make()
-        found, cached = store.lookup(index)
-
-        def fresh():
-            image = make()
-            with tf.control_dependencies([store.put(index, image)]):
-                return tf.identity(image)
-
-        image = tf.cond(found, lambda: cached, fresh)
-        image.set_shape([None, None, None])
-        return image
+        return store.through(index, make)
 
     def train_image(index, plan):
         """TensorFlow resampler: the augmented image. OpenCV: what the batch resampler needs
@@ -318,7 +309,7 @@ def dataset(
         return image.numpy(), transform.numpy(), int(k)
 
     def eval_image(index):
-        return gray_to_rgb(decoded(index, lambda: _eval_pixels(tf.io.read_file(paths[index]), image_size)),
+        return gray_to_rgb(decoded(index, lambda: eval_pixels(tf.io.read_file(paths[index]), image_size)),
                     image_size)
 
     def load(index, plan):

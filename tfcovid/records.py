@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcovid import augment, data, filecheck, pipeline
+from tfcovid.cache import as_cache
 from tfcovid.config import DataConfig
 from tfcovid.data import DataError
 
@@ -64,6 +65,8 @@ class RecordSplit(data.Split):
     shard_counts: tuple[int, ...] = ()
     class_labels: np.ndarray | None = None  # label of each class index (row per class)
     mean_bytes: float = 0.0  # mean encoded record size, for the shuffle buffer
+    max_side: int = 0  # prepare's --max-side (0: sizes kept), for the cache's estimate
+    grayscale: int = 0  # records stored with one channel
 
 
 def _join(root, name: str) -> str:
@@ -312,27 +315,53 @@ def load(root, task: str = "binary", labels=(), label_map=None,
             name, root, tuple(index["names"]), split_labels, folders,
             shards=tuple(_join(root, e["file"]) for e in info["shards"]), shard_counts=tuple(counts),
             class_labels=class_labels if info["labeled"] else None,
-            mean_bytes=sum(e["bytes"] for e in info["shards"]) / max(info["images"], 1))
+            mean_bytes=sum(e["bytes"] for e in info["shards"]) / max(info["images"], 1),
+            max_side=int(manifest.get("max_side") or 0), grayscale=int(info.get("grayscale", 0)))
     return data.Manifest(root, task, class_names, output_names, splits, label_map, ())
 
 
+def cache_estimate(split: RecordSplit, image_size: int, training: bool) -> int:
+    """Bytes a split's decoded-image cache will take: records at their prepared size (at most
+    ``max_side`` on the longest side; with sizes kept, ~8x the encoded bytes) for training,
+    S x S for evaluation; grey records one channel."""
+    n, grey = len(split), min(split.grayscale, len(split))
+    if training:
+        per_channel = split.max_side ** 2 if split.max_side else 8 * split.mean_bytes
+    else:
+        per_channel = image_size ** 2
+    return int(per_channel * (grey + 3 * (n - grey)))
+
+
 def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool = False,
-            aug=None, seed: int = 0, drop_remainder: bool = False) -> tf.data.Dataset:
+            aug=None, seed: int = 0, drop_remainder: bool = False, cache=None) -> tf.data.Dataset:
     """Stream a prepared split: (uint8 images (N, S, S, 3), labels), as ``data.dataset`` does.
 
     Training: shard order reshuffled each epoch, shards read interleaved in parallel, records
     shuffled in a buffer, augmented; split across workers by file. Otherwise: shards in order,
     so outputs line up with ``split.labels``; split across workers by element.
+
+    ``cache`` (as ``data.dataset``'s): decoded records are kept by their position in the
+    split, so later epochs still read the shards but decode nothing: training keeps each
+    record's pixels for OpenCV's batched resample (not with TensorFlow's resampler), evaluation
+    its resized S x S image.
     """
     augmenting = training and aug is not None and aug.enabled
+    warp_batches = augmenting and augment.resampler() == "opencv"
     table = None if split.class_labels is None else tf.constant(split.class_labels)
+    firsts = np.concatenate([[0], np.cumsum(split.shard_counts)[:-1]]).astype(np.int64)
     files = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(split.shards), tf.constant(split.shard_counts, tf.int64)))
+        (tf.constant(split.shards), tf.constant(split.shard_counts, tf.int64), tf.constant(firsts)))
+    policy = as_cache(cache)
+    store = None
+    if policy is not None and (warp_batches or not training):
+        store = policy.store_for(split.name, cache_estimate(split, image_size, training),
+                                 arrays=len(split) if warp_batches else None)
 
-    def read(path, count):
-        # A shard holding more or fewer records than the manifest says fails here.
+    def read(path, count, first):
+        # A shard holding more or fewer records than the manifest says fails here. Each
+        # record is numbered by its position in the split (the cache's key).
         return tf.data.TFRecordDataset(path, buffer_size=8 << 20).apply(
-            tf.data.experimental.assert_cardinality(count))
+            tf.data.experimental.assert_cardinality(count)).enumerate(first)
 
     if training:
         files = files.shuffle(len(split.shards), seed=seed, reshuffle_each_iteration=True)
@@ -343,7 +372,7 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
     else:
         records = files.flat_map(read).apply(tf.data.experimental.assert_cardinality(len(split)))
 
-    def load(serialized):
+    def load(index, serialized):
         example = tf.io.parse_single_example(serialized, _FEATURES)
         encoded = example["image"]
         if augmenting:
@@ -354,26 +383,29 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
             pair = tf.stack([tf.strings.to_hash_bucket_fast(example["name"], 2**62), draw])
             draws = augment.draws(pair)
             if warp_batches:
-                # Planned from the header's size; decoded and resampled after batching, by
-                # OpenCV (``_batch_decoder``), which plans again where the header misled.
+                # Planned from the header's size; decoded (or taken from the cache) and
+                # resampled after batching, by OpenCV (``_batch_decoder``), which plans again
+                # where the header misled.
                 shape = encoded_shape(encoded)
                 transform, k = augment.plan_one(tf.maximum(shape[:2], 1), draws, image_size, *aug_args)
-                image = (encoded, shape, transform, k, draws)
+                image = (encoded, shape, transform, k, draws, index)
             else:
                 image = train_decode(encoded)
                 transform, k = augment.plan_one(tf.shape(image)[:2], draws, image_size, *aug_args)
                 image = data.gray_to_rgb(augment.apply_uint8(image, transform, k, image_size), image_size)
+        elif store is not None:
+            image = data.gray_to_rgb(store.through(index, lambda: pipeline.eval_pixels(encoded, image_size)),
+                                     image_size)
         else:
             image = data.to_rgb_uint8(augment.resize_eval(data.decode_image(encoded), image_size), image_size)
         return image if table is None else (image, tf.gather(table, example["class"]))
 
-    warp_batches = augmenting and augment.resampler() == "opencv"
     if augmenting:
         aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
     ds = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
     if warp_batches:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(_batch_decoder(image_size, aug_args), num_parallel_calls=tf.data.AUTOTUNE,
+        ds = ds.map(_batch_decoder(image_size, aug_args, store), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=not training)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -414,29 +446,37 @@ def encoded_shape(encoded):
     return tf.cond(is_jpeg, jpeg, lambda: tf.cond(is_png, png, lambda: tf.constant([-1, -1, 0])))
 
 
-def _batch_decoder(image_size: int, aug_args):
+def _batch_decoder(image_size: int, aug_args, store=None):
     """A tf.data map function for batches of (encoded image, header shape, transform, k,
-    draws)[, labels]: one ``tf.numpy_function`` per batch decodes the images with OpenCV
-    (``augment.decode_file``: the same pixels as ``train_decode``) and resamples them on
-    all cores (``augment.warp_rows``). An image whose header's size or kind was not what
-    OpenCV decoded is decoded by TensorFlow and planned from its pixels, with its draws."""
+    draws, index)[, labels]: one ``tf.numpy_function`` per batch takes each image from
+    ``store`` (an ``ArrayStore`` by record index, or None) or decodes it with OpenCV
+    (``augment.decode_file``: the same pixels as ``train_decode``) and keeps it there, and
+    resamples them all on all cores (``augment.warp_rows``). An image whose header's size or
+    kind was not what OpenCV decoded is decoded by TensorFlow and planned from its pixels,
+    with its draws (and is not cached: it is planned again each epoch)."""
     def replan(encoded, draws):
         image = train_decode(tf.constant(encoded))
         transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), image_size, *aug_args)
         return image.numpy(), transform.numpy(), int(k)
 
-    def run(files, shapes, transforms, ks, draws):
+    def run(files, shapes, transforms, ks, draws, indices):
+        indices_ = indices.tolist()
+
         def source(i):
-            height, width, channels = (int(v) for v in shapes[i])
-            image = augment.decode_file(files[i], channels, 0) if channels else None
-            if image is None or image.shape[:2] != (height, width):
-                return replan(files[i], draws[i])
+            height, width, channels = shapes[i].tolist()
+            image = None if store is None else store.get(indices_[i])
+            if image is None:
+                image = augment.decode_file(files[i], channels, 0) if channels else None
+                if image is None or image.shape[:2] != (height, width):
+                    return replan(files[i], draws[i])
+                if store is not None:
+                    image = store.put(indices_[i], image, copy=False)
             return image, transforms[i], int(ks[i])
 
         return augment.warp_rows(len(files), image_size, source)
 
     def warp(item, label=None):
-        images = tf.numpy_function(run, list(item), tf.uint8, stateful=False)
+        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None)
         images.set_shape([item[0].shape[0], image_size, image_size, 3])
         return images if label is None else (images, label)
 
