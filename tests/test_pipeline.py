@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfcovid import cache, config, data, pipeline
+from tfcovid import cache, config, cvops, data, pipeline
 
 AUG = config.AugmentConfig()
 
@@ -353,8 +353,8 @@ def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split,
 
     assert (pipeline._file_plan(jpeg_split.paths, 64)[2][:, 0] > 0).all()  # all OpenCV-decodable
     decoded = []
-    real_decode = augment.decode_jpeg
-    monkeypatch.setattr(augment, "decode_jpeg", lambda *a: decoded.append(1) or real_decode(*a))
+    real_decode = cvops.decode_jpeg  # decode_file's decoder (augment.decode_file is cvops's)
+    monkeypatch.setattr(cvops, "decode_jpeg", lambda *a: decoded.append(1) or real_decode(*a))
     policy = cache.Cache(mode)
 
     def move_files_away(e):  # epoch 2 must come from the cache alone
@@ -387,14 +387,14 @@ def test_opencv_path_wrong_header_and_broken_file(jpeg_split, monkeypatch):
     real = cache.header
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
     shapes = []
-    real_decode = augment.decode_jpeg
-    monkeypatch.setattr(augment, "decode_jpeg", lambda *a: shapes.append(real_decode(*a).shape) or real_decode(*a))
+    real_decode = cvops.decode_jpeg
+    monkeypatch.setattr(cvops, "decode_jpeg", lambda *a: shapes.append(real_decode(*a).shape) or real_decode(*a))
     again = _epochs(jpeg_split, 1, "memory")
     planned = pipeline._file_plan(jpeg_split.paths, 64)[0]
     assert any(tuple(s[:2]) != tuple(p) for s, p in zip(shapes, planned))  # the fallback ran
     np.testing.assert_array_equal(again[0][0], truth[0][0])
     monkeypatch.setattr(pipeline, "header", real)
-    monkeypatch.setattr(augment, "decode_jpeg", real_decode)
+    monkeypatch.setattr(cvops, "decode_jpeg", real_decode)
     broken = jpeg_split.paths[3]
     with open(broken, "r+b") as f:
         f.truncate(os.path.getsize(broken) // 2)

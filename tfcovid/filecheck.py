@@ -22,16 +22,11 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfcovid.atomic import atomic_write_text
+from tfcovid.formats import SIGNATURES  # noqa: F401  (also read as filecheck.SIGNATURES)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Written by file managers, never images: ignored (and counted) instead of reported.
 SYSTEM_FILES = ("thumbs.db", "desktop.ini")
-SIGNATURES = {
-    "JPEG": (b"\xff\xd8\xff",),
-    "PNG": (b"\x89PNG\r\n\x1a\n",),
-    "BMP": (b"BM",),
-    "GIF": (b"GIF87a", b"GIF89a"),
-}
 # What a non-image with an image extension often is, so the reason can say it.
 _OTHER_SIGNATURES = (
     (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"%PDF", "a PDF document"),
