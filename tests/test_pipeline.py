@@ -608,3 +608,94 @@ def test_cache_estimate_counts_rgb_saved_grey_as_one_channel(tmp_path):
     held = policy.stores[0].nbytes()
     assert [policy.stores[0].get(i).shape[-1] for i in range(8)] == [1] * 4 + [3] * 4
     assert estimate == held and plain > 1.4 * held  # 100 x 120 working size: 1 + 3 channels vs 3 + 3
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_resample_processes_give_the_threads_batches(formats_split, mode):
+    """data.resample_processes: the rows run in worker processes that hold the cache (split by
+    image index); every file kind (OpenCV decodes in the workers, TensorFlow's per-image map
+    for the rest) gives exactly the threads' batches, epoch after epoch, the later ones from
+    the workers' cache; the parent knows each stored image's shape."""
+    from tfcovid import workers
+
+    if not workers.available():
+        pytest.skip("worker processes need Linux's memfd and OpenCV")
+    threads = _epochs(formats_split, 3, policy=cache.Cache(mode))
+    policy = cache.Cache(mode, processes=3)
+    ours = _epochs(formats_split, 3, policy=policy)
+    store = policy.stores[0]
+    assert isinstance(store, workers.WorkerStore) and store.count() == 10 and store.nbytes() > 0
+    stored, shapes = store.state()
+    assert stored.all()
+    reference = cache.Cache(mode)
+    _epochs(formats_split, 1, policy=reference)
+    assert shapes.tolist() == reference.stores[0].state()[1].tolist()
+    for (x, y), (x2, y2) in zip(ours, threads):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+    assert "3 resample processes" in store.describe()
+    assert len(store._pool._procs) == 3 and all(p.poll() is None for p in store._pool._procs)
+    import subprocess
+    import sys
+
+    light = subprocess.run([sys.executable, "-c", "import sys, tfcovid.workers; print(sorted(m for m in "
+                            "('tensorflow', 'keras') if m in sys.modules))"], capture_output=True, text=True)
+    assert light.stdout.strip() == "[]"  # the workers start without TensorFlow
+    if mode == "disk":
+        assert len([f for f in os.listdir(store.directory) if f.endswith(".uint8")]) == 10
+    procs = store._pool._procs
+    store.close()
+    assert all(p.poll() is not None for p in procs) and store.count() == 0
+
+
+def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_split, monkeypatch):
+    """In the workers too: a header that misleads OpenCV's decode is decoded and planned again
+    by TensorFlow (same batches); an undecodable file is named; a worker that dies stops the
+    epoch with an error that says what to set."""
+    from tfcovid import workers
+
+    if not workers.available():
+        pytest.skip("worker processes need Linux's memfd and OpenCV")
+    truth = _epochs(jpeg_split, 2, "memory")
+    real = cache.header
+    monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
+    policy = cache.Cache("memory", processes=2)
+    again = _epochs(jpeg_split, 2, policy=policy)
+    for (x, y), (x2, y2) in zip(again, truth):
+        np.testing.assert_array_equal(x, x2)
+    policy.stores[0].close()
+    monkeypatch.setattr(pipeline, "header", real)
+    broken = jpeg_split.paths[3]
+    with open(broken, "r+b") as f:
+        f.truncate(os.path.getsize(broken) // 2)
+    with pytest.raises(Exception, match=os.path.basename(broken)):
+        _epochs(jpeg_split, 1, policy=cache.Cache("memory", processes=2))
+    os.remove(broken)
+    keep = [i for i, p in enumerate(jpeg_split.paths) if p != broken]
+    split = data.Split("train", jpeg_split.dir, tuple(jpeg_split.paths[i] for i in keep),
+                       jpeg_split.labels[keep], tuple(jpeg_split.folders[i] for i in keep))
+    policy = cache.Cache("memory", processes=2)
+    ds = data.dataset(split, 32, 2, training=True, aug=AUG, cache=policy, seed=6)
+    assert sum(len(y) for _, y in ds) == 4
+    pool = policy.stores[0]._pool
+    pool._procs[1].kill()
+    pool._procs[1].wait()
+    with pytest.raises(Exception, match="resample_processes"):
+        list(ds)
+
+
+def test_fit_log_says_where_the_rows_are_resampled(formats_split):
+    import dataclasses
+
+    from tfcovid import train, workers
+
+    def exp(**data_):
+        return dataclasses.replace(config.Experiment(), data=dataclasses.replace(config.DataConfig(), **data_))
+
+    assert train._where_resampled(exp(), cache.Cache()) == ""
+    policy = cache.Cache("memory", processes=2)
+    data.dataset(formats_split, 32, 2, training=True, aug=AUG, cache=policy)
+    expected = ", in 2 worker processes" if workers.available() else "needs Linux and OpenCV"
+    assert expected in train._where_resampled(exp(resample_processes=2), policy)
+    off = train._where_resampled(exp(resample_processes=2, cache="none"), cache.Cache("none", processes=2))
+    assert "needs the decoded-image cache" in off and "threads instead" in off

@@ -136,7 +136,7 @@ def decode_only(paths: list[str]) -> tf.data.Dataset:
 def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60,
                    aug: config.AugmentConfig | None = None, cache: str = "auto",
                    budget_mb: float = 2048, decode_scale: float = 2.0, repeats: int = 3,
-                   log=print) -> dict:
+                   log=print, processes: int = 0) -> dict:
     """Time decode-only, the first epoch (fresh cache each time) and later epochs."""
     aug = aug or config.AugmentConfig()
     split = as_split(paths)
@@ -147,7 +147,7 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
     decode_s, first_s, startup_s = [], [], []
     for r in range(repeats):
         decode_s.append(_timed_pass(ceiling))
-        policy = cache_lib.Cache(cache, budget_mb)
+        policy = cache_lib.Cache(cache, budget_mb, processes=processes)
         ds = data.dataset(split, image_size, batch_size, training=True, aug=aug, seed=r,
                           cache=policy, decode_scale=decode_scale)
         first_s.append(_timed_pass(ds, startup_s))
@@ -171,7 +171,7 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
         "first_epoch_images_per_s": round(_median_rate(n, first_s), 1),
         "later_epochs_images_per_s": round(_median_rate(n, later_s), 1),
         "startup_s": round(statistics.median(startup_s), 2), "later_epochs_per_pass": per_pass,
-        "decode_scale": decode_scale,
+        "decode_scale": decode_scale, "resample_processes": processes,
         "cache": {"mode": cache, "bytes": policy.nbytes(), "stored": policy.usage(),
                   "budget_mb": budget_mb},
     }
@@ -335,11 +335,11 @@ def bench_model(exp: config.Experiment, steps: int = 10, repeats: int = 3, log=p
 
 def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats: int = 3,
               cache: str = "auto", budget_mb: float = 2048, decode_scale: float = 2.0,
-              log=print) -> dict:
+              log=print, processes: int = 0) -> dict:
     """Training fed by the real train pipeline (cache filled first) against the model alone."""
     model, precision = build(exp)
     size, batch = exp.data.image_size, exp.train.batch_size
-    policy = cache_lib.Cache(cache, budget_mb)
+    policy = cache_lib.Cache(cache, budget_mb, processes=processes)
     pipe = data.dataset(as_split(paths), size, batch, training=True, aug=exp.augment,
                         cache=policy, decode_scale=decode_scale, drop_remainder=True)
     fill_s = _timed_pass(pipe)
@@ -351,20 +351,21 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
             "images_per_s": round(fed_rate, 2), "model_only_images_per_s": round(alone_rate, 2),
             "ratio_to_model_only": round(fed_rate / alone_rate, 3),
             "cache": {"mode": cache, "bytes": policy.nbytes(), "budget_mb": budget_mb},
-            **_model_fields(exp, model, precision, fed_rate)}
+            "resample_processes": processes, **_model_fields(exp, model, precision, fed_rate)}
 
 
 def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **options) -> dict:
     """Run one benchmark (``tfcovid bench KIND``); images are generated when data_dir is None.
 
     ``options``: image_size, batch_size, backbone, precision, jit_compile, steps_per_execution,
-    freeze, steps, repeats, cache, budget_mb, decode_scale.
+    freeze, steps, repeats, cache, budget_mb, decode_scale, processes.
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown benchmark {kind!r}. Valid benchmarks: {', '.join(KINDS)}.")
     o = {"image_size": 224, "batch_size": 60, "backbone": "vgg16", "precision": "auto",
          "jit_compile": "auto", "steps_per_execution": 1, "freeze": "none", "steps": 10,
-         "repeats": 3, "cache": "auto", "budget_mb": 2048, "decode_scale": 2.0, **options}
+         "repeats": 3, "cache": "auto", "budget_mb": 2048, "decode_scale": 2.0, "processes": 0,
+         **options}
     exp = experiment(o["backbone"], o["image_size"], o["batch_size"], o["precision"],
                      o["jit_compile"], o["steps_per_execution"], o["freeze"])
     if kind == "model":
@@ -377,13 +378,13 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
             paths, source = image_files(data_dir), str(data_dir)
         if kind == "pipeline":
             result = bench_pipeline(paths, o["image_size"], o["batch_size"], exp.augment, o["cache"],
-                                    o["budget_mb"], o["decode_scale"], o["repeats"], log)
+                                    o["budget_mb"], o["decode_scale"], o["repeats"], log, o["processes"])
         else:
             if len(paths) < o["batch_size"]:
                 raise data.DataError(f"{len(paths)} images are fewer than one batch of {o['batch_size']}; "
                                      "use more images or a smaller --batch-size.")
             result = bench_fit(paths, exp, o["steps"], o["repeats"], o["cache"], o["budget_mb"],
-                               o["decode_scale"], log)
+                               o["decode_scale"], log, o["processes"])
     return {**result, "data": source}
 
 

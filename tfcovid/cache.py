@@ -21,7 +21,6 @@ deleted when the process exits; caches are never shared between processes.
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import shutil
 import tempfile
@@ -200,7 +199,7 @@ class ArrayStore:
         return _describe(self)
 
 
-def _describe(store: ImageStore | ArrayStore) -> str:
+def _describe(store) -> str:
     where = "memory" if store.mode == "memory" else f"disk ({store.directory})"
     return f"{store.name or 'cache'}: {store.count()} images, {store.nbytes() / 2**20:.1f} MB in {where}"
 
@@ -343,23 +342,29 @@ class Cache:
         directory: parent folder for disk caches (default: the system's temporary folder).
     """
 
-    def __init__(self, mode: str = "auto", budget_mb: float = 2048, directory: str | None = None):
+    def __init__(self, mode: str = "auto", budget_mb: float = 2048, directory: str | None = None,
+                 processes: int = 0):
         if mode not in MODES:
             raise ValueError(f"Unknown cache mode {mode!r}. Valid modes: {', '.join(MODES)}.")
         if budget_mb < 0:
             raise ValueError(f"The cache budget must be >= 0 MB. Received: {budget_mb}")
+        if processes < 0:
+            raise ValueError(f"data.resample_processes must be >= 0 (0: threads). Received: {processes}")
         self.mode, self.budget = mode, int(budget_mb * 2**20)
         self.directory = directory
+        self.processes = processes
         self.used = 0
-        self.stores: list[ImageStore | ArrayStore] = []
+        self.stores: list = []
         self.plans: list[str] = []
 
-    def store_for(self, name: str, estimated: int, arrays: int | None = None) -> ImageStore | ArrayStore | None:
+    def store_for(self, name: str, estimated: int, arrays: int | None = None, workers: bool = False):
         """A new store for split ``name`` whose cache should take about ``estimated`` bytes.
 
         ``arrays``: the split's size, when its pipeline resamples with OpenCV: the store is
         then an ``ArrayStore`` (NumPy arrays or raw pixel files) instead of an ``ImageStore``
-        (a TensorFlow table, or files it writes inside tf.data).
+        (a TensorFlow table, or files it writes inside tf.data). ``workers``: the pipeline can
+        run its rows in worker processes; with ``processes`` > 0 (and Linux) the store is then
+        a ``workers.WorkerStore``, the cache split among them.
         """
         if self.mode == "none":
             return None
@@ -368,7 +373,12 @@ class Cache:
             mode = "memory" if self.used + estimated <= self.budget else "disk"
         if mode == "memory":
             self.used += estimated
-        if arrays is not None:
+        from tfcovid import workers as workers_lib  # imports no TensorFlow; cheap
+
+        if arrays is not None and workers and self.processes and workers_lib.available():
+            folder = _temporary_folder(self.directory, name) if mode == "disk" else None
+            store = workers_lib.WorkerStore(arrays, name, mode, folder, self.processes)
+        elif arrays is not None:
             store = ArrayStore(arrays, name, mode, self.directory)
         else:
             store = ImageStore(mode, self.directory, name)

@@ -241,6 +241,9 @@ def import_torch(checkpoint, backbone, task, out, image_size, labels):
 @click.option("--cache-budget-mb", type=click.IntRange(min=0), default=2048, show_default=True)
 @click.option("--decode-scale", type=float, default=2.0, show_default=True,
               help="Decode train images to a shorter side >= this x image size; 0: full size.")
+@click.option("--resample-processes", "processes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decode and resample train images in this many worker processes (Linux; "
+                   "data.resample_processes); 0: threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 def bench(kind, data_dir, images, as_json, **options):
     """Measure throughput: the input pipeline, the model's training step, or both (fit)."""

@@ -54,6 +54,7 @@ import tensorflow as tf
 from tfcovid import augment
 from tfcovid.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
 from tfcovid.data import Split, decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
+from tfcovid.workers import DECODE, PIXELS, STORED, WorkerStore
 
 # libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,
 # so a JPEG decoded by either library has the same pixels (see ``augment.decode_jpeg``).
@@ -219,10 +220,10 @@ def dataset(
         # RGB-saved grey is kept as one channel by the eval cache and by OpenCV's train store.
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting,
                                    gray_as_one=warp_batches or not augmenting)
-        store = policy.store_for(split.name, estimated, arrays=m if warp_batches else None)
+        store = policy.store_for(split.name, estimated, arrays=m if warp_batches else None, workers=True)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
-    arrays = isinstance(store, ArrayStore)  # the batch resampler reads and fills the cache
+    arrays = isinstance(store, (ArrayStore, WorkerStore))  # the batch resampler reads and fills it
     # The batch resampler also decodes the JPEGs and PNGs (OpenCV, same pixels) unless a
     # TensorFlow table must be filled inside the per-image map.
     opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)
@@ -364,6 +365,8 @@ def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
         # Python ints, once per batch: each row's few microseconds under the Python lock count
         # on many cores (see augment.warp_rows).
         indices_, ks_, sources_ = indices.tolist(), ks.tolist(), sources.tolist()
+        if isinstance(store, WorkerStore):
+            return in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws)
 
         def source(i):
             index, transform, k, kind = indices_[i], transforms[i], ks_[i], sources_[i]
@@ -382,6 +385,23 @@ def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
             return image, transform, k
 
         return augment.warp_rows(len(indices), size, source)
+
+    kinds = {_STORED: STORED, _OPENCV: DECODE, _TENSORFLOW: PIXELS}
+
+    def in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws):
+        def data(i):
+            return files[i] if paths is None else _read(paths[indices_[i]])
+
+        def payload(i):
+            if sources_[i] == _TENSORFLOW:
+                h, w, c = shapes[i].tolist()
+                return np.ascontiguousarray(images[i, :h, :w, :c])
+            if paths is not None and "://" not in paths[indices_[i]]:
+                return paths[indices_[i]]  # the worker reads it
+            return data(i)
+
+        return store.resample(size, indices_, [kinds[s] for s in sources_], shapes, halvings, transforms,
+                              ks_, payload, lambda i: fallback(indices_[i], data(i), draws[i]))
 
     def warp(item, label=None):
         images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None or paths is not None)

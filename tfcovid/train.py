@@ -190,7 +190,8 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     # One memory budget for both splits' decoded-image caches; a disk cache goes in the run
     # (a killed process's disk cache is stale: it is removed).
     shutil.rmtree(run / "cache", ignore_errors=True)
-    cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"))
+    cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"),
+                  processes=exp.data.resample_processes)
     # The epoch about to run, set before each epoch: the train pipeline keys its shuffle and
     # augmentation on it, so a resumed run continues with the batches it would have seen.
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
@@ -202,7 +203,7 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
                           cache=cache)
     log(f"      {cache.describe()}")
     if exp.augment.enabled:
-        log(f"      augmentation resampled with {augment.describe_resampler()}")
+        log(f"      augmentation resampled with {augment.describe_resampler()}{_where_resampled(exp, cache)}")
 
     # Phase 4: model, weights, freeze policy, compile — inside the strategy scope.
     with runtime.dtype_policy(precision), strategy.scope():
@@ -300,3 +301,19 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         runtime.release(scratch)
         return None
     return run
+
+
+def _where_resampled(exp, cache) -> str:
+    """", in N worker processes" when data.resample_processes took effect; why not, when not."""
+    from tfcovid import workers
+
+    n = exp.data.resample_processes
+    if not n:
+        return ""
+    if any(isinstance(s, workers.WorkerStore) for s in cache.stores):
+        return f", in {n} worker processes"
+    why = ("needs the decoded-image cache (data.cache)" if exp.data.cache == "none"
+           else "needs Linux and OpenCV" if not workers.available()
+           else "not for prepared TFRecords")
+    return f" (data.resample_processes {n} not used: it {why}; threads instead)"
+
