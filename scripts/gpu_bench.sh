@@ -13,7 +13,9 @@
 # which trains at the same speed as ImageNet weights and needs no download.
 #
 # Environment: TFCOVID (command, default "tfcovid"), BATCH (bench model/fit, default 256),
-# SPE (steps_per_execution, default 1), PRECISION (default auto). For a quick dry run of the script itself on a CPU:
+# SPE (steps_per_execution, default 1), PRECISION (default auto), PROCS (the
+# data.resample_processes values that bench fit and bench pipeline compare, default
+# "0 N-1" for N cores: threads, then worker processes). For a quick dry run of the script itself on a CPU:
 # SIZE (default 224), TRAIN_PER_CLASS (default 6000), EPOCHS (default 12), STEPS (default 20).
 set -euo pipefail
 results="${1:-bench-results}"
@@ -26,6 +28,7 @@ per_class="${TRAIN_PER_CLASS:-6000}"
 epochs="${EPOCHS:-12}"
 steps="${STEPS:-20}"
 precision="${PRECISION:-auto}"
+procs="${PROCS:-0 $(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}"
 
 for backbone in vgg16 resnet18; do
   echo "== bench model $backbone batch $batch"
@@ -61,10 +64,19 @@ $tfcovid fit --data "$work/part1" --backbone vgg16 --freeze first7 --weights non
 echo "wall seconds: $(( $(date +%s) - start ))" | tee -a "$results/fit.log"
 cp "$(ls -d "$work"/runs/*/ | head -1)metrics.json" "$results/part1-metrics.json" || true
 
-for backbone in vgg16 resnet18; do
-  echo "== bench fit $backbone batch $batch, from the cache of the train split"
-  $tfcovid bench fit --data "$work/part1" --backbone "$backbone" --batch-size "$batch" --image-size "$size" \
-    --precision "$precision" --steps "$steps" --repeats 3 --steps-per-execution "$spe" --cache memory --cache-budget-mb 16384 \
-    --json > "$results/fit-$backbone-$batch.json"
-  cat "$results/fit-$backbone-$batch.json"
+for p in $procs; do
+  echo "== bench pipeline, 300 of the generated files, resample processes $p"
+  $tfcovid bench pipeline --data "$work/sources" --resample-processes "$p" \
+    --json > "$results/pipeline-procs$p.json"
+  cat "$results/pipeline-procs$p.json"
+done
+
+for backbone in resnet18 vgg16; do
+  for p in $procs; do
+    echo "== bench fit $backbone batch $batch, from the cache of the train split, resample processes $p"
+    $tfcovid bench fit --data "$work/part1" --backbone "$backbone" --batch-size "$batch" --image-size "$size" \
+      --precision "$precision" --steps "$steps" --repeats 3 --steps-per-execution "$spe" --cache memory --cache-budget-mb 16384 \
+      --resample-processes "$p" --json > "$results/fit-$backbone-$batch-procs$p.json"
+    cat "$results/fit-$backbone-$batch-procs$p.json"
+  done
 done

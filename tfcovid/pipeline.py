@@ -224,6 +224,8 @@ def dataset(
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
     arrays = isinstance(store, (ArrayStore, WorkerStore))  # the batch resampler reads and fills it
+    if isinstance(store, WorkerStore):
+        store.start(batch_size, image_size)
     # The batch resampler also decodes the JPEGs and PNGs (OpenCV, same pixels) unless a
     # TensorFlow table must be filled inside the per-image map.
     opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)
