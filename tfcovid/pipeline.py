@@ -357,12 +357,13 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _batch_resampler(size: int, store: ArrayStore | None, fallback, paths=None):
+def _batch_resampler(size: int, store: ArrayStore | WorkerStore | None, fallback, paths=None):
     """A tf.data map function for padded batches of ``train_image``'s OpenCV elements[, labels]:
     one ``tf.numpy_function`` per batch (see ``augment.warp_rows`` for why per batch) that
     gets each image from the store, from its file's bytes (``augment.decode_file``) or from the
-    batch, keeps the new ones in ``store``, and resamples them all on all cores. With
-    ``paths`` the JPEG bytes are read here, from ``paths[index]``, not from the batch."""
+    batch, keeps the new ones in ``store``, and resamples them all on all cores: on threads,
+    or with a ``WorkerStore`` in its worker processes, which hold the cache. With ``paths``
+    the files are read here (or by the workers), from ``paths[index]``, not from the batch."""
     def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
         # Python ints, once per batch: each row's few microseconds under the Python lock count
         # on many cores (see augment.warp_rows).

@@ -167,11 +167,12 @@ class WorkerStore:
 
     def _pool_for(self, count: int, size: int) -> _Pool:
         with self._pool_lock:
-            if self._pool is None or self._pool.slot_images < count or self._pool.size != size:
-                if self._pool is not None:
-                    self._pool.close()
+            if self._pool is None:
                 self._pool = _Pool(self.processes, size, count, self.mode, self.directory)
                 weakref.finalize(self, self._pool.close)
+            elif count > self._pool.slot_images or size != self._pool.size:  # one dataset, one shape
+                raise ValueError(f"{self.name}: batches of {count} x {size} px, but the workers were "
+                                 f"started for {self._pool.slot_images} x {self._pool.size} px.")
             return self._pool
 
 
@@ -258,8 +259,10 @@ class _Pool:
                 except (EOFError, OSError):
                     conns.remove(conn)
                     if not self._closed:
-                        w = self._from.index(conn)
-                        code = self._procs[w].poll()
+                        try:
+                            code = self._procs[self._from.index(conn)].wait(timeout=2)
+                        except subprocess.TimeoutExpired:
+                            code = None
                         self._error = (f"A resample worker process stopped (exit code {code}); "
                                        "set data.resample_processes to 0 to resample in threads.")
                         with self._pending_lock:
