@@ -297,7 +297,8 @@ def dataset(
         coded = tf.cast(coded, tf.int32)
         opencv = tf.equal(source, _OPENCV)
         data = tf.cond(opencv, lambda: tf.io.read_file(paths[index]), lambda: tf.constant(""))
-        shape = tf.where(opencv, tf.concat([tf.cast(expected, tf.int32), coded[:1]], 0), tf.shape(base))
+        # The size the plan assumed (the header's, or the stored image's), else the decoded one.
+        shape = tf.where(here, tf.shape(base), tf.concat([tf.cast(expected, tf.int32), coded[:1]], 0))
         return base, shape, transform, k, index, source, data, coded[1], draws
 
     def fallback(index, data, draws):

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from tfcovid import augment, data, filecheck, pipeline
 from tfcovid.cache import as_cache
+from tfcovid.workers import DECODE, STORED, WorkerStore
 from tfcovid.config import DataConfig
 from tfcovid.data import DataError
 
@@ -355,7 +356,9 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
     store = None
     if policy is not None and (warp_batches or not training):
         store = policy.store_for(split.name, cache_estimate(split, image_size, training),
-                                 arrays=len(split) if warp_batches else None)
+                                 arrays=len(split) if warp_batches else None, workers=warp_batches)
+        if isinstance(store, WorkerStore):
+            store.start(batch_size, image_size)
 
     def read(path, count, first):
         # A shard holding more or fewer records than the manifest says fails here. Each
@@ -449,7 +452,8 @@ def encoded_shape(encoded):
 def _batch_decoder(image_size: int, aug_args, store=None):
     """A tf.data map function for batches of (encoded image, header shape, transform, k,
     draws, index)[, labels]: one ``tf.numpy_function`` per batch takes each image from
-    ``store`` (an ``ArrayStore`` by record index, or None) or decodes it with OpenCV
+    ``store`` (an ``ArrayStore`` by record index, a ``WorkerStore`` whose worker processes do
+    all this, or None) or decodes it with OpenCV
     (``augment.decode_file``: the same pixels as ``train_decode``) and keeps it there, and
     resamples them all on all cores (``augment.warp_rows``). An image whose header's size or
     kind was not what OpenCV decoded is decoded by TensorFlow and planned from its pixels,
@@ -461,6 +465,10 @@ def _batch_decoder(image_size: int, aug_args, store=None):
 
     def run(files, shapes, transforms, ks, draws, indices):
         indices_ = indices.tolist()
+        if isinstance(store, WorkerStore):  # stored or not: what the workers reported keeping
+            return store.resample(image_size, indices_, np.where(store.stored(indices_), STORED, DECODE), shapes,
+                                  np.zeros(len(indices_), np.int32), transforms, ks.tolist(),
+                                  lambda i: files[i], lambda i: replan(files[i], draws[i]))
 
         def source(i):
             height, width, channels = shapes[i].tolist()

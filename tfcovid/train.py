@@ -314,6 +314,6 @@ def _where_resampled(exp, cache) -> str:
         return f", in {n} worker processes"
     why = ("needs the decoded-image cache (data.cache)" if exp.data.cache == "none"
            else "needs Linux and OpenCV" if not workers.available()
-           else "not for prepared TFRecords")
+           else "needs OpenCV's resampler")
     return f" (data.resample_processes {n} not used: it {why}; threads instead)"
 

@@ -82,6 +82,10 @@ class WorkerStore:
             shapes = self._shapes.copy()
         return shapes[:, 0] >= 0, shapes[:, :2].copy()
 
+    def stored(self, indices) -> np.ndarray:
+        """Whether each of ``indices`` is in the cache (bool array)."""
+        return self._shapes[indices, 0] >= 0
+
     def count(self) -> int:
         return int((self._shapes[:, 0] >= 0).sum())
 
@@ -117,9 +121,10 @@ class WorkerStore:
         ``transforms[i]`` (pre-shrunk by ``ks[i]``), as ``augment.warp_rows`` makes it.
 
         ``kinds[i]``: ``STORED`` (from the cache), ``DECODE`` (``payload(i)`` is a local path
-        or the file's bytes; ``shapes[i]`` and ``halvings[i]`` are the plan's decode), or
-        ``PIXELS`` (``payload(i)`` is the image). ``fallback(i)`` -> (image, transform, k) for
-        a row OpenCV could not decode as planned.
+        or the file's bytes), or ``PIXELS`` (``payload(i)`` is the image); ``shapes[i]`` (and
+        ``halvings[i]``) are what the plan assumed. ``fallback(i)`` -> (image, transform, k)
+        for a row whose image is not what the plan assumed (a misleading header, a file OpenCV
+        cannot decode, a stored image of another size), planned from TensorFlow's pixels.
         """
         count = len(indices)
         pool = self._pool_for(count, size)
@@ -344,21 +349,22 @@ def _serve(task_fd: int, done_fd: int, buffer_fd: int, buffer_bytes: int, size: 
             for j, row in enumerate(rows["row"].tolist()):
                 index, kind = int(rows["index"][j]), int(rows["kind"][j])
                 h, w, c = rows["shape"][j].tolist()
-                image = cache.get(index)
-                if image is None and kind == DECODE:
+                if kind == STORED:  # planned from its stored size, which must be the one kept
+                    image = cache.get(index)
+                    if image is None or image.shape[:2] != (h, w):
+                        failed.append(row)
+                        continue
+                elif kind == DECODE:
                     data = extra[j]
                     if isinstance(data, str):
                         with open(data, "rb") as f:
                             data = f.read()
-                    image = cvops.decode_file(data, c, int(rows["halvings"][j]))
+                    image = cvops.decode_file(data, c, int(rows["halvings"][j])) if c in (1, 3) else None
                     if image is None or image.shape[:2] != (h, w):  # the header misled
                         failed.append(row)
                         continue
-                elif image is None and kind == PIXELS:
+                else:  # PIXELS: decoded by TensorFlow (and planned from them) in the parent
                     image = cvops.one_channel_if_gray(extra[j])
-                elif image is None:
-                    failed.append(row)
-                    continue
                 new = cache.put(index, image)
                 if new:
                     added += new
