@@ -39,9 +39,9 @@ import tensorflow as tf
 
 from tfcovid import augment, data, filecheck, pipeline
 from tfcovid.cache import as_cache
-from tfcovid.workers import DECODE, STORED, WorkerStore
 from tfcovid.config import DataConfig
 from tfcovid.data import DataError
+from tfcovid.workers import DECODE, STORED, WorkerStore
 
 MANIFEST = "tfcovid-records.json"
 FORMAT, VERSION = "tfcovid-tfrecords", 1
