@@ -31,6 +31,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from tfcovid import workers as workers_lib
+
 MODES = ("auto", "memory", "disk", "none")
 _OVERHEAD = 200  # bytes per cached image beyond its pixels: serialisation, table entry
 
@@ -373,8 +375,6 @@ class Cache:
             mode = "memory" if self.used + estimated <= self.budget else "disk"
         if mode == "memory":
             self.used += estimated
-        from tfcovid import workers as workers_lib  # imports no TensorFlow; cheap
-
         if arrays is not None and workers and self.processes and workers_lib.available():
             folder = _temporary_folder(self.directory, name) if mode == "disk" else None
             store = workers_lib.WorkerStore(arrays, name, mode, folder, self.processes)

@@ -16,7 +16,7 @@ import tensorflow as tf
 import yaml
 
 from tfcovid import (atomic, augment, data, demo, filecheck, losses, metrics, modelinfo, plots,
-                     preflight, records, report, runstate, runtime, weights)
+                     preflight, records, report, runstate, runtime, weights, workers)
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
@@ -305,8 +305,6 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
 
 def _where_resampled(exp, cache) -> str:
     """", in N worker processes" when data.resample_processes took effect; why not, when not."""
-    from tfcovid import workers
-
     n = exp.data.resample_processes
     if not n:
         return ""
