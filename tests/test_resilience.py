@@ -263,3 +263,50 @@ def test_best_checkpoint_is_last_of_its_epoch_and_survives_later_epochs(tmp_path
     np.testing.assert_array_equal(best.layers[-1].kernel.numpy(), np.zeros((3, 2)))
     np.testing.assert_array_equal(last.layers[-1].kernel.numpy(), np.ones((3, 2)))
     assert state.state["best"] == 0.5 and not list(ckpt.glob(atomic.PARTIAL_PREFIX + "*"))
+
+
+def _stat(pid) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process (Linux /proc), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    stats = {int(e.name): _stat(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()}
+    return [p for p, st in stats.items() if st and st[1] == pid and st[0] != "Z"]
+
+
+@pytest.mark.slow
+def test_resample_workers_end_with_a_stopped_or_killed_fit(tree, tmp_path):
+    """data.resample_processes: a fit stopped by SIGTERM exits as usual (143, resumable) and a
+    SIGKILLed one leaves no worker process behind (each ends when its task pipe closes)."""
+    from tfcovid import workers
+
+    if not workers.available() or not Path("/proc").is_dir():
+        pytest.skip("worker processes need Linux's memfd and OpenCV")
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGKILL, -9)):
+        out = tmp_path / f"runs-{sig.name}"
+        cfg = _config(tree, out, epochs=30)
+        cfg["data"]["resample_processes"] = 2
+        path = tmp_path / f"config-{sig.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc, log = _start(["--config", str(path)], tmp_path)
+        _wait_for_epochs(out, 1, proc)
+        helpers = _children(proc.pid)
+        assert len(helpers) == 2, _output(log)  # the two workers
+
+        def alive():
+            return [p for p in helpers if (_stat(p) or ("Z",))[0] != "Z"]
+
+        proc.send_signal(sig)
+        assert proc.wait(120) == code
+        end = time.monotonic() + 30
+        while alive() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert alive() == [], f"{sig.name}: workers outlived the fit"
+        if sig == signal.SIGTERM:
+            assert "tfcovid fit --resume" in _output(log) and "Traceback" not in _output(log)
