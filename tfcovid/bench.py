@@ -402,7 +402,8 @@ def summary(result: dict) -> str:
             f"  later epochs (from cache)  {r['later_epochs_images_per_s']:8.1f} images/s",
             f"  start-up per pass (not in the rates above): {r['startup_s']} s",
             f"  cache: {r['cache']['stored']}",
-            f"  augmentation resampled with {augment.describe_resampler(r['augment_resampler'])}",
+            f"  augmentation resampled with {augment.describe_resampler(r['augment_resampler'])}"
+            f"{_processes(r)}",
         ])
     model = (f"{r['backbone']} (freeze {r['freeze']}) at {r['image_size']} px, batch {r['batch_size']}, "
              f"{r['precision']}{' + loss scaling' if r['loss_scaling'] else ''}, XLA "
@@ -411,6 +412,12 @@ def summary(result: dict) -> str:
              f"(forward {r['forward_gflops_per_image']}) -> {r['tflops']} TFLOP/s")
     if r["kind"] == "model":
         return f"Training step, random tensors: {model}\n  {r['images_per_s']} images/s; {flops}"
-    return (f"Training fed by the pipeline ({r['data']}): {model}\n"
+    return (f"Training fed by the pipeline ({r['data']}{_processes(r)}): {model}\n"
             f"  end to end {r['images_per_s']} images/s; model alone {r['model_only_images_per_s']} "
             f"images/s; ratio {r['ratio_to_model_only']:.2f}\n  {flops}")
+
+
+def _processes(result: dict) -> str:
+    n = result.get("resample_processes", 0)
+    return f", in {n} worker processes" if n else ""
+
