@@ -16,10 +16,11 @@ import tensorflow as tf
 import yaml
 
 from tfcovid import (atomic, augment, data, demo, filecheck, losses, metrics, modelinfo, plots,
-                     preflight, records, report, runstate, runtime, weights, workers)
+                     preflight, records, report, runstate, runtime, weights)
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
+from tfcovid.workers import WorkerStore, available as can_use_workers
 
 NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
 
@@ -308,10 +309,10 @@ def _where_resampled(exp, cache) -> str:
     n = exp.data.resample_processes
     if not n:
         return ""
-    if any(isinstance(s, workers.WorkerStore) for s in cache.stores):
+    if any(isinstance(s, WorkerStore) for s in cache.stores):
         return f", in {n} worker processes"
     why = ("needs the decoded-image cache (data.cache)" if exp.data.cache == "none"
-           else "needs Linux and OpenCV" if not workers.available()
+           else "needs Linux and OpenCV" if not can_use_workers()
            else "needs OpenCV's resampler")
     return f" (data.resample_processes {n} not used: it {why}; threads instead)"
 
