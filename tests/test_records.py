@@ -148,6 +148,9 @@ def test_augmented_stream_differs_per_epoch(prepared):
     out, _ = prepared
     split = data.scan(out, "binary").splits["train"]
     ds = data.dataset(split, 32, 8, training=True, aug=config.AugmentConfig(), seed=3)
+    assert int(ds.cardinality()) == -(-len(split) // 8)  # one reader: its length is known
+    shared = data.dataset(split, 32, 8, training=True, aug=config.AugmentConfig(), seed=3, readers=2)
+    assert int(shared.cardinality()) == tf.data.UNKNOWN_CARDINALITY  # each reader gets some shards
     first, second = (next(iter(ds)) for _ in range(2))
     assert first[0].shape == (8, 32, 32, 3) and first[0].dtype == tf.uint8
     assert sorted(first[1].numpy().tolist()) == sorted(split.labels.tolist())
@@ -201,7 +204,12 @@ def test_cli_prepare_then_fit_and_a_damaged_shard(binary_tree, tmp_path):
         "model.weights": "none", "train.epochs": 1, "train.batch_size": 4, "train.optimizer": "adam",
         "train.lr": 1e-4, "train.jit_compile": "false", "out": str(tmp_path / "runs")})
     lines = []
-    run = train.fit(exp, log=lines.append)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = train.fit(exp, log=lines.append)
+    assert not [w for w in caught if "ran out of data" in str(w.message)]  # the stream states its length
     summary = json.loads((run / "metrics.json").read_text())
     manifest = json.loads((out / records.MANIFEST).read_text())
     assert summary["images"] == {k: v["images"] for k, v in manifest["splits"].items()}

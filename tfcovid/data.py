@@ -326,6 +326,7 @@ def dataset(
     decode_scale: float = 2.0,
     epoch=None,
     deterministic: bool = False,
+    readers: int = 1,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -345,11 +346,14 @@ def dataset(
         epoch: training: a tf.Variable holding the coming epoch; shuffle and augmentation are
             keyed on (seed, epoch, image) (see tfcovid.pipeline).
         deterministic: fixed element order in training too.
+        readers: processes that each read a share of the split (multi-worker training of a
+            prepared TFRecord split gives each whole shards); with one, a prepared split's
+            training stream states its length, which Keras's epochs and progress bar use.
     """
     if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
         from tfcovid import records
 
-        return records.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache)
+        return records.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache, readers)
     from tfcovid import pipeline  # imports this module
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,

@@ -334,7 +334,8 @@ def cache_estimate(split: RecordSplit, image_size: int, training: bool) -> int:
 
 
 def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool = False,
-            aug=None, seed: int = 0, drop_remainder: bool = False, cache=None) -> tf.data.Dataset:
+            aug=None, seed: int = 0, drop_remainder: bool = False, cache=None,
+            readers: int = 1) -> tf.data.Dataset:
     """Stream a prepared split: (uint8 images (N, S, S, 3), labels), as ``data.dataset`` does.
 
     Training: shard order reshuffled each epoch, shards read interleaved in parallel, records
@@ -412,6 +413,9 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
                     deterministic=not training)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if training and readers == 1:  # the interleave hides the length; Keras wants it per epoch
+        n = len(split)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n // batch_size if drop_remainder else -(-n // batch_size)))
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (

@@ -199,7 +199,7 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     train_ds = data.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
                             training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
                             decode_scale=exp.data.decode_scale, epoch=epoch,
-                            deterministic=exp.train.deterministic)
+                            deterministic=exp.train.deterministic, readers=workers)
     val_ds = data.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
                           cache=cache)
     log(f"      {cache.describe()}")
