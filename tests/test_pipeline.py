@@ -381,8 +381,6 @@ def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split,
 def test_opencv_path_wrong_header_and_broken_file(jpeg_split, monkeypatch):
     """A header that misleads OpenCV's scaled decode: the image is decoded and planned again by
     TensorFlow, same batches. A file that cannot be decoded is named in the error."""
-    from tfcovid import augment
-
     truth = _epochs(jpeg_split, 1, "memory")
     real = cache.header
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
@@ -618,8 +616,7 @@ def test_resample_processes_give_the_threads_batches(formats_split, mode):
     the workers' cache; the parent knows each stored image's shape."""
     from tfcovid import workers
 
-    if not workers.available():
-        pytest.skip("worker processes need Linux's memfd and OpenCV")
+    assert workers.available()  # Linux with OpenCV, a dependency: what this project runs on
     threads = _epochs(formats_split, 3, policy=cache.Cache(mode))
     policy = cache.Cache(mode, processes=3)
     ours = _epochs(formats_split, 3, policy=policy)
@@ -654,8 +651,7 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
     epoch with an error that says what to set."""
     from tfcovid import workers
 
-    if not workers.available():
-        pytest.skip("worker processes need Linux's memfd and OpenCV")
+    assert workers.available()  # Linux with OpenCV, a dependency: what this project runs on
     truth = _epochs(jpeg_split, 2, "memory")
     real = cache.header
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
@@ -687,7 +683,7 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
 def test_fit_log_says_where_the_rows_are_resampled(formats_split):
     import dataclasses
 
-    from tfcovid import train, workers
+    from tfcovid import train
 
     def exp(**data_):
         return dataclasses.replace(config.Experiment(), data=dataclasses.replace(config.DataConfig(), **data_))
@@ -695,7 +691,6 @@ def test_fit_log_says_where_the_rows_are_resampled(formats_split):
     assert train._where_resampled(exp(), cache.Cache()) == ""
     policy = cache.Cache("memory", processes=2)
     data.dataset(formats_split, 32, 2, training=True, aug=AUG, cache=policy)
-    expected = ", in 2 worker processes" if workers.available() else "needs Linux and OpenCV"
-    assert expected in train._where_resampled(exp(resample_processes=2), policy)
+    assert ", in 2 worker processes" in train._where_resampled(exp(resample_processes=2), policy)
     off = train._where_resampled(exp(resample_processes=2, cache="none"), cache.Cache("none", processes=2))
     assert "needs the decoded-image cache" in off and "threads instead" in off

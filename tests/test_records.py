@@ -297,12 +297,11 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
     # three OpenCV decodes and the two TensorFlow ones (planned again each time, as above).
     from tfcovid import workers
 
-    if workers.available():
-        in_workers = workers.WorkerStore(5, "train", processes=2)
-        for _ in range(2):
-            np.testing.assert_array_equal(records._batch_decoder(32, args, in_workers)(item).numpy(), batch)
-        assert in_workers.stored(list(range(5))).tolist() == [True] * 5
-        in_workers.close()
+    in_workers = workers.WorkerStore(5, "train", processes=2)
+    for _ in range(2):
+        np.testing.assert_array_equal(records._batch_decoder(32, args, in_workers)(item).numpy(), batch)
+    assert in_workers.stored(list(range(5))).tolist() == [True] * 5
+    in_workers.close()
     for i, data_ in enumerate(files):
         image = records.train_decode(tf.constant(data_))
         t, kk = augment.plan(tf.shape(image)[None, :2], draws[i:i + 1], 32, *args)
