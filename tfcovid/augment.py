@@ -291,7 +291,8 @@ def warp_rows(count: int, size: int, source) -> np.ndarray:
 
     on_all_cores(count, row)
     out = np.empty((count, size, size, 3), np.uint8)
-    cv2.cvtColor(grey.reshape(count * size, size), cv2.COLOR_GRAY2RGB, dst=out.reshape(count * size, size, 3))
+    if len(colour) < count:  # some grey rows (an all-colour batch has nothing to repeat)
+        cv2.cvtColor(grey.reshape(count * size, size), cv2.COLOR_GRAY2RGB, dst=out.reshape(count * size, size, 3))
     for i, warped in colour.items():
         out[i] = warped
     return out

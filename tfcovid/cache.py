@@ -31,10 +31,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from tfcovid import pixelfiles
 from tfcovid import workers as workers_lib
 
 MODES = ("auto", "memory", "disk", "none")
-_OVERHEAD = 200  # bytes per cached image beyond its pixels: serialisation, table entry
+_OVERHEAD = pixelfiles.OVERHEAD  # bytes per cached image beyond its pixels: serialisation, table entry
 
 
 class ImageStore:
@@ -146,8 +147,6 @@ class ArrayStore:
     def _shape(self, entry) -> tuple:
         return entry.shape if self.mode == "memory" else entry
 
-    def _file(self, index: int) -> str:
-        return os.path.join(self.directory, f"{index}.uint8")
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """(stored bool [N], (height, width) int32 [N] of the stored images, -1 elsewhere)."""
@@ -161,7 +160,7 @@ class ArrayStore:
         entry = self._entries[index]
         if entry is None or self.mode == "memory":
             return entry
-        return np.fromfile(self._file(index), np.uint8).reshape(entry)  # its shape is kept here
+        return pixelfiles.read(self.directory, index, entry)  # its shape is kept here
 
     def put(self, index: int, image: np.ndarray, copy: bool = True) -> np.ndarray:
         """Keep ``image`` under ``index`` and return it as kept (an index is stored once: later
@@ -171,15 +170,12 @@ class ArrayStore:
         if copy or not image.flags.c_contiguous or image.dtype != np.uint8:
             image = np.array(image, np.uint8, order="C")
         if self.mode == "disk" and self._entries[index] is None:
-            path = self._file(index)
-            partial = f"{path}.{threading.get_ident()}.partial"
-            image.tofile(partial)  # raw pixels: the shape is kept in memory, not in the file
-            os.replace(partial, path)
+            pixelfiles.write(self.directory, index, image)
         image.flags.writeable = False
         with self._lock:
             if self._entries[index] is None:
                 self._entries[index] = image if self.mode == "memory" else image.shape
-                self._bytes += image.nbytes + _OVERHEAD
+                self._bytes += image.nbytes + pixelfiles.OVERHEAD
             return image if self.mode == "disk" else self._entries[index]
 
     def lookup(self, index):

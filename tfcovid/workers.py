@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-from tfcovid import cvops
+from tfcovid import cvops, pixelfiles
 
 STORED, DECODE, PIXELS = 0, 1, 2  # how a row's image is had (request "kinds")
 
@@ -315,7 +315,7 @@ class _Cache:
         entry = self.entries.get(index)
         if entry is None or self.mode == "memory":
             return entry
-        return np.fromfile(os.path.join(self.directory, f"{index}.uint8"), np.uint8).reshape(entry)
+        return pixelfiles.read(self.directory, index, entry)
 
     def put(self, index: int, image: np.ndarray) -> int:
         """Keep ``image``; the bytes it adds (0 if it was there)."""
@@ -323,13 +323,11 @@ class _Cache:
             return 0
         image = np.ascontiguousarray(image, np.uint8)
         if self.mode == "disk":
-            path = os.path.join(self.directory, f"{index}.uint8")
-            image.tofile(f"{path}.{os.getpid()}.partial")
-            os.replace(f"{path}.{os.getpid()}.partial", path)
+            pixelfiles.write(self.directory, index, image)
             self.entries[index] = image.shape
         else:
             self.entries[index] = image
-        return image.nbytes + 200
+        return image.nbytes + pixelfiles.OVERHEAD
 
 
 def _serve(task_fd: int, done_fd: int, buffer_fd: int, buffer_bytes: int, size: int, mode: str,
