@@ -627,6 +627,7 @@ def test_resample_processes_give_the_threads_batches(formats_split, mode):
     reference = cache.Cache(mode)
     _epochs(formats_split, 1, policy=reference)
     assert shapes.tolist() == reference.stores[0].state()[1].tolist()
+    assert store._pool.copy_out(0, 2, 32).ctypes.data % cvops.BATCH_ALIGN == 0  # no copy by tf.data
     for (x, y), (x2, y2) in zip(ours, threads):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)

@@ -35,8 +35,8 @@ import tensorflow as tf
 
 # The OpenCV side (decoders, resample) lives in tfcovid.cvops, which imports no TensorFlow, so
 # that the resample worker processes (tfcovid.workers) can run it.
-from tfcovid.cvops import (JPEG_MAGIC, PNG_MAGIC, _affine, _rescaled, _warp, cv2, decode_file,  # noqa: F401
-                           decode_jpeg, decode_png, one_channel_if_gray)
+from tfcovid.cvops import (BATCH_ALIGN, JPEG_MAGIC, PNG_MAGIC, _affine, _rescaled, _warp,  # noqa: F401
+                           batch_buffer, cv2, decode_file, decode_jpeg, decode_png, one_channel_if_gray)
 
 
 DRAWS = 24
@@ -290,7 +290,7 @@ def warp_rows(count: int, size: int, source) -> np.ndarray:
             _affine(image[..., 0], transform, size, grey[i])
 
     on_all_cores(count, row)
-    out = np.empty((count, size, size, 3), np.uint8)
+    out = batch_buffer((count, size, size, 3))  # tf.data takes it as it is, no copy
     if len(colour) < count:  # some grey rows (an all-colour batch has nothing to repeat)
         cv2.cvtColor(grey.reshape(count * size, size), cv2.COLOR_GRAY2RGB, dst=out.reshape(count * size, size, 3))
     for i, warped in colour.items():

@@ -26,6 +26,21 @@ except Exception:  # noqa: BLE001  # pragma: no cover - depends on the environme
 JPEG_MAGIC, PNG_MAGIC = SIGNATURES["JPEG"][0], SIGNATURES["PNG"][0]
 
 
+# tf.data takes a ``tf.numpy_function``'s result as its tensor without a copy when the array's
+# data is aligned to this many bytes (TensorFlow's EIGEN_MAX_ALIGN_BYTES, 64 with AVX-512);
+# otherwise it copies it, with Python's lock held. A (256, 224, 224, 3) batch is 38.5 MB.
+BATCH_ALIGN = 64
+
+
+def batch_buffer(shape) -> np.ndarray:
+    """An uninitialised uint8 array of ``shape`` whose data starts on a ``BATCH_ALIGN`` boundary,
+    for a batch returned to tf.data (see ``BATCH_ALIGN``)."""
+    nbytes = int(np.prod(shape))
+    raw = np.empty(nbytes + BATCH_ALIGN, np.uint8)
+    start = -raw.ctypes.data % BATCH_ALIGN
+    return raw[start:start + nbytes].reshape(shape)
+
+
 def _rescaled(t, sy, sx):
     """``scale_transform``'s arithmetic on any six numbers (TensorFlow or NumPy)."""
     a0, a1, a2, b0, b1, b2 = t[:6]
