@@ -15,7 +15,7 @@
 # Environment: TFCOVID (command, default "tfcovid"), BATCH (bench model/fit, default 256),
 # SPE (steps_per_execution, default 1), PRECISION (default auto), PROCS (the
 # data.resample_processes values that bench fit and bench pipeline compare, default
-# "0 N-1" for N cores: threads, then worker processes). For a quick dry run of the script itself on a CPU:
+# "0 auto": threads, then the default, which is N-1 worker processes on N >= 8 cores). For a quick dry run of the script itself on a CPU:
 # SIZE (default 224), TRAIN_PER_CLASS (default 6000), EPOCHS (default 12), STEPS (default 20).
 set -euo pipefail
 results="${1:-bench-results}"
@@ -28,7 +28,7 @@ per_class="${TRAIN_PER_CLASS:-6000}"
 epochs="${EPOCHS:-12}"
 steps="${STEPS:-20}"
 precision="${PRECISION:-auto}"
-procs="${PROCS:-0 $(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}"
+procs="${PROCS:-0 auto}"
 
 for backbone in vgg16 resnet18; do
   echo "== bench model $backbone batch $batch"

@@ -1,6 +1,7 @@
 """The benchmark: FLOP counts against published figures, result fields, CLI, reference script."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_image_files_reads_train_split_or_any_folder(binary_tree, tmp_path):
 
 def test_bench_pipeline_fields(tmp_path):
     paths = bench.synthetic_xrays(tmp_path, count=8, side=160)
-    r = bench.bench_pipeline(paths, image_size=32, batch_size=4, repeats=1, log=lambda s: None)
+    r = bench.bench_pipeline(paths, image_size=32, batch_size=4, repeats=1, log=lambda s: None, processes=0)
     for key in ("decode_only_images_per_s", "first_epoch_images_per_s", "later_epochs_images_per_s",
                 "images_per_s"):
         assert r[key] > 0
@@ -92,6 +93,8 @@ def test_bench_pipeline_fields(tmp_path):
     assert w["resample_processes"] == 2 and w["cache"]["bytes"] == r["cache"]["bytes"]
     assert "of 2 resample processes" in w["cache"]["stored"]
     assert "in 2 worker processes" in bench.summary({**w, "data": "x"})
+    assert w["resample_processes_setting"] == "2" and r["resample_processes_setting"] == "0"
+    assert w["usable_cores"] == len(os.sched_getaffinity(0))
 
 
 @pytest.mark.slow
@@ -120,6 +123,9 @@ def test_cli_bench_pipeline_json(tmp_path):
     r = json.loads(result.stdout)
     assert r["kind"] == "pipeline" and r["images"] == 6 and r["data"] == str(data_dir)
     assert r["first_epoch_ratio"] > 0 and r["cache"]["mode"] == "auto"
+    # --resample-processes defaults to auto: threads below 8 cores, else a worker per core but one.
+    assert r["resample_processes_setting"] == "auto"
+    assert r["resample_processes"] == (r["usable_cores"] - 1 if r["usable_cores"] >= 8 else 0)
 
 
 def test_cli_bench_bad_input_is_a_clear_error(tmp_path):
@@ -128,6 +134,8 @@ def test_cli_bench_bad_input_is_a_clear_error(tmp_path):
     assert missing.exit_code == 1 and "not found" in missing.output and "Traceback" not in missing.output
     scale = runner.invoke(main, ["bench", "pipeline", "--decode-scale", "0.5"])
     assert scale.exit_code == 1 and "--decode-scale" in scale.output
+    procs = runner.invoke(main, ["bench", "pipeline", "--resample-processes", "-1"])
+    assert procs.exit_code == 1 and "--resample-processes '-1': use auto, 0 (threads)" in procs.output
     small = runner.invoke(main, ["bench", "model", "--backbone", "vgg16", "--image-size", "16"])
     assert small.exit_code == 1 and "vgg16 needs at least 32 px" in small.output
     freeze = runner.invoke(main, ["bench", "model", "--freeze", "some"])

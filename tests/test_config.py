@@ -142,6 +142,9 @@ def test_demo_preset_line_says_what_differs():
     ({"train.lr": math.nan}, "train.lr", "finite number"),
     ({"train.momentum": math.nan}, "train.momentum", "finite number"),
     ({"data.decode_scale": math.inf}, "data.decode_scale", "finite number"),
+    ({"data.resample_processes": -1}, "data.resample_processes", "Use auto .*, 0 \\(threads\\)"),
+    ({"data.resample_processes": 2.5}, "data.resample_processes", "Use auto"),
+    ({"data.resample_processes": "many"}, "data.resample_processes", "Use auto"),
     ({"data.task": "multilabel", "data.labels": []}, "data.labels", "non-empty list"),
     ({"data.task": "multilabel", "data.labels": ["a", "a"]}, "data.labels", "unique"),
     ({"data.task": "multilabel", "data.labels": ["a", ""]}, "data.labels", "non-empty names"),
@@ -165,6 +168,15 @@ def test_yaml_nan_and_inf_are_refused(tmp_path, text, key):
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"Bad value for '{key}'.*finite number"):
         config.resolve(path, {})
+
+
+def test_resample_processes_is_auto_or_a_number(tmp_path):
+    assert config.resolve(None, {}).data.resample_processes == "auto"
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  resample_processes: 3\n")  # YAML's int, kept as its text
+    assert config.resolve(path, {}).data.resample_processes == "3"
+    exp = config.resolve(None, {}, config.parse_assignments(["data.resample_processes=0"]))
+    assert exp.data.resample_processes == "0"
 
 
 def test_numbers_yaml_reads_as_strings_still_work(tmp_path):

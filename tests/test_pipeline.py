@@ -695,3 +695,27 @@ def test_fit_log_says_where_the_rows_are_resampled(formats_split):
     assert ", in 2 worker processes" in train._where_resampled(exp(resample_processes=2), policy)
     off = train._where_resampled(exp(resample_processes=2, cache="none"), cache.Cache("none", processes=2))
     assert "needs the decoded-image cache" in off and "threads instead" in off
+    # auto: threads below 8 cores (nothing to say), else one process per core but one.
+    cores = len(os.sched_getaffinity(0))
+    auto = cache.Cache("memory", processes="auto")
+    assert auto.processes == (cores - 1 if cores >= 8 else 0)
+    if cores < 8:
+        assert train._where_resampled(exp(resample_processes="auto"), auto) == ""
+
+
+def test_auto_resample_processes_follow_the_cores(monkeypatch):
+    """``data.resample_processes: auto``: one worker per usable core but one from 8 cores (where
+    the threads' lock hand-overs limit), threads below and where workers cannot run; numbers
+    are taken as they are; anything else is refused with what to write."""
+    from tfcovid import workers
+
+    for cores, expected in ((1, 0), (2, 0), (4, 0), (7, 0), (8, 7), (16, 15), (64, 63)):
+        monkeypatch.setattr(workers, "usable_cores", lambda c=cores: c)
+        assert workers.processes_for("auto") == expected, cores
+        assert workers.processes_for("AUTO ") == expected
+    assert workers.processes_for(3) == 3 and workers.processes_for("0") == 0
+    monkeypatch.setattr(workers, "available", lambda: False)
+    assert workers.processes_for("auto") == 0  # e.g. no OpenCV, not Linux: threads
+    for bad in (-1, "-2", "many", 2.5, None, True):
+        with pytest.raises(ValueError, match="auto, 0 \\(threads\\) or a number"):
+            workers.processes_for(bad)

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from tfcovid import cache as cache_lib
 from tfcovid import augment, config, data, runtime
+from tfcovid.workers import WorkerStore, usable_cores
 
 KINDS = ("pipeline", "model", "fit")
 
@@ -136,8 +137,10 @@ def decode_only(paths: list[str]) -> tf.data.Dataset:
 def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60,
                    aug: config.AugmentConfig | None = None, cache: str = "auto",
                    budget_mb: float = 2048, decode_scale: float = 2.0, repeats: int = 3,
-                   log=print, processes: int = 0) -> dict:
-    """Time decode-only, the first epoch (fresh cache each time) and later epochs."""
+                   log=print, processes: int | str = "auto") -> dict:
+    """Time decode-only, the first epoch (fresh cache each time) and later epochs.
+
+    ``processes``: ``data.resample_processes`` ("auto" or a number; 0: threads)."""
     aug = aug or config.AugmentConfig()
     split = as_split(paths)
     for path in paths:  # page cache: time decoding, not the disk
@@ -171,7 +174,7 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
         "first_epoch_images_per_s": round(_median_rate(n, first_s), 1),
         "later_epochs_images_per_s": round(_median_rate(n, later_s), 1),
         "startup_s": round(statistics.median(startup_s), 2), "later_epochs_per_pass": per_pass,
-        "decode_scale": decode_scale, "resample_processes": processes,
+        "decode_scale": decode_scale, **_processes_fields(policy, processes),
         "cache": {"mode": cache, "bytes": policy.nbytes(), "stored": policy.usage(),
                   "budget_mb": budget_mb},
     }
@@ -335,7 +338,7 @@ def bench_model(exp: config.Experiment, steps: int = 10, repeats: int = 3, log=p
 
 def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats: int = 3,
               cache: str = "auto", budget_mb: float = 2048, decode_scale: float = 2.0,
-              log=print, processes: int = 0) -> dict:
+              log=print, processes: int | str = "auto") -> dict:
     """Training fed by the real train pipeline (cache filled first) against the model alone."""
     model, precision = build(exp)
     size, batch = exp.data.image_size, exp.train.batch_size
@@ -351,7 +354,14 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
             "images_per_s": round(fed_rate, 2), "model_only_images_per_s": round(alone_rate, 2),
             "ratio_to_model_only": round(fed_rate / alone_rate, 3),
             "cache": {"mode": cache, "bytes": policy.nbytes(), "budget_mb": budget_mb},
-            "resample_processes": processes, **_model_fields(exp, model, precision, fed_rate)}
+            **_processes_fields(policy, processes), **_model_fields(exp, model, precision, fed_rate)}
+
+
+def _processes_fields(policy: cache_lib.Cache, setting) -> dict:
+    """The worker processes that ran the rows (0: threads) and the setting that chose them."""
+    ran = any(isinstance(s, WorkerStore) for s in policy.stores)
+    return {"resample_processes": policy.processes if ran else 0, "resample_processes_setting": str(setting),
+            "usable_cores": usable_cores()}
 
 
 def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **options) -> dict:
@@ -364,7 +374,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
         raise ValueError(f"Unknown benchmark {kind!r}. Valid benchmarks: {', '.join(KINDS)}.")
     o = {"image_size": 224, "batch_size": 60, "backbone": "vgg16", "precision": "auto",
          "jit_compile": "auto", "steps_per_execution": 1, "freeze": "none", "steps": 10,
-         "repeats": 3, "cache": "auto", "budget_mb": 2048, "decode_scale": 2.0, "processes": 0,
+         "repeats": 3, "cache": "auto", "budget_mb": 2048, "decode_scale": 2.0, "processes": "auto",
          **options}
     exp = experiment(o["backbone"], o["image_size"], o["batch_size"], o["precision"],
                      o["jit_compile"], o["steps_per_execution"], o["freeze"])
@@ -418,6 +428,6 @@ def summary(result: dict) -> str:
 
 
 def _processes(result: dict) -> str:
-    n = result.get("resample_processes", 0)
-    return f", in {n} worker processes" if n else ""
+    n, auto = result.get("resample_processes", 0), result.get("resample_processes_setting") == "auto"
+    return f", in {n} worker processes" + (" (auto)" if auto else "") if n else ""
 

@@ -338,19 +338,20 @@ class Cache:
             "memory", "disk" or "none".
         budget_mb: memory budget for all splits together, in MiB.
         directory: parent folder for disk caches (default: the system's temporary folder).
+        processes: ``data.resample_processes``: worker processes for an OpenCV train split's
+            rows and cache (``workers.processes_for``: "auto" or a number; 0: threads).
     """
 
     def __init__(self, mode: str = "auto", budget_mb: float = 2048, directory: str | None = None,
-                 processes: int = 0):
+                 processes: int | str = 0):
         if mode not in MODES:
             raise ValueError(f"Unknown cache mode {mode!r}. Valid modes: {', '.join(MODES)}.")
         if budget_mb < 0:
             raise ValueError(f"The cache budget must be >= 0 MB. Received: {budget_mb}")
-        if processes < 0:
-            raise ValueError(f"data.resample_processes must be >= 0 (0: threads). Received: {processes}")
         self.mode, self.budget = mode, int(budget_mb * 2**20)
         self.directory = directory
-        self.processes = processes
+        self.processes = workers_lib.processes_for(processes)  # "auto" -> a number (0: threads)
+        self.processes_setting = processes
         self.used = 0
         self.stores: list = []
         self.plans: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import click
@@ -241,9 +242,10 @@ def import_torch(checkpoint, backbone, task, out, image_size, labels):
 @click.option("--cache-budget-mb", type=click.IntRange(min=0), default=2048, show_default=True)
 @click.option("--decode-scale", type=float, default=2.0, show_default=True,
               help="Decode train images to a shorter side >= this x image size; 0: full size.")
-@click.option("--resample-processes", "processes", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--resample-processes", "processes", default="auto", show_default=True,
               help="Decode and resample train images in this many worker processes (Linux; "
-                   "data.resample_processes); 0: threads.")
+                   "data.resample_processes); 0: threads; auto: one per core but one on hosts "
+                   "with 8 or more cores, else threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 def bench(kind, data_dir, images, as_json, **options):
     """Measure throughput: the input pipeline, the model's training step, or both (fit)."""
@@ -255,6 +257,9 @@ def bench(kind, data_dir, images, as_json, **options):
     options["budget_mb"] = options.pop("cache_budget_mb")
     if options["decode_scale"] != 0 and options["decode_scale"] < 1:
         _fail(ConfigError(f"--decode-scale {options['decode_scale']}: use 0 (full size) or at least 1."))
+    if not re.fullmatch(r"auto|[0-9]+", options["processes"].strip().lower()):
+        _fail(ConfigError(f"--resample-processes {options['processes']!r}: use auto, 0 (threads) or a "
+                          "number of worker processes."))
     log = (lambda s: click.echo(s, err=True)) if as_json else click.echo
     try:
         result = benchmarks.run(kind, data_dir, images, log=log, **options)

@@ -65,8 +65,9 @@ class DataConfig:
     decode_scale: float = 2.0
     # Train images' OpenCV decode and resample (and their cache) in this many worker processes
     # (Linux); 0: threads of the training process. Processes scale where the threads' hand-overs
-    # of Python's lock limit (many cores); see tfcovid/workers.py.
-    resample_processes: int = 0
+    # of Python's lock limit (many cores); see tfcovid/workers.py. auto: one per core but one on
+    # hosts with 8 or more cores, threads below.
+    resample_processes: str = "auto"
     # Files that cannot be used (broken, not an image, unreadable, outside a class folder):
     # false stops fit before the first step with the list; true leaves them out and lists them
     # in the run's skipped.txt.
@@ -425,8 +426,9 @@ def validate(exp: Experiment) -> None:
     _check_choice("data.cache", d.cache, ("auto", "memory", "disk", "none"))
     if d.cache_budget_mb < 0:
         raise ConfigError(f"Bad value for 'data.cache_budget_mb': {d.cache_budget_mb}. Use 0 or more MB.")
-    if d.resample_processes < 0:
-        raise ConfigError(f"Bad value for 'data.resample_processes': {d.resample_processes}. Use 0 (threads) "
+    if not re.fullmatch(r"auto|[0-9]+", d.resample_processes.strip().lower()):
+        raise ConfigError(f"Bad value for 'data.resample_processes': {d.resample_processes!r}. Use auto "
+                          "(worker processes on hosts with 8 or more cores, threads below), 0 (threads) "
                           "or a number of worker processes.")
     if d.decode_scale != 0 and d.decode_scale < 1:
         raise ConfigError(f"Bad value for 'data.decode_scale': {d.decode_scale}. Use 0 (full resolution) "

@@ -20,7 +20,7 @@ from tfcovid import (atomic, augment, data, demo, filecheck, losses, metrics, mo
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
-from tfcovid.workers import WorkerStore, available as can_use_workers
+from tfcovid.workers import WorkerStore, available as can_use_workers, usable_cores
 
 NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
 
@@ -305,14 +305,16 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
 
 
 def _where_resampled(exp, cache) -> str:
-    """", in N worker processes" when data.resample_processes took effect; why not, when not."""
-    n = exp.data.resample_processes
+    """", in N worker processes" when data.resample_processes took effect; why not, when not
+    (``auto`` on fewer than 8 cores means threads: nothing to say)."""
+    n, setting = cache.processes, str(exp.data.resample_processes).strip().lower()
     if not n:
         return ""
+    how = f" (data.resample_processes auto: {usable_cores()} cores)" if setting == "auto" else ""
     if any(isinstance(s, WorkerStore) for s in cache.stores):
-        return f", in {n} worker processes"
+        return f", in {n} worker processes{how}"
     why = ("needs the decoded-image cache (data.cache)" if exp.data.cache == "none"
            else "needs Linux and OpenCV" if not can_use_workers()
            else "needs OpenCV's resampler")
-    return f" (data.resample_processes {n} not used: it {why}; threads instead)"
+    return f" (data.resample_processes {setting} not used: it {why}; threads instead)"
 
