@@ -174,7 +174,7 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
         "first_epoch_images_per_s": round(_median_rate(n, first_s), 1),
         "later_epochs_images_per_s": round(_median_rate(n, later_s), 1),
         "startup_s": round(statistics.median(startup_s), 2), "later_epochs_per_pass": per_pass,
-        "decode_scale": decode_scale, **_processes_fields(policy, processes),
+        "decode_scale": decode_scale, **_processes_fields(policy),
         "cache": {"mode": cache, "bytes": policy.nbytes(), "stored": policy.usage(),
                   "budget_mb": budget_mb},
     }
@@ -354,14 +354,14 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
             "images_per_s": round(fed_rate, 2), "model_only_images_per_s": round(alone_rate, 2),
             "ratio_to_model_only": round(fed_rate / alone_rate, 3),
             "cache": {"mode": cache, "bytes": policy.nbytes(), "budget_mb": budget_mb},
-            **_processes_fields(policy, processes), **_model_fields(exp, model, precision, fed_rate)}
+            **_processes_fields(policy), **_model_fields(exp, model, precision, fed_rate)}
 
 
-def _processes_fields(policy: cache_lib.Cache, setting) -> dict:
+def _processes_fields(policy: cache_lib.Cache) -> dict:
     """The worker processes that ran the rows (0: threads) and the setting that chose them."""
     ran = any(isinstance(s, WorkerStore) for s in policy.stores)
-    return {"resample_processes": policy.processes if ran else 0, "resample_processes_setting": str(setting),
-            "usable_cores": usable_cores()}
+    return {"resample_processes": policy.processes if ran else 0,
+            "resample_processes_setting": str(policy.processes_setting), "usable_cores": usable_cores()}
 
 
 def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **options) -> dict:

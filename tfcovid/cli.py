@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import click
@@ -253,11 +252,14 @@ def bench(kind, data_dir, images, as_json, **options):
 
     from tfcovid import bench as benchmarks
     from tfcovid.config import ConfigError
+    from tfcovid.workers import processes_for
 
     options["budget_mb"] = options.pop("cache_budget_mb")
     if options["decode_scale"] != 0 and options["decode_scale"] < 1:
         _fail(ConfigError(f"--decode-scale {options['decode_scale']}: use 0 (full size) or at least 1."))
-    if not re.fullmatch(r"auto|[0-9]+", options["processes"].strip().lower()):
+    try:
+        processes_for(options["processes"])
+    except ValueError:
         _fail(ConfigError(f"--resample-processes {options['processes']!r}: use auto, 0 (threads) or a "
                           "number of worker processes."))
     log = (lambda s: click.echo(s, err=True)) if as_json else click.echo

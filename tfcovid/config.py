@@ -426,10 +426,14 @@ def validate(exp: Experiment) -> None:
     _check_choice("data.cache", d.cache, ("auto", "memory", "disk", "none"))
     if d.cache_budget_mb < 0:
         raise ConfigError(f"Bad value for 'data.cache_budget_mb': {d.cache_budget_mb}. Use 0 or more MB.")
-    if not re.fullmatch(r"auto|[0-9]+", d.resample_processes.strip().lower()):
+    from tfcovid.workers import processes_for  # OpenCV's import, only when validating
+
+    try:
+        processes_for(d.resample_processes)
+    except ValueError:
         raise ConfigError(f"Bad value for 'data.resample_processes': {d.resample_processes!r}. Use auto "
                           "(worker processes on hosts with 8 or more cores, threads below), 0 (threads) "
-                          "or a number of worker processes.")
+                          "or a number of worker processes.") from None
     if d.decode_scale != 0 and d.decode_scale < 1:
         raise ConfigError(f"Bad value for 'data.decode_scale': {d.decode_scale}. Use 0 (full resolution) "
                           "or at least 1 (shorter side >= decode_scale x image_size).")

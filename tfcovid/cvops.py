@@ -9,6 +9,7 @@ No TensorFlow here: ``tfcovid.workers`` runs these in processes of their own. Th
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -35,7 +36,7 @@ BATCH_ALIGN = 64
 def batch_buffer(shape) -> np.ndarray:
     """An uninitialised uint8 array of ``shape`` whose data starts on a ``BATCH_ALIGN`` boundary,
     for a batch returned to tf.data (see ``BATCH_ALIGN``)."""
-    nbytes = int(np.prod(shape))
+    nbytes = math.prod(shape)
     raw = np.empty(nbytes + BATCH_ALIGN, np.uint8)
     start = -raw.ctypes.data % BATCH_ALIGN
     return raw[start:start + nbytes].reshape(shape)
