@@ -267,3 +267,12 @@ def test_two_workers_on_localhost_end_with_identical_weights(binary_tree, tmp_pa
 
     last = keras.models.load_model(run / "checkpoints" / "last.keras", compile=False)
     assert runtime.weights_fingerprint(last) == prints[0][0]
+
+
+def test_tasks_on_this_host_share_its_cores():
+    """data.resample_processes: auto divides a host's cores among the cluster's tasks on it."""
+    assert runtime.tasks_on_this_host(None) == 1
+    here = {"worker": ["localhost:2222", "127.0.0.1:2223", f"{socket.gethostname()}:2224"],
+            "chief": ["other-machine.example:2222"]}
+    assert runtime.tasks_on_this_host(here) == 3
+    assert runtime.tasks_on_this_host({"worker": ["a.example:1", "b.example:1"]}) == 1  # none here: 1

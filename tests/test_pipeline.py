@@ -713,7 +713,11 @@ def test_auto_resample_processes_follow_the_cores(monkeypatch):
         monkeypatch.setattr(workers, "usable_cores", lambda c=cores: c)
         assert workers.processes_for("auto") == expected, cores
         assert workers.processes_for("AUTO ") == expected
+    monkeypatch.setattr(workers, "usable_cores", lambda: 16)
+    assert workers.processes_for("auto", share=2) == 7  # two training processes on the host
+    assert workers.processes_for("auto", share=4) == 0  # 4 cores each: threads
     assert workers.processes_for(3) == 3 and workers.processes_for("0") == 0
+    assert workers.processes_for(3, share=2) == 3  # a number is taken as it is
     monkeypatch.setattr(workers, "available", lambda: False)
     assert workers.processes_for("auto") == 0  # e.g. no OpenCV, not Linux: threads
     for bad in (-1, "-2", "many", 2.5, None, True):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import types
 from pathlib import Path
@@ -196,6 +197,17 @@ def tf_config_cluster() -> dict | None:
             "same cluster and its own task, e.g. {\"type\": \"worker\", \"index\": 1}."
         )
     return cluster
+
+
+def tasks_on_this_host(cluster: dict | None) -> int:
+    """How many of TF_CONFIG's tasks run on this machine (1 without a cluster): they share its
+    cores, e.g. for ``data.resample_processes: auto``. A task is local when its address names
+    localhost, a loopback address or this host's name."""
+    if not cluster:
+        return 1
+    local = {"localhost", "127.0.0.1", "::1", "[::1]", socket.gethostname(), socket.getfqdn()}
+    hosts = [str(address).rsplit(":", 1)[0] for addresses in cluster.values() for address in addresses]
+    return max(sum(host in local for host in hosts), 1)
 
 
 def split_cpu(replicas: int) -> None:

@@ -58,12 +58,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def processes_for(setting: int | str) -> int:
+def processes_for(setting: int | str, share: int = 1) -> int:
     """``data.resample_processes`` as a number of worker processes (0: threads). ``auto``: one
     per usable core but one (the training process's) on a host with at least
-    ``AUTO_MIN_CORES`` where they can run (Linux, OpenCV), else 0. A number is taken as it is."""
+    ``AUTO_MIN_CORES`` where they can run (Linux, OpenCV), else 0; with ``share`` training
+    processes on the host (multi-worker on one machine), of its cores divided among them. A
+    number is taken as it is."""
     if isinstance(setting, str) and setting.strip().lower() == "auto":
-        cores = usable_cores()
+        cores = usable_cores() // max(share, 1)
         return cores - 1 if cores >= AUTO_MIN_CORES and available() else 0
     whole = isinstance(setting, int) or (isinstance(setting, str) and setting.strip().isdigit())
     if isinstance(setting, bool) or not whole or int(setting) < 0:
