@@ -703,6 +703,59 @@ def test_fit_log_says_where_the_rows_are_resampled(formats_split):
         assert train._where_resampled(exp(resample_processes="auto"), auto) == ""
 
 
+def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_path, monkeypatch):
+    """No memfd, or a worker that ends at start: the pipeline is built with the threads' store
+    (the same batches), the cache says why and fit's log says so; a worker that never answers
+    is given up after the timeout."""
+    import dataclasses
+    import sys
+
+    from tfcovid import train, workers
+
+    truth = _epochs(jpeg_split, 2, "disk")
+
+    def no_memfd(*args):
+        raise OSError(38, "Function not implemented")
+
+    exp = dataclasses.replace(config.Experiment(), data=dataclasses.replace(
+        config.DataConfig(), resample_processes="auto"))
+    with monkeypatch.context() as m:
+        m.setattr(os, "memfd_create", no_memfd)
+        (tmp_path / "c").mkdir()
+        policy = cache.Cache("disk", directory=str(tmp_path / "c"), processes=2)
+        again = _epochs(jpeg_split, 2, policy=policy)
+    assert "Function not implemented" in policy.worker_error
+    assert [type(s) for s in policy.stores] == [cache.ArrayStore] and policy.stores[0].count() == len(jpeg_split)
+    # the workers' empty folder is gone; the plan names the threads' one
+    assert os.listdir(tmp_path / "c") == [os.path.basename(policy.stores[0].directory)]
+    assert policy.stores[0].directory in policy.describe()
+    for (x, y), (x2, y2) in zip(again, truth):
+        np.testing.assert_array_equal(x, x2)
+    from tfcovid import bench
+
+    fields = bench._processes_fields(policy)
+    assert fields["resample_processes"] == 0 and "Function not implemented" in fields["resample_processes_error"]
+    assert "in threads: the worker processes could not start" in bench._processes(fields)
+    log = train._where_resampled(exp, policy)
+    assert "the 2 worker processes of data.resample_processes auto could not start" in log
+    assert "threads instead" in log
+    with monkeypatch.context() as m:
+        m.setattr(sys, "executable", "/bin/false")  # each worker exits at once
+        policy = cache.Cache("memory", processes=2)
+        again = _epochs(jpeg_split, 1, policy=policy)
+    assert "stopped (exit code 1)" in policy.worker_error and isinstance(policy.stores[0], cache.ArrayStore)
+    np.testing.assert_array_equal(again[0][0], truth[0][0])
+    silent = tmp_path / "silent"
+    silent.write_text("#!/bin/sh\nexec sleep 30\n")
+    silent.chmod(0o755)
+    with monkeypatch.context() as m:
+        m.setattr(sys, "executable", str(silent))
+        store = workers.WorkerStore(4, "train", processes=1)
+        with pytest.raises(RuntimeError, match="1 of 1 resample worker processes had not started after 1 s"):
+            store.start(2, 32, timeout=1)
+    assert store._pool is None  # stopped
+
+
 def test_auto_resample_processes_follow_the_cores(monkeypatch):
     """``data.resample_processes: auto``: one worker per usable core but one from 8 cores (where
     the threads' lock hand-overs limit), threads below and where workers cannot run; numbers

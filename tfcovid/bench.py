@@ -360,8 +360,9 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
 def _processes_fields(policy: cache_lib.Cache) -> dict:
     """The worker processes that ran the rows (0: threads) and the setting that chose them."""
     ran = any(isinstance(s, WorkerStore) for s in policy.stores)
-    return {"resample_processes": policy.processes if ran else 0,
-            "resample_processes_setting": str(policy.processes_setting), "usable_cores": usable_cores()}
+    fields = {"resample_processes": policy.processes if ran else 0,
+              "resample_processes_setting": str(policy.processes_setting), "usable_cores": usable_cores()}
+    return {**fields, "resample_processes_error": policy.worker_error} if policy.worker_error else fields
 
 
 def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **options) -> dict:
@@ -429,5 +430,7 @@ def summary(result: dict) -> str:
 
 def _processes(result: dict) -> str:
     n, auto = result.get("resample_processes", 0), result.get("resample_processes_setting") == "auto"
+    if "resample_processes_error" in result:
+        return f", in threads: the worker processes could not start ({result['resample_processes_error']})"
     return f", in {n} worker processes" + (" (auto)" if auto else "") if n else ""
 

@@ -352,6 +352,7 @@ class Cache:
         self.directory = directory
         self.processes = workers_lib.processes_for(processes)  # "auto" -> a number (0: threads)
         self.processes_setting = processes
+        self.worker_error: str | None = None  # why worker processes could not start (threads instead)
         self.used = 0
         self.stores: list = []
         self.plans: list[str] = []
@@ -383,6 +384,27 @@ class Cache:
         where = "memory" if mode == "memory" else f"disk, {store.directory}"
         self.plans.append(f"{name} ~{_mb(estimated)} MB in {where}")
         return store
+
+    def started(self, store, count: int, size: int):
+        """``store`` with its worker processes started for batches of ``count`` S x S views, when
+        it is a ``workers.WorkerStore`` (else as it is). Where they cannot start, an
+        ``ArrayStore`` takes its place (the rows run on threads) and ``worker_error`` says why:
+        a default of ``auto`` must not stop a fit that threads can run."""
+        if not isinstance(store, workers_lib.WorkerStore):
+            return store
+        try:
+            store.start(count, size)
+            return store
+        except (OSError, RuntimeError) as error:
+            self.worker_error = str(error)
+        if store.directory:
+            _remove_if_empty(store.directory)
+        threads = ArrayStore(store.size, store.name, store.mode, self.directory)
+        i = self.stores.index(store)
+        self.stores[i] = threads
+        if store.directory:
+            self.plans[i] = self.plans[i].replace(store.directory, threads.directory)
+        return threads
 
     def describe(self) -> str:
         """One line: the plan per split and the budget (estimates, before anything is cached)."""

@@ -223,9 +223,9 @@ def dataset(
         store = policy.store_for(split.name, estimated, arrays=m if warp_batches else None, workers=True)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
+    if policy is not None:  # worker processes started now (threads where they cannot start)
+        store = policy.started(store, batch_size, image_size)
     arrays = isinstance(store, (ArrayStore, WorkerStore))  # the batch resampler reads and fills it
-    if isinstance(store, WorkerStore):
-        store.start(batch_size, image_size)
     # The batch resampler also decodes the JPEGs and PNGs (OpenCV, same pixels) unless a
     # TensorFlow table must be filled inside the per-image map.
     opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)

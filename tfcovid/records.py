@@ -358,8 +358,7 @@ def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool
     if policy is not None and (warp_batches or not training):
         store = policy.store_for(split.name, cache_estimate(split, image_size, training),
                                  arrays=len(split) if warp_batches else None, workers=warp_batches)
-        if isinstance(store, WorkerStore):
-            store.start(batch_size, image_size)
+        store = policy.started(store, batch_size, image_size)  # threads where workers cannot start
 
     def read(path, count, first):
         # A shard holding more or fewer records than the manifest says fails here. Each

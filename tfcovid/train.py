@@ -317,6 +317,9 @@ def _where_resampled(exp, cache) -> str:
     how = f" (data.resample_processes auto: {usable_cores()} cores{share})" if setting == "auto" else ""
     if any(isinstance(s, WorkerStore) for s in cache.stores):
         return f", in {n} worker processes{how}"
+    if cache.worker_error:
+        return f" (the {n} worker processes of data.resample_processes {setting} could not start: " \
+               f"{cache.worker_error}; threads instead)"
     why = ("needs the decoded-image cache (data.cache)" if exp.data.cache == "none"
            else "needs Linux and OpenCV" if not can_use_workers()
            else "needs OpenCV's resampler")

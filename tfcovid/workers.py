@@ -37,6 +37,8 @@ import numpy as np
 from tfcovid import cvops, pixelfiles
 
 STORED, DECODE, PIXELS = 0, 1, 2  # how a row's image is had (request "kinds")
+READY = -1  # the request id of a worker's first message: started, imports done
+START_SECONDS = 120.0  # how long ``WorkerStore.start`` waits for every worker to be ready
 
 
 def available() -> bool:
@@ -97,7 +99,7 @@ class WorkerStore:
         if processes < 1:
             raise ValueError(f"resample_processes must be >= 1, got {processes}.")
         self.mode, self.name, self.directory = mode, name, directory
-        self.processes = processes
+        self.size, self.processes = size, processes
         self._shapes = np.full((size, 3), -1, np.int32)  # (h, w, c) of each stored image
         self._bytes = 0
         self._lock = threading.Lock()
@@ -127,11 +129,20 @@ class WorkerStore:
         return (f"{self.name or 'cache'}: {self.count()} images, {self._bytes / 2**20:.1f} MB in {where} "
                 f"of {self.processes} resample processes")
 
-    def start(self, count: int, size: int) -> None:
+    def start(self, count: int, size: int, timeout: float = START_SECONDS) -> None:
         """Start the workers for batches of ``count`` S x S views now (the pipeline does, when
-        it is built), so that their start-up (~0.3 s: Python, NumPy, OpenCV) is not the first
-        batch's."""
-        self._pool_for(count, size)
+        it is built) and wait until each is ready (~0.3 s: Python, NumPy, OpenCV), so that a
+        worker that cannot start is known here, not at the first batch.
+
+        Raises:
+            OSError, RuntimeError: they could not start (no memfd, a process limit, a worker
+                that ended or did not answer within ``timeout`` seconds); they are stopped.
+        """
+        try:
+            self._pool_for(count, size).wait_ready(timeout)
+        except (OSError, RuntimeError):
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop the workers (their cache goes with them); a later ``resample`` starts new ones."""
@@ -230,6 +241,7 @@ class _Pool:
         self._send_locks = [threading.Lock() for _ in range(processes)]
         self._error: str | None = None
         self._closed = False
+        self._ready, self._all_ready = 0, threading.Event()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
         self._procs, self._to, self._from = [], [], []
@@ -247,6 +259,15 @@ class _Pool:
         self._reader = threading.Thread(target=self._read, name="tfcovid-workers", daemon=True)
         self._reader.start()
         atexit.register(self.close)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once every worker has said it is ready; raise RuntimeError when one ended
+        first or ``timeout`` seconds passed."""
+        if not self._all_ready.wait(timeout):
+            raise RuntimeError(f"{len(self._procs) - self._ready} of {len(self._procs)} resample worker "
+                               f"processes had not started after {timeout:.0f} s")
+        if self._error:
+            raise RuntimeError(self._error)
 
     def take_slot(self) -> int:
         return self._free.get()
@@ -302,10 +323,16 @@ class _Pool:
                             code = None
                         self._error = (f"A resample worker process stopped (exit code {code}); "
                                        "set data.resample_processes to 0 to resample in threads.")
+                        self._all_ready.set()  # wakes wait_ready, which reports the error
                         with self._pending_lock:
                             for holder in self._pending.values():
                                 holder[1] = self._error
                                 holder[0].set()
+                    continue
+                if request == READY:
+                    self._ready += 1
+                    if self._ready == len(self._procs):
+                        self._all_ready.set()
                     continue
                 with self._pending_lock:
                     holder = self._pending.get(request)
@@ -369,6 +396,7 @@ def _serve(task_fd: int, done_fd: int, buffer_fd: int, buffer_bytes: int, size: 
     shared = mmap.mmap(buffer_fd, buffer_bytes)
     out = np.frombuffer(shared, np.uint8)
     cache = _Cache(mode, directory)
+    done.send((READY, os.getpid()))
     while True:
         try:
             request, offset, rows, extra = tasks.recv()
