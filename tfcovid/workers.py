@@ -245,20 +245,33 @@ class _Pool:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
         self._procs, self._to, self._from = [], [], []
-        for w in range(processes):
-            task_r, task_w = os.pipe()
-            done_r, done_w = os.pipe()
+        try:
+            for _ in range(processes):
+                self._start_one(size, mode, directory, slots, env)
+        except BaseException:  # e.g. a process limit: those started end with their task pipes
+            self.close()
+            raise
+        self._reader = threading.Thread(target=self._read, name="tfcovid-workers", daemon=True)
+        self._reader.start()
+        atexit.register(self.close)
+
+    def _start_one(self, size: int, mode: str, directory: str | None, slots: int, env: dict) -> None:
+        task_r, task_w = os.pipe()
+        done_r, done_w = os.pipe()
+        try:
             args = [sys.executable, "-m", "tfcovid.workers", str(task_r), str(done_w), str(self._fd),
                     str(self.slot_bytes * slots), str(size), mode, directory or ""]
             self._procs.append(subprocess.Popen(args, pass_fds=(task_r, done_w, self._fd), env=env,
                                                 stdin=subprocess.DEVNULL))
+        except BaseException:
+            os.close(task_w)
+            os.close(done_r)
+            raise
+        finally:
             os.close(task_r)
             os.close(done_w)
-            self._to.append(Connection(task_w, readable=False))
-            self._from.append(Connection(done_r, writable=False))
-        self._reader = threading.Thread(target=self._read, name="tfcovid-workers", daemon=True)
-        self._reader.start()
-        atexit.register(self.close)
+        self._to.append(Connection(task_w, readable=False))
+        self._from.append(Connection(done_r, writable=False))
 
     def wait_ready(self, timeout: float) -> None:
         """Return once every worker has said it is ready; raise RuntimeError when one ended
