@@ -147,7 +147,6 @@ class ArrayStore:
     def _shape(self, entry) -> tuple:
         return entry.shape if self.mode == "memory" else entry
 
-
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """(stored bool [N], (height, width) int32 [N] of the stored images, -1 elsewhere)."""
         entries = list(self._entries)
@@ -340,18 +339,19 @@ class Cache:
         directory: parent folder for disk caches (default: the system's temporary folder).
         processes: ``data.resample_processes``: worker processes for an OpenCV train split's
             rows and cache (``workers.processes_for``: "auto" or a number; 0: threads).
+        share: training processes on this host, whose cores ``auto`` divides among them.
     """
 
     def __init__(self, mode: str = "auto", budget_mb: float = 2048, directory: str | None = None,
-                 processes: int | str = 0):
+                 processes: int | str = 0, share: int = 1):
         if mode not in MODES:
             raise ValueError(f"Unknown cache mode {mode!r}. Valid modes: {', '.join(MODES)}.")
         if budget_mb < 0:
             raise ValueError(f"The cache budget must be >= 0 MB. Received: {budget_mb}")
         self.mode, self.budget = mode, int(budget_mb * 2**20)
         self.directory = directory
-        self.processes = workers_lib.processes_for(processes)  # "auto" -> a number (0: threads)
-        self.processes_setting = processes
+        self.processes = workers_lib.processes_for(processes, share)  # "auto" -> a number (0: threads)
+        self.processes_setting, self.share = processes, share
         self.worker_error: str | None = None  # why worker processes could not start (threads instead)
         self.used = 0
         self.stores: list = []

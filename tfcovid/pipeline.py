@@ -60,8 +60,9 @@ from tfcovid.workers import DECODE, PIXELS, STORED, WorkerStore
 # so a JPEG decoded by either library has the same pixels (see ``augment.decode_jpeg``).
 _DCT = "INTEGER_ACCURATE"
 # Where the batch resampler gets each train image (OpenCV path): from the ArrayStore, from the
-# file's bytes with OpenCV's JPEG decoder, or decoded by TensorFlow in the per-image map.
-_STORED, _OPENCV, _TENSORFLOW = 0, 1, 2
+# file's bytes with OpenCV's JPEG decoder, or decoded by TensorFlow in the per-image map. The
+# same codes as the worker processes' request kinds, so a batch's sources go to them as they are.
+_STORED, _OPENCV, _TENSORFLOW = STORED, DECODE, PIXELS
 
 
 def working_side(image_size: int, decode_scale: float) -> int | None:
@@ -390,8 +391,6 @@ def _batch_resampler(size: int, store: ArrayStore | WorkerStore | None, fallback
 
         return augment.warp_rows(len(indices), size, source)
 
-    kinds = {_STORED: STORED, _OPENCV: DECODE, _TENSORFLOW: PIXELS}
-
     def in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws):
         def data(i):
             return files[i] if paths is None else _read(paths[indices_[i]])
@@ -404,7 +403,7 @@ def _batch_resampler(size: int, store: ArrayStore | WorkerStore | None, fallback
                 return paths[indices_[i]]  # the worker reads it
             return data(i)
 
-        return store.resample(size, indices_, [kinds[s] for s in sources_], shapes, halvings, transforms,
+        return store.resample(size, indices_, sources_, shapes, halvings, transforms,
                               ks_, payload, lambda i: fallback(indices_[i], data(i), draws[i]))
 
     def warp(item, label=None):

@@ -20,7 +20,7 @@ from tfcovid import (atomic, augment, data, demo, filecheck, losses, metrics, mo
 from tfcovid.cache import Cache
 from tfcovid.config import Experiment
 from tfcovid.models import apply_freeze, is_head_layer
-from tfcovid.workers import WorkerStore, available as can_use_workers, processes_for, usable_cores
+from tfcovid.workers import WorkerStore, available as can_use_workers, usable_cores
 
 NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
 
@@ -192,9 +192,9 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     # (a killed process's disk cache is stale: it is removed).
     shutil.rmtree(run / "cache", ignore_errors=True)
     # auto: worker processes from 8 cores, the host's cores shared by its training processes.
-    local = runtime.tasks_on_this_host(runtime.tf_config_cluster())
     cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"),
-                  processes=processes_for(exp.data.resample_processes, share=local))
+                  processes=exp.data.resample_processes,
+                  share=runtime.tasks_on_this_host(runtime.tf_config_cluster()))
     # The epoch about to run, set before each epoch: the train pipeline keys its shuffle and
     # augmentation on it, so a resumed run continues with the batches it would have seen.
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
@@ -312,8 +312,7 @@ def _where_resampled(exp, cache) -> str:
     n, setting = cache.processes, str(exp.data.resample_processes).strip().lower()
     if not n:
         return ""
-    local = runtime.tasks_on_this_host(runtime.tf_config_cluster())
-    share = f" shared by {local} training processes" if local > 1 else ""
+    share = f" shared by {cache.share} training processes" if cache.share > 1 else ""
     how = f" (data.resample_processes auto: {usable_cores()} cores{share})" if setting == "auto" else ""
     if any(isinstance(s, WorkerStore) for s in cache.stores):
         return f", in {n} worker processes{how}"
