@@ -232,3 +232,60 @@ def test_an_aligned_batch_reaches_tf_data_without_a_copy():
         for tensor in ds:
             held["array"][:] = 7  # after tf.data made its tensor
             assert (int(tensor[0]) == 7) is shared, offset
+
+
+def test_batch_buffers_come_back_only_when_nothing_reads_them():
+    """``batch_buffer`` recycles a batch's memory (no page faults per batch), but never while any
+    array made from it, or a memoryview of it, is alive; free buffers are capped."""
+    from tfcovid import cvops
+
+    pool = cvops._Recycled()
+    shape = (3, 8, 8, 3)
+    first = pool.take(shape)
+    address = first.ctypes.data
+    assert first.shape == shape and first.dtype == np.uint8 and address % augment.BATCH_ALIGN == 0
+    rows = first[1:]  # a view of a view: must keep the memory
+    exported = memoryview(first.reshape(-1))
+    del first
+    second = pool.take(shape)
+    assert second.ctypes.data != address
+    del rows
+    third = pool.take(shape)
+    assert third.ctypes.data != address  # the memoryview still reads it
+    del exported
+    assert pool.kept_bytes() == math.prod(shape)
+    assert pool.take(shape).ctypes.data == address  # nothing reads it now: reused
+    other = pool.take((2, 5))
+    assert other.shape == (2, 5) and other.ctypes.data not in (address, second.ctypes.data)
+
+    pool.KEEP_BYTES = 2 * math.prod(shape)
+    buffers = [pool.take(shape) for _ in range(4)]
+    del buffers, second, third
+    assert pool.kept_bytes() == 2 * math.prod(shape)  # the rest were unmapped
+
+
+def test_tf_data_keeps_a_recycled_batch_until_its_tensor_is_dropped():
+    """Batches tf.data shares with ``batch_buffer`` (no copy) stay intact while their tensors are
+    held, however many batches come after; once dropped, their memory serves later batches."""
+    addresses = []
+
+    def batch(index):
+        out = augment.batch_buffer((4, 16, 16, 3))
+        out[:] = index % 251
+        addresses.append(out.ctypes.data)
+        return out
+
+    def dataset():
+        return tf.data.Dataset.range(40).map(
+            lambda i: tf.numpy_function(batch, [i], tf.uint8), num_parallel_calls=2).prefetch(4)
+
+    held = list(dataset())
+    assert len(set(addresses)) == 40  # all alive at once: 40 buffers
+    for index, tensor in enumerate(held):
+        assert tensor.shape == (4, 16, 16, 3)
+        assert int(tf.reduce_min(tensor)) == int(tf.reduce_max(tensor)) == index
+    del held, tensor
+    addresses.clear()
+    for index, tensor in enumerate(dataset()):
+        assert int(tf.reduce_min(tensor)) == int(tf.reduce_max(tensor)) == index
+    assert len(set(addresses)) < 20  # dropped batches' buffers served the later ones

@@ -276,7 +276,7 @@ def warp_rows(count: int, size: int, source) -> np.ndarray:
     topped out at ~8,000 images/s with 3-4 cores busy), so a grey row is one OpenCV call,
     straight into a grey batch that one call per batch repeats to RGB at the end.
     """
-    grey = np.empty((count, size, size), np.uint8)
+    grey = batch_buffer((count, size, size))
     colour = {}
 
     def row(i):

@@ -8,8 +8,11 @@ No TensorFlow here: ``tfcovid.workers`` runs these in processes of their own. Th
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import mmap
+import weakref
 
 import numpy as np
 
@@ -33,13 +36,54 @@ JPEG_MAGIC, PNG_MAGIC = SIGNATURES["JPEG"][0], SIGNATURES["PNG"][0]
 BATCH_ALIGN = 64
 
 
+class _Recycled:
+    """Page-aligned uint8 buffers that come back for reuse once nothing uses them.
+
+    A fresh multi-megabyte array per batch costs page faults every time: glibc gives the freed
+    one back to the kernel (above 32 MB it is a mapping of its own; below, the heap's top is
+    trimmed), and NumPy marks arrays of 4 MB or more for huge pages, whose zeroing then also
+    lands on the small arrays the cache keeps in the same heap. Here a buffer is an anonymous
+    mapping handed out as a NumPy view; when that view dies (tf.data has dropped the tensor
+    that shares it, or the function that used it returned) its mapping returns to a free list
+    of its size. Every array made from the view keeps the view alive (NumPy's base of a view
+    of it is the view, not the mapping), so a buffer is never reused while anything reads it.
+    """
+
+    KEEP_BYTES = 256 << 20  # free buffers kept, all sizes together; more are unmapped
+
+    def __init__(self):
+        self._free: dict[int, collections.deque] = {}
+
+    def take(self, shape) -> np.ndarray:
+        nbytes = max(math.prod(shape), 1)
+        free = self._free.setdefault(nbytes, collections.deque())
+        try:  # deque's pop and append are atomic: no lock that a finalizer could wait on
+            mem = free.pop()
+        except IndexError:
+            mem = mmap.mmap(-1, nbytes, **_PRIVATE)
+        view = np.frombuffer(mem, np.uint8, nbytes)
+        weakref.finalize(view, self._give_back, mem, nbytes)
+        return view[:math.prod(shape)].reshape(shape)
+
+    def _give_back(self, mem, nbytes: int) -> None:
+        if self.kept_bytes() + nbytes <= self.KEEP_BYTES:
+            self._free[nbytes].append(mem)
+
+    def kept_bytes(self) -> int:
+        """Bytes in free buffers now."""
+        return sum(size * len(free) for size, free in list(self._free.items()))
+
+
+# Not shared with child processes (Python's anonymous mmap default is MAP_SHARED).
+_PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+_RECYCLED = _Recycled()
+
+
 def batch_buffer(shape) -> np.ndarray:
-    """An uninitialised uint8 array of ``shape`` whose data starts on a ``BATCH_ALIGN`` boundary,
-    for a batch returned to tf.data (see ``BATCH_ALIGN``)."""
-    nbytes = math.prod(shape)
-    raw = np.empty(nbytes + BATCH_ALIGN, np.uint8)
-    start = -raw.ctypes.data % BATCH_ALIGN
-    return raw[start:start + nbytes].reshape(shape)
+    """An uninitialised uint8 array of ``shape`` whose data starts on a page (so on a
+    ``BATCH_ALIGN`` boundary), recycled once nothing uses it (``_Recycled``): for a batch
+    returned to tf.data, and for a batch's scratch arrays."""
+    return _RECYCLED.take(shape)
 
 
 def _rescaled(t, sy, sx):
