@@ -62,7 +62,7 @@ class _Recycled:
         except IndexError:
             mem = mmap.mmap(-1, nbytes, **_PRIVATE)
         view = np.frombuffer(mem, np.uint8, nbytes)
-        weakref.finalize(view, self._give_back, mem, nbytes)
+        weakref.finalize(view, self._give_back, mem, nbytes).atexit = False  # nothing to do at exit
         return view[:math.prod(shape)].reshape(shape)
 
     def _give_back(self, mem, nbytes: int) -> None:
