@@ -95,6 +95,43 @@ def test_bench_pipeline_fields(tmp_path):
     assert "in 2 worker processes" in bench.summary({**w, "data": "x"})
     assert w["resample_processes_setting"] == "2" and r["resample_processes_setting"] == "0"
     assert w["usable_cores"] == len(os.sched_getaffinity(0))
+    # CPU per image and cores busy, per pass kind: real figures, within what the machine has.
+    for result in (r, w):
+        for key in ("decode_only", "first_epoch", "later_epochs"):
+            assert result[f"{key}_cpu_ms_per_image"] > 0, key
+            assert 0 < result[f"{key}_cores_busy"] <= result["cpu_count"] + 0.5, key
+    assert "ms CPU per image" in bench.summary({**r, "data": "x"})
+
+
+def test_worker_processes_cpu_is_counted():
+    """The pipeline benchmark's CPU figures include the resample worker processes (read from
+    /proc), not just the training process's threads."""
+    from tfcovid import workers
+
+    burn = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+            "print('burnt', flush=True)\ntime.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "burnt"
+        assert 0.45 <= workers.process_cpu_seconds(proc.pid) < 5
+    finally:
+        proc.kill()
+        proc.wait()
+    assert workers.process_cpu_seconds(-1) == 0.0  # no such process
+
+    store = workers.WorkerStore(4, "train", processes=2)
+    store.start(2, 32)
+    try:
+        started = store.cpu_seconds()  # two Pythons that imported NumPy and OpenCV
+        assert started >= 0.05
+
+        class Policy:
+            stores = [store]
+
+        with_workers, alone = bench._cpu_seconds(Policy), bench._cpu_seconds()
+        assert with_workers - alone >= started - 0.02
+    finally:
+        store.close()
 
 
 @pytest.mark.slow

@@ -107,8 +107,16 @@ def _median_rate(images: int, seconds: list[float]) -> float:
     return images / statistics.median(seconds)
 
 
-def _timed_pass(ds, startup: list | None = None) -> float:
-    """Seconds to read one full pass, from a ready iterator.
+def _cpu_seconds(policy: cache_lib.Cache | None = None) -> float:
+    """CPU time used so far by this process (all its threads) and ``policy``'s resample worker
+    processes."""
+    stores = policy.stores if policy is not None else []
+    return time.process_time() + sum(s.cpu_seconds() for s in stores if isinstance(s, WorkerStore))
+
+
+def _timed_pass(ds, startup: list | None = None, cpu: list | None = None, policy=None) -> float:
+    """Seconds to read one full pass, from a ready iterator; its CPU seconds go into ``cpu``
+    (this process and ``policy``'s worker processes).
 
     Creating the iterator instantiates and optimises the pipeline's functions (0.1-1 s, once
     per pass, whatever the number of images); it is timed apart, into ``startup``, so the
@@ -116,12 +124,15 @@ def _timed_pass(ds, startup: list | None = None) -> float:
     """
     start = time.perf_counter()
     iterator = iter(ds)
-    ready = time.perf_counter()
+    ready, cpu_start = time.perf_counter(), _cpu_seconds(policy)
     if startup is not None:
         startup.append(ready - start)
     for _ in iterator:
         pass
-    return time.perf_counter() - ready
+    seconds = time.perf_counter() - ready
+    if cpu is not None:
+        cpu.append(_cpu_seconds(policy) - cpu_start)
+    return seconds
 
 
 def decode_only(paths: list[str]) -> tf.data.Dataset:
@@ -147,13 +158,13 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
         Path(path).read_bytes()
     ceiling = decode_only(paths)
     _timed_pass(ceiling)  # warm-up: tracing, thread pools
-    decode_s, first_s, startup_s = [], [], []
+    decode_s, first_s, startup_s, decode_cpu, first_cpu, later_cpu = [], [], [], [], [], []
     for r in range(repeats):
-        decode_s.append(_timed_pass(ceiling))
+        decode_s.append(_timed_pass(ceiling, cpu=decode_cpu))
         policy = cache_lib.Cache(cache, budget_mb, processes=processes)
         ds = data.dataset(split, image_size, batch_size, training=True, aug=aug, seed=r,
                           cache=policy, decode_scale=decode_scale)
-        first_s.append(_timed_pass(ds, startup_s))
+        first_s.append(_timed_pass(ds, startup_s, first_cpu, policy))
         log(f"  repeat {r + 1}/{repeats}: decode-only {len(paths) / decode_s[-1]:.0f} img/s, "
             f"first epoch {len(paths) / first_s[-1]:.0f} img/s")
     n = len(paths)
@@ -163,7 +174,7 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
     per_pass = max(1, math.ceil(3000 / max(n, 1)))
     later = ds.repeat(per_pass)
     _timed_pass(later)  # warm-up of the cached path
-    later_s = [_timed_pass(later) / per_pass for _ in range(repeats)]
+    later_s = [_timed_pass(later, cpu=later_cpu, policy=policy) / per_pass for _ in range(repeats)]
     result = {
         "kind": "pipeline", **machine(), "images": n,
         "mean_file_kb": round(sum(os.path.getsize(p) for p in paths) / n / 1024, 1),
@@ -179,6 +190,13 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
                   "budget_mb": budget_mb},
     }
     result["first_epoch_ratio"] = round(result["first_epoch_images_per_s"] / result["decode_only_images_per_s"], 3)
+    # Where a ratio comes from: CPU per image (all threads, and the worker processes; medians)
+    # and the cores it kept busy (CPU seconds per second of the pass).
+    for key, cpu, wall, images in (("decode_only", decode_cpu, decode_s, n), ("first_epoch", first_cpu, first_s, n),
+                                   ("later_epochs", later_cpu, later_s, n * per_pass)):
+        per_pass_wall = [w * images / n for w in wall]
+        result[f"{key}_cpu_ms_per_image"] = round(statistics.median(cpu) / images * 1e3, 4)
+        result[f"{key}_cores_busy"] = round(statistics.median(c / w for c, w in zip(cpu, per_pass_wall)), 2)
     return result
 
 
@@ -407,10 +425,10 @@ def summary(result: dict) -> str:
         return "\n".join([
             f"Train pipeline on {r['images']} images ({r['data']}; mean file {r['mean_file_kb']} KB), "
             f"{r['image_size']} px, batch {r['batch_size']}, {where}; medians of {r['repeats']}:",
-            f"  decode only (the ceiling)  {r['decode_only_images_per_s']:8.1f} images/s",
+            f"  decode only (the ceiling)  {r['decode_only_images_per_s']:8.1f} images/s{_cpu(r, 'decode_only')}",
             f"  first epoch (fills cache)  {r['first_epoch_images_per_s']:8.1f} images/s "
-            f"({r['first_epoch_ratio']:.0%} of decode only)",
-            f"  later epochs (from cache)  {r['later_epochs_images_per_s']:8.1f} images/s",
+            f"({r['first_epoch_ratio']:.0%} of decode only){_cpu(r, 'first_epoch')}",
+            f"  later epochs (from cache)  {r['later_epochs_images_per_s']:8.1f} images/s{_cpu(r, 'later_epochs')}",
             f"  start-up per pass (not in the rates above): {r['startup_s']} s",
             f"  cache: {r['cache']['stored']}",
             f"  augmentation resampled with {augment.describe_resampler(r['augment_resampler'])}"
@@ -426,6 +444,13 @@ def summary(result: dict) -> str:
     return (f"Training fed by the pipeline ({r['data']}{_processes(r)}): {model}\n"
             f"  end to end {r['images_per_s']} images/s; model alone {r['model_only_images_per_s']} "
             f"images/s; ratio {r['ratio_to_model_only']:.2f}\n  {flops}")
+
+
+def _cpu(result: dict, key: str) -> str:
+    if f"{key}_cpu_ms_per_image" not in result:  # a result saved by an earlier version
+        return ""
+    return (f"; {result[f'{key}_cpu_ms_per_image']:.3f} ms CPU per image, "
+            f"{result[f'{key}_cores_busy']:.1f} cores busy")
 
 
 def _processes(result: dict) -> str:

@@ -129,6 +129,11 @@ class WorkerStore:
         return (f"{self.name or 'cache'}: {self.count()} images, {self._bytes / 2**20:.1f} MB in {where} "
                 f"of {self.processes} resample processes")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) its worker processes have used so far; 0 before they start."""
+        pool = self._pool
+        return sum(process_cpu_seconds(proc.pid) for proc in pool._procs) if pool is not None else 0.0
+
     def start(self, count: int, size: int, timeout: float = START_SECONDS) -> None:
         """Start the workers for batches of ``count`` S x S views now (the pipeline does, when
         it is built) and wait until each is ready (~0.3 s: Python, NumPy, OpenCV), so that a
@@ -374,6 +379,17 @@ class _Pool:
 
 
 # ------------------------------------------------------------------------------ worker side
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a live process, from Linux's /proc (0 where it cannot be read:
+    the process has ended, or no /proc). Clock ticks: 10 ms resolution."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 class _Cache:
