@@ -174,7 +174,7 @@ class ArrayStore:
         with self._lock:
             if self._entries[index] is None:
                 self._entries[index] = image if self.mode == "memory" else image.shape
-                self._bytes += image.nbytes + pixelfiles.OVERHEAD
+                self._bytes += image.nbytes + _OVERHEAD
             return image if self.mode == "disk" else self._entries[index]
 
     def lookup(self, index):

@@ -76,6 +76,17 @@ def processes_for(setting: int | str, share: int = 1) -> int:
     return int(setting)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a live process, from Linux's /proc (0 where it cannot be read:
+    the process has ended, or no /proc). Clock ticks: 10 ms resolution."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 class WorkerStore:
     """The decoded-image cache of a train split whose rows run in ``processes`` workers.
 
@@ -132,7 +143,7 @@ class WorkerStore:
     def cpu_seconds(self) -> float:
         """CPU time (user + system) its worker processes have used so far; 0 before they start."""
         pool = self._pool
-        return sum(process_cpu_seconds(proc.pid) for proc in pool._procs) if pool is not None else 0.0
+        return pool.cpu_seconds() if pool is not None else 0.0
 
     def start(self, count: int, size: int, timeout: float = START_SECONDS) -> None:
         """Start the workers for batches of ``count`` S x S views now (the pipeline does, when
@@ -315,6 +326,9 @@ class _Pool:
             raise RuntimeError(holder[1])
         return holder[1]
 
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(proc.pid) for proc in self._procs)
+
     def copy_out(self, slot: int, count: int, size: int) -> np.ndarray:
         view = np.frombuffer(self._map, np.uint8, count * size * size * 3, slot * self.slot_bytes)
         out = cvops.batch_buffer((count, size, size, 3))  # tf.data takes it as it is, no copy
@@ -379,17 +393,6 @@ class _Pool:
 
 
 # ------------------------------------------------------------------------------ worker side
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a live process, from Linux's /proc (0 where it cannot be read:
-    the process has ended, or no /proc). Clock ticks: 10 ms resolution."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 class _Cache:
