@@ -264,6 +264,37 @@ def test_batch_buffers_come_back_only_when_nothing_reads_them():
     assert pool.kept_bytes() == 2 * math.prod(shape)  # the rest were unmapped
 
 
+def test_pre_shrink_scratch_is_recycled_across_image_sizes():
+    """The k x k pre-shrink's float images are recycled scratch (a fresh multi-megabyte array
+    per image cost more in page faults than the shrink): ``_warp`` gives exactly the view of
+    the freshly allocated float shrink, grey and colour, sizes that k does not divide; float
+    scratch is aligned and typed; images of nearby sizes share one buffer (size buckets)."""
+    import cv2
+
+    from tfcovid import cvops
+
+    rng = np.random.default_rng(5)
+    transform = np.array([2.3, 0.4, 6.0, -0.3, 2.2, 9.0, 0, 0], np.float32)
+    for shape, k in (((301, 257, 1), 2), ((300, 256, 1), 2), ((211, 190, 3), 3), ((150, 160, 1), 4)):
+        image = rng.integers(0, 256, shape, np.uint8)
+        h, w = shape[:2]
+        small = cv2.resize(image.astype(np.float32), (w // k, h // k), interpolation=cv2.INTER_AREA)
+        fresh = cvops._affine(small, np.array(cvops._rescaled(transform, h / (h // k), w / (w // k))), 48)
+        expected = np.clip(np.rint(fresh), 0, 255).astype(np.uint8).reshape(48, 48, -1)
+        for _ in range(2):  # the second time from recycled (dirty) scratch
+            np.testing.assert_array_equal(cvops._warp(image, transform, k, 48), expected)
+
+    pool = cvops._Recycled()
+    addresses = set()
+    for side in range(702, 725, 2):  # 12 sizes of 1.97-2.10 MB: one bucket (8 per doubling)
+        scratch = pool.take((side, side, 1), np.float32, bucket=True)
+        assert scratch.dtype == np.float32 and scratch.shape == (side, side, 1)
+        assert scratch.ctypes.data % augment.BATCH_ALIGN == 0
+        addresses.add(scratch.ctypes.data)
+        del scratch
+    assert len(addresses) == 1 and pool.kept_bytes() == 2 << 20
+
+
 def test_tf_data_keeps_a_recycled_batch_until_its_tensor_is_dropped():
     """Batches tf.data shares with ``batch_buffer`` (no copy) stay intact while their tensors are
     held, however many batches come after; once dropped, their memory serves later batches."""

@@ -54,8 +54,15 @@ class _Recycled:
     def __init__(self):
         self._free: dict[int, collections.deque] = {}
 
-    def take(self, shape) -> np.ndarray:
-        nbytes = max(math.prod(shape), 1)
+    def take(self, shape, dtype=np.uint8, bucket: bool = False) -> np.ndarray:
+        """A view of ``shape`` and ``dtype``. ``bucket``: round the mapping up to one of 8 sizes
+        per doubling (at most 12.5 % more), so images of many sizes share buffers."""
+        dtype = np.dtype(dtype)
+        count = math.prod(shape)
+        nbytes = max(count * dtype.itemsize, 1)
+        if bucket:
+            step = max(1 << max(nbytes.bit_length() - 4, 0), mmap.PAGESIZE)
+            nbytes = -(-nbytes // step) * step
         free = self._free.setdefault(nbytes, collections.deque())
         try:  # deque's pop and append are atomic: no lock that a finalizer could wait on
             mem = free.pop()
@@ -63,7 +70,7 @@ class _Recycled:
             mem = mmap.mmap(-1, nbytes, **_PRIVATE)
         view = np.frombuffer(mem, np.uint8, nbytes)
         weakref.finalize(view, self._give_back, mem, nbytes).atexit = False  # nothing to do at exit
-        return view[:math.prod(shape)].reshape(shape)
+        return view[:count * dtype.itemsize].view(dtype).reshape(shape)
 
     def _give_back(self, mem, nbytes: int) -> None:
         if self.kept_bytes() + nbytes <= self.KEEP_BYTES:
@@ -86,6 +93,12 @@ def batch_buffer(shape) -> np.ndarray:
     return _RECYCLED.take(shape)
 
 
+def scratch(shape, dtype) -> np.ndarray:
+    """An uninitialised array for one image's intermediate result, recycled like
+    ``batch_buffer``'s and shared across nearby sizes (``_Recycled.take``'s ``bucket``)."""
+    return _RECYCLED.take(shape, dtype, bucket=True)
+
+
 def _rescaled(t, sy, sx):
     """``scale_transform``'s arithmetic on any six numbers (TensorFlow or NumPy)."""
     a0, a1, a2, b0, b1, b2 = t[:6]
@@ -106,7 +119,12 @@ def _warp(image, transform, k, size):
         h, w = image.shape[:2]
         small_h, small_w = max(h // k, 1), max(w // k, 1)
         # In float, as TensorFlow's path does: rounding the shrunk image would add its own error.
-        image = cv2.resize(image.astype(np.float32), (small_w, small_h), interpolation=cv2.INTER_AREA)
+        # Both float images are recycled scratch: a fresh one per image (4 bytes a pixel of a
+        # large crop's image) cost more in page faults than the shrink itself.
+        whole = scratch(image.shape, np.float32)
+        np.copyto(whole, image)
+        small = scratch((small_h, small_w) + image.shape[2:], np.float32)
+        image = cv2.resize(whole, (small_w, small_h), dst=small, interpolation=cv2.INTER_AREA)
         transform = np.array(_rescaled(transform, h / small_h, w / small_w))
     out = _affine(image, transform, size)
     if out.dtype != np.uint8:
@@ -183,8 +201,11 @@ def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
         h, w = image.shape[0] // f, image.shape[1] // f
         if not h or not w:
             return None
-        area = cv2.resize(image[: h * f, : w * f].astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
-        image = np.rint(area).astype(np.uint8)
+        whole = scratch((h * f, w * f) + image.shape[2:], np.float32)  # recycled, as in _warp
+        np.copyto(whole, image[: h * f, : w * f])
+        area = cv2.resize(whole, (w, h), dst=scratch((h, w) + image.shape[2:], np.float32),
+                          interpolation=cv2.INTER_AREA)
+        image = np.rint(area, out=area).astype(np.uint8)
     return image.reshape(image.shape[0], image.shape[1], channels)
 
 
