@@ -37,7 +37,8 @@ BATCH_ALIGN = 64
 
 
 class _Recycled:
-    """Page-aligned uint8 buffers that come back for reuse once nothing uses them.
+    """Page-aligned buffers (uint8 batches; float scratch too) that come back for reuse once
+    nothing uses them.
 
     A fresh multi-megabyte array per batch costs page faults every time: glibc gives the freed
     one back to the kernel (above 32 MB it is a mapping of its own; below, the heap's top is
