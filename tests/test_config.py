@@ -196,6 +196,29 @@ def test_min_image_size_table_matches_the_model_registry():
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "resnet50"])
+def test_freeze_beyond_the_backbones_conv_layers_is_refused_before_anything_is_built(backbone):
+    """``firstN`` up to the backbone's Conv2D count resolves (and freezes that many when built);
+    one more is a config error naming the count, before a run directory exists."""
+    import keras
+
+    from tfcovid import weights
+    from tfcovid.models import freeze, is_head_layer
+
+    n = config.CONV_LAYERS[backbone]
+    model, _, _ = weights.initial_model(backbone, 2, 32, "none")
+    convs = [layer for layer in freeze._all_layers(model)
+             if isinstance(layer, keras.layers.Conv2D) and not is_head_layer(layer)]
+    assert len(convs) == n
+    exp = config.resolve(None, {"model.backbone": backbone, "model.freeze": f"first{n}"})
+    summary = freeze.apply_freeze(model, exp.model.freeze, is_head_layer)
+    assert all(not layer.trainable for layer in convs)
+    assert summary.trainable_params < summary.total_params
+    with pytest.raises(ConfigError, match=rf"Bad value for 'model.freeze': 'first{n + 1}'\. {backbone} has "
+                                          rf"{n} conv layers: use first1 \.\.\. first{n}, all"):
+        config.resolve(None, {"model.backbone": backbone, "model.freeze": f"first{n + 1}"})
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "resnet50"])
 def test_min_image_size_builds_and_one_below_is_refused(backbone):
     from tfcovid import weights
 

@@ -32,6 +32,9 @@ PREPROCESSING = ("auto", "caffe", "torch", "none")
 # and 32 (ResNet50, keras.applications' documented minimum) are the floors tfcovid.models
 # enforces; a test keeps the two tables equal.
 MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 16, "resnet50": 32}
+# Conv2D layers in each backbone, in the order ``--freeze firstN`` counts them (shortcut
+# convolutions included); a test builds the models and keeps the table equal to them.
+CONV_LAYERS = {"vgg16": 13, "resnet18": 20, "resnet50": 53}
 MAX_SEED = 2**31 - 1  # TensorFlow and NumPy seeds are 32-bit
 
 # The study's Part 2 label scheme: COVID-19 is a pneumonia, so its folder sets both labels.
@@ -442,6 +445,11 @@ def validate(exp: Experiment) -> None:
             f"Bad value for 'model.freeze': {m.freeze!r}. Valid values: all, none, firstN "
             "(N >= 1 Conv2D layers in forward order, e.g. first7)."
         )
+    first = re.fullmatch(r"first([0-9]+)", m.freeze)
+    if first and int(first.group(1)) > CONV_LAYERS[m.backbone]:
+        n = CONV_LAYERS[m.backbone]
+        raise ConfigError(f"Bad value for 'model.freeze': {m.freeze!r}. {m.backbone} has {n} conv layers: "
+                          f"use first1 ... first{n}, all (the head only) or none.")
     _check_names(exp)
     if d.image_size < MIN_IMAGE_SIZE[m.backbone]:
         raise ConfigError(f"Bad value for 'data.image_size': {d.image_size}. {m.backbone} needs at "
