@@ -90,7 +90,8 @@ def demo_data(out, task, per_class, seed):
 @click.option("--skip-bad", "data__skip_bad", is_flag=True, default=None,
               help="Leave out unusable image files (listed in the run's skipped.txt) instead of stopping.")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Continue an interrupted run from its backup/ (uses its config.yaml).")
+              help="Continue an interrupted run from its backup/ with its config.yaml (only --data may "
+                   "be given with it: where the run's data is now).")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any config key (repeatable), e.g. --set train.focal_reduction=mean "
                    "--set data.demo_per_class=8. Values are YAML; named flags win over --set.")
@@ -100,7 +101,7 @@ def fit(config_file, resume, assignments, **flags):
 
     try:
         if resume:
-            exp = config.resolve(os.path.join(resume, "config.yaml"), {})
+            exp = _resume_config(resume, config_file, assignments, flags)
         else:
             exp = config.resolve(config_file, {k.replace("__", "."): v for k, v in flags.items()},
                                  config.parse_assignments(assignments))
@@ -113,6 +114,22 @@ def fit(config_file, resume, assignments, **flags):
     except _user_errors() as err:
         _fail(err)
     click.echo(f"Done: {run}" if run else "Done (this worker's files were temporary; the chief wrote the run).")
+
+
+def _resume_config(run_dir, config_file, assignments, flags):
+    """The run's own config.yaml; ``--data`` may say where its data is now (a moved folder),
+    any other option would change the run halfway and is refused, not silently dropped."""
+    from tfcovid import config
+
+    given = [f"--{key.split('__')[-1].replace('_', '-')}" for key, value in flags.items()
+             if value is not None and key != "data__dir"]
+    given += ["--config"] * (config_file is not None) + ["--set"] * bool(assignments)
+    if given:
+        raise click.UsageError(
+            f"--resume continues {run_dir} with its own config.yaml; {', '.join(given)} would change the "
+            "run halfway. Leave them out (only --data may point to where its data is now), or start a "
+            "new run.")
+    return config.resolve(os.path.join(run_dir, "config.yaml"), {"data.dir": flags.get("data__dir")})
 
 
 @main.command()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -143,6 +145,10 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     # Resolving the weights (preprocessing mode, absolute file path) here records them in
     # config.yaml, and a missing weights file fails before a run directory exists.
     exp = weights.resolve_experiment_weights(exp)
+    # The data folder as an absolute path, so that --resume, evaluate and explain find it from
+    # any working directory.
+    if exp.data.dir != "demo" and "://" not in exp.data.dir:
+        exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, dir=os.path.abspath(exp.data.dir)))
     # The strategy comes first: MultiWorkerMirroredStrategy must start before TensorFlow runs
     # anything, and only the chief of a multi-worker run writes the run directory; the other
     # workers write the same files to a scratch folder that is removed at the end.
