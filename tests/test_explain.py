@@ -1,6 +1,9 @@
 """Grad-CAM: the math on a model whose answer is known, overlays for both tasks and every
 backbone, clear errors, and for real: a trained model looks at the known lesions."""
 
+import shutil
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -77,7 +80,15 @@ def test_multilabel_explains_each_predicted_label_or_the_ones_asked_for(multilab
     asked = explain.explain(run, [image], tmp_path / "b", labels=["normal"],
                             layer="layer3_1_out", log=lambda s: None)
     assert [(r["label"], r["layer"]) for r in asked] == [("normal", "layer3_1_out")]
-    assert (tmp_path / "b" / f"{image.stem}_normal.png").is_file()
+    # Another layer's overlay is named by it, beside the default layer's: nothing overwritten.
+    assert asked[0]["png"] == str(tmp_path / "b" / f"{image.stem}_normal_layer3_1_out.png")
+    default = explain.explain(run, [image], tmp_path / "b", labels=["normal"], log=lambda s: None)
+    assert default[0]["png"] == str(tmp_path / "b" / f"{image.stem}_normal.png")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        f"{image.stem}_normal.png", f"{image.stem}_normal_layer3_1_out.png"]
+    lines = []
+    explain.explain(run, [image], tmp_path / "b", labels=["normal"], log=lines.append)
+    assert lines[-1].endswith("; 1 replaced an earlier overlay of the same image, label and layer.")
 
 
 def test_bad_layer_label_or_image_is_named(binary_tree, tmp_path):
@@ -95,8 +106,27 @@ def test_bad_layer_label_or_image_is_named(binary_tree, tmp_path):
         explain.explain(run, [image, broken], tmp_path / "o", log=lambda s: None)
     result = CliRunner().invoke(cli.main, ["explain", str(run), str(tmp_path / "nope.png"),
                                            "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "nope.png" in result.output
+    assert result.exit_code == 1 and "nope.png: no such file or folder" in result.output
     assert "Traceback" not in result.output
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(explain.ExplainError, match=r"^Cannot read image .*empty.png: empty file$"):
+        explain.explain(run, [empty], tmp_path / "o", log=lambda s: None)
+    with pytest.raises(explain.ExplainError, match=r"broken.png: damaged image data: [^{\[]*$"):
+        explain.explain(run, [broken], tmp_path / "o", log=lambda s: None)
+
+
+def test_a_folder_is_searched_for_images_as_predict_does(binary_tree, tmp_path):
+    run = make_run(tmp_path, binary_tree, "binary", bias=[5.0, -5.0])
+    folder = tmp_path / "xrays"  # a copy: the tree is shared by the session's tests
+    shutil.copytree(binary_tree / "test" / "normal", folder)
+    (folder / "notes.txt").write_text("not an image")
+    lines = []
+    results = explain.explain(run, [folder], tmp_path / "cam", log=lines.append)
+    images = sorted(p for p in folder.iterdir() if p.suffix != ".txt")
+    assert [r["image"] for r in results] == [str(p) for p in images] and len(images) > 1
+    assert all(Path(r["png"]).is_file() for r in results)
+    assert any("Skipped 1 file(s) without an image extension" in line for line in lines)
 
 
 def _lesion_fraction(model, root, size, split="test"):

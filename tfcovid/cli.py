@@ -363,9 +363,10 @@ def export(target, out_dir, fmt, checkpoint, task, model_labels):
 
 @main.command()
 @click.argument("target", metavar="RUN_DIR|MODEL")
-@click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
+@click.argument("images", metavar="IMAGE_OR_DIR...", nargs=-1, required=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Folder for the overlay PNGs (<image>_<label>.png).")
+              help="Folder for the overlay PNGs (<image>_<label>.png; <image>_<label>_<layer>.png "
+                   "for another --layer).")
 @click.option("--label", "labels", multiple=True,
               help="Output to explain (repeatable); default: the predicted class / labels.")
 @click.option("--layer", default=None,

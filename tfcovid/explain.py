@@ -200,8 +200,9 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
 
     Args:
         run_or_model: a run directory or a ``.keras`` file.
-        images: image files.
-        out: folder for ``<image stem>_<label>.png``.
+        images: image files and folders (searched for image files, as ``predict`` does).
+        out: folder for ``<image stem>_<label>.png`` (``_<layer>`` before ``.png`` for
+            another layer than the default).
         labels: output names to explain for every image; default the predicted ones.
         layer: target layer; default the backbone's last conv block.
         checkpoint: "last" or "best" for a run directory.
@@ -222,16 +223,26 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     note = coarse_note(trained.model, layer)
     if note:
         log(note)
-    paths = [Path(p) for p in images]
+    from tfcovid.predict import find_images, read_problem, tf_error_reason
+
+    found, missing, skipped = find_images(images)  # files, and image files in folders, as predict
+    if missing:
+        raise ExplainError(f"Cannot read image {missing[0][0]}: {missing[0][1]}")
+    if skipped:
+        log(f"Skipped {len(skipped)} file(s) without an image extension (e.g. {skipped[0]}).")
+    paths = [path for _, path in found]
     pixels = []
-    for p in paths:
+    for name, p in found:
+        problem = read_problem(p.read_bytes())
         try:
-            pixels.append(data.load_image(str(p), trained.image_size).numpy())
+            if problem is None:
+                pixels.append(data.load_image(str(p), trained.image_size).numpy())
         except (tf.errors.OpError, ValueError) as err:
-            reason = "no such file" if not p.is_file() else str(err).splitlines()[0][:200]
-            raise ExplainError(f"Cannot read image {p}: {reason}") from None
+            problem = "damaged image data: " + tf_error_reason(err)[:200]
+        if problem:
+            raise ExplainError(f"Cannot read image {name}: {problem}")
     if not pixels:
-        raise ExplainError("No images given to explain.")
+        raise ExplainError("No images given to explain" + (" (the folders hold none)." if images else "."))
     pixels = np.stack(pixels)
     probs = probabilities(trained.model.predict(pixels, verbose=0), trained.task)
     targets = choose_targets(probs, trained.task, trained.outputs, trained.threshold, labels)
@@ -239,16 +250,20 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     heat = gradcam(trained.model, pixels[[i for i, _ in flat]], [t for _, t in flat], layer,
                    softmax=trained.task == "binary")
     out = Path(out)
-    results, used = [], set()
+    # Another layer than the default is in the file name: its overlays sit beside the default's.
+    suffix = "" if layer == default_layer(trained.model) else f"_{_safe(layer)}"
+    results, used, replaced = [], set(), 0
     for (i, t), h in zip(flat, heat):
         name = trained.outputs[t]
-        png = out / f"{_safe(paths[i].stem)}_{_safe(name)}.png"
+        png = out / f"{_safe(paths[i].stem)}_{_safe(name)}{suffix}.png"
         if png in used:  # two inputs with the same file name (from different folders)
-            png = out / f"{_safe(paths[i].stem)}_{i}_{_safe(name)}.png"
+            png = out / f"{_safe(paths[i].stem)}_{i}_{_safe(name)}{suffix}.png"
         used.add(png)
+        replaced += png.exists()
         title = f"{paths[i].name}: {name} (p = {probs[i, t]:.3f}); Grad-CAM on {layer}"
         overlay_png(png, _original_rgb(str(paths[i])), h, title)
         results.append({"image": str(paths[i]), "label": name, "probability": float(probs[i, t]),
                         "layer": layer, "png": str(png)})
-    log(f"Wrote {len(results)} Grad-CAM overlay(s) to {out} (layer {layer}).")
+    log(f"Wrote {len(results)} Grad-CAM overlay(s) to {out} (layer {layer})"
+        + (f"; {replaced} replaced an earlier overlay of the same image, label and layer." if replaced else "."))
     return results

@@ -71,7 +71,7 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], l
     return [(name, path) for path, name in images.items()], missing, skipped
 
 
-def _read_problem(raw: bytes) -> str | None:
+def read_problem(raw: bytes) -> str | None:
     """Why these bytes are not an image we can decode, or None when they look like one."""
     if not raw:
         return "empty file"
@@ -94,8 +94,14 @@ def _decode(raw: bytes):
     try:
         return data.decode_image(tf.constant(raw)), None
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
-        reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]|\s+name:.*$", "", err.message).strip().splitlines()
-        return None, "damaged image data: " + (reason[0].strip() if reason else "cannot decode")
+        return None, "damaged image data: " + tf_error_reason(err)
+
+
+def tf_error_reason(err) -> str:
+    """A TensorFlow error's first line, without its op and function names."""
+    reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]|\s+name:.*$", "", getattr(err, "message", str(err)))
+    lines = reason.strip().splitlines()
+    return lines[0].strip() if lines else "cannot decode"
 
 
 def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | None = None,
@@ -134,7 +140,7 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
         except OSError as err:
             failed.append((name, f"cannot read the file: {err.strerror or err}"))
             continue
-        problem = _read_problem(raw)
+        problem = read_problem(raw)
         if problem is None:
             image, problem = _decode(raw)
         if problem is not None:
