@@ -64,7 +64,8 @@ def test_empty_class_folder_is_named(tmp_path):
 def test_class_folders_must_match(tmp_path):
     _tree(tmp_path)
     shutil.move(tmp_path / "val" / "normal", tmp_path / "val" / "healthy")
-    with pytest.raises(DataError, match="Class folders differ between splits"):
+    with pytest.raises(DataError, match=r"Class folders differ between splits: .*/val has \['healthy', "
+                                         r"'infected'\] but .*/train has \['infected', 'normal'\]\."):
         data.scan(tmp_path)
 
 

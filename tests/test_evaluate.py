@@ -1,6 +1,7 @@
 """evaluate: recomputed metrics match an independent computation; JSON, CSV and plots are written."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -85,6 +86,12 @@ def test_bad_input_is_named(binary_run, binary_tree, multilabel_tree, tmp_path):
         evaluate.evaluate(binary_run, data=multilabel_tree, log=lambda s: None)
     with pytest.raises(modelinfo.ModelInfoError, match="not found"):
         evaluate.evaluate(tmp_path / "missing.keras", log=lambda s: None)
+    no_test = tmp_path / "no_test"  # a copy without test/: the error says which split to use
+    for split in ("train", "validation"):
+        shutil.copytree(binary_tree / split, no_test / split)
+    with pytest.raises(DataError, match=r"has no test split folder .* Evaluate another split with "
+                                        r"--split validation\.$"):
+        evaluate.evaluate(binary_run, data=no_test, log=lambda s: None)
 
 
 def test_cli_evaluate_prints_the_disease_table_and_fails_cleanly(binary_run, tmp_path):

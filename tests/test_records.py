@@ -217,6 +217,9 @@ def test_cli_prepare_then_fit_and_a_damaged_shard(binary_tree, tmp_path):
         rows = [sum(row) for row in split["confusion_matrix"]]
         assert rows == [manifest["splits"][name]["classes"][c] for c in summary["class_names"]]
     assert any(f"[3/6] Data: {out}" in line for line in lines)
+    assert any(line.strip().startswith("Prepared records: their images were checked by `tfcovid prepare`")
+               for line in lines) and not any("Checked 0 files" in line for line in lines)
+    assert "[6/6] Evaluating train, validation, test" in lines
     # One flipped byte in a train shard: fit stops with an error naming that shard.
     shard = out / manifest["splits"]["train"]["shards"][0]["file"]
     raw = bytearray(shard.read_bytes())

@@ -218,11 +218,11 @@ def scan(
             continue
         names = tuple(p.name for p in class_dirs)
         if class_names is None:
-            class_names = names
+            class_names, first_folder = names, folder
         elif names != class_names:
             raise DataError(
-                f"Class folders differ between splits: {folder} has {list(names)} but another "
-                f"split has {list(class_names)}. Every split needs the same class folders."
+                f"Class folders differ between splits: {folder} has {list(names)} but {first_folder} "
+                f"has {list(class_names)}. Every split needs the same class folders."
             )
         _outside_classes(folder, name, found)
         paths, owners = [], []

@@ -83,8 +83,15 @@ def scan_split(root: Path, split: str, trained, exp=None,
     if split not in SPLITS:
         raise EvaluateError(f"Unknown split {split!r}. Valid splits: {', '.join(SPLITS)}.")
     label_map = exp.data.label_map if exp is not None else config.STUDY_LABEL_MAP
-    manifest = tfdata.scan(root, trained.task, trained.outputs, label_map, required=(split,),
-                           strict=False)
+    try:
+        manifest = tfdata.scan(root, trained.task, trained.outputs, label_map, required=(split,),
+                               strict=False)
+    except tfdata.DataError as err:
+        present = [name for name in ("validation", "train") if name != split
+                   and name in tfdata.find_splits(Path(root))] if Path(root).is_dir() else []
+        if f"has no {split} split folder" not in str(err) or not present:
+            raise
+        raise tfdata.DataError(f"{err} Evaluate another split with --split {present[0]}.") from None
     chosen = manifest.splits[split]
     if not chosen.labeled:
         raise EvaluateError(

@@ -283,8 +283,12 @@ def check(manifest, max_pixels: int, log=print, threads: int | None = None) -> l
                 last = time.perf_counter()
                 log(f"Checking files: {n:,}/{len(files):,}")
     seconds = time.perf_counter() - start
-    log(f"Checked {len(files):,} files in {seconds:.1f} s: "
-        + (f"{len(found):,} unusable" if found else "all usable"))
+    if files or found:
+        log(f"Checked {len(files):,} files in {seconds:.1f} s: "
+            + (f"{len(found):,} unusable" if found else "all usable"))
+    else:  # prepared records only: each image was checked when the shards were written
+        log("Prepared records: their images were checked by `tfcovid prepare`; shard sizes are "
+            "checked at the start and each record's checksum when it is read")
     return sorted(found, key=lambda b: b.path)
 
 

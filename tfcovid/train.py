@@ -280,7 +280,9 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         )
 
     # Phase 6: evaluate every labeled split with scikit-learn and write metrics.json.
-    log("[6/6] Evaluating train, validation and test")
+    order = ("train", "validation", "test")
+    log("[6/6] Evaluating " + ", ".join(sorted((name for name, split in manifest.splits.items() if split.labeled),
+                                               key=lambda name: (order + (name,)).index(name))))
     try:
         results = {name: evaluate_split(model, split, exp, manifest)
                    for name, split in manifest.splits.items() if split.labeled}
