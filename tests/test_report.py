@@ -36,6 +36,8 @@ def _write_run(root, name, task, backbone, freeze="none", loss=None, epochs=3, s
             splits[split] = metrics.multilabel_report(y, np.array(pred, dtype=float),
                                                       ["covid-19", "normal", "pneumonia"])
     summary = {"task": task, "epochs": epochs, "train_seconds": seconds, "splits": splits}
+    if task == "multilabel":
+        summary["outputs"] = ["covid-19", "normal", "pneumonia"]
     (run / "metrics.json").write_text(json.dumps(summary))
     return run
 
@@ -91,6 +93,20 @@ def test_both_tables_in_the_studys_order_and_format(runs):
     assert part2[1] == "| VGG16 | BCE with logits | 15 | 1 h 10 | 75/83 | 100/100 | `r6-vgg16-bce` |"
     assert part2[2] == "| ResNet18 | focal | 22 | 3 h 00 | 100/100 | 75/83 | `r5-resnet18-focal` |"
     assert "Test acc" not in text.split("## Part 2", 1)[1].splitlines()[2]
+
+
+def test_part_2_heading_names_the_runs_labels(runs):
+    text, _ = report.build_report([runs])
+    assert "## Part 2: three labels (covid-19, normal, pneumonia)\n" in text
+    four = json.loads((runs / "r5-resnet18-focal" / "metrics.json").read_text())
+    for name in ("r5-resnet18-focal", "r6-vgg16-bce"):  # both runs with a fourth label
+        path = runs / name / "metrics.json"
+        path.write_text(json.dumps(dict(four, outputs=["covid-19", "normal", "pneumonia", "tuberculosis"])))
+    text, _ = report.build_report([runs])
+    assert "## Part 2: four labels (covid-19, normal, pneumonia, tuberculosis)\n" in text
+    (runs / "r6-vgg16-bce" / "metrics.json").write_text(json.dumps(four))  # back to three
+    text, _ = report.build_report([runs])
+    assert "## Part 2: multi-label runs (their labels differ)\n" in text
 
 
 def test_cli_prints_and_writes_markdown(runs, tmp_path):

@@ -239,7 +239,9 @@ def test_sigterm_stops_cleanly_and_prints_the_resume_command(tree, tmp_path, sig
     assert "Traceback" not in text
     state = json.loads((run / "backup" / "state.json").read_text())
     assert state["epochs_done"] >= 1 and (run / "backup" / state["weights"]).is_file()
-    assert _history_epochs(run) == [str(e) for e in range(state["epochs_done"])]
+    done = state["epochs_done"]
+    assert (f"Epochs 1-{done} are saved in {run}" if done > 1 else f"Epoch 1 is saved in {run}") in text
+    assert _history_epochs(run) == [str(e) for e in range(done)]
     assert (run / "checkpoints" / "last.keras").is_file() and not (run / "metrics.json").exists()
     assert not list(run.rglob(atomic.PARTIAL_PREFIX + "*"))
 

@@ -341,7 +341,7 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
 
 @main.command()
 @click.argument("target", metavar="RUN_DIR|MODEL")
-@click.argument("out_dir", metavar="OUT_DIR", required=False, type=click.Path())
+@click.argument("out_dir", metavar="[OUT_DIR]", required=False, type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["saved_model", "tflite", "onnx"]),
               default="saved_model", show_default=True,
               help="saved_model: TF Serving (image bytes or pixels in); tflite / onnx: float32 "

@@ -183,7 +183,7 @@ def tables(runs: Sequence[tuple[Path, dict, dict]]) -> str:
                                [table_row(c, s)[:2] + _study_f1_cells(s) + [f"`{r.name}`"]
                                 for r, c, s in part1]), ""]
     if part2:
-        out += ["## Part 2: three labels (covid-19, normal, pneumonia)", "",
+        out += [f"## Part 2: {_labels_heading([s.get('outputs') for _, _, s in part2])}", "",
                 markdown_table(PART2_HEADER + ["Run"],
                                [table_row(c, s) + [f"`{r.name}`"] for r, c, s in part2]), "",
                 "Acc is the sample-averaged Jaccard index in % (the study's \"accuracy\"), F1 the "
@@ -193,6 +193,16 @@ def tables(runs: Sequence[tuple[Path, dict, dict]]) -> str:
         out += ["Time is the training time (sum of epoch durations, validation included) on the "
                 "machine each run used; the study's times are on a Colab T4.", ""]
     return "\n".join(out)
+
+
+def _labels_heading(outputs: list) -> str:
+    """``three labels (covid-19, normal, pneumonia)`` when every run has the same labels."""
+    kinds = {tuple(o) for o in outputs if o}
+    if len(kinds) != 1:
+        return "multi-label runs (their labels differ)" if kinds else "three labels (covid-19, normal, pneumonia)"
+    labels = next(iter(kinds))
+    count = {2: "two", 3: "three", 4: "four", 5: "five"}.get(len(labels), str(len(labels)))
+    return f"{count} labels ({', '.join(labels)})"
 
 
 def build_report(paths: Sequence[str | Path]) -> tuple[str, list[tuple[str, str]]]:

@@ -265,9 +265,10 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     except runstate.Interrupted as err:
         done = state.state["epochs_done"]
         raise Interrupted(
-            f"Training {err} during epoch {done + 1} of {exp.train.epochs}. Epochs 1-{done} are "
-            f"saved in {run} (checkpoints/, backup/); the partial epoch is discarded. Resume "
-            f"with:\n  tfcovid fit --resume {run}" if done else
+            f"Training {err} during epoch {done + 1} of {exp.train.epochs}. "
+            + ("Epoch 1 is" if done == 1 else f"Epochs 1-{done} are")
+            + f" saved in {run} (checkpoints/, backup/); the partial epoch is discarded. Resume with:\n"
+            f"  tfcovid fit --resume {run}" if done else
             f"Training {err} during epoch 1 of {exp.train.epochs}; no epoch was completed. "
             f"Start again with:\n  tfcovid fit --resume {run}", err.exit_code) from None
     if workers > 1:
