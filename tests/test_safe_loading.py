@@ -124,6 +124,55 @@ def test_tfcovid_checkpoints_still_load(tmp_path):
     assert trained.model.count_params() == model.count_params() and trained.image_size == 32
 
 
+def test_tfcovid_load_model_refuses_a_lambda_model(hostile):
+    import tfcovid
+
+    path, marker = hostile
+    with pytest.raises(ValueError, match=rf"Refused to load {path}: it holds Python code"):
+        tfcovid.load_model(path)
+    assert not marker.exists()
+
+
+def test_a_runs_checkpoint_loads_in_a_fresh_python_with_tfcovid_load_model(tmp_path):
+    """The documented way to use a checkpoint in your own code: plain ``keras.models.load_model``
+    in a fresh interpreter cannot find tfcovid's classes (the control), ``tfcovid.load_model``
+    gives the model compiled as training compiled it, and uncompiled on request."""
+    import json
+    import subprocess
+    import sys
+
+    from tfcovid.train import compile_model
+
+    exp = config.resolve(None, {"data.task": "multilabel", "train.loss": "focal", "model.backbone": "resnet18",
+                                "data.image_size": 32, "model.weights": "none"})
+    model, _, _ = weights.initial_model("resnet18", 3, 32, "none", name="tfcovid_resnet18_multilabel")
+    compile_model(model, exp, positive_index=0)
+    model.save(tmp_path / "last.keras")
+    script = f"""
+import json, keras, numpy as np
+path = {str(tmp_path / "last.keras")!r}
+try:
+    keras.models.load_model(path)
+    plain = "loaded"
+except Exception as err:
+    plain = type(err).__name__
+import tfcovid
+model = tfcovid.load_model(path)
+x = np.zeros((2, 32, 32, 3), "float32")
+results = model.evaluate(x, np.array([[1, 0, 1], [0, 1, 0]], "float32"), verbose=0, return_dict=True)
+bare = tfcovid.load_model(path, compile=False)
+print(json.dumps({{"plain": plain, "loss": type(model.loss).__name__, "metrics": sorted(results),
+                  "params": model.count_params(), "bare_compiled": bare.compiled}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["plain"] != "loaded"
+    assert result["loss"] == "SigmoidFocalCrossEntropy"
+    assert {"loss", "jaccard", "f1"} <= set(result["metrics"]), result["metrics"]
+    assert result["params"] == model.count_params() and result["bare_compiled"] is False
+
+
 # --- PyTorch pickles ---
 
 class _TouchOnUnpickle:

@@ -72,15 +72,15 @@ def unsafe_message(path: str | Path, what: str) -> str:
             "`tfcovid import-torch`, or rebuild this one without Lambda layers.")
 
 
-def load_model(path: str | Path, error: type[Exception] = WeightsError) -> keras.Model:
-    """Load a .keras model without running code from it (uncompiled).
+def load_model(path: str | Path, error: type[Exception] = WeightsError, compile: bool = False) -> keras.Model:
+    """Load a .keras model without running code from it (uncompiled unless ``compile``).
 
     Raises:
         error: the file is unreadable, not a Keras model, or holds Python code.
     """
     read_config(path, error)  # refuses Lambda layers even if safe mode was turned off globally
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
+        return keras.models.load_model(path, compile=compile, safe_mode=True)
     except Exception as err:  # Keras raises several types for damaged or foreign files
         if "safe_mode" in str(err):  # any other construct Keras's safe mode refuses
             raise error(unsafe_message(path, str(err).split(".")[0])) from None
