@@ -112,6 +112,21 @@ def test_make_strategy_follows_tf_config_and_devices(monkeypatch):
     assert runtime.worker_info(strategy) == (0, 1) and runtime.is_chief(strategy)
 
 
+def test_a_strategy_that_ends_up_alone_says_why(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    made = _fake_strategies(monkeypatch, cluster={})  # what a resolver without TF_CONFIG holds
+    monkeypatch.setattr(tf.distribute.MultiWorkerMirroredStrategy, "num_replicas_in_sync", 1)
+    _, desc = runtime.make_strategy("multiworker")
+    assert made == [("multiworker", None)]
+    assert desc == "multiworker (1 replica; TF_CONFIG names no cluster, so this process trains alone)"
+    monkeypatch.setattr(tf.distribute.MirroredStrategy, "num_replicas_in_sync", 1)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["/cpu:0"])
+    _, desc = runtime.make_strategy("mirrored")
+    assert desc == ("mirrored (1 replica; one device: no GPU is visible, and the CPU is not split into "
+                    "logical devices)")
+
+
 def test_worker_index_without_a_chief_task(monkeypatch):
     cluster = {"worker": ["localhost:1", "localhost:2"]}
     _fake_strategies(monkeypatch, task=("worker", 0), cluster=cluster)

@@ -281,6 +281,10 @@ def make_strategy(name: str):
     desc = f"{name} ({replicas} replica{'s' if replicas != 1 else ''}"
     if workers > 1:
         desc += f" on {workers} workers; this is worker {index}{', the chief' if index == 0 else ''}"
+    elif name == "multiworker" and cluster is None:
+        desc += "; TF_CONFIG names no cluster, so this process trains alone"
+    elif name == "mirrored" and replicas == 1:
+        desc += "; one device: no GPU is visible, and the CPU is not split into logical devices"
     return strategy, desc + ")"
 
 
