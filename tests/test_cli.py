@@ -61,3 +61,18 @@ def test_fit_bad_input_is_a_clear_error(args, message, tmp_path):
     result = CliRunner().invoke(main, ["fit", "--out", str(tmp_path), *args])
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_weights_that_do_not_load_leave_no_run_directory(binary_tree, tmp_path):
+    """A weights file is read when the model is built, after the run directory was made: when
+    it is refused, the half-made run (only config.yaml) is removed, as for other early stops."""
+    import keras
+
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
+        tmp_path / "vgg.weights.h5")
+    result = CliRunner().invoke(main, [
+        "fit", "--data", str(binary_tree), "--backbone", "resnet18", "--weights", str(tmp_path / "vgg.weights.h5"),
+        "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and "Was it saved from another backbone (--backbone)?" in result.output
+    assert "Traceback" not in result.output and "stopped before training" in result.output
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -342,6 +342,22 @@ def test_keras_model_and_weights_h5_from_an_earlier_run(tmp_path):
         np.testing.assert_array_equal(got, want_w)
 
 
+def test_keras_applications_weights_h5_with_its_imagenet_top(tmp_path):
+    """A keras.applications VGG16 saved with its classifier as .weights.h5 (dense, dense_1,
+    dense_2 in the file, the last with 1000 classes): the top is dropped and said so, as for
+    a legacy .h5, and the convolutions load. (A small top stands in for the 4096-unit one.)"""
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    x = keras.layers.Flatten()(base.output)
+    x = keras.layers.Dense(8, activation="relu")(keras.layers.Dense(8, activation="relu")(x))
+    full = keras.Model(base.input, keras.layers.Dense(1000, activation="softmax")(x))
+    full.save_weights(tmp_path / "vgg_top.weights.h5")
+    model, _, origin = weights.initial_model("vgg16", 2, 32, str(tmp_path / "vgg_top.weights.h5"))
+    assert "dropped the ImageNet top (fc1, fc2, predictions)" in origin
+    for name in ("block1_conv1", "block5_conv3"):
+        for got, want in zip(layer_weights(model, name), base.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_keras_file_from_another_backbone_is_refused(tmp_path):
     resnet = small_model("resnet18", 2)
     resnet.save(tmp_path / "resnet.keras")

@@ -117,9 +117,19 @@ def weights_h5_arrays(path: Path, model) -> dict[str, list]:
     arrays, problems = {}, []
     with h5py.File(path, "r") as f:
         groups = f["layers"]
-        for key in groups:
-            vars_ = groups[key].get("vars")
-            values = [vars_[str(i)][()] for i in range(len(vars_))] if vars_ is not None else []
+        found = {key: [groups[key]["vars"][str(i)][()] for i in range(len(groups[key]["vars"]))]
+                 if groups[key].get("vars") is not None else [] for key in groups}
+        # keras.applications' classifier (VGG16: fc1, fc2, predictions; ResNet50: predictions)
+        # is saved as dense, dense_1, ...: with a 1000-class output, all of them are that top,
+        # returned under keras.applications' names so the caller drops them and says so.
+        dense = sorted((k for k in found if re.fullmatch(r"dense(_[0-9]+)?", k)),
+                       key=lambda k: int(k.split("_")[1]) if "_" in k else 0)
+        if dense and found[dense[-1]] and found[dense[-1]][-1].shape == (1000,):
+            names = ("fc1", "fc2", "predictions") if len(dense) == 3 else (
+                tuple(f"fc{i + 1}" for i in range(len(dense) - 1)) + ("predictions",))
+            for key, name in zip(dense, names):
+                arrays[name] = found.pop(key)
+        for key, values in found.items():
             layer = keys.get(key)
             if layer is None or not layer.weights:
                 if values:
@@ -128,7 +138,9 @@ def weights_h5_arrays(path: Path, model) -> dict[str, list]:
             arrays[layer.name] = values
     if problems:
         raise WeightsError(f"{path} was not saved from a {model.name} model: "
-                           + "; ".join(problems[:8]) + ". Use the run's .keras checkpoint instead.")
+                           + "; ".join(problems[:8]) + ". A .weights.h5 names layers by position, so it "
+                           "must come from the same backbone; use that run's .keras checkpoint, or a "
+                           "legacy .h5 (matched by layer name), instead.")
     return arrays
 
 

@@ -164,9 +164,11 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     try:
         with runtime.op_determinism(exp.train.deterministic), runtime.forget_traced_gradients():
             return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
-    except (data.DataError, preflight.PreflightError):
-        # Found before training started (phase 5 makes backup/): leave no half-made run behind.
-        if not run_dir and not scratch and not (run / "backup").exists():
+    except Exception as err:
+        # Anything found before training started (data, free disk, the weights file; phase 5
+        # makes backup/): leave no half-made run behind. A stop (Interrupted) keeps its run.
+        if (not isinstance(err, (Interrupted, runstate.Interrupted)) and not run_dir and not scratch
+                and not (run / "backup").exists()):
             shutil.rmtree(run, ignore_errors=True)
             log(f"      removed {run}: stopped before training")
         raise
