@@ -55,6 +55,9 @@ def test_a_coarse_default_layer_is_pointed_out_with_a_finer_one():
     model = build_model("resnet18", 2, 64, "torch")
     note = explain.coarse_note(model, "layer4_1_out")
     assert "2x2 map at 64 px" in note and "--layer layer3_1_out (4x4)" in note
+    assert "little more than a quadrant" in note
+    one_cell = explain.coarse_note(build_model("resnet18", 2, 32, "torch"), "layer4_1_out")
+    assert "1x1 map at 32 px, so the heatmap can show no position at all (one cell)" in one_cell
     assert explain.coarse_note(build_model("resnet18", 2, 128, "torch"), "layer4_1_out") is None
 
 

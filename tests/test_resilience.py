@@ -188,6 +188,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tree,
     assert resumed.wait(300) == 0, _output(log_resumed)
     assert reference.wait(300) == 0, _output(log_ref)
     assert "resuming after epoch" in _output(log_resumed)
+    assert "the backup's weights (the run started from random initialisation" in _output(log_resumed)
     assert _history_epochs(run) == ["0", "1", "2"]  # each epoch exactly once
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
     (ref_run,) = (tmp_path / "ref").iterdir()

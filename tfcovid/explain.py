@@ -185,8 +185,9 @@ def coarse_note(model: keras.Model, layer: str) -> str | None:
     hint = f" or pass --layer {finer[-1]} ({model.get_layer(finer[-1]).output.shape[1]}x" \
            f"{model.get_layer(finer[-1]).output.shape[2]})" if finer else ""
     return (f"note: {layer} is a {side}x{model.get_layer(layer).output.shape[2]} map at "
-            f"{model.input_shape[1]} px, so the heatmap can show little more than a quadrant; "
-            f"train at a larger --image-size (the study's 224 px gives 7x7 or 14x14){hint}.")
+            f"{model.input_shape[1]} px, so the heatmap can show "
+            + ("no position at all (one cell); " if side == 1 else "little more than a quadrant; ")
+            + f"train at a larger --image-size (the study's 224 px gives 7x7 or 14x14){hint}.")
 
 
 def _safe(name: str) -> str:

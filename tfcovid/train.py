@@ -229,6 +229,8 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         xla_note = runtime.fit_xla_to_strategy(model, strategy)
     preflight.check_free_disk(run, preflight.checkpoint_bytes(
         frozen.total_params, frozen.trainable_params, exp.train.optimizer, exp.train.momentum))
+    if run_dir:  # the starting weights are replaced by the backup's at phase 5
+        origin = f"the backup's weights (the run started from {origin})"
     log(f"[4/6] Model: {m.backbone}, {origin}; preprocessing '{mode}'")
     log(f"      {frozen.describe()}")
     log(f"      {runtime.describe_compute(model)}")
@@ -253,7 +255,7 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     ]
     batch = runtime.per_replica_batches(exp.train.batch_size, replicas)
     resuming = f", resuming after epoch {first}" if first else ""
-    log(f"[5/6] Training {exp.train.epochs} epochs, batch {batch}, "
+    log(f"[5/6] Training {exp.train.epochs} epoch{'s' if exp.train.epochs != 1 else ''}, batch {batch}, "
         f"{exp.train.optimizer} lr {exp.train.lr:g}, loss {exp.train.loss}{resuming}")
     if not scratch:
         log(f"      if interrupted, resume with: tfcovid fit --resume {run}")
