@@ -328,7 +328,7 @@ def test_keras_model_and_weights_h5_from_an_earlier_run(tmp_path):
 
     assert weights.resolve_preprocessing("resnet18", str(tmp_path / "last.keras")) == "caffe"
     model, mode, origin = weights.initial_model("resnet18", 2, 32, str(tmp_path / "last.keras"))
-    assert mode == "caffe" and origin == f"Keras model from {tmp_path / 'last.keras'}"
+    assert mode == "caffe" and origin == f"Keras model from {tmp_path / 'last.keras'} (study head loaded from the file)"
     np.testing.assert_allclose(run(model, x), want, rtol=1e-6, atol=1e-6)
     # A .weights.h5 does not record the preprocessing: the backbone's ImageNet one is assumed.
     assert weights.resolve_preprocessing("resnet18", str(tmp_path / "last.weights.h5")) == "torch"

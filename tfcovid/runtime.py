@@ -284,7 +284,7 @@ def make_strategy(name: str):
     elif name == "multiworker" and cluster is None:
         desc += "; TF_CONFIG names no cluster, so this process trains alone"
     elif name == "mirrored" and replicas == 1:
-        desc += "; one device: no GPU is visible, and the CPU is not split into logical devices"
+        desc += "; one device: no GPU is visible"
     return strategy, desc + ")"
 
 

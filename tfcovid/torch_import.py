@@ -318,8 +318,9 @@ def _convert_head(head_state, model, backbone, root, require_head, source, conve
                 problems.append(f"shape mismatch for {key}: checkpoint {format_shape(got)}, model {format_shape(want)}")
     if problems:
         if require_head:
+            outputs = any(f"{m2}.weight" in p or f"{m2}.bias" in p for p in problems)
             raise WeightsError(f"{source}: the head does not match the model:\n  " + "\n  ".join(problems)
-                               + "\n(--task binary needs 2 outputs, multilabel one per label.)")
+                               + ("\n(--task binary needs 2 outputs, multilabel one per label.)" if outputs else ""))
         converted.head = "mismatch"
         converted.notes.append("the checkpoint's head was not loaded (" + "; ".join(problems)
                                + "); fresh study head")

@@ -240,7 +240,7 @@ def assign(model, arrays: dict[str, list], source: str, require_head: bool = Fal
         layers[name].set_weights([np.asarray(v) for v in arrays[name]])
     if head_problems and any(name in arrays for name in head):
         return [f"head not loaded ({'; '.join(head_problems)}); fresh study head"]
-    return [] if not head_problems else ["fresh study head"]
+    return ["study head loaded from the file"] if not head_problems else ["fresh study head"]
 
 
 def load_file(model, path: str | Path, backbone: str) -> str:
