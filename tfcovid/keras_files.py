@@ -125,8 +125,7 @@ def weights_h5_arrays(path: Path, model) -> dict[str, list]:
         dense = sorted((k for k in found if re.fullmatch(r"dense(_[0-9]+)?", k)),
                        key=lambda k: int(k.split("_")[1]) if "_" in k else 0)
         if dense and found[dense[-1]] and found[dense[-1]][-1].shape == (1000,):
-            names = ("fc1", "fc2", "predictions") if len(dense) == 3 else (
-                tuple(f"fc{i + 1}" for i in range(len(dense) - 1)) + ("predictions",))
+            names = [f"fc{i + 1}" for i in range(len(dense) - 1)] + ["predictions"]
             for key, name in zip(dense, names):
                 arrays[name] = found.pop(key)
         for key, values in found.items():
