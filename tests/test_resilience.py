@@ -6,6 +6,7 @@ about 15 s each) and compare weights tensor by tensor with an uninterrupted run.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,6 +243,8 @@ def test_sigterm_stops_cleanly_and_prints_the_resume_command(tree, tmp_path, sig
     assert state["epochs_done"] >= 1 and (run / "backup" / state["weights"]).is_file()
     done = state["epochs_done"]
     assert (f"Epochs 1-{done} are saved in {run}" if done > 1 else f"Epoch 1 is saved in {run}") in text
+    # Every saved epoch printed its result line (the progress bar runs before the stop).
+    assert len(re.findall(r"(?m)^\d+/\d+ - .*val_loss: ", text)) >= done, text[-3000:]
     assert _history_epochs(run) == [str(e) for e in range(done)]
     assert (run / "checkpoints" / "last.keras").is_file() and not (run / "metrics.json").exists()
     assert not list(run.rglob(atomic.PARTIAL_PREFIX + "*"))

@@ -251,6 +251,9 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         plots.TensorBoardImages(run / "tensorboard", exp, manifest, val_ds),
         guard,
         state,  # checkpoints, backup, history.csv: atomically, at each epoch's end
+        # Keras's own progress bar, placed before the stop so that an epoch committed just as a
+        # signal came still prints its line (Keras would append it after every callback).
+        keras.callbacks.ProgbarLogger(),
         stop,
     ]
     batch = runtime.per_replica_batches(exp.train.batch_size, replicas)
