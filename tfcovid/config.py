@@ -445,9 +445,8 @@ def validate(exp: Experiment) -> None:
             f"Bad value for 'model.freeze': {m.freeze!r}. Valid values: all, none, firstN "
             "(N >= 1 Conv2D layers in forward order, e.g. first7)."
         )
-    first = re.fullmatch(r"first([0-9]+)", m.freeze)
-    if first and int(first.group(1)) > CONV_LAYERS[m.backbone]:
-        n = CONV_LAYERS[m.backbone]
+    n = CONV_LAYERS[m.backbone]
+    if m.freeze.startswith("first") and int(m.freeze[len("first"):]) > n:
         raise ConfigError(f"Bad value for 'model.freeze': {m.freeze!r}. {m.backbone} has {n} conv layers: "
                           f"use first1 ... first{n}, all (the head only) or none.")
     _check_names(exp)

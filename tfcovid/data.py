@@ -309,9 +309,11 @@ def to_rgb_uint8(image, size: int):
     return gray_to_rgb(round_uint8(image), size)
 
 
-def load_image(path, size: int):
-    """Read, decode and resize one file for evaluation or prediction: uint8 (S, S, 3)."""
-    return to_rgb_uint8(augment.resize_eval(decode_image(tf.io.read_file(path)), size), size)
+def load_image(path, size: int, raw: bytes | None = None):
+    """Read, decode and resize one file for evaluation or prediction: uint8 (S, S, 3).
+    ``raw``: the file's bytes, when the caller has read them already."""
+    raw = tf.io.read_file(path) if raw is None else tf.constant(raw)
+    return to_rgb_uint8(augment.resize_eval(decode_image(raw), size), size)
 
 
 def dataset(

@@ -87,9 +87,9 @@ def scan_split(root: Path, split: str, trained, exp=None,
         manifest = tfdata.scan(root, trained.task, trained.outputs, label_map, required=(split,),
                                strict=False)
     except tfdata.DataError as err:
-        present = [name for name in ("validation", "train") if name != split
-                   and name in tfdata.find_splits(Path(root))] if Path(root).is_dir() else []
-        if f"has no {split} split folder" not in str(err) or not present:
+        folders = tfdata.find_splits(Path(root)) if Path(root).is_dir() else {}
+        present = [name for name in ("validation", "train") if name in folders]
+        if split in folders or not present:
             raise
         raise tfdata.DataError(f"{err} Evaluate another split with --split {present[0]}.") from None
     chosen = manifest.splits[split]

@@ -234,10 +234,11 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     paths = [path for _, path in found]
     pixels = []
     for name, p in found:
-        problem = read_problem(p.read_bytes())
+        raw = p.read_bytes()
+        problem = read_problem(raw)
         try:
             if problem is None:
-                pixels.append(data.load_image(str(p), trained.image_size).numpy())
+                pixels.append(data.load_image(str(p), trained.image_size, raw).numpy())
         except (tf.errors.OpError, ValueError) as err:
             problem = "damaged image data: " + tf_error_reason(err)[:200]
         if problem:

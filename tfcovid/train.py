@@ -288,12 +288,10 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         )
 
     # Phase 6: evaluate every labeled split with scikit-learn and write metrics.json.
-    order = ("train", "validation", "test")
-    log("[6/6] Evaluating " + ", ".join(sorted((name for name, split in manifest.splits.items() if split.labeled),
-                                               key=lambda name: (order + (name,)).index(name))))
+    labeled = [name for name in data.SPLIT_ALIASES if name in manifest.splits and manifest.splits[name].labeled]
+    log("[6/6] Evaluating " + ", ".join(labeled))
     try:
-        results = {name: evaluate_split(model, split, exp, manifest)
-                   for name, split in manifest.splits.items() if split.labeled}
+        results = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
     except records.READ_ERRORS as err:
         records.raise_if_damaged(manifest, err)
         raise
