@@ -12,8 +12,16 @@ NOT_CLINICAL = "Not for clinical use: a research tool, not a medical device."
 
 def _quiet_tensorflow() -> None:
     # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages users
-    # need; keep warnings and errors. A user's own setting wins.
+    # need; keep errors. A user's own setting wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _tensorflow() -> None:
+    """Import TensorFlow before the modules that need it, with the lines it writes before its
+    logging starts filtered at that level too (``tfcovid.quiet``)."""
+    from tfcovid import quiet
+
+    quiet.import_tensorflow()
 
 
 def _fail(err: Exception) -> None:
@@ -97,6 +105,7 @@ def demo_data(out, task, per_class, seed):
                    "--set data.demo_per_class=8. Values are YAML; named flags win over --set.")
 def fit(config_file, resume, assignments, **flags):
     """Train a model; writes a new run directory under --out."""
+    _tensorflow()
     from tfcovid import config, train
 
     try:
@@ -155,6 +164,7 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
     Unreadable images are listed with the reason and the rest are still predicted; the exit
     status is 1 if any image failed. Not for clinical use.
     """
+    _tensorflow()
     from tfcovid import modelinfo
     from tfcovid import predict as predict_lib
     from tfcovid.data import IMAGE_EXTENSIONS
@@ -193,6 +203,7 @@ def report(runs, markdown_file):
     """Print the study's Part 1 / Part 2 tables for finished runs (or folders of runs)."""
     from pathlib import Path
 
+    _tensorflow()
     from tfcovid import report as report_lib
 
     try:
@@ -221,6 +232,7 @@ def report(runs, markdown_file):
 def import_torch(checkpoint, backbone, task, out, image_size, labels):
     """Convert the study's fine-tuned PyTorch checkpoint (torchvision VGG16/ResNet18 with the
     110-unit head; .safetensors, or .pth with the torch extra) into a tfcovid .keras model."""
+    _tensorflow()
     from tfcovid import weights
 
     names = tuple(s.strip() for s in labels.split(",")) if labels else None
@@ -267,6 +279,7 @@ def bench(kind, data_dir, images, as_json, **options):
     """Measure throughput: the input pipeline, the model's training step, or both (fit)."""
     import json
 
+    _tensorflow()
     from tfcovid import bench as benchmarks
     from tfcovid.config import ConfigError
     from tfcovid.workers import processes_for
@@ -328,6 +341,7 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
 
     Reports sensitivity and specificity of each disease class by name. Not for clinical use.
     """
+    _tensorflow()
     from tfcovid import evaluate as evaluate_lib
 
     try:
@@ -352,6 +366,7 @@ def export(target, out_dir, fmt, checkpoint, task, model_labels):
 
     OUT_DIR must be new or empty (default RUN/saved_model, RUN/tflite or RUN/onnx).
     """
+    _tensorflow()
     from tfcovid import export as export_lib
 
     try:
@@ -374,6 +389,7 @@ def export(target, out_dir, fmt, checkpoint, task, model_labels):
 @_model_options
 def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
     """Grad-CAM heatmaps over the input images: where the model looked. Not for clinical use."""
+    _tensorflow()
     from tfcovid import explain as explain_lib
 
     try:
@@ -402,6 +418,7 @@ def prepare(data_dir, out_dir, shards, max_side, encoding, seed):
     OUT_DIR then works wherever an ImageFolder tree does (fit --data OUT_DIR): it is streamed
     with parallel reads and split across workers by shard.
     """
+    _tensorflow()
     from tfcovid import records
 
     try:

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfcovid import quiet
 from tfcovid.config import STRATEGIES, ConfigError
 
 
@@ -72,13 +73,16 @@ def gpu_compute_capability() -> tuple[int, int] | None:
 
 
 def describe_device() -> str:
-    """E.g. 'GPU NVIDIA H100 (cc 9.0) x1', 'CPU (2 cores)', or on JAX's GPU
+    """E.g. 'GPU NVIDIA H100 (cc 9.0) x1', 'CPU (2 cores)', 'CPU (2 cores; no CUDA GPU: cuInit
+    failed, UNKNOWN ERROR (303))' (see ``tfcovid.quiet``), or on JAX's GPU
     'GPU NVIDIA H100 80GB HBM3 (cc 9.0) x1, JAX backend'."""
     gpu = _gpu()
     if gpu is None:
         backend = keras.backend.backend()
         on = "" if backend == "tensorflow" else f", {backend.upper()} backend"
-        return f"CPU ({os.cpu_count()} cores){on}"
+        problem = quiet.cuda_problem()  # TensorFlow's cuInit failure, its ERROR line held back
+        why = f"; no CUDA GPU: cuInit failed, {problem.rsplit(': ', 1)[-1]}" if problem else ""
+        return f"CPU ({os.cpu_count()} cores{why}){on}"
     name, cc, count, on_jax = gpu
     if on_jax:
         return f"GPU {name}" + (f" (cc {cc[0]}.{cc[1]})" if cc else "") + f" x{count}, JAX backend"
