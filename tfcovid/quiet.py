@@ -61,7 +61,8 @@ def filtered(drop, seen=None):
     """Run the block with file descriptor 2 going through a pipe; a thread writes each line on
     to the real stderr unless ``drop(line)``. ``seen(line)``, if given, sees every line first."""
     try:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # no usable stderr: nothing to filter
         yield
@@ -75,7 +76,8 @@ def filtered(drop, seen=None):
                 if seen is not None:
                     seen(line)
                 if not drop(line):
-                    os.write(saved, raw)
+                    while raw:  # os.write may take part of it
+                        raw = raw[os.write(saved, raw):]
 
     thread = threading.Thread(target=forward, name="tfcovid-stderr", daemon=True)
     thread.start()
@@ -84,7 +86,7 @@ def filtered(drop, seen=None):
     try:
         yield
     finally:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             sys.stderr.flush()
         os.dup2(saved, 2)  # the pipe's last write end closes: the thread reads to its end
         thread.join(timeout=10)  # a child process still holding the pipe: stop waiting
