@@ -32,6 +32,14 @@ class DataError(ValueError):
     """The dataset on disk cannot be used as it is; the message names the folder or file."""
 
 
+class ClassCountError(DataError):
+    """The binary task found other than 2 class folders (``class_names``) under ``root``."""
+
+    def __init__(self, message: str, root, class_names):
+        super().__init__(message)
+        self.root, self.class_names = root, tuple(class_names)
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of a dataset: image paths and their labels (None when unlabeled)."""
@@ -150,6 +158,15 @@ def label_vectors(
             + f"(known labels: {', '.join(labels)})."
         )
     column = {name: j for j, name in enumerate(labels)}
+    unknown = {f: [x for x in label_map[f] if x not in column] for f in sorted(set(folders))}
+    unknown = {f: bad for f, bad in unknown.items() if bad}
+    if unknown:
+        raise DataError(
+            "Class folder(s) map to labels that are not among the outputs "
+            f"{list(labels)}: " + "; ".join(f"{f} -> {bad}" for f, bad in unknown.items())
+            + " (data.label_map). Give data.label_map entries that use these labels, or data "
+            "whose class folders do."
+        )
     table = {f: np.isin(np.arange(len(labels)), [column[l] for l in label_map[f]]) for f in set(folders)}
     return np.array([table[f] for f in folders], dtype=np.float32).reshape(len(folders), len(labels))
 
@@ -241,9 +258,9 @@ def scan(
     label_map = {k: tuple(v) for k, v in (label_map or {}).items()}
     if task == "binary":
         if len(class_names) != 2:
-            raise DataError(
+            raise ClassCountError(
                 f"The binary task needs exactly 2 class folders; {root} has {len(class_names)}: "
-                f"{list(class_names)}. Use --task multilabel for more labels."
+                f"{list(class_names)}. Use --task multilabel for more labels.", root, class_names
             )
         output_names = class_names
     elif task == "multilabel":

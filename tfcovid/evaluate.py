@@ -86,6 +86,12 @@ def scan_split(root: Path, split: str, trained, exp=None,
     try:
         manifest = tfdata.scan(root, trained.task, trained.outputs, label_map, required=(split,),
                                strict=False)
+    except tfdata.ClassCountError as err:  # its advice (--task multilabel) is fit's, not ours
+        raise EvaluateError(
+            f"{trained.path} is a binary model with outputs {list(trained.outputs)}, but "
+            f"{err.root} has {len(err.class_names)} class folders: {list(err.class_names)}. "
+            f"Evaluate it on data with the class folders {list(trained.outputs)}."
+        ) from None
     except tfdata.DataError as err:
         folders = tfdata.find_splits(Path(root)) if Path(root).is_dir() else {}
         present = [name for name in ("validation", "train") if name in folders]

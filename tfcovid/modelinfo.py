@@ -157,17 +157,36 @@ def _name_task(model: keras.Model) -> str | None:
     return match.group(1) if match else None
 
 
+def _refuse_renaming(path: Path, source: str, info: dict, task: str | None, labels) -> None:
+    """--task/--labels are for a model that does not say what it predicts: where it does, a
+    different value would silently rename its outputs (a covid-19 probability shown as
+    "normal"), so it is refused; the same value is harmless."""
+    recorded_task, recorded = info.get("task"), info.get("outputs")
+    if task and recorded_task and task != recorded_task:
+        raise ModelInfoError(
+            f"{path} is a {recorded_task} model (recorded in {source}), not {task}. Leave out "
+            "--task: it is only for a model file that does not record its task."
+        )
+    if labels and recorded and [str(o) for o in recorded] != [str(x) for x in labels]:
+        raise ModelInfoError(
+            f"{path} records its outputs as {[str(o) for o in recorded]} (in {source}); --labels "
+            f"{','.join(map(str, labels))} would rename them. Leave out --labels: it is only for "
+            "a model file that does not record them."
+        )
+
+
 def load(target: str | Path, checkpoint: str = "last", task: str | None = None,
          labels: Sequence[str] | None = None) -> Trained:
     """Load a trained model and what it predicts.
 
-    The task and output names come from, in order: ``task``/``labels`` given by the caller,
-    the info embedded in the .keras file, the run directory's config.yaml + metrics.json.
+    The task and output names come from the info embedded in the .keras file, else the run
+    directory's config.yaml + metrics.json, else ``task``/``labels`` given by the caller (which
+    may repeat what the model records, not change it).
 
     Raises:
         ModelInfoError: the file is missing, not a Keras model or holds Python code (a Lambda
-            layer: refused, never run), or the task/labels cannot be found or do not match
-            the model's outputs.
+            layer: refused, never run), or the task/labels cannot be found, do not match
+            the model's outputs, or differ from those the model records.
     """
     path, run_dir = model_file(target, checkpoint)
     info, source = read_embedded(path), f"{path} (embedded {INFO_MEMBER})"
@@ -175,6 +194,7 @@ def load(target: str | Path, checkpoint: str = "last", task: str | None = None,
         info, source = info_from_run_dir(run_dir), f"{run_dir / 'config.yaml'}"
     info = dict(info or {})
     model = keras_files.load_model(path, ModelInfoError)  # safe mode: no code from the file
+    _refuse_renaming(path, source, info, task, labels)
     if labels:
         info["outputs"], source = list(labels), "--labels"
     if task:
