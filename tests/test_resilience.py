@@ -317,3 +317,37 @@ def test_resample_workers_end_with_a_stopped_or_killed_fit(tree, tmp_path):
         assert alive() == [], f"{sig.name}: workers outlived the fit"
         if sig == signal.SIGTERM:
             assert "tfcovid fit --resume" in _output(log) and "Traceback" not in _output(log)
+
+
+def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path, monkeypatch):
+    """SIGTERM while [6/6] evaluates the splits: a clean Interrupted with the resume command
+    (it ended the process silently), then --resume evaluates and finishes without training."""
+    exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
+    real, calls = train.evaluate_split, []
+
+    def evaluate_then_signal(*args, **kwargs):
+        calls.append(args[1].name)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread, right away
+        time.sleep(5)  # not reached: the handler raises
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_split", evaluate_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    lines = []
+    with pytest.raises(train.Interrupted) as caught:
+        train.fit(exp, log=lines.append)
+    assert signal.getsignal(signal.SIGTERM) is before  # the usual handler is back
+    assert calls == ["train"] and caught.value.exit_code == 143
+    run = next((tmp_path / "runs").iterdir())
+    message = str(caught.value)
+    assert message.startswith(f"Evaluation stopped by SIGTERM. Training has finished (1 epoch, saved in {run}")
+    assert f"tfcovid fit --resume {run}" in message
+    assert not (run / "metrics.json").exists() and (run / "checkpoints" / "last.keras").is_file()
+    assert json.loads((run / "backup" / "state.json").read_text())["epochs_done"] == 1
+
+    monkeypatch.setattr(train, "evaluate_split", real)
+    lines = []
+    assert train.fit(config.resolve(run / "config.yaml"), run_dir=run, log=lines.append) == run
+    assert "[5/6] Training: done before (1 epoch); nothing left to train" in lines
+    assert (run / "metrics.json").is_file()
+    assert set(json.loads((run / "metrics.json").read_text())["splits"]) == {"train", "validation", "test"}

@@ -227,3 +227,30 @@ class StopOnSignal(keras.callbacks.Callback):
             raise Interrupted(self.received)
 
     on_train_batch_end = on_test_batch_end = on_epoch_begin = on_epoch_end = _check
+
+
+class RaiseOnSignal:
+    """SIGTERM / SIGINT (Ctrl-C) raise :class:`Interrupted` at once, for work after training
+    (evaluating the splits) that writes nothing until its one atomic write: there is no batch
+    boundary to wait for, and nothing half-written to protect. Without it SIGTERM ended the
+    process silently and Ctrl-C gave a KeyboardInterrupt traceback."""
+
+    def __init__(self):
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in StopOnSignal.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    def _handle(self, signum, frame):
+        for sig, handler in self._previous.items():  # a second signal: the usual handler
+            signal.signal(sig, handler)
+        raise Interrupted(signum)

@@ -258,9 +258,13 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     ]
     batch = runtime.per_replica_batches(exp.train.batch_size, replicas)
     resuming = f", resuming after epoch {first}" if first else ""
-    log(f"[5/6] Training {exp.train.epochs} epoch{'s' if exp.train.epochs != 1 else ''}, batch {batch}, "
-        f"{exp.train.optimizer} lr {exp.train.lr:g}, loss {exp.train.loss}{resuming}")
-    if not scratch:
+    epochs = f"{exp.train.epochs} epoch{'s' if exp.train.epochs != 1 else ''}"
+    if first >= exp.train.epochs:  # resumed after training ended (e.g. stopped in [6/6])
+        log(f"[5/6] Training: done before ({epochs}); nothing left to train")
+    else:
+        log(f"[5/6] Training {epochs}, batch {batch}, {exp.train.optimizer} lr {exp.train.lr:g}, "
+            f"loss {exp.train.loss}{resuming}")
+    if not scratch and first < exp.train.epochs:
         log(f"      if interrupted, resume with: tfcovid fit --resume {run}")
     try:
         with stop:
@@ -291,10 +295,17 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     labeled = [name for name in data.SPLIT_ALIASES if name in manifest.splits and manifest.splits[name].labeled]
     log("[6/6] Evaluating " + ", ".join(labeled))
     try:
-        results = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
+        with runstate.RaiseOnSignal():
+            results = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
     except records.READ_ERRORS as err:
         records.raise_if_damaged(manifest, err)
         raise
+    except runstate.Interrupted as err:
+        raise Interrupted(
+            f"Evaluation {err}. Training has finished ({exp.train.epochs} epoch"
+            f"{'s' if exp.train.epochs != 1 else ''}, saved in {run}: checkpoints/, backup/), but "
+            f"metrics.json is not written. Finish the "
+            f"evaluation with:\n  tfcovid fit --resume {run}", err.exit_code) from None
     summary = {
         "task": exp.data.task,
         "outputs": list(manifest.output_names),
