@@ -86,3 +86,45 @@ def test_up_front_checks_stop_fit_before_training_and_leave_no_run(binary_tree, 
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(PreflightError, match="a-file"):
         train.fit(_tiny(binary_tree, tmp_path / "a-file" / "runs"), log=lambda s: None)
+
+
+def test_probabilities_of_large_logits_warn_nothing():
+    import warnings
+
+    import numpy as np
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in exp" would raise
+        p = train.probabilities(np.array([[-1000.0, 0.0, 800.0]]), "multilabel")
+    np.testing.assert_allclose(p, [[0.0, 0.5, 1.0]])
+
+
+def test_disease_class_of_a_binary_tree():
+    assert train.disease_class("infected", ("infected", "normal")) == ("infected", None)
+    assert train.disease_class("NORMAL", ("NORMAL", "PNEUMONIA")) == ("NORMAL", None)  # as set
+    chosen, note = train.disease_class("infected", ("NORMAL", "PNEUMONIA"))  # Kaggle's layout
+    assert chosen == "PNEUMONIA"
+    assert note.startswith("disease class 'PNEUMONIA': data.positive 'infected' is not a class folder")
+    with pytest.raises(config.ConfigError) as err:
+        train.disease_class("infected", ("cats", "dogs"))
+    assert "data.positive 'infected' is not one of the class folders ['cats', 'dogs']" in str(err.value)
+    assert "--set data.positive=cats" in str(err.value)
+
+
+@pytest.mark.slow
+def test_fit_on_normal_and_pneumonia_folders_reports_pneumonia(binary_tree, tmp_path):
+    import shutil
+
+    tree = tmp_path / "kaggle"
+    for split in ("train", "validation", "test"):
+        shutil.copytree(binary_tree / split / "infected", tree / split / "PNEUMONIA")
+        shutil.copytree(binary_tree / split / "normal", tree / split / "NORMAL")
+    lines = []
+    run = train.fit(_tiny(tree, tmp_path / "runs", **{"train.epochs": 1, "model.backbone": "resnet18",
+                                                      "model.freeze": "none"}), log=lines.append)
+    assert any("note: disease class 'PNEUMONIA'" in line for line in lines)
+    assert config.from_dict(config.load_yaml(run / "config.yaml")).data.positive == "PNEUMONIA"
+    summary = json.loads((run / "metrics.json").read_text())
+    test = summary["splits"]["test"]
+    assert test["positive_class"] == "PNEUMONIA" and test["notes"] == []
+    from tfcovid import modelinfo
+    assert modelinfo.load(run).positive == "PNEUMONIA"

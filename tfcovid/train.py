@@ -14,13 +14,14 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import scipy.special
 import tensorflow as tf
 import yaml
 
 from tfcovid import (atomic, augment, data, demo, filecheck, losses, metrics, modelinfo, plots,
                      preflight, records, report, runstate, runtime, weights)
 from tfcovid.cache import Cache
-from tfcovid.config import Experiment
+from tfcovid.config import ConfigError, Experiment
 from tfcovid.models import apply_freeze, is_head_layer
 from tfcovid.workers import WorkerStore, available as can_use_workers, usable_cores
 
@@ -101,13 +102,36 @@ class NaNGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def disease_class(positive: str, class_names) -> tuple[str, str | None]:
+    """(the binary task's disease class, a note on how it was chosen or None).
+
+    ``data.positive`` when it names a class folder. Else, where one of the two folders is
+    ``normal`` (any case; e.g. Kaggle's NORMAL/PNEUMONIA), the other one, said in the note: the
+    fallback to class index 0 picked ``normal`` for such trees, which turned sensitivity and
+    specificity around without a word. Else a ConfigError asks for ``data.positive``.
+    """
+    names = list(class_names)
+    if positive in names:
+        return positive, None
+    others = [n for n in names if n.lower() != "normal"]
+    if len(names) == 2 and len(others) == 1:
+        return others[0], (f"disease class {others[0]!r}: data.positive {positive!r} is not a class "
+                           f"folder ({', '.join(names)}), and {others[0]!r} is the one that is not "
+                           f"normal (--set data.positive=NAME to choose)")
+    raise ConfigError(
+        f"data.positive {positive!r} is not one of the class folders {names}, so the disease class "
+        f"(whose F1, sensitivity and specificity are reported) is unknown. Set it, e.g. "
+        f"--set data.positive={names[0]}"
+    )
+
+
 def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
     """Softmax over the binary task's 2 logits, sigmoid per label for the multilabel task."""
     logits = np.asarray(logits, dtype=np.float64)
     if task == "binary":
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-logits))
+    return scipy.special.expit(logits)  # 1 / (1 + exp(-x)) without overflow warnings
 
 
 def evaluate_split(model, split: data.Split, exp: Experiment, manifest: data.Manifest,
@@ -194,6 +218,13 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
         f"images {counts})")
     preflight.check_batch_size(counts, exp.train.batch_size)
+    if exp.data.task == "binary":
+        positive, why = disease_class(exp.data.positive, manifest.class_names)
+        if positive != exp.data.positive:  # recorded, so resume, evaluate and the model agree
+            exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, positive=positive))
+            atomic.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
+        if why:
+            log(f"      note: {why}")
     positive_index = (manifest.class_names.index(exp.data.positive)
                       if exp.data.positive in manifest.class_names else 0)
     # One memory budget for both splits' decoded-image caches; a disk cache goes in the run
