@@ -209,9 +209,11 @@ def test_degenerate_input_gives_zeros_and_nones_without_warnings():
         assert r["accuracy"] == 1.0 and r["f1"] == 1.0
         assert r["specificity"] == 0.0 and r["f1_study"] == 0.0 and r["roc_auc"] is None
         assert r["confusion_matrix_normalized"] == [[1.0, 0.0], [0.0, 0.0]]
+        assert r["notes"] == ["no 'normal' images in this split: specificity is undefined (reported as 0.0)"]
         # Only normal present, all predicted infected.
         r = binary_report([1, 1], [[0.6, 0.4]] * 2, BINARY)
         assert r["f1"] == r["precision"] == r["recall"] == r["f1_study"] == 0.0
+        assert r["notes"] == ["no 'infected' images in this split: sensitivity is undefined (reported as 0.0)"]
         assert r["confusion_matrix"] == [[0, 0], [2, 0]]
         # Multi-label: nothing predicted; nothing true; a single sample.
         y = np.array([[1, 0, 1], [0, 1, 0]])

@@ -115,16 +115,22 @@ def test_fit_on_normal_and_pneumonia_folders_reports_pneumonia(binary_tree, tmp_
     import shutil
 
     tree = tmp_path / "kaggle"
-    for split in ("train", "validation", "test"):
+    for split in ("train", "validation"):
         shutil.copytree(binary_tree / split / "infected", tree / split / "PNEUMONIA")
         shutil.copytree(binary_tree / split / "normal", tree / split / "NORMAL")
+    (tree / "test").mkdir()  # unlabeled: images without class folders
+    for image in (binary_tree / "test" / "infected").iterdir():
+        shutil.copy(image, tree / "test" / image.name)
     lines = []
     run = train.fit(_tiny(tree, tmp_path / "runs", **{"train.epochs": 1, "model.backbone": "resnet18",
                                                       "model.freeze": "none"}), log=lines.append)
     assert any("note: disease class 'PNEUMONIA'" in line for line in lines)
+    assert (f"[6/6] Evaluating train, validation (test has no class folders, so no labels: not "
+            f"evaluated; `tfcovid predict {run} {tree / 'test'}` predicts it)") in lines
     assert config.from_dict(config.load_yaml(run / "config.yaml")).data.positive == "PNEUMONIA"
     summary = json.loads((run / "metrics.json").read_text())
-    test = summary["splits"]["test"]
-    assert test["positive_class"] == "PNEUMONIA" and test["notes"] == []
+    assert set(summary["splits"]) == {"train", "validation"}
+    validation = summary["splits"]["validation"]
+    assert validation["positive_class"] == "PNEUMONIA" and validation["notes"] == []
     from tfcovid import modelinfo
     assert modelinfo.load(run).positive == "PNEUMONIA"

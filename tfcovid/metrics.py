@@ -113,6 +113,10 @@ def binary_report(y_true, probs, class_names, positive: str = "infected") -> dic
             f"used class index 0 ({class_names[0]!r})"
         )
     neg = 1 - pos
+    for index, measure in ((pos, "sensitivity"), (neg, "specificity")):
+        if not (y_true == index).any():  # e.g. --skip-bad left a test class folder empty
+            notes.append(f"no {class_names[index]!r} images in this split: {measure} is "
+                         "undefined (reported as 0.0)")
 
     # One call gives every per-class number; labels=[0, 1] keeps both rows even when a
     # class is absent, and column 1 of it is exactly sklearn's default binary F1.

@@ -324,7 +324,10 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
 
     # Phase 6: evaluate every labeled split with scikit-learn and write metrics.json.
     labeled = [name for name in data.SPLIT_ALIASES if name in manifest.splits and manifest.splits[name].labeled]
-    log("[6/6] Evaluating " + ", ".join(labeled))
+    unlabeled = [name for name in data.SPLIT_ALIASES if name in manifest.splits and name not in labeled]
+    log("[6/6] Evaluating " + ", ".join(labeled) + "".join(
+        f" ({name} has no class folders, so no labels: not evaluated; `tfcovid predict {run} "
+        f"{manifest.splits[name].dir}` predicts it)" for name in unlabeled))
     try:
         with runstate.RaiseOnSignal():
             results = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
