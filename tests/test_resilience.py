@@ -4,6 +4,7 @@ The kill tests run `tfcovid fit` as a real process (ResNet18 at 16 px on 16 tiny
 about 15 s each) and compare weights tensor by tensor with an uninterrupted run.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -351,3 +352,47 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path,
     assert "[5/6] Training: done before (1 epoch); nothing left to train" in lines
     assert (run / "metrics.json").is_file()
     assert set(json.loads((run / "metrics.json").read_text())["splits"]) == {"train", "validation", "test"}
+
+
+def test_resume_refuses_other_data_and_takes_a_moved_copy(tree, tmp_path, monkeypatch):
+    """--resume RUN --data DIR: the same files in a new place continue; other data (another
+    count, other names) is refused with what changed, instead of training on it silently."""
+    import shutil
+
+    exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
+    real = train.evaluate_split
+
+    def stop(*args, **kwargs):  # leaves a run whose training has ended, without metrics.json
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(train, "evaluate_split", stop)
+    with pytest.raises(train.Interrupted):
+        train.fit(exp, log=lambda line: None)
+    monkeypatch.setattr(train, "evaluate_split", real)
+    run = next((tmp_path / "runs").iterdir())
+    recorded = json.loads((run / "backup" / "state.json").read_text())["data"]
+    assert recorded["train"]["images"] == 16 and recorded["class_names"] == ["infected", "normal"]
+
+    other = tmp_path / "other"
+    shutil.copytree(tree, other)
+    (next((other / "train" / "normal").iterdir())).unlink()
+    resumed = config.resolve(run / "config.yaml")
+    with pytest.raises(train.TrainingError) as err:
+        train.fit(dataclasses.replace(resumed, data=dataclasses.replace(resumed.data, dir=str(other))),
+                  run_dir=run, log=lambda line: None)
+    assert f"The data at {other} is not what {run} trained on: train 16 -> 15 images" in str(err.value)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tree, renamed)
+    first = next((renamed / "train" / "normal").iterdir())
+    first.rename(first.with_name("zz-" + first.name))
+    with pytest.raises(train.TrainingError, match="train: other file names"):
+        train.fit(dataclasses.replace(resumed, data=dataclasses.replace(resumed.data, dir=str(renamed))),
+                  run_dir=run, log=lambda line: None)
+    assert not (run / "metrics.json").exists()
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tree, moved)
+    assert train.fit(dataclasses.replace(resumed, data=dataclasses.replace(resumed.data, dir=str(moved))),
+                     run_dir=run, log=lambda line: None) == run
+    assert (run / "metrics.json").is_file()

@@ -23,6 +23,7 @@ committing the partial epoch, and ``fit`` prints the command that resumes the ru
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -90,11 +91,14 @@ class RunState(keras.callbacks.Callback):
         embed: called with each new ``.keras`` file before it is renamed into place (writes
             the model's task and label names into it).
         monitor: the value whose minimum picks ``best.keras``.
+        data: the train and validation splits' ``data_signature``, committed with each epoch
+            so that a resume can tell whether it is given the same data.
     """
 
     def __init__(self, run: str | Path, embed: Callable[[Path], None] | None = None,
-                 monitor: str = "val_loss"):
+                 monitor: str = "val_loss", data: dict | None = None):
         super().__init__()
+        self.data = data  # what the run trains on (``data_signature``), kept in every commit
         self.run = Path(run)
         self.backup = self.run / "backup"
         self.checkpoints = self.run / "checkpoints"
@@ -162,6 +166,8 @@ class RunState(keras.callbacks.Callback):
             history=[row for row in state["history"] if row["epoch"] < epoch] + [{"epoch": epoch, **logs}],
             seconds=state["seconds"][:epoch] + [round(seconds, 3)],
         )
+        if self.data is not None:
+            state["data"] = self.data
         atomic_write_text(self.backup / STATE_FILE, json.dumps(state, indent=1))  # the commit
         self.state = state
         atomic_write_text(self.run / "history.csv", history_csv(state["history"]))
@@ -254,3 +260,35 @@ class RaiseOnSignal:
         for sig, handler in self._previous.items():  # a second signal: the usual handler
             signal.signal(sig, handler)
         raise Interrupted(signum)
+
+
+def data_signature(manifest) -> dict:
+    """What the run trains on, by split: the class folders, the image count and a digest of
+    the sorted file names relative to the data's root (so a moved copy of the data matches)."""
+    root = str(manifest.root).rstrip("/") + "/"
+    signature = {"class_names": list(manifest.class_names)}
+    for name in ("train", "validation"):
+        split = manifest.splits.get(name)
+        if split is None:
+            continue
+        names = sorted(p[len(root):] if p.startswith(root) else p for p in map(str, split.paths))
+        digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        signature[name] = {"images": len(names), "files": digest}
+    return signature
+
+
+def data_changes(recorded: dict | None, current: dict) -> list[str]:
+    """How ``current`` differs from the ``recorded`` signature, in words ([] when it does not,
+    or when the run recorded none: runs from before this check)."""
+    if not recorded:
+        return []
+    changes = []
+    if recorded.get("class_names") != current.get("class_names"):
+        changes.append(f"class folders {recorded.get('class_names')} -> {current.get('class_names')}")
+    for name in ("train", "validation"):
+        was, now = recorded.get(name) or {}, current.get(name) or {}
+        if was.get("images") != now.get("images"):
+            changes.append(f"{name} {was.get('images')} -> {now.get('images')} images")
+        elif was.get("files") != now.get("files"):
+            changes.append(f"{name}: other file names ({now.get('images')} images, as before)")
+    return changes

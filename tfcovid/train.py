@@ -272,9 +272,17 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
 
     # Phase 5: train.
     info = modelinfo.info_for(exp, manifest)
-    state = runstate.RunState(run, embed=lambda path: modelinfo.embed(path, info))
+    signature = runstate.data_signature(manifest)
+    state = runstate.RunState(run, embed=lambda path: modelinfo.embed(path, info), data=signature)
     with strategy.scope():
         first = state.restore(model)
+    changes = runstate.data_changes(state.state.get("data"), signature)
+    if changes:  # --resume --data is for the same data in a new place, not for other data
+        raise TrainingError(
+            f"The data at {manifest.root} is not what {run} trained on: {'; '.join(changes)}. "
+            "Resume with the run's own data (--data where it is now), or start a new run for "
+            "this data."
+        )
     guard, stop = NaNGuard(), runstate.StopOnSignal()
     callbacks = [
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e)),
