@@ -76,3 +76,15 @@ def test_label_map_to_a_label_the_outputs_lack_is_a_data_error():
                            {"a": ["normal"], "pneumonia": ["pneumonia"]})
     assert "pneumonia -> ['pneumonia']" in str(err.value)
     assert "['infected', 'normal']" in str(err.value)
+
+
+def test_checkpoint_option_is_refused_for_a_model_file(binary_run, binary_tree):
+    model = binary_run / "checkpoints" / "last.keras"
+    image = next((binary_tree / "test" / "infected").iterdir())
+    for args in (["predict", str(model), str(image), "--checkpoint", "best"],
+                 ["evaluate", str(model), "--checkpoint", "last"],
+                 ["export", str(model), "--checkpoint", "best"],
+                 ["explain", str(model), str(image), "--out", "x", "--checkpoint", "best"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"--checkpoint picks a checkpoint of a run directory, and {model} is a model file" in result.output

@@ -167,6 +167,7 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
     Unreadable images are listed with the reason and the rest are still predicted; the exit
     status is 1 if any image failed. Not for clinical use.
     """
+    _checkpoint_only_for_runs(target)
     _tensorflow()
     from tfcovid import modelinfo
     from tfcovid import predict as predict_lib
@@ -315,6 +316,17 @@ def _model_options(command):
                         "metrics.json describes) or best (lowest validation loss).")(command)
 
 
+def _checkpoint_only_for_runs(target) -> None:
+    """--checkpoint picks a file in a run directory; given with a model file it was ignored."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("checkpoint") == ParameterSource.COMMANDLINE and os.path.isfile(target):
+        raise click.UsageError(
+            f"--checkpoint picks a checkpoint of a run directory, and {target} is a model file "
+            "(the checkpoint itself). Leave out --checkpoint, or pass the run directory.")
+
+
 def _names(text):
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
@@ -344,6 +356,7 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
 
     Reports sensitivity and specificity of each disease class by name. Not for clinical use.
     """
+    _checkpoint_only_for_runs(target)
     _tensorflow()
     from tfcovid import evaluate as evaluate_lib
 
@@ -369,6 +382,7 @@ def export(target, out_dir, fmt, checkpoint, task, model_labels):
 
     OUT_DIR must be new or empty (default RUN/saved_model, RUN/tflite or RUN/onnx).
     """
+    _checkpoint_only_for_runs(target)
     _tensorflow()
     from tfcovid import export as export_lib
 
@@ -392,6 +406,7 @@ def export(target, out_dir, fmt, checkpoint, task, model_labels):
 @_model_options
 def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
     """Grad-CAM heatmaps over the input images: where the model looked. Not for clinical use."""
+    _checkpoint_only_for_runs(target)
     _tensorflow()
     from tfcovid import explain as explain_lib
 
