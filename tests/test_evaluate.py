@@ -82,7 +82,7 @@ def test_a_bare_model_file_needs_data_and_writes_beside_itself(binary_run, binar
 def test_bad_input_is_named(binary_run, binary_tree, multilabel_tree, tmp_path):
     with pytest.raises(evaluate.EvaluateError, match="Valid splits"):
         evaluate.evaluate(binary_run, split="dev", log=lambda s: None)
-    with pytest.raises(DataError):  # class folders covid-19/normal/pneumonia: 3, not 2
+    with pytest.raises(evaluate.EvaluateError, match="is a binary model with outputs"):  # 3 class folders
         evaluate.evaluate(binary_run, data=multilabel_tree, log=lambda s: None)
     with pytest.raises(modelinfo.ModelInfoError, match="not found"):
         evaluate.evaluate(tmp_path / "missing.keras", log=lambda s: None)
@@ -103,3 +103,57 @@ def test_cli_evaluate_prints_the_disease_table_and_fails_cleanly(binary_run, tmp
     assert (tmp_path / "ev" / "test.json").is_file()
     bad = runner.invoke(cli.main, ["evaluate", str(tmp_path / "nope")])
     assert bad.exit_code == 1 and "Error:" in bad.output and "Traceback" not in bad.output
+
+
+def test_best_checkpoint_results_sit_beside_the_last_ones(binary_tree, tmp_path):
+    run = make_run(tmp_path, binary_tree, "binary", bias=[0.3, -0.3])
+    other = make_run(tmp_path / "other", binary_tree, "binary", bias=[-1.0, 1.0], seed=1)
+    best = run / "checkpoints" / "best.keras"
+    shutil.copy(other / "checkpoints" / "last.keras", best)
+    out = run / "eval"
+    lines = []
+
+    got = evaluate.evaluate(run, split="validation", checkpoint="best", log=lines.append)
+    names = ["validation-best.json", "validation-best_predictions.csv",
+             "validation-best_confusion.png", "validation-best_roc.png"]
+    assert [f.split("/")[-1] for f in got["files"]] == names
+    assert got["checkpoint"] == "best" and got["model"] == str(best) and got["replaced"] == []
+    last = evaluate.evaluate(run, split="validation", log=lines.append)
+    assert [f.split("/")[-1] for f in last["files"]] == [n.replace("-best", "") for n in names]
+    assert last["checkpoint"] == "last" and last["replaced"] == []
+    assert not any("Replaced" in line for line in lines)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + [n.replace("-best", "") for n in names])
+
+    # Each file holds its own checkpoint's numbers.
+    paths = sorted((binary_tree / "validation").rglob("*.*"))
+    for stem, model, source in (("validation", run / "checkpoints" / "last.keras", run),
+                                ("validation-best", best, other)):
+        saved = json.loads((out / f"{stem}.json").read_text())
+        assert saved["model"] == str(model) and saved["files"][0] == str(out / f"{stem}.json")
+        rows = (out / f"{stem}_predictions.csv").read_text().strip().splitlines()[1:]
+        np.testing.assert_allclose([float(r.split(",")[2]) for r in rows],
+                                   reference_probs(source, paths, "binary")[:, 0], atol=1e-6)
+
+    # best.keras given as a file is still the run's best checkpoint: it replaces only best's files.
+    kept = (out / "validation.json").read_text()
+    lines.clear()
+    again = evaluate.evaluate(best, split="validation", log=lines.append)
+    assert again["checkpoint"] == "best" and again["files"] == got["files"]
+    assert again["replaced"] == got["files"]
+    assert lines[-1] == (f"Replaced 4 file(s) of an earlier evaluation in {out}: "
+                         "validation-best.json, validation-best_predictions.csv, "
+                         "validation-best_confusion.png, validation-best_roc.png.")
+    assert (out / "validation.json").read_text() == kept
+
+    # Any other model file inside the run writes beside itself, never over the run's results.
+    mine = run / "mine.keras"
+    shutil.copy(best, mine)
+    result = evaluate.evaluate(mine, split="validation", log=lambda s: None)
+    assert result["checkpoint"] is None and result["files"][0] == str(run / "mine-eval" / "validation.json")
+    assert (out / "validation.json").read_text() == kept
+
+    # The command line says what it replaced.
+    cli_run = CliRunner().invoke(cli.main, ["evaluate", str(run), "--split", "validation"])
+    assert cli_run.exit_code == 0, cli_run.output
+    assert (f"Replaced 4 file(s) of an earlier evaluation in {out}: validation.json, "
+            "validation_predictions.csv, validation_confusion.png, validation_roc.png.") in cli_run.output

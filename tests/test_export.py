@@ -5,10 +5,13 @@ saved_model_cli's view of the signatures.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +170,51 @@ def test_a_mismatching_export_is_refused_and_removed(binary_run, tmp_path, monke
     with pytest.raises(export.ExportError, match="differs from the model"):
         export.export(binary_run, tmp_path / "sm", log=lambda s: None)
     assert not (tmp_path / "sm").exists()
+
+
+def test_a_file_as_output_is_called_a_file(binary_run, tmp_path):
+    (tmp_path / "emptyfile").touch()
+    with pytest.raises(FileExistsError, match=r"emptyfile is a file, not a folder \(export writes "
+                                              r"a folder of files\); choose a new output folder\."):
+        export.export(binary_run, tmp_path / "emptyfile", log=lambda s: None)
+    bad = CliRunner().invoke(cli.main, ["export", str(binary_run), str(tmp_path / "emptyfile")])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert f"Error: {tmp_path / 'emptyfile'} is a file, not a folder" in bad.output
+    assert "not empty" not in bad.output
+    # A file where a parent folder would have to be: named, not a NotADirectoryError traceback.
+    bad = CliRunner().invoke(cli.main, ["export", str(binary_run), str(tmp_path / "emptyfile" / "sub")])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert (f"Error: Cannot create the output folder {tmp_path / 'emptyfile' / 'sub'}: Not a directory. "
+            "Choose another output folder.") in bad.output
+    assert (tmp_path / "emptyfile").read_bytes() == b""
+
+
+def _readme_block(marker):
+    """The README's ```python block that contains ``marker``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def test_the_readme_pixel_recipe_reproduces_predict(binary_run, binary_tree, tmp_path):
+    from tfcovid import data, modelinfo, predict
+
+    path = export.export(binary_run, tmp_path / "tfl", format="tflite", log=lambda s: None)
+    # Every test image: PNG, JPEG, BMP; grey, RGB, RGBA, 16-bit.
+    files = sorted((binary_tree / "test").rglob("*.*"))
+    code = _readme_block("antialias=True").replace("model.tflite", str(path))
+    code = code.replace("xray.png", str(files[0]))
+    ns = {}
+    with warnings.catch_warnings():  # tf.lite.Interpreter warns that LiteRT replaces it
+        warnings.simplefilter("ignore")
+        exec(code, ns)  # noqa: S102 - the README's own example, run as a user would
+    expected = predict.predict(modelinfo.load(binary_run), files)
+    assert expected.paths == [str(f.resolve()) for f in files]
+    got = np.concatenate([ns["runner"](pixels=ns["pixels"](str(f))[None])["probabilities"]
+                          for f in files])
+    assert np.abs(got - expected.probs).max() < 1e-5
+    np.testing.assert_allclose(ns["probs"], expected.probs[:1], atol=1e-5)
+    # The recipe's pixels are tfcovid's own, value for value.
+    for f in files:
+        np.testing.assert_array_equal(ns["pixels"](str(f)), data.load_image(str(f), 32).numpy())

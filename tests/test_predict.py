@@ -176,3 +176,40 @@ def test_bad_targets_are_clear_errors(run, tmp_path):
     (tmp_path / "no-images").mkdir()
     result = CliRunner().invoke(main, ["predict", str(run), str(tmp_path / "no-images")])
     assert result.exit_code == 1 and "No images" in result.output
+
+
+def test_several_inputs_name_rows_by_path_and_predict_each_file_once(run, multilabel_tree, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = sorted((multilabel_tree / "train").rglob("*.png"))[:5]
+    assert len(images) == 5
+    for folder, source in (("A", images[0]), ("B", images[1]), ("odd", images[2]), ("odd2", images[3])):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / ("cmyk.png" if folder.startswith("odd") else "x.png"))
+    shutil.copy(images[4], tmp_path / "odd" / "other.png")
+    model = run / "checkpoints" / "last.keras"
+
+    # The same file name in two folders: each row names its folder, as the path given plus the
+    # path inside it.
+    result = CliRunner().invoke(main, ["predict", str(run), "A", "B/", "--csv", "ab.csv"])
+    assert result.exit_code == 0, result.output
+    header, rows = _read_csv(tmp_path / "ab.csv")
+    assert [r[0] for r in rows] == ["A/x.png", "B/x.png"]
+    expected = _reference_probs(model, [images[0], images[1]])
+    np.testing.assert_array_equal(np.array([r[1:] for r in rows], dtype=int), expected >= 0.5)
+    for name, probs in zip(["A/x.png", "B/x.png"], expected):
+        line = next(line for line in result.output.splitlines() if line.startswith(name + " "))
+        np.testing.assert_allclose([float(v) for v in line.split()[1:4]], probs, atol=6e-4)
+
+    # A file given directly and again inside a given folder: one row, under one name; the
+    # other folder's cmyk.png is named by its own folder.
+    trained = modelinfo.load(run)
+    got = predict.predict(trained, ["odd/cmyk.png", "odd2", "odd", "./odd"])
+    assert got.names == ["odd/cmyk.png", "odd/other.png", "odd2/cmyk.png"]
+    assert got.paths == [str((tmp_path / n).resolve()) for n in got.names]
+    np.testing.assert_allclose(got.probs, _reference_probs(model, [images[2], images[4], images[3]]),
+                               atol=1e-5)
+    # One folder alone (however spelled) keeps the names relative to it.
+    assert predict.predict(trained, ["odd", "odd/"]).names == ["cmyk.png", "other.png"]
+    found, missing, _ = predict.find_images(["A", "gone.png"])  # a missing input gives no rows
+    assert [name for name, _ in found] == ["x.png"] and missing == [("gone.png", "no such file or folder")]

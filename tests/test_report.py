@@ -144,3 +144,24 @@ def test_freeze_labels():
     assert report.freeze_label("all", "resnet18") == "all but head"
     assert report.freeze_label("first4") == "first 4 conv"
     assert report.freeze_label("none") == "none"
+
+
+def test_the_test_split_is_called_unlabeled_only_when_it_is(runs):
+    unlabeled = ("The test split is unlabeled, as in the study: use "
+                 "`tfcovid predict RUN_DIR DATA/Test --csv FILE`.")
+    text, _ = report.build_report([runs])
+    assert unlabeled in text and "The test split is labeled" not in text
+    # Demo data has a labeled test split: fit writes its metrics to metrics.json.
+    perfect = [[1, 0, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0]]
+    _write_run(runs, "r8-resnet18-bce", "multilabel", "resnet18", loss="bce", epochs=8, seconds=190,
+               correct={"train": perfect, "validation": perfect, "test": perfect})
+    text, _ = report.build_report([runs / "r8-resnet18-bce"])
+    assert ("The test split is labeled (the study's was not, so its table has no test column): the "
+            "test numbers are in the run's metrics.json, and `tfcovid evaluate RUN_DIR` prints them."
+            in text)
+    assert "unlabeled" not in text
+    text, _ = report.build_report([runs])  # one of three Part 2 runs has test labels
+    part2 = text.split("## Part 2", 1)[1]
+    assert "The test split is labeled for `r8-resnet18-bce` (the study's" in part2
+    assert "The other runs' test split is unlabeled: use `tfcovid predict" in part2
+    assert unlabeled not in part2

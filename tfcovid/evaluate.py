@@ -4,8 +4,10 @@
 names, see :mod:`tfcovid.modelinfo`), scans the data (the run's own by default), predicts the
 split with the evaluation transform and recomputes the scikit-learn report of either task
 (:mod:`tfcovid.metrics`). It writes ``<split>.json``, ``<split>_predictions.csv`` and the
-split's confusion-matrix and ROC plots to ``RUN/eval/`` (or ``<model>-eval/`` beside a bare
-``.keras`` file), and returns the result.
+split's confusion-matrix and ROC plots (``<split>_confusion.png``, ``<split>_roc.png``) to
+``RUN/eval/`` (or ``<model>-eval/`` beside any other ``.keras`` file), and returns the result.
+The run's best checkpoint writes ``<split>-best.json``, ``<split>-best_predictions.csv``, ... so
+that its results and the last checkpoint's sit side by side; files it replaces are counted.
 
 Sensitivity and specificity are reported by name for the disease classes: the binary task's
 positive class, and every label of the three-label task except "normal".
@@ -126,11 +128,28 @@ def _usable(manifest: tfdata.Manifest, exp, log) -> tfdata.Split:
     return filecheck.leave_out(manifest, bad, required=(name,)).splits[name]
 
 
+def run_checkpoint(trained) -> str | None:
+    """"last" or "best" when the model is that checkpoint of its run directory, else None
+    (a bare model file, or another .keras file inside a run directory)."""
+    if trained.run_dir is None:
+        return None
+    for name in modelinfo.CHECKPOINTS:
+        if trained.path.resolve() == (trained.run_dir / "checkpoints" / f"{name}.keras").resolve():
+            return name
+    return None
+
+
 def default_out_dir(trained) -> Path:
-    """``RUN/eval`` for a run, ``<model stem>-eval`` beside a bare model file."""
-    if trained.run_dir is not None:
+    """``RUN/eval`` for a run's checkpoint, ``<model stem>-eval`` beside any other model file."""
+    if run_checkpoint(trained) is not None:
         return trained.run_dir / "eval"
     return trained.path.with_name(trained.path.stem + "-eval")
+
+
+def result_stem(trained, split: str) -> str:
+    """What the result files of ``split`` start with: ``<split>``, or ``<split>-best`` for a
+    run's best checkpoint, whose results must not replace the last checkpoint's."""
+    return f"{split}-best" if run_checkpoint(trained) == "best" else split
 
 
 def predict_split(trained, split: tfdata.Split, batch_size: int = 32) -> np.ndarray:
@@ -159,16 +178,20 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         data: ImageFolder tree (or "demo"); default the run's own data.
         split: "train", "validation" or "test".
         out: output folder; default ``RUN/eval`` or ``<model>-eval/`` beside a bare model.
-        checkpoint: for a run directory, "last" (what metrics.json describes) or "best".
+        checkpoint: for a run directory, "last" (what metrics.json describes) or "best"; the
+            best checkpoint's files are named ``<split>-best*`` (a run's best.keras given as a
+            file too).
         batch_size: images per prediction batch.
         task, labels: for a bare model that does not carry them (see modelinfo.load).
         make_plots: write the confusion-matrix and ROC PNGs.
         log: where progress lines go.
 
     Returns:
-        The JSON written to ``<out>/<split>.json``: model, data, split, task, outputs,
-        ``report`` (binary_report / multilabel_report), ``diseases`` (sensitivity,
-        specificity, ROC AUC, support per disease class) and ``files``.
+        The JSON written to ``<out>/<split>.json``: model, checkpoint ("last", "best" or None
+        for another model file), data, split, task, outputs, ``report`` (binary_report /
+        multilabel_report), ``diseases`` (sensitivity, specificity, ROC AUC, support per
+        disease class), ``files`` and ``replaced`` (those of ``files`` that replaced a file of
+        an earlier evaluation).
 
     Raises:
         EvaluateError, modelinfo.ModelInfoError, data.DataError: with what to do instead.
@@ -187,14 +210,19 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
 
     out = Path(out) if out is not None else default_out_dir(trained)
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / f"{split}.json", out / f"{split}_predictions.csv"]
+    stem = result_stem(trained, split)
+    earlier = {p for p in (out / f"{stem}.json", out / f"{stem}_predictions.csv",
+                           out / f"{stem}_confusion.png", out / f"{stem}_roc.png") if p.exists()}
+    files = [out / f"{stem}.json", out / f"{stem}_predictions.csv"]
     _write_predictions(files[1], chosen, probs, trained.outputs)
     if make_plots:
         title = trained.run_dir.name if trained.run_dir else trained.path.stem
-        files += plots.save_split_plots(out, split, report, trained.task, chosen.labels, probs,
+        files += plots.save_split_plots(out, stem, report, trained.task, chosen.labels, probs,
                                         trained.outputs, trained.positive, title)
+    replaced = [f for f in files if f in earlier]
     result = {
         "model": str(trained.path),
+        "checkpoint": run_checkpoint(trained),
         "data": str(root),
         "split": split,
         "task": trained.task,
@@ -202,8 +230,12 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         "report": report,
         "diseases": disease_summary(report, trained.task, diseases),
         "files": [str(f) for f in files],
+        "replaced": [str(f) for f in replaced],
     }
     atomic_write_text(files[0], json.dumps(result, indent=2))
+    if replaced:
+        log(f"Replaced {len(replaced)} file(s) of an earlier evaluation in {out}: "
+            + ", ".join(f.name for f in replaced) + ".")
     return result
 
 

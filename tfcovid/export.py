@@ -16,7 +16,13 @@ lookup table inside the graph. Every export is reloaded and compared with the in
 before it is reported as written.
 
 TFLite and ONNX take float32 raw pixels (N, S, S, 3) in [0, 255], already resized to S x S,
-and return ``probabilities``; ``labels.txt`` is written beside them.
+and return ``probabilities``; ``labels.txt`` is written beside them. They give ``predict``'s
+probabilities for pixels prepared exactly as it prepares them: decoded to 8-bit RGB, resized
+with antialiasing and rounded to whole values::
+
+    x = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    x = tf.image.resize(x, (S, S), antialias=True)   # bilinear, antialiased
+    x = np.clip(np.round(x.numpy()), 0, 255)          # whole values, as uint8 pixels hold them
 """
 
 from __future__ import annotations
@@ -46,9 +52,16 @@ class ExportError(RuntimeError):
 
 
 def _output_dir(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder (export writes a folder of files); "
+                              "choose a new output folder.")
+    if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new output folder.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a parent folder should be, no permission, ...
+        raise ExportError(f"Cannot create the output folder {out}: {err.strerror or err}. "
+                          "Choose another output folder.") from None
     return out
 
 

@@ -42,33 +42,43 @@ class Predictions:
 
 
 def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]], list[str]]:
-    """Expand files and folders (recursively) into (name, path) pairs.
+    """Expand files and folders (recursively) into (name, path) pairs, one per file.
 
-    A file inside a folder argument is named by its path relative to that folder (so the
-    study's ``Test/`` folder gives bare file names); a file argument keeps the path as given.
+    Names are unique. One folder and no other (existing) input: a file is named by its path
+    relative to that folder (so the study's ``Test/`` folder gives bare file names). Otherwise
+    every file is named by its path as given: a file argument as written, a file found in a
+    folder as the folder argument joined with its path inside it (``A/x.jpg``, ``B/x.jpg``),
+    so equal names in different folders stay apart. A file reached twice (given directly and inside a given
+    folder, or in two nested folders) is listed once, under the name it was first reached by.
 
     Returns:
         (images, missing, skipped): images to read; (name, reason) for arguments that do not
         exist; files found in folders without an image extension.
     """
-    images: dict[Path, str] = {}
-    missing, skipped = [], []
+    unique: dict[Path, str] = {}  # "Test", "Test/" and "./Test" are one input
     for arg in inputs:
-        root = Path(arg).expanduser()
+        unique.setdefault(Path(arg).expanduser().resolve(), str(arg))
+    roots = [(arg, Path(arg).expanduser()) for arg in unique.values()]
+    existing = [root for _, root in roots if root.exists()]  # a missing one gives no rows
+    bare = len(existing) == 1 and existing[0].is_dir()
+    images: dict[Path, str] = {}
+    missing, skipped = [], {}
+    for arg, root in roots:
         if root.is_dir():
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(f for f in filenames if not f.startswith(".")):
                     path = Path(dirpath) / name
                     if path.suffix.lower() in data.IMAGE_EXTENSIONS:
-                        images.setdefault(path.resolve(), path.relative_to(root).as_posix())
+                        inside = path.relative_to(root)
+                        images.setdefault(path.resolve(), (inside if bare else Path(arg) / inside).as_posix())
                     else:
-                        skipped.append(str(path))
+                        skipped.setdefault(path.resolve(), str(path))
         elif root.is_file():
-            images.setdefault(root.resolve(), str(arg))
+            images.setdefault(root.resolve(), arg)
         else:
-            missing.append((str(arg), "no such file or folder"))
-    return [(name, path) for path, name in images.items()], missing, skipped
+            missing.append((arg, "no such file or folder"))
+    return [(name, path) for path, name in images.items()], missing, list(skipped.values())
 
 
 def read_problem(raw: bytes) -> str | None:

@@ -187,12 +187,26 @@ def tables(runs: Sequence[tuple[Path, dict, dict]]) -> str:
                 markdown_table(PART2_HEADER + ["Run"],
                                [table_row(c, s) + [f"`{r.name}`"] for r, c, s in part2]), "",
                 "Acc is the sample-averaged Jaccard index in % (the study's \"accuracy\"), F1 the "
-                "sample-averaged F1 in %, both at each run's threshold. The test split is "
-                "unlabeled, as in the study: use `tfcovid predict RUN_DIR DATA/Test --csv FILE`.", ""]
+                "sample-averaged F1 in %, both at each run's threshold. " + _test_note(part2), ""]
     if out:
         out += ["Time is the training time (sum of epoch durations, validation included) on the "
                 "machine each run used; the study's times are on a Colab T4.", ""]
     return "\n".join(out)
+
+
+def _test_note(part2) -> str:
+    """What the Part 2 table says about the test split: unlabeled as in the study, or where the
+    numbers of the runs whose metrics.json holds a labeled test split are."""
+    labeled = [r.name for r, _, s in part2 if "test" in s["splits"]]
+    if not labeled:
+        return ("The test split is unlabeled, as in the study: use "
+                "`tfcovid predict RUN_DIR DATA/Test --csv FILE`.")
+    which = "" if len(labeled) == len(part2) else " for " + ", ".join(f"`{n}`" for n in labeled)
+    rest = "" if not which else (" The other runs' test split is unlabeled: use "
+                                 "`tfcovid predict RUN_DIR DATA/Test --csv FILE`.")
+    return (f"The test split is labeled{which} (the study's was not, so its table has no test "
+            "column): the test numbers are in the run's metrics.json, and `tfcovid evaluate "
+            f"RUN_DIR` prints them.{rest}")
 
 
 def _labels_heading(outputs: list) -> str:
