@@ -11,6 +11,7 @@ checks their content before training). ``dataset`` decodes, augments or resizes,
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -97,33 +98,75 @@ def find_splits(root: Path) -> dict[str, Path]:
 
 
 class _Found:
-    """What scanning a tree turns up besides images: unusable files and ignored system files."""
+    """What scanning a tree turns up besides images: unusable files, ignored system files and
+    linked folders that were not followed (they lead to a folder already read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.bad: list[filecheck.BadFile] = []
         self.ignored = 0
+        self.repeated: list[str] = []  # "link -> target" for each linked folder not followed
 
     def note(self) -> list[str]:
-        if not self.ignored:
-            return []
-        return [f"ignored {self.ignored} system or hidden file(s) and folder(s) "
-                "(.DS_Store, Thumbs.db, desktop.ini, names starting with '.')"]
+        notes = []
+        if self.ignored:
+            notes.append(f"ignored {self.ignored} system or hidden file(s) and folder(s) "
+                         "(.DS_Store, Thumbs.db, desktop.ini, names starting with '.')")
+        if self.repeated:
+            more = len(self.repeated) - 5
+            shown = self.repeated[:5] + ([f"{more} more"] if more > 0 else [])
+            notes.append(f"did not follow {len(self.repeated)} linked folder(s) that lead back to a "
+                         "folder already read (a link loop, or a second link to the same folder), so "
+                         f"no image is read twice: {'; '.join(shown)}")
+        return notes
+
+    def shown(self, path: str) -> str:
+        """``path`` relative to the data folder when it is under it."""
+        relative = os.path.relpath(path, self.root)
+        return path if relative.startswith("..") else relative
 
 
-def _list_images(folder: Path, split: str, found: _Found) -> list[str]:
-    """Image files under ``folder`` (recursively, sorted); the others go to ``found``."""
-    images = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        found.ignored += sum(filecheck.is_system_file(d) for d in dirnames)
-        dirnames[:] = sorted(d for d in dirnames if not filecheck.is_system_file(d))
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            if filecheck.is_system_file(name):
+def _list_images(folder: Path, split: str, found: _Found, above: Sequence[Path] = ()) -> list[str]:
+    """Image files under ``folder`` (recursively, sorted); the others go to ``found``.
+
+    Each folder's files come first, then its subfolders in name order. Links to files and to
+    folders are followed, but a folder is read once per call: a linked folder whose target was
+    read already, or that contains a folder being read (``above``: the split and data folders
+    holding ``folder``) -- a link loop -- is noted in ``found`` and not followed.
+    """
+    images: list[str] = []
+    seen: set[str] = set()
+
+    def walk(directory: str, chain: tuple[str, ...]) -> None:
+        real = os.path.realpath(directory)
+        seen.add(real)
+        chain += (real,)
+        try:
+            with os.scandir(directory) as scanned:
+                entries = sorted(scanned, key=lambda e: e.name)
+        except OSError as err:  # os.walk would skip it without a word
+            found.bad.append(filecheck.BadFile(directory, filecheck.unreadable_folder(err), split))
+            return
+        subdirs = []
+        for entry in entries:
+            if filecheck.is_system_file(entry.name):
                 found.ignored += 1
-            elif (reason := filecheck.quick_check(path)) is not None:
-                found.bad.append(filecheck.BadFile(path, reason, split))
+            elif entry.is_dir():  # follows links
+                subdirs.append(entry.path)
+            elif (reason := filecheck.quick_check(entry.path)) is not None:
+                found.bad.append(filecheck.BadFile(entry.path, reason, split))
             else:
-                images.append(path)
+                images.append(entry.path)
+        for path in subdirs:
+            target = os.path.realpath(path)
+            # A target holding a folder of the chain would walk into itself: a loop.
+            inside = target.rstrip(os.sep) + os.sep
+            if target in seen or any(c == target or c.startswith(inside) for c in chain):
+                found.repeated.append(f"{found.shown(path)} -> {target}")
+            else:
+                walk(path, chain)
+
+    walk(str(folder), tuple(os.path.realpath(p) for p in above))
     return images
 
 
@@ -135,6 +178,35 @@ def _outside_classes(folder: Path, split: str, found: _Found) -> None:
             continue
         reason = filecheck.quick_check(path)
         found.bad.append(filecheck.BadFile(str(path), reason or filecheck.OUTSIDE_CLASS, split))
+
+
+def _class_mismatch(folder: Path, names, first_folder: Path, class_names) -> DataError:
+    """The error for two splits whose class folders differ; it says when they differ only in
+    Unicode normalization (a macOS copy writes "á" as "a" + accent, NFD; most systems as one
+    character, NFC): the names then print alike but are different folders."""
+    def nfc(values):
+        return sorted(unicodedata.normalize("NFC", v) for v in values)
+
+    if nfc(names) != nfc(class_names):
+        return DataError(
+            f"Class folders differ between splits: {folder} has {list(names)} but {first_folder} "
+            f"has {list(class_names)}. Every split needs the same class folders."
+        )
+
+    def form(name):
+        return "NFC" if unicodedata.is_normalized("NFC", name) else "NFD"
+
+    spelled = {unicodedata.normalize("NFC", n): n for n in class_names}
+    pairs = [(n, spelled[unicodedata.normalize("NFC", n)]) for n in names if n not in class_names]
+    return DataError(
+        "Class folders differ between splits only in Unicode normalization: "
+        + "; ".join(f"{folder / n} is spelled {ascii(n)} ({form(n)}) but {first_folder / m} is "
+                    f"{ascii(m)} ({form(m)})" for n, m in pairs)
+        + ". The names look the same but are different folder names (a copy made on macOS "
+        "often spells accented letters decomposed, NFD). Rename one of each pair so every split "
+        "spells the class the same way (`convmv -r -f utf8 -t utf8 --nfc --notest "
+        f"{first_folder.parent}` renames every name under it to NFC)."
+    )
 
 
 def label_vectors(
@@ -181,9 +253,11 @@ def scan(
 ) -> Manifest:
     """Read an ImageFolder tree and check its structure.
 
-    Files that cannot be used (not an image, empty, unreadable, or outside any class folder)
-    are left out of the splits and collected in ``Manifest.bad``; system files (``.DS_Store``,
-    ``Thumbs.db``, hidden files) are ignored and counted in ``Manifest.problems``.
+    Images may sit in subfolders of a class folder; links are followed (see ``_list_images``
+    for link loops). Files that cannot be used (not an image, empty, unreadable, not a regular
+    file, or outside any class folder) are left out of the splits and collected in
+    ``Manifest.bad``; system files (``.DS_Store``, ``Thumbs.db``, hidden files) are ignored and
+    counted, and linked folders not followed are named, in ``Manifest.problems``.
 
     Args:
         root: folder holding the split folders.
@@ -213,7 +287,7 @@ def scan(
             f"{root} has no {' or '.join(missing)} split folder (found: {have}). Expected "
             f"train/, validation/ (or val/) and optionally test/, each with one folder per class."
         )
-    found = _Found()
+    found = _Found(root)
     splits: dict[str, Split] = {}
     labeled: list[str] = []
     class_names: tuple[str, ...] | None = None
@@ -223,7 +297,7 @@ def scan(
         found.ignored += len(subdirs) - len(class_dirs)
         if not class_dirs:  # images directly in the split folder: an unlabeled split
             before = len(found.bad)
-            paths = _list_images(folder, name, found)
+            paths = _list_images(folder, name, found, above=(root,))
             if not paths and len(found.bad) == before:
                 raise DataError(f"{folder} holds no images and no class folders.")
             if name in required:
@@ -237,15 +311,12 @@ def scan(
         if class_names is None:
             class_names, first_folder = names, folder
         elif names != class_names:
-            raise DataError(
-                f"Class folders differ between splits: {folder} has {list(names)} but {first_folder} "
-                f"has {list(class_names)}. Every split needs the same class folders."
-            )
+            raise _class_mismatch(folder, names, first_folder, class_names)
         _outside_classes(folder, name, found)
         paths, owners = [], []
         for class_dir in class_dirs:
             before = len(found.bad)
-            images = _list_images(class_dir, name, found)
+            images = _list_images(class_dir, name, found, above=(root, folder))
             if not images and len(found.bad) == before:  # unusable files are reported instead
                 raise DataError(f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
             paths += images

@@ -13,6 +13,7 @@ run directory's ``skipped.txt``.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,38 @@ def _unreadable(path, err: OSError) -> str:
     return f"cannot be read ({reason})"
 
 
+# What a path that is not a regular file is, by its stat mode (after following links).
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(path) -> str | None:
+    """Why ``path`` must not be opened (one line), or None for a regular file.
+
+    Checked before any read: opening a named pipe waits for a writer forever, and a device
+    such as /dev/zero never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode  # follows links: the kind of what is read
+    except OSError as err:
+        return _unreadable(path, err)
+    if stat.S_ISREG(mode):
+        return None
+    what = next((kind for test, kind in _NOT_REGULAR if test(mode)), "not a file")
+    link = f", through the link to {os.readlink(path)}" if os.path.islink(path) else ""
+    return f"not a regular file: {what}{link}; replace it with the image file itself or remove it"
+
+
+def unreadable_folder(err: OSError) -> str:
+    """The reason for a folder whose listing cannot be read."""
+    reason = err.strerror or str(err)
+    if isinstance(err, PermissionError):
+        return (f"folder cannot be read ({reason}), so its images are unknown; give read "
+                "permission (chmod a+rx) or remove it")
+    return f"folder cannot be read ({reason}), so its images are unknown"
+
+
 def _head(path) -> bytes:
     try:
         head = read_bytes(path, HEAD_BYTES)
@@ -103,9 +136,11 @@ def _head(path) -> bytes:
 def quick_check(path) -> str | None:
     """Why a file in a class folder cannot be a training image (None: it may be one).
 
-    Cheap, structural checks only (extension, readable, non-empty, signature), done while
-    scanning; :func:`check_file` does the full check.
+    Cheap, structural checks only (a regular file, extension, readable, non-empty,
+    signature), done while scanning; :func:`check_file` does the full check.
     """
+    if (reason := not_regular(path)) is not None:  # before the name: a broken link says so
+        return reason
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         hint = f" ({_HINTS[suffix]})" if suffix in _HINTS else ""
@@ -222,6 +257,8 @@ def _decode(data: bytes, kind: str) -> None:
 
 def check_file(path, max_pixels: int) -> str | None:
     """Why ``path`` cannot be used (one line), or None when it decodes as the pipeline will."""
+    if (reason := not_regular(path)) is not None:  # it may have changed since the scan
+        return reason
     try:
         data = read_bytes(path)
     except OSError as err:
@@ -284,8 +321,11 @@ def check(manifest, max_pixels: int, log=print, threads: int | None = None) -> l
                 log(f"Checking files: {n:,}/{len(files):,}")
     seconds = time.perf_counter() - start
     if files or found:
-        log(f"Checked {len(files):,} files in {seconds:.1f} s: "
-            + (f"{len(found):,} unusable" if found else "all usable"))
+        # Files the scan refused (by name, emptiness, ...) were checked too: count them here, so
+        # the line adds up to the files under the data folder (system files aside).
+        total = len(files) + len(getattr(manifest, "bad", ()))
+        log(f"Checked {total:,} files in {seconds:.1f} s: "
+            + (f"{total - len(found):,} usable, {len(found):,} unusable" if found else "all usable"))
     else:  # prepared records only: each image was checked when the shards were written
         log("Prepared records: their images were checked by `tfcovid prepare`; shard sizes are "
             "checked at the start and each record's checksum when it is read")
@@ -321,11 +361,22 @@ def require_usable(manifest, max_pixels: int, log=print) -> None:
         raise problems_error(bad, manifest.root, "Fix or remove these files.")
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def escape_field(text: str) -> str:
+    r"""``text`` for one field of a tab-separated line: backslash, tab, newline and carriage
+    return become ``\\``, ``\t``, ``\n`` and ``\r`` (file names may hold any of them)."""
+    return text.translate(_ESCAPES)
+
+
 def write_skipped(run_dir, bad) -> Path:
-    """Write ``run_dir/skipped.txt`` ("path<TAB>reason" lines) atomically; return its path."""
+    """Write ``run_dir/skipped.txt`` ("path<TAB>reason" lines, fields escaped with
+    :func:`escape_field`) atomically; return its path."""
     target = Path(run_dir) / "skipped.txt"
-    lines = ["# files left out of this run (data.skip_bad): path<TAB>reason"]
-    lines += [f"{b.path}\t{b.reason}" for b in bad]
+    lines = ["# files left out of this run (data.skip_bad): path<TAB>reason, with backslash, "
+             "tab, newline and carriage return in them written as \\\\, \\t, \\n and \\r"]
+    lines += [f"{escape_field(b.path)}\t{escape_field(b.reason)}" for b in bad]
     return atomic_write_text(target, "\n".join(lines) + "\n")
 
 
