@@ -213,3 +213,30 @@ def test_several_inputs_name_rows_by_path_and_predict_each_file_once(run, multil
     assert predict.predict(trained, ["odd", "odd/"]).names == ["cmyk.png", "other.png"]
     found, missing, _ = predict.find_images(["A", "gone.png"])  # a missing input gives no rows
     assert [name for name, _ in found] == ["x.png"] and missing == [("gone.png", "no such file or folder")]
+
+
+def test_linked_folders_followed_and_a_named_pipe_refused_unopened(run, multilabel_tree, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    good = sorted((multilabel_tree / "validation" / "normal").iterdir())[:2]
+    shutil.copy(good[0], folder / "a.png")
+    shutil.copy(good[1], elsewhere / "b.png")
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)  # read once, not forever
+    os.mkfifo(folder / "pipe.png")
+    raw, reason = predict.read_file(folder / "pipe.png")  # returns at once: never opened
+    assert raw is None and reason.startswith("not a regular file: a named pipe")
+    found, missing, skipped = predict.find_images([folder])
+    assert sorted(name for name, _ in found) == ["a.png", "linked/b.png", "pipe.png"]
+    out = tmp_path / "p.csv"
+    done = subprocess.run([sys.executable, "-m", "tfcovid.cli", "predict", str(run), str(folder),
+                           "--csv", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "pipe.png: not a regular file: a named pipe" in done.stderr
+    _, rows = _read_csv(out)
+    assert [r[0] for r in rows] == ["a.png", "linked/b.png"]

@@ -224,7 +224,7 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     note = coarse_note(trained.model, layer)
     if note:
         log(note)
-    from tfcovid.predict import find_images, read_problem, tf_error_reason
+    from tfcovid.predict import find_images, read_file, read_problem, tf_error_reason
 
     found, missing, skipped = find_images(images)  # files, and image files in folders, as predict
     if missing:
@@ -234,8 +234,8 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     paths = [path for _, path in found]
     pixels = []
     for name, p in found:
-        raw = p.read_bytes()
-        problem = read_problem(raw)
+        raw, problem = read_file(p)
+        problem = problem or read_problem(raw)
         try:
             if problem is None:
                 pixels.append(data.load_image(str(p), trained.image_size, raw).numpy())

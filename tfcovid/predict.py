@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfcovid import augment, data
+from tfcovid import augment, data, filecheck
 from tfcovid.atomic import atomic_write_csv
 from tfcovid.modelinfo import Trained
 from tfcovid.train import probabilities
@@ -65,8 +65,11 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], l
     missing, skipped = [], {}
     for arg, root in roots:
         if root.is_dir():
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            visited = {os.path.realpath(root)}  # links are followed, each folder read once
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
+                               and os.path.realpath(os.path.join(dirpath, d)) not in visited]
+                visited.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
                 for name in sorted(f for f in filenames if not f.startswith(".")):
                     path = Path(dirpath) / name
                     if path.suffix.lower() in data.IMAGE_EXTENSIONS:
@@ -79,6 +82,18 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], l
         else:
             missing.append((arg, "no such file or folder"))
     return [(name, path) for path, name in images.items()], missing, list(skipped.values())
+
+
+def read_file(path: Path) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, why it cannot be read): a named pipe, socket or
+    device is refused unopened (reading a pipe waits forever), as fit's file check does."""
+    reason = filecheck.not_regular(path)
+    if reason is not None:
+        return None, reason
+    try:
+        return path.read_bytes(), None
+    except OSError as err:
+        return None, f"cannot read the file: {err.strerror or err}"
 
 
 def read_problem(raw: bytes) -> str | None:
@@ -145,10 +160,9 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
             pixels.clear()
 
     for i, (name, path) in enumerate(sorted(found)):
-        try:
-            raw = path.read_bytes()
-        except OSError as err:
-            failed.append((name, f"cannot read the file: {err.strerror or err}"))
+        raw, problem = read_file(path)
+        if raw is None:
+            failed.append((name, problem))
             continue
         problem = read_problem(raw)
         if problem is None:
