@@ -5,13 +5,15 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tfcovid import cli, config, data, records, train
+from tfcovid import cli, config, data, records, runstate, train
 from tfcovid.data import DataError
 
 
@@ -186,9 +188,172 @@ def test_prepare_refuses_bad_input(binary_tree, prepared, tmp_path):
         records.prepare(binary_tree, tmp_path / "x", shards=0)
     with pytest.raises(DataError, match="Data folder not found"):
         records.prepare(tmp_path / "missing", tmp_path / "y")
+    with pytest.raises(DataError, match="--max-pixels must be at least 1, got 0"):
+        records.prepare(binary_tree, tmp_path / "z", max_pixels=0)
     runner = CliRunner()
     result = runner.invoke(cli.main, ["prepare", str(binary_tree), str(out)])
     assert result.exit_code == 1 and "never overwrites" in result.output and "Traceback" not in result.output
+
+
+def _fit_args(data_dir, tmp_path, *more):
+    return ["fit", "--data", str(data_dir), "--backbone", "resnet18", "--freeze", "none", "--weights",
+            "none", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+            "--out", str(tmp_path / "runs"), *more]
+
+
+def _needs_main_thread():
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live there
+        pytest.skip("signals reach only the main thread")
+
+
+def test_output_appears_only_when_complete(binary_tree, tmp_path):
+    """A local OUT_DIR is written as OUT_DIR.partial and renamed; an empty OUT_DIR is fine, a
+    leftover .partial (a killed prepare) is refused by name."""
+    out, seen = tmp_path / "out", []
+
+    def log(line):
+        if line.startswith("train:"):  # the train split is written, not yet the manifest
+            partial = os.listdir(tmp_path / "out.partial")
+            seen.append((os.listdir(out), "train.index.json" in partial, records.MANIFEST in partial))
+
+    out.mkdir()  # new or empty: an empty one is replaced by the complete folder
+    manifest = records.prepare(binary_tree, out, shards=2, max_side=32, log=log)
+    assert seen == [([], True, False)]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert json.loads((out / records.MANIFEST).read_text()) == manifest and records.verify(out) == []
+    (tmp_path / "again.partial").mkdir()
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"{tmp_path}/again.partial exists: a tfcovid prepare into {tmp_path}/again is running, or one "
+            f"was killed (SIGKILL, power loss). If none is running, delete {tmp_path}/again.partial")):
+        records.prepare(binary_tree, tmp_path / "again", log=lambda s: None)
+    assert not (tmp_path / "again").exists()
+
+
+def test_sigterm_removes_the_partial_output(binary_tree, tmp_path):
+    _needs_main_thread()
+    before = signal.getsignal(signal.SIGTERM)
+
+    def log(line):
+        if line.startswith("train:"):  # a real signal, mid-write: shards of one split are on disk
+            assert (tmp_path / "out.partial" / "train.index.json").exists()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(runstate.Interrupted) as caught:
+        records.prepare(binary_tree, tmp_path / "out", shards=2, max_side=32, log=log)
+    assert caught.value.name == "SIGTERM" and caught.value.exit_code == 143
+    assert os.listdir(tmp_path) == []  # neither out nor out.partial
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_cli_ctrl_c_says_nothing_was_written(binary_tree, tmp_path, monkeypatch):
+    _needs_main_thread()
+    write_split = records._write_split
+
+    def interrupted(*args, **kwargs):
+        entry = write_split(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return entry
+
+    monkeypatch.setattr(records, "_write_split", interrupted)
+    out = tmp_path / "PK"
+    result = CliRunner().invoke(cli.main, ["prepare", str(binary_tree), str(out), "--max-side", "32"])
+    assert result.exit_code == 130, result.output
+    said = f"tfcovid prepare stopped by SIGINT: nothing was written to {out}."
+    assert result.output.strip().splitlines()[-1] == said
+    assert "Traceback" not in result.output and os.listdir(tmp_path) == []
+
+
+def test_incomplete_or_damaged_output_is_named(prepared, binary_tree, tmp_path):
+    """Shards without a manifest (a prepare killed before this version, or on gs://) and a
+    missing or damaged index file stop with errors naming the folder or file, never a
+    traceback, also through fit."""
+    out, manifest = prepared
+    incomplete = tmp_path / "PK"
+    shutil.copytree(out, incomplete)
+    (incomplete / records.MANIFEST).unlink()
+    said = (f"{incomplete} is an incomplete tfcovid prepare output (no manifest tfcovid-records.json: "
+            "the prepare was interrupted): delete it and run tfcovid prepare again.")
+    assert records.is_prepared(incomplete) and not records.is_prepared(binary_tree)
+    with pytest.raises(DataError, match=re.escape(said)):
+        data.scan(incomplete, "binary")
+    with pytest.raises(DataError, match=re.escape(said)):  # not "never overwrites"
+        records.prepare(binary_tree, incomplete, log=lambda s: None)
+    with pytest.raises(DataError, match=re.escape(said)):  # not "already a prepared dataset"
+        records.prepare(incomplete, tmp_path / "new", log=lambda s: None)
+    runner = CliRunner()
+    result = runner.invoke(cli.main, _fit_args(incomplete, tmp_path))
+    assert result.exit_code == 1 and f"Error: {said}" in result.output, result.output
+    assert "Traceback" not in result.output
+
+    damaged = tmp_path / "P1"
+    shutil.copytree(out, damaged)
+    index = damaged / "train.index.json"
+    text = index.read_text()
+    index.write_text(text.replace('"names"', '"nameZ"'))  # same size, one letter off
+    assert records.verify(damaged) == [f"{index}: sha256 differs from the manifest (damaged)"]
+    with pytest.raises(DataError, match=re.escape(f"Cannot read the index {index} (no 'names' list): the "
+                                                  "prepared dataset is damaged.")):
+        data.scan(damaged, "binary")
+    index.unlink()
+    assert records.verify(damaged) == [f"{index}: missing"]
+    result = runner.invoke(cli.main, _fit_args(damaged, tmp_path))
+    assert result.exit_code == 1, result.output
+    assert (f"Error: The prepared dataset {damaged} is damaged:\n  {index}: missing\nCopy it again or run "
+            "tfcovid prepare again.") in result.output
+    assert "Traceback" not in result.output and "NotFoundError" not in result.output
+
+
+def test_max_pixels_and_skip_bad(binary_tree, tmp_path):
+    """prepare's --max-pixels is what its message points to; --skip-bad leaves files out and
+    lists them in the log and the manifest."""
+    from PIL import Image
+
+    tree = tmp_path / "tree"
+    shutil.copytree(binary_tree, tree, ignore=shutil.ignore_patterns("masks"))
+    Image.fromarray(np.full((100, 120), 99, np.uint8)).save(tree / "train" / "normal" / "big.png")
+    (tree / "validation" / "infected" / "notes.png").write_text("not an image")
+    too_big = "120×100 = 12,000 pixels is over --max-pixels (6,000); downscale it or raise --max-pixels"
+    not_image = "not a JPEG/PNG/BMP/GIF image (it is text)"  # after filecheck's words on the name
+    with pytest.raises(DataError) as caught:
+        records.prepare(tree, tmp_path / "out", max_side=32, max_pixels=6000, log=lambda s: None)
+    message = str(caught.value)
+    lines = message.splitlines()
+    assert lines[:2] == [f"2 files under {tree} cannot be used:", f"  train/normal/big.png: {too_big}"]
+    assert lines[2].startswith("  validation/infected/notes.png: ") and lines[2].endswith(not_image)
+    assert lines[3:] == ["Fix or remove these files, or pass --skip-bad to leave them out (listed in the manifest)."]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    runner = CliRunner()
+    result = runner.invoke(cli.main, ["prepare", str(tree), str(tmp_path / "out"), "--max-pixels", "6000"])
+    assert result.exit_code == 1 and "is over --max-pixels (6,000)" in result.output, result.output
+    result = runner.invoke(cli.main, ["prepare", str(tree), str(tmp_path / "out"), "--max-pixels", "6000",
+                                      "--skip-bad", "--max-side", "32", "--shards", "2"])
+    assert result.exit_code == 0, result.output
+    assert ("Left out 2 unusable files (listed in the manifest's \"skipped\"):\n"
+            f"  train/normal/big.png: {too_big}\n") in result.output
+    assert "Wrote 16 images" in result.output
+    manifest = json.loads((tmp_path / "out" / records.MANIFEST).read_text())
+    skipped = {s["file"]: s["reason"] for s in manifest["skipped"]}
+    assert sorted(skipped) == ["train/normal/big.png", "validation/infected/notes.png"]
+    assert skipped["train/normal/big.png"] == too_big and skipped["validation/infected/notes.png"].endswith(not_image)
+    assert manifest["splits"]["train"]["images"] == 8 and manifest["splits"]["validation"]["images"] == 4
+    assert "train/normal/big.png" not in data.scan(tmp_path / "out", "binary").splits["train"].paths
+    # Without --max-pixels, fit's default applies: the 120x100 image is fine.
+    result = runner.invoke(cli.main, ["prepare", str(tree), str(tmp_path / "out2"), "--skip-bad",
+                                      "--max-side", "32"])
+    assert result.exit_code == 0 and "Left out 1 unusable file " in result.output, result.output
+    assert "Wrote 17 images" in result.output
+
+
+def test_upsampling_note(binary_tree, prepared, tmp_path):
+    out = tmp_path / "small"
+    records.prepare(binary_tree, out, shards=1, max_side=32, log=lambda s: None)
+    small = data.scan(out, "binary")
+    assert records.upsampling_note(small, 64) == (
+        f"the records in {out} were prepared at most 32 px on the longer side; training at 64 px "
+        "upsamples them (prepare with --max-side 128 or more for 64 px: the random crops zoom in)")
+    assert records.upsampling_note(small, 32) is None and records.upsampling_note(small, 16) is None
+    assert records.upsampling_note(data.scan(prepared[0], "binary"), 999) is None  # sizes kept
+    assert records.upsampling_note(data.scan(binary_tree, "binary"), 999) is None  # ImageFolder
 
 
 @pytest.mark.slow

@@ -396,3 +396,29 @@ def test_resume_refuses_other_data_and_takes_a_moved_copy(tree, tmp_path, monkey
     assert train.fit(dataclasses.replace(resumed, data=dataclasses.replace(resumed.data, dir=str(moved))),
                      run_dir=run, log=lambda line: None) == run
     assert (run / "metrics.json").is_file()
+
+
+def test_raise_on_signal_stops_even_when_a_finalizer_swallows_its_exception():
+    """The handler raises at once; where that lands in a __del__ (Python prints "Exception
+    ignored" and goes on), the block still ends with Interrupted when it is left."""
+    import gc
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside __del__
+
+    before = signal.getsignal(signal.SIGTERM)
+    reached = []
+    with pytest.raises(runstate.Interrupted) as caught:
+        with runstate.RaiseOnSignal():
+            SignalsWhenCollected()  # collected at once: its __del__ swallows the exception
+            gc.collect()
+            reached.append("after")  # the work goes on ...
+    assert reached == ["after"] and caught.value.name == "SIGTERM"  # ... and still stops
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(runstate.Interrupted):  # the ordinary case: raised where it came
+        with runstate.RaiseOnSignal():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            reached.append("not reached")
+    assert reached == ["after"]

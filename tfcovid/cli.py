@@ -430,18 +430,28 @@ def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
 @click.option("--format", "encoding", type=click.Choice(["png", "jpeg"]), default="png",
               show_default=True, help="png: lossless; jpeg: quality 95, smaller and slightly lossy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image-to-shard order.")
-def prepare(data_dir, out_dir, shards, max_side, encoding, seed):
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Refuse images with more pixels than this (read from their headers, before "
+                   "decoding: a decompression-bomb guard). Default: fit's (data.max_pixels).")
+@click.option("--skip-bad", is_flag=True, default=False,
+              help="Leave out unusable image files (listed, and kept in the manifest) instead of stopping.")
+def prepare(data_dir, out_dir, shards, max_side, encoding, seed, max_pixels, skip_bad):
     """Write the ImageFolder tree DATA_DIR as sharded TFRecords to OUT_DIR (local or gs://).
 
     OUT_DIR then works wherever an ImageFolder tree does (fit --data OUT_DIR): it is streamed
-    with parallel reads and split across workers by shard.
+    with parallel reads and split across workers by shard. A local OUT_DIR appears only when
+    complete; SIGTERM or Ctrl-C removes the partial output.
     """
     _tensorflow()
-    from tfcovid import records
+    from tfcovid import records, runstate
 
+    limits = {} if max_pixels is None else {"max_pixels": max_pixels}
     try:
         manifest = records.prepare(data_dir, out_dir, shards, max_side, encoding, seed=seed,
-                                   log=lambda s: click.echo(s))
+                                   log=lambda s: click.echo(s), skip_bad=skip_bad, **limits)
+    except runstate.Interrupted as err:  # SIGTERM / Ctrl-C: the partial output is already removed
+        click.echo(f"tfcovid prepare stopped by {err.name}: nothing was written to {out_dir}.", err=True)
+        sys.exit(err.exit_code)
     except _user_errors() as err:
         _fail(err)
     total = sum(split["images"] for split in manifest["splits"].values())

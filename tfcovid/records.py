@@ -19,9 +19,14 @@ few shards at a time still gives well-mixed batches. Labels for a task are deriv
 reading, exactly as for an ImageFolder tree (:func:`tfcovid.data.label_vectors`), so one
 prepared dataset serves both the binary and the three-label task.
 
-Reading checks every shard's size against the manifest at start, and each shard's record
-count as it is read; a read failure is explained by re-checking the sha256 checksums, so the
-error names the damaged shard. Training reads shards in parallel (interleaved) and shards them
+A local OUT_DIR is written as ``OUT_DIR.partial`` and renamed when complete, so OUT_DIR
+never holds half a dataset; an interrupted or failed run removes its partial output. (On URLs,
+where a folder cannot be renamed whole, it is written in place with the manifest last.) A
+folder of shards without a manifest is named as an incomplete ``prepare`` output.
+
+Reading checks that every shard and index file is there and each shard's size against the
+manifest at start, and each shard's record count as it is read; a read failure is explained
+by re-checking the sha256 checksums, so the error names the damaged shard. Training reads shards in parallel (interleaved) and shards them
 across workers by file (``AutoShardPolicy.FILE``); evaluation reads them in order.
 """
 
@@ -30,14 +35,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
+import shutil
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from tfcovid import augment, data, filecheck, pipeline
+from tfcovid import augment, data, filecheck, pipeline, runstate
 from tfcovid.cache import as_cache
 from tfcovid.config import DataConfig
 from tfcovid.data import DataError
@@ -46,6 +53,10 @@ from tfcovid.workers import DECODE, STORED, WorkerStore
 MANIFEST = "tfcovid-records.json"
 FORMAT, VERSION = "tfcovid-tfrecords", 1
 ENCODINGS = ("png", "jpeg")
+PARTIAL = ".partial"  # suffix of the folder a local prepare writes before renaming it to OUT_DIR
+# What prepare writes besides the manifest: a folder holding these but no manifest is the
+# output of an interrupted (or older, killed) prepare, never an ImageFolder tree.
+_WRITTEN = re.compile(r"^\w+(-\d{5}-of-\d{5}\.tfrecord|\.index\.json)$")
 # What a damaged or altered shard raises from inside tf.data: bad record CRC or length, a
 # record count that differs from the manifest, undecodable bytes, a vanished file.
 READ_ERRORS = (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
@@ -75,11 +86,24 @@ def _join(root, name: str) -> str:
 
 
 def is_prepared(path) -> bool:
-    """True when ``path`` holds a ``tfcovid prepare`` output (its manifest)."""
+    """True when ``path`` holds a ``tfcovid prepare`` output: its manifest, or shards and index
+    files without one (an interrupted run), which :func:`read_manifest` refuses by name."""
     try:
-        return tf.io.gfile.exists(_join(path, MANIFEST))
+        return tf.io.gfile.exists(_join(path, MANIFEST)) or _is_incomplete(path)
     except tf.errors.OpError:  # e.g. a URL scheme this TensorFlow build cannot read
         return False
+
+
+def _is_incomplete(path) -> bool:
+    """Shards or index files of ``tfcovid prepare`` but no manifest."""
+    if not tf.io.gfile.isdir(str(path)) or tf.io.gfile.exists(_join(path, MANIFEST)):
+        return False
+    return any(_WRITTEN.match(name) for name in tf.io.gfile.listdir(str(path)))
+
+
+def _incomplete_error(path) -> DataError:
+    return DataError(f"{path} is an incomplete tfcovid prepare output (no manifest {MANIFEST}: the "
+                     "prepare was interrupted): delete it and run tfcovid prepare again.")
 
 
 def _sha256(path: str) -> str:
@@ -137,8 +161,9 @@ def _class_folders(root: Path) -> tuple[str, ...]:
 
 
 def _write_split(out: str, split: data.Split, paths, root: Path, class_names, folders,
-                 n_shards: int, reencode) -> dict:
-    """Write one split's images (in the given order) as n_shards shards; return its manifest entry."""
+                 n_shards: int, reencode, check_stop=lambda: None) -> dict:
+    """Write one split's images (in the given order) as n_shards shards; return its manifest
+    entry. ``check_stop`` is called before each record (it raises to stop)."""
     names = [os.path.relpath(p, root) for p in paths]
     classes = [class_names.index(f) if split.labeled else -1 for f in folders]
     encoded = tf.data.Dataset.from_tensor_slices(paths).map(
@@ -148,6 +173,7 @@ def _write_split(out: str, split: data.Split, paths, root: Path, class_names, fo
         path = _join(out, f"{split.name}-{s:05d}-of-{n_shards:05d}.tfrecord")
         with tf.io.TFRecordWriter(path) as writer:
             for i in group:
+                check_stop()
                 try:
                     image, channels = next(encoded)
                 except tf.errors.OpError as err:  # images come in order, so image i failed
@@ -168,8 +194,11 @@ def _write_split(out: str, split: data.Split, paths, root: Path, class_names, fo
 
 def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: str = "png",
             quality: int = 95, seed: int = 0, log=print,
-            max_pixels: int = DataConfig.max_pixels) -> dict:
+            max_pixels: int = DataConfig.max_pixels, skip_bad: bool = False) -> dict:
     """Write an ImageFolder tree as sharded TFRecords plus a manifest; return the manifest.
+
+    A local ``out_dir`` appears only when complete (written as ``out_dir.partial``, then
+    renamed). SIGTERM, Ctrl-C or an error removes the partial output.
 
     Args:
         data_dir: a local ImageFolder tree (as ``fit --data`` takes).
@@ -182,10 +211,14 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
         seed: seed of the image-to-shard assignment.
         log: where progress lines go.
         max_pixels: larger images are refused (checked from their headers, before decoding).
+        skip_bad: leave unusable files out (logged, and listed in the manifest's ``skipped``)
+            instead of stopping.
 
     Raises:
         DataError: bad arguments, a bad tree, or images that cannot be used (all listed).
-        FileExistsError: out_dir exists and is not empty (nothing is ever overwritten).
+        FileExistsError: out_dir exists and is not empty (nothing is ever overwritten), or a
+            partial output of another prepare is in the way.
+        runstate.Interrupted: SIGTERM or Ctrl-C; nothing is left in out_dir.
     """
     if shards < 1:
         raise DataError(f"--shards must be at least 1, got {shards}.")
@@ -193,24 +226,77 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
         raise DataError(f"--max-side must be 0 (keep sizes) or at least 16 px, got {max_side}.")
     if encoding not in ENCODINGS:
         raise DataError(f"Unknown encoding {encoding!r}. Valid encodings: {', '.join(ENCODINGS)}.")
+    if max_pixels < 1:
+        raise DataError(f"--max-pixels must be at least 1, got {max_pixels}.")
     if is_prepared(data_dir):
+        if _is_incomplete(data_dir):
+            raise _incomplete_error(data_dir)
         raise DataError(f"{data_dir} is already a prepared dataset; pass it to fit --data directly.")
-    out = str(out_dir)
+    out = str(out_dir).rstrip("/") or "/"
     if tf.io.gfile.exists(out) and tf.io.gfile.listdir(out):
+        if _is_incomplete(out):
+            raise _incomplete_error(out)
         raise FileExistsError(f"{out} exists and is not empty; tfcovid prepare never overwrites. "
                               "Choose a new OUT_DIR or empty this one.")
+    # A local folder is renamed into place whole; a URL's folder (gs://) cannot be, so it is
+    # written in place with the manifest last.
+    work = out + PARTIAL if "://" not in out else out
+    if work != out and os.path.lexists(work):
+        raise FileExistsError(f"{work} exists: a tfcovid prepare into {out} is running, or one was "
+                              f"killed (SIGKILL, power loss). If none is running, delete {work} and "
+                              "run tfcovid prepare again.")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. tfcovid prepare reads a local ImageFolder "
                         "tree (train/, validation/, optionally test/, one folder per class).")
-    class_names = _class_folders(root)
-    # Scanning as "one label per folder" checks the tree exactly as fit would, task-free.
-    scanned = data.scan(root, "multilabel", class_names or ("-",), {c: (c,) for c in class_names},
-                        strict=False)
-    # Every file checked (and decoded once) before anything is written: one list of all the
-    # unusable ones, found by the scan or by decoding.
-    filecheck.require_usable(scanned, max_pixels, log)
-    tf.io.gfile.makedirs(out)
+    # SIGTERM / Ctrl-C are recorded, and raise runstate.Interrupted at the next record so that
+    # the cleanup below runs: raised from the signal handler itself, the exception can land in
+    # one of TensorFlow's finalizers (__del__), where Python prints it and carries on. A second
+    # signal gets the usual handler (stops at once).
+    with runstate.StopOnSignal() as stop:
+        def check_stop():
+            if stop.received is not None:
+                raise runstate.Interrupted(stop.received)
+
+        class_names = _class_folders(root)
+        # Scanning as "one label per folder" checks the tree exactly as fit would, task-free.
+        scanned = data.scan(root, "multilabel", class_names or ("-",), {c: (c,) for c in class_names},
+                            strict=False)
+        # Every file checked (and decoded once) before anything is written: one list of all
+        # the unusable ones, found by the scan or by decoding.
+        scanned, skipped = _usable(scanned, max_pixels, skip_bad, log)
+        check_stop()
+        existed = tf.io.gfile.exists(work)  # only where work is out: an empty OUT_DIR URL
+        try:
+            tf.io.gfile.makedirs(work)
+            manifest = _write(scanned, work, root, class_names, shards, max_side, encoding, quality,
+                              seed, skipped, log, check_stop)
+        except BaseException:
+            _remove_partial(work, existed)
+            raise
+        if work != out:
+            _move_into_place(work, out)
+    return manifest
+
+
+def _usable(scanned: data.Manifest, max_pixels: int, skip_bad: bool, log):
+    """The scanned tree without its unusable files (skip_bad) and those files; or raise the list."""
+    bad = [replace(b, reason=b.reason.replace("data.max_pixels", "--max-pixels"))  # prepare's option
+           for b in filecheck.check(scanned, max_pixels, log)]
+    if not bad:
+        return scanned, []
+    if not skip_bad:
+        raise filecheck.problems_error(bad, scanned.root, "Fix or remove these files, or pass "
+                                       "--skip-bad to leave them out (listed in the manifest).")
+    kept = filecheck.leave_out(scanned, bad)
+    log(f"Left out {len(bad):,} unusable file{'s' if len(bad) != 1 else ''} (listed in the manifest's "
+        f"\"skipped\"):\n{filecheck.describe(bad, scanned.root)}")
+    return kept, [{"file": os.path.relpath(b.path, scanned.root), "reason": b.reason} for b in bad]
+
+
+def _write(scanned: data.Manifest, out: str, root: Path, class_names, shards: int, max_side: int,
+           encoding: str, quality: int, seed: int, skipped, log, check_stop) -> dict:
+    """Write every split's shards and index into ``out``, then the manifest; return it."""
     rng = np.random.default_rng(seed)
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -227,25 +313,53 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
         },
         "features": {"image": f"{encoding} bytes, 1 (gray) or 3 channels", "class": "int64",
                      "name": "path relative to the source folder"},
+        "skipped": skipped,
         "splits": {},
     }
     for name, split in scanned.splits.items():
         order = rng.permutation(len(split))
         info = _write_split(out, split, [split.paths[i] for i in order], root, class_names,
                             [split.folders[i] for i in order], min(shards, len(split)),
-                            lambda path: _reencode(path, max_side, encoding, quality))
+                            lambda path: _reencode(path, max_side, encoding, quality), check_stop)
         manifest["splits"][name] = info
         size = sum(e["bytes"] for e in info["shards"])
         log(f"{name}: {len(split)} images in {len(info['shards'])} shard(s), {size / 2**20:.2f} MiB, "
             f"{info['grayscale']} grayscale")
     # Written last: a folder without it is an interrupted run, never mistaken for a dataset.
+    check_stop()
     _write_json(_join(out, MANIFEST), manifest)
     return manifest
+
+
+def _move_into_place(work: str, out: str) -> None:
+    """Rename the complete local ``work`` folder to ``out`` (new, or an empty folder it replaces)."""
+    try:
+        os.replace(work, out)
+    except OSError as err:  # out was filled meanwhile: keep both, say where the dataset is
+        raise FileExistsError(f"Cannot rename {work} to {out} ({err.strerror}); the prepared dataset "
+                              f"is complete in {work}.") from None
+
+
+def _remove_partial(work: str, existed: bool) -> None:
+    """Delete what an unfinished prepare wrote: ``work``, or its content where it was an empty
+    OUT_DIR the user made."""
+    try:
+        if "://" not in work:
+            shutil.rmtree(work, ignore_errors=True)
+        elif not existed:
+            tf.io.gfile.rmtree(work)
+        else:
+            for name in tf.io.gfile.listdir(work):
+                tf.io.gfile.remove(_join(work, name))
+    except (OSError, tf.errors.OpError):  # best effort: the error that stopped us matters more
+        pass
 
 
 def read_manifest(root) -> dict:
     """Load and check a prepared folder's manifest."""
     path = _join(root, MANIFEST)
+    if _is_incomplete(root):
+        raise _incomplete_error(root)
     try:
         with tf.io.gfile.GFile(path) as fh:
             manifest = json.loads(fh.read())
@@ -258,9 +372,15 @@ def read_manifest(root) -> dict:
 
 
 def verify(root, checksums: bool = True) -> list[str]:
-    """Problems with a prepared folder's shards (missing, wrong size, wrong sha256); [] if none."""
+    """Problems with a prepared folder's shards and index files (missing, wrong size, wrong
+    sha256); [] if none."""
     manifest, problems = read_manifest(root), []
     for split in manifest["splits"].values():
+        index = _join(root, split["index"])
+        if not tf.io.gfile.exists(index):
+            problems.append(f"{index}: missing")
+        elif checksums and split.get("index_sha256") and _sha256(index) != split["index_sha256"]:
+            problems.append(f"{index}: sha256 differs from the manifest (damaged)")
         for entry in split["shards"]:
             path = _join(root, entry["file"])
             if not tf.io.gfile.exists(path):
@@ -280,7 +400,8 @@ def load(root, task: str = "binary", labels=(), label_map=None,
     Sizes of all shards are checked (cheap); record counts are checked as shards are read.
 
     Raises:
-        DataError: a missing split or shard, a size mismatch, or labels the task cannot use.
+        DataError: no manifest, a missing split, shard or index file, a size mismatch, or
+            labels the task cannot use.
     """
     root = str(root)
     manifest = read_manifest(root)
@@ -301,24 +422,48 @@ def load(root, task: str = "binary", labels=(), label_map=None,
     class_labels = data.label_vectors(class_names, task, class_names, output_names, label_map)
     splits = {}
     for name, info in manifest["splits"].items():
-        with tf.io.gfile.GFile(_join(root, info["index"])) as fh:
-            index = json.loads(fh.read())
+        names, classes = _read_index(_join(root, info["index"]))
         counts = [e["images"] for e in info["shards"]]
-        if not len(index["names"]) == len(index["classes"]) == info["images"] == sum(counts):
-            raise DataError(f"{_join(root, info['index'])} lists {len(index['names'])} images; the "
+        if not len(names) == len(classes) == info["images"] == sum(counts):
+            raise DataError(f"{_join(root, info['index'])} lists {len(names)} images; the "
                             f"manifest says {info['images']} (shards: {sum(counts)}). Run tfcovid prepare again.")
         if name in required and not info["labeled"]:
             raise DataError(f"The {name} split of {root} is unlabeled; it needs class folders.")
-        classes = np.asarray(index["classes"], np.int64)
+        classes = np.asarray(classes, np.int64)
         folders = tuple(class_names[c] if c >= 0 else "" for c in classes)
         split_labels = class_labels[classes] if info["labeled"] else None
         splits[name] = RecordSplit(
-            name, root, tuple(index["names"]), split_labels, folders,
+            name, root, tuple(names), split_labels, folders,
             shards=tuple(_join(root, e["file"]) for e in info["shards"]), shard_counts=tuple(counts),
             class_labels=class_labels if info["labeled"] else None,
             mean_bytes=sum(e["bytes"] for e in info["shards"]) / max(info["images"], 1),
             max_side=int(manifest.get("max_side") or 0), grayscale=int(info.get("grayscale", 0)))
     return data.Manifest(root, task, class_names, output_names, splits, label_map, ())
+
+
+def _read_index(path: str) -> tuple[list, list]:
+    """A split's index file: (names, classes) in record order."""
+    try:
+        with tf.io.gfile.GFile(path) as fh:
+            index = json.loads(fh.read())
+        return index["names"], index["classes"]
+    except (tf.errors.OpError, json.JSONDecodeError, KeyError, TypeError) as err:
+        said = getattr(err, "message", None) or (f"no {err} list" if isinstance(err, KeyError) else str(err))
+        said = said.strip().splitlines()[0]
+        raise DataError(f"Cannot read the index {path} ({said}): the prepared dataset is damaged. "
+                        "Copy it again or run tfcovid prepare again.") from None
+
+
+def upsampling_note(manifest: data.Manifest, image_size: int) -> str | None:
+    """A one-line note when ``image_size`` is above the size prepared records were stored at
+    (training would upsample every image, silently); None otherwise."""
+    sides = {s.max_side for s in manifest.splits.values() if isinstance(s, RecordSplit)}
+    max_side = max(sides, default=0)
+    if not max_side or image_size <= max_side:  # 0: prepared at their own sizes
+        return None
+    return (f"the records in {manifest.root} were prepared at most {max_side} px on the longer side; "
+            f"training at {image_size} px upsamples them (prepare with --max-side {2 * image_size} "
+            f"or more for {image_size} px: the random crops zoom in)")
 
 
 def cache_estimate(split: RecordSplit, image_size: int, training: bool) -> int:

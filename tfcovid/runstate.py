@@ -243,6 +243,7 @@ class RaiseOnSignal:
 
     def __init__(self):
         self._previous: dict = {}
+        self.received: int | None = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -250,13 +251,18 @@ class RaiseOnSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if exc_type is None and self.received is not None:
+            # The handler's exception was swallowed: it ran inside a finalizer (__del__), where
+            # Python prints "Exception ignored" and goes on. The signal still stops the work.
+            raise Interrupted(self.received)
         return False
 
     def _handle(self, signum, frame):
+        self.received = signum
         for sig, handler in self._previous.items():  # a second signal: the usual handler
             signal.signal(sig, handler)
         raise Interrupted(signum)

@@ -212,7 +212,8 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
 
     # Phase 3: input pipeline.
     manifest = filecheck.verify(load_manifest(exp, log), exp.data, run, lambda line: log(f"      {line}"))
-    for problem in manifest.problems + tuple(records.check_workers(manifest, workers)):
+    upsampled = records.upsampling_note(manifest, exp.data.image_size)
+    for problem in manifest.problems + tuple(records.check_workers(manifest, workers)) + ((upsampled,) if upsampled else ()):
         log(f"      note: {problem}")
     counts = {name: len(split) for name, split in manifest.splits.items()}
     log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
