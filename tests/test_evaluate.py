@@ -157,3 +157,21 @@ def test_best_checkpoint_results_sit_beside_the_last_ones(binary_tree, tmp_path)
     assert cli_run.exit_code == 0, cli_run.output
     assert (f"Replaced 4 file(s) of an earlier evaluation in {out}: validation.json, "
             "validation_predictions.csv, validation_confusion.png, validation_roc.png.") in cli_run.output
+
+
+def test_scan_notes_are_shown(binary_run, binary_tree, tmp_path):
+    import shutil
+
+    from tfcovid import records
+
+    tree = tmp_path / "tree"
+    shutil.copytree(binary_tree, tree)
+    (tree / "test" / "normal" / ".DS_Store").write_bytes(b"\0\0")
+    lines = []
+    evaluate.evaluate(binary_run, data=tree, split="test", out=tmp_path / "ev", make_plots=False,
+                      log=lines.append)
+    note = "note: ignored 1 system or hidden file(s) and folder(s)"
+    assert any(line.startswith(note) for line in lines), lines
+    lines = []
+    records.prepare(tree, tmp_path / "rec", shards=1, max_side=16, log=lines.append)
+    assert any(line.startswith(note) for line in lines), lines

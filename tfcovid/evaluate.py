@@ -111,6 +111,8 @@ def scan_split(root: Path, split: str, trained, exp=None,
             f"{root} has class folders {list(manifest.class_names)} but the model predicts "
             f"{list(trained.outputs)}. Evaluate it on data with the same class folders."
         )
+    for problem in manifest.problems:  # ignored system files, linked folders not followed
+        log(f"note: {problem}")
     return manifest, _usable(filecheck.only_split(manifest, split), exp, log)
 
 

@@ -281,6 +281,8 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
 
 def _usable(scanned: data.Manifest, max_pixels: int, skip_bad: bool, log):
     """The scanned tree without its unusable files (skip_bad) and those files; or raise the list."""
+    for problem in scanned.problems:  # ignored system files, linked folders not followed
+        log(f"note: {problem}")
     bad = [replace(b, reason=b.reason.replace("data.max_pixels", "--max-pixels"))  # prepare's option
            for b in filecheck.check(scanned, max_pixels, log)]
     if not bad:
