@@ -243,21 +243,20 @@ def test_vgg16_minimum_is_structural():
         features(keras.Input((31, 31, 3)), None)
 
 
-def test_data_demo_means_a_local_demo_folder_where_there_is_one(tmp_path, monkeypatch):
+def test_data_demo_beside_a_demo_folder_is_the_builtin_set_and_says_so(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
+    from tfcovid import train
     from tfcovid.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert config.resolve(None, {"data.dir": "demo"}).data.dir == "demo"  # the built-in set
     (tmp_path / "demo").mkdir()
     given = config.resolve(None, {"data.dir": "demo"})
-    assert given.data.dir == str(tmp_path / "demo")
-    assert given.data.image_size == 224  # the folder is the user's data: no demo preset
-    assert config.resolve(None, {}, config.parse_assignments(["data.dir=demo"])).data.dir == str(tmp_path / "demo")
-    default = config.resolve(None, {})  # no data named: still the built-in set and its preset
-    assert default.data.dir == "demo" and default.data.image_size == 48
-    # fit says which it uses (the empty folder then stops it with the folder named).
-    result = CliRunner().invoke(main, ["fit", "--data", "demo", "--weights", "none", "--out", str(tmp_path / "runs")])
-    assert f"Data: the folder {tmp_path / 'demo'} ('demo' means the built-in demo set only" in result.output
-    assert result.exit_code == 1 and str(tmp_path / "demo") in result.output
+    assert given.data.dir == "demo" and given.data.image_size == 48  # the built-in set, its preset
+    assert config.local_demo_folder() == tmp_path / "demo"
+    # fit says how to reach the folder (stopped before training: the note is what is tested).
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (_ for _ in ()).throw(SystemExit(3)))
+    result = CliRunner().invoke(main, ["fit", "--data", "demo"])
+    assert result.exit_code == 3
+    assert (f"Note: 'demo' is the built-in demo set; to train on the folder {tmp_path / 'demo'} here, "
+            "pass --data ./demo") in result.output

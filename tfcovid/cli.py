@@ -116,9 +116,9 @@ def fit(config_file, resume, assignments, **flags):
                                  config.parse_assignments(assignments))
         if not resume and config_file is None and exp.data.dir == "demo":
             click.echo(config.describe_demo_preset(exp))
-        elif not resume and config.local_demo_folder() and exp.data.dir == str(config.local_demo_folder()):
-            click.echo(f"Data: the folder {exp.data.dir} ('demo' means the built-in demo set only "
-                       "where no folder of that name is here).")
+        if not resume and exp.data.dir == "demo" and config.local_demo_folder():
+            click.echo(f"Note: 'demo' is the built-in demo set; to train on the folder "
+                       f"{config.local_demo_folder()} here, pass --data ./demo")
         run = train.fit(exp, run_dir=resume, log=lambda s: click.echo(s))
     except train.Interrupted as err:  # SIGTERM / Ctrl-C: a clean stop, not a failure to report
         click.echo(str(err), err=True)

@@ -285,10 +285,9 @@ def parse_assignments(items: Sequence[str]) -> dict:
 
 
 def local_demo_folder() -> Path | None:
-    """``./demo`` as an absolute path where it is a folder, else None. A ``data.dir`` given as
-    ``demo`` (``--data demo``) then means that folder (made by ``tfcovid demo-data demo``, say),
-    not the built-in set: training on the built-in set while the user's folder of that name sat
-    there was a surprise. The default data (no ``data.dir`` given) stays the built-in set."""
+    """``./demo`` as an absolute path where it is a folder, else None: ``data.dir: demo`` is
+    still the built-in set (whatever folder a run starts in; ``reproduce_tables.sh --smoke``
+    relies on it), and ``fit`` says how to train on the folder instead."""
     folder = Path("demo")
     return folder.resolve() if folder.is_dir() else None
 
@@ -298,8 +297,7 @@ def resolve(config_file: str | Path | None = None, flags: Mapping[str, Any] | No
     """Build the final Experiment: defaults <- [demo preset] <- config file <- --set <- flags.
 
     The demo preset applies when no config file is given and the data is the demo set, so
-    `tfcovid fit --backbone vgg16 --freeze first7` runs offline in minutes; ``demo`` is a
-    folder ``./demo`` where one is there and ``demo`` was given (:func:`local_demo_folder`). ``assignments``
+    `tfcovid fit --backbone vgg16 --freeze first7` runs offline in minutes. ``assignments``
     (from :func:`parse_assignments`) may set a key to None, which flags cannot.
     """
     overrides = overrides_from_flags(flags or {})
@@ -313,9 +311,6 @@ def resolve(config_file: str | Path | None = None, flags: Mapping[str, Any] | No
     tree: dict = {}
     for where, layer in layers:
         tree = merge(tree, layer, where)
-    named = any(isinstance(layer.get("data"), Mapping) and "dir" in layer["data"] for _, layer in layers)
-    if named and str(tree.get("data", {}).get("dir")) == "demo" and local_demo_folder():
-        tree = merge(tree, {"data": {"dir": str(local_demo_folder())}}, "./demo")
     if config_file is None and str(tree.get("data", {}).get("dir", "demo")) == "demo":
         preset = merge({}, DEMO_PRESET, "demo preset")
         if tree.get("data", {}).get("task") == "multilabel":
