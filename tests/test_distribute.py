@@ -85,10 +85,40 @@ def test_tf_config_is_checked(monkeypatch):
         (_tf_config({"worker": ["localhost:1"], "ps": ["localhost:2"]}), r"task type\(s\) \['ps'\]"),
         (_tf_config(two, index=2), "is not in its cluster"),
         (_tf_config(two, kind="chief"), "is not in its cluster"),
+        ("[1, 2]", r"must be a JSON object with 'cluster' and 'task', got '\[1, 2\]'"),
     ):
         monkeypatch.setenv("TF_CONFIG", bad)
         with pytest.raises(ConfigError, match=message):
             runtime.tf_config_cluster()
+    for empty in ("", "  "):  # exported but empty: as unset, and removed before TensorFlow reads it
+        monkeypatch.setenv("TF_CONFIG", empty)
+        assert runtime.tf_config_cluster() is None and "TF_CONFIG" not in os.environ
+
+
+def test_waiting_for_a_cluster_can_be_stopped(tmp_path):
+    """A worker whose peers never come waits in C++, where Python's handlers cannot run: Ctrl-C
+    was ignored. It now ends the process at once. (SIGTERM stays TensorFlow's: its preemption
+    notifier installs a handler of its own during that wait.)"""
+    import signal
+
+    ports = _free_loopback_ports(2)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               TF_CONFIG=_tf_config({"worker": [f"localhost:{p}" for p in ports]}, index=0))
+    proc = subprocess.Popen([sys.executable, "-c", "from tfcovid import runtime; runtime.make_strategy('auto')"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line, deadline = "", time.monotonic() + 120
+        while "Waiting for the 2 tasks" not in line and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+        assert line.startswith(f"Waiting for the 2 tasks of TF_CONFIG's cluster (localhost:{ports[0]}, "
+                               f"localhost:{ports[1]}) to start; Ctrl-C stops."), line
+        time.sleep(3)  # inside MultiWorkerMirroredStrategy's wait by now
+        assert proc.poll() is None  # still waiting for the worker that never comes
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == -signal.SIGINT
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_make_strategy_follows_tf_config_and_devices(monkeypatch):
@@ -118,7 +148,7 @@ def test_a_strategy_that_ends_up_alone_says_why(monkeypatch):
     monkeypatch.setattr(tf.distribute.MultiWorkerMirroredStrategy, "num_replicas_in_sync", 1)
     _, desc = runtime.make_strategy("multiworker")
     assert made == [("multiworker", None)]
-    assert desc == "multiworker (1 replica; TF_CONFIG names no cluster, so this process trains alone)"
+    assert desc == "multiworker (1 replica; TF_CONFIG names no cluster of two or more tasks, so this process trains alone)"
     monkeypatch.setattr(tf.distribute.MirroredStrategy, "num_replicas_in_sync", 1)
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["/cpu:0"])

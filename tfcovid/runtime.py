@@ -8,8 +8,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import types
 from pathlib import Path
 
@@ -175,12 +177,20 @@ def tf_config_cluster() -> dict | None:
             does not use, or this task is not in the cluster.
     """
     raw = os.environ.get("TF_CONFIG")
+    if raw is not None and not raw.strip():
+        # Set but empty (an unset variable exported as ""): as unset. TensorFlow's own
+        # resolvers json.loads it and raise a JSONDecodeError from inside the strategy.
+        del os.environ["TF_CONFIG"]
+        return None
     if not raw:
         return None
     try:
         spec = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ConfigError(f"TF_CONFIG is not valid JSON: {err}. See the README's multi-worker section.") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"TF_CONFIG must be a JSON object with 'cluster' and 'task', got {raw!r}. "
+                          "See the README's multi-worker section.")
     cluster = spec.get("cluster") or {}
     if not isinstance(cluster, dict):
         raise ConfigError(f"TF_CONFIG's 'cluster' must map task types to address lists, got {cluster!r}.")
@@ -255,6 +265,29 @@ def is_chief(strategy) -> bool:
     return worker_info(strategy)[0] == 0
 
 
+@contextlib.contextmanager
+def _signals_stop_at_once(cluster: dict | None):
+    """While MultiWorkerMirroredStrategy waits in C++ for every worker of the cluster, Python's
+    handlers cannot run (they wait for the call to return), so Ctrl-C was ignored until all
+    workers came: forever, if one never does. Here it ends the process at once (the default
+    action; nothing has been written yet), and a line says what the process waits for. SIGTERM
+    stays ignored there: TensorFlow's preemption notifier installs its own handler during that
+    wait (a scheduler's SIGKILL after its grace period still ends it)."""
+    if cluster and sum(len(v) for v in cluster.values()) > 1 and \
+            threading.current_thread() is threading.main_thread():
+        peers = ", ".join(str(a) for addresses in cluster.values() for a in addresses)
+        print(f"Waiting for the {sum(len(v) for v in cluster.values())} tasks of TF_CONFIG's "
+              f"cluster ({peers}) to start; Ctrl-C stops.", flush=True)
+        previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    else:
+        yield
+
+
 def make_strategy(name: str):
     """Return (strategy, description) for --strategy auto|one|mirrored|multiworker.
 
@@ -277,8 +310,11 @@ def make_strategy(name: str):
         # collective ops alike, and the second one's all-reduces then collide with the first's.
         key = (name, devices)
         if key not in _STRATEGIES:
-            _STRATEGIES[key] = (tf.distribute.MirroredStrategy(devices) if name == "mirrored"
-                                else tf.distribute.MultiWorkerMirroredStrategy())
+            if name == "mirrored":
+                _STRATEGIES[key] = tf.distribute.MirroredStrategy(devices)
+            else:
+                with _signals_stop_at_once(cluster):
+                    _STRATEGIES[key] = tf.distribute.MultiWorkerMirroredStrategy()
         strategy = _STRATEGIES[key]
     replicas = strategy.num_replicas_in_sync
     index, workers = worker_info(strategy)
@@ -286,7 +322,7 @@ def make_strategy(name: str):
     if workers > 1:
         desc += f" on {workers} workers; this is worker {index}{', the chief' if index == 0 else ''}"
     elif name == "multiworker" and cluster is None:
-        desc += "; TF_CONFIG names no cluster, so this process trains alone"
+        desc += "; TF_CONFIG names no cluster of two or more tasks, so this process trains alone"
     elif name == "mirrored" and replicas == 1:
         desc += "; one device: no GPU is visible"
     return strategy, desc + ")"
