@@ -181,6 +181,34 @@ def test_cli_bench_bad_input_is_a_clear_error(tmp_path):
     assert freeze.exit_code == 1 and "model.freeze" in freeze.output
 
 
+def test_cli_bench_names_every_unusable_file_before_timing(tmp_path, monkeypatch):
+    # A file TensorFlow cannot decode used to stop the pass with an InvalidArgumentError (pipeline)
+    # or a long nested traceback (fit) that named no file: now every file is checked first.
+    data_dir = tmp_path / "bad"
+    folder = data_dir / "train" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(folder / f"ok{i}.jpg")
+    (folder / "x.jpg").write_text("notjpeg\n")
+    (folder / "trunc.jpg").write_bytes((folder / "ok0.jpg").read_bytes()[:200])
+    timed = []
+    monkeypatch.setattr(bench, "bench_pipeline", lambda *a, **k: timed.append("pipeline"))
+    monkeypatch.setattr(bench, "bench_fit", lambda *a, **k: timed.append("fit"))
+    runner = CliRunner()
+    for kind in ("pipeline", "fit"):
+        result = runner.invoke(main, ["bench", kind, "--backbone", "resnet18", "--data", str(data_dir),
+                                      "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                                      "--repeats", "1", "--json"])
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+        assert "Error: 2 files under" in result.output
+        assert os.path.join("train", "a", "x.jpg") + ": not a JPEG/PNG/BMP/GIF image (it is text)" in result.output
+        assert os.path.join("train", "a", "trunc.jpg") + ": cannot be decoded as JPEG, truncated or corrupt" in result.output
+        assert "Checked 6 files in" in result.output and "4 usable, 2 unusable" in result.output
+    assert timed == []  # stopped before anything was timed
+
+
 def test_reference_script_says_what_it_needs():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_reference.py"), "--help"],
                           capture_output=True, text=True, timeout=60)

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcovid import cache as cache_lib
-from tfcovid import augment, config, data, runtime
+from tfcovid import augment, config, data, filecheck, runtime
 from tfcovid.workers import WorkerStore, usable_cores
 
 KINDS = ("pipeline", "model", "fit")
@@ -83,6 +83,24 @@ def as_split(paths: list[str]) -> data.Split:
     labels = np.arange(len(paths), dtype=np.int64) % 2
     return data.Split("train", os.path.commonpath(paths) if paths else "", tuple(paths), labels,
                       tuple("ab"[i] for i in labels))
+
+
+def require_usable(paths: list[str], root: str | Path, max_pixels: int, log=print) -> None:
+    """Check every file the benchmark will read, as ``fit`` does, before anything is timed.
+
+    Each file is read and decoded once (``filecheck.check``), so a damaged one stops the
+    benchmark here with every problem listed, instead of a TensorFlow error mid-pass that names
+    no file. The check is not part of any timing.
+
+    Raises:
+        data.DataError: one or more files cannot be used; the message lists each with its reason.
+    """
+    root = Path(root).expanduser()
+    manifest = data.Manifest(str(root), "binary", ("a", "b"), ("a", "b"), {"train": as_split(paths)})
+    bad = filecheck.check(manifest, max_pixels, lambda line: log(f"  {line}"))
+    if bad:
+        raise filecheck.problems_error(bad, root, "Fix or remove these files: the benchmark reads "
+                                       "every image it finds there.")
 
 
 def machine() -> dict:
@@ -405,6 +423,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
             paths, source = synthetic_xrays(tmp, images), f"generated: {images} grayscale 1024x1024 JPEGs"
         else:
             paths, source = image_files(data_dir), str(data_dir)
+            require_usable(paths, data_dir, exp.data.max_pixels, log)  # before any timing
         if kind == "pipeline":
             result = bench_pipeline(paths, o["image_size"], o["batch_size"], exp.augment, o["cache"],
                                     o["budget_mb"], o["decode_scale"], o["repeats"], log, o["processes"])
