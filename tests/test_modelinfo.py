@@ -88,3 +88,17 @@ def test_checkpoint_option_is_refused_for_a_model_file(binary_run, binary_tree):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, (args, result.output)
         assert f"--checkpoint picks a checkpoint of a run directory, and {model} is a model file" in result.output
+
+
+def test_labels_must_be_distinct_and_non_empty(binary_run, binary_tree, tmp_path):
+    image = next((binary_tree / "test" / "infected").iterdir())
+    for bad in ("a,a", "covid,", ",b"):
+        for args in (["predict", str(binary_run / "checkpoints" / "last.keras"), str(image), "--labels", bad],
+                     ["import-torch", str(image), "--backbone", "resnet18", "--task", "binary",
+                      "--out", str(tmp_path / "x.keras"), "--labels", bad]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 2, (args, result.output)
+            assert f"Invalid value for '--labels': {bad!r}: give distinct, non-empty names" in result.output
+    result = CliRunner().invoke(main, ["import-torch", str(tmp_path / "missing.pth"), "--backbone",
+                                       "resnet18", "--task", "binary", "--out", str(tmp_path / "y.keras")])
+    assert result.exit_code == 2 and "does not exist" in result.output and "--weights" not in result.output

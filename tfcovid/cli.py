@@ -175,7 +175,7 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
 
     try:
         trained = modelinfo.load(target, checkpoint, task,
-                                 [s.strip() for s in labels.split(",")] if labels else None)
+                                 _names(labels))
     except modelinfo.ModelInfoError as err:
         _fail(err)
     result = predict_lib.predict(trained, inputs, threshold, batch_size)
@@ -224,7 +224,7 @@ def report(runs, markdown_file):
 
 
 @main.command("import-torch")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--backbone", type=click.Choice(["vgg16", "resnet18"]), required=True)
 @click.option("--task", type=click.Choice(["binary", "multilabel"]), required=True,
               help="binary: 2 outputs (infected, normal); multilabel: covid-19, normal, pneumonia.")
@@ -239,7 +239,7 @@ def import_torch(checkpoint, backbone, task, out, image_size, labels):
     _tensorflow()
     from tfcovid import weights
 
-    names = tuple(s.strip() for s in labels.split(",")) if labels else None
+    names = tuple(_names(labels)) if labels else None
     try:
         path = weights.import_torch(checkpoint, backbone, task, out, image_size, names,
                                     log=lambda s: click.echo(s))
@@ -328,7 +328,14 @@ def _checkpoint_only_for_runs(target) -> None:
 
 
 def _names(text):
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+    """--labels as a list: distinct, non-empty names (None when not given)."""
+    if not text:
+        return None
+    names = [s.strip() for s in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter(f"{text!r}: give distinct, non-empty names separated by commas, "
+                                 "e.g. covid-19,normal,pneumonia.", param_hint="'--labels'")
+    return names
 
 
 def _trained_model_errors():
