@@ -79,6 +79,9 @@ fit_one() {
 }
 
 JOBS="${JOBS:-$([ "$SMOKE" = 1 ] && echo 2 || echo 1)}"
+# Runs already in OUT (an earlier invocation): tables.md is this invocation's runs only.
+declare -A earlier=()
+for d in "$OUT"/part1/*/ "$OUT"/part2/*/; do [ -d "$d" ] && earlier["$d"]=1; done
 logs=()
 for part in part1 part2; do
   data="$DATA1"; [ "$part" = part2 ] && data="$DATA2"
@@ -101,7 +104,12 @@ done
 [ "$ran" -gt 0 ] || die "no config matched --only '$ONLY'"
 
 runs=()
-for part in part1 part2; do [ -d "$OUT/$part" ] && runs+=("$OUT/$part"); done
+for d in "$OUT"/part1/*/ "$OUT"/part2/*/; do
+  [ -d "$d" ] && [ -z "${earlier[$d]+x}" ] && runs+=("${d%/}")
+done
+if [ ${#earlier[@]} -gt 0 ]; then
+  echo "note: tables.md leaves out the ${#earlier[@]} earlier run(s) already in $OUT (its runs are this invocation's)"
+fi
 if [ ${#runs[@]} -gt 0 ]; then
   "${TFCOVID[@]}" report "${runs[@]}" --markdown "$OUT/tables.md" || failed+=("report")
 fi

@@ -46,7 +46,7 @@ def _check_smoke(out: Path, pattern: str = "*") -> str:
     configs = {p: sorted(q.stem for q in (ROOT / "configs" / p).glob("*.yaml") if fnmatch(q.stem, pattern))
                for p in ("part1", "part2")}
     for part, names in configs.items():
-        runs = sorted((out / part).iterdir())
+        runs = sorted(r for r in (out / part).iterdir() if r.name != "earlier-run")
         assert len(runs) == len(names)
         assert all((run / "metrics.json").is_file() for run in runs)
         assert sorted(run.name.split(f"{part}-")[-1] for run in runs) == names
@@ -61,9 +61,12 @@ def _check_smoke(out: Path, pattern: str = "*") -> str:
 @pytest.mark.slow
 def test_smoke_runs_both_backbones_of_both_parts(tmp_path):
     # Four tiny fits (32 px, 1 epoch, 2 images per class): VGG16 and ResNet18, Part 1 and Part 2.
+    (tmp_path / "out" / "part1" / "earlier-run").mkdir(parents=True)  # from an earlier invocation
     result = _run("--smoke", "--only", "*_f[ou]*", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"note: tables.md leaves out the 1 earlier run(s) already in {tmp_path / 'out'}" in result.stdout
     tables = _check_smoke(tmp_path / "out", "*_f[ou]*")
+    assert "earlier-run" not in tables
     assert "| ResNet18 | focal | 1 |" in tables and "| VGG16 | none | 1 |" in tables
 
 
