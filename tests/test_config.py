@@ -260,3 +260,16 @@ def test_data_demo_beside_a_demo_folder_is_the_builtin_set_and_says_so(tmp_path,
     assert result.exit_code == 3
     assert (f"Note: 'demo' is the built-in demo set; to train on the folder {tmp_path / 'demo'} here, "
             "pass --data ./demo") in result.output
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 0.01\n  epochs: 2\n  lr: 0.02\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load_yaml(path)
+    assert str(err.value) == f"{path} (line 4, column 3): key 'lr' is given twice (also on line 2); keep one."
+    path.write_text("train:\n  lr: 0.01\ndata:\n  lr: 0.02\n")  # the same key in other sections: fine
+    assert config.load_yaml(path) == {"train": {"lr": 0.01}, "data": {"lr": 0.02}}
+    path.write_text("a: !!python/object/apply:os.system ['true']\n")  # still safe_load's tags only
+    with pytest.raises(config.ConfigError, match="never runs code"):
+        config.load_yaml(path)

@@ -223,13 +223,37 @@ def merge(base: dict, update: Mapping, where: str = "config") -> dict:
     return out
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    without a word: `lr: 0.01` then `lr: 0.02` trained at 0.02)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} is given twice (also on line {seen[key] + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a config file; a missing file or invalid YAML is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # safe: SafeLoader's tags only
+    except _DuplicateKey as err:
+        mark = err.problem_mark
+        raise ConfigError(f"{path} (line {mark.line + 1}, column {mark.column + 1}): {err.problem}.") from None
     except yaml.constructor.ConstructorError as err:  # e.g. !!python/object/apply:os.system
         mark = err.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
