@@ -424,6 +424,89 @@ def test_imagenet_resnet18_checks_torchvision_hash_prefix(monkeypatch, tmp_path)
         weights.fetch_imagenet("resnet18")
 
 
+def _no_download(*args, **kwargs):
+    raise AssertionError("keras.utils.get_file must not be called: it deletes a cached file whose hash differs")
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_wrong_cached_keras_file_is_reported_and_kept(backbone, monkeypatch, tmp_path):
+    """A file the user put in Keras's cache with the wrong md5: named with both hashes, never deleted."""
+    spec = weights.IMAGENET[backbone]
+    cached = tmp_path / "keras-home" / "models" / spec.fname
+    cached.parent.mkdir(parents=True)
+    content = b"an old or truncated copy of " + spec.fname.encode()
+    cached.write_bytes(content)
+    monkeypatch.setattr(keras.utils, "get_file", _no_download)
+    with pytest.raises(WeightsError) as err:
+        weights.initial_model(backbone, 2, 32, "imagenet")
+    message = str(err.value)
+    assert f"{cached} is damaged or not {spec.fname}" in message
+    assert f"its md5 is {hashlib.md5(content).hexdigest()}, expected {spec.md5}" in message
+    assert "Delete it and run again" in message and spec.url in message and "Could not download" not in message
+    assert cached.read_bytes() == content
+
+
+def test_wrong_cached_file_stops_fit_and_is_kept(monkeypatch, binary_tree, tmp_path):
+    """The user's report, through the CLI and Keras's real get_file (which would delete the file)."""
+    spec = weights.IMAGENET["vgg16"]
+    cached = tmp_path / "keras-home" / "models" / spec.fname
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\x89HDF\r\n not the published file")
+    result = CliRunner().invoke(main, ["fit", "--data", str(binary_tree), "--backbone", "vgg16",
+                                       "--weights", "imagenet", "--image-size", "32", "--epochs", "1",
+                                       "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: {cached} is damaged or not {spec.fname}: its md5 is " in result.output
+    assert f"expected {spec.md5}" in result.output
+    assert "re-download" in result.output and "Could not download" not in result.output
+    assert "A local file was found" not in result.output  # Keras's get_file never saw it
+    assert cached.read_bytes() == b"\x89HDF\r\n not the published file"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cached_file_with_the_right_hash_is_used_without_get_file(monkeypatch, tmp_path):
+    keras.utils.set_random_seed(5)
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    cached = tmp_path / "keras-home" / "models" / "vgg16_notop.h5"
+    cached.parent.mkdir(parents=True)
+    write_notop_h5(source, cached)
+    md5 = hashlib.md5(cached.read_bytes()).hexdigest()
+    monkeypatch.setitem(weights.IMAGENET, "vgg16",
+                        weights.ImagenetFile(cached.name, "https://example.invalid/v.h5", md5=md5))
+    monkeypatch.setattr(keras.utils, "get_file", _no_download)
+    model, mode, origin = weights.initial_model("vgg16", 2, 32, "imagenet")
+    assert mode == "caffe" and origin == "Keras ImageNet weights (vgg16_notop.h5)"
+    np.testing.assert_array_equal(layer_weights(model, "block5_conv3")[0],
+                                  source.get_layer("block5_conv3").get_weights()[0])
+
+
+def test_wrong_cached_resnet18_is_reported_before_download(monkeypatch, tmp_path):
+    cached = tmp_path / "keras-home" / "models" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"half a download")
+    monkeypatch.setattr(keras.utils, "get_file", _no_download)
+    with pytest.raises(WeightsError, match=r"resnet18-f37072fd.pth is damaged or not resnet18-f37072fd.pth: "
+                                           r"its sha256 is [0-9a-f]{16}\.\.\., expected f37072fd"):
+        weights.fetch_imagenet("resnet18")
+    assert cached.read_bytes() == b"half a download"
+
+
+def test_downloaded_file_with_wrong_md5_is_reported_as_damaged(monkeypatch, tmp_path):
+    """Keras keeps a completed download whose md5 differs and raises ValueError: say what it is."""
+    spec = weights.IMAGENET["resnet50"]
+
+    def corrupt_download(fname, origin, cache_dir, cache_subdir, file_hash):
+        Path(cache_dir, cache_subdir).mkdir(parents=True, exist_ok=True)
+        Path(cache_dir, cache_subdir, fname).write_bytes(b"a proxy's error page")
+        raise ValueError(f"Incomplete or corrupted file detected. The md5 file hash does not match the "
+                         f"provided value of {file_hash}.")
+
+    monkeypatch.setattr(keras.utils, "get_file", corrupt_download)
+    with pytest.raises(WeightsError, match=rf"{spec.fname} is damaged or not {spec.fname}: its md5 is "
+                                           + hashlib.md5(b"a proxy's error page").hexdigest()):
+        weights.fetch_imagenet("resnet50")
+
+
 def test_imagenet_resnet18_is_torchvision_converted(ref, monkeypatch, tmp_path):
     import torch
 

@@ -7,7 +7,8 @@ the import of the study's fine-tuned PyTorch checkpoints.
   torchvision's ImageNet ResNet18 (``resnet18-f37072fd.pth``, converted; "torch" preprocessing).
   Files are fetched once into Keras's cache (``$KERAS_HOME/models``, default ``~/.keras/models``)
   and checked against their published hashes. Offline, the error names the file, its URL and the
-  folder to put it in.
+  folder to put it in. A cached file with the wrong hash is reported (its hash and the expected
+  one) and left where it is: tfcovid checks it before Keras would delete it to re-download.
 - ``none``: random initialisation.
 - a file: a ``.keras`` model from an earlier run, a Keras ``.weights.h5``, a keras.applications
   "notop" (legacy) ``.h5``, or a torchvision-layout state dict (``.safetensors`` or ``.pth``).
@@ -105,11 +106,19 @@ def fetch_imagenet(backbone: str) -> Path:
                            f"{', '.join(IMAGENET)}. Use --weights none or --weights FILE.")
     spec = IMAGENET[backbone]
     folder = keras_cache_dir()
+    cached = folder / spec.fname
+    if cached.exists():
+        # Checked here, not by get_file: on a hash mismatch Keras deletes the file (even one a
+        # user copied in by hand) while trying to download it again.
+        _check_hash(cached, spec)
+        return cached
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             path = Path(keras.utils.get_file(spec.fname, spec.url, cache_dir=str(folder.parent),
                                              cache_subdir=folder.name, file_hash=spec.md5))
     except Exception as err:  # get_file raises a bare Exception wrapping URLError/HTTPError
+        if cached.exists():  # downloaded, but Keras found the wrong md5 (it removes partial files)
+            _check_hash(cached, spec)
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise WeightsError(
             f"Could not download the ImageNet weights for {backbone}: {spec.fname} from "
@@ -118,14 +127,38 @@ def fetch_imagenet(backbone: str) -> Path:
             "--weights FILE (a .keras, .weights.h5, keras.applications .h5, or torchvision "
             ".safetensors/.pth file), or --weights none to train from scratch."
         ) from None
-    if spec.sha256_prefix:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if not digest.startswith(spec.sha256_prefix):
-            raise WeightsError(
-                f"{path} is damaged or not {spec.fname}: its sha256 is {digest[:16]}..., "
-                f"expected {spec.sha256_prefix}.... Delete it and run again to re-download "
-                f"from {spec.url}.")
+    if not spec.md5:  # get_file checked the md5; torchvision's sha256 prefix is ours to check
+        _check_hash(path, spec)
     return path
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_hash(path: Path, spec: ImagenetFile) -> None:
+    """Raise WeightsError, leaving the file where it is, when ``path`` is not ``spec``'s file."""
+    try:
+        if spec.md5:
+            digest = _file_digest(path, "md5")
+            good, shown, expected = digest == spec.md5, f"md5 is {digest}", spec.md5
+        elif spec.sha256_prefix:
+            digest = _file_digest(path, "sha256")
+            good = digest.startswith(spec.sha256_prefix)
+            shown, expected = f"sha256 is {digest[:16]}...", f"{spec.sha256_prefix}..."
+        else:
+            return
+    except OSError as err:
+        raise WeightsError(f"Could not read {path}: {err}. Delete or replace it and run again.") from None
+    if not good:
+        raise WeightsError(
+            f"{path} is damaged or not {spec.fname}: its {shown}, expected {expected}. "
+            f"Delete it and run again to re-download from {spec.url}, or replace it with a "
+            "good copy of that file.")
 
 
 def file_kind(path: str | Path) -> str:
