@@ -267,6 +267,12 @@ def test_pth_forms(ref, tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(WeightsError, match="holds a list, not a state dict"):
         torch_import.read_state_dict(tmp_path / "list.pth")
+    whole = (tmp_path / "wrapped.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    with pytest.raises(WeightsError) as err:
+        torch_import.read_state_dict(tmp_path / "cut.pth")
+    assert "is damaged (e.g. cut short by a download) or not a torch.save file" in str(err.value)
+    assert "pickled" not in str(err.value)  # that advice is for whole pickled models only
 
 
 # --- Keras files as starting weights ---

@@ -100,10 +100,8 @@ def _torch_load(path: Path) -> dict:
     except Exception as err:  # RuntimeError for bad zips, EOFError for truncated files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(
-            f"Could not read {path} with torch.load(weights_only=True): {first}. tfcovid reads "
-            "state dicts only (never arbitrary pickled code). If the file holds a whole pickled "
-            "model (torch.save(model, ...)), re-save its weights where it was made: "
-            "torch.save(model.state_dict(), 'state.pth')."
+            f"Could not read {path} with torch.load(weights_only=True): {first}. The file is "
+            "damaged (e.g. cut short by a download) or not a torch.save file: copy it again."
         ) from None
 
     def to_numpy(value):
