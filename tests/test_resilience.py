@@ -422,3 +422,25 @@ def test_raise_on_signal_stops_even_when_a_finalizer_swallows_its_exception():
             time.sleep(5)
             reached.append("not reached")
     assert reached == ["after"]
+
+
+def test_a_signal_before_training_removes_the_half_made_run(tree, tmp_path, monkeypatch):
+    """Ctrl-C during the file check (or anything else before training) stops at once with a
+    message, not a KeyboardInterrupt traceback, and leaves no run holding only config.yaml."""
+    from tfcovid import filecheck
+
+    exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
+
+    def interrupted_check(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # not reached
+
+    monkeypatch.setattr(filecheck, "verify", interrupted_check)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.Interrupted) as caught:
+        train.fit(exp, log=lambda line: None)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert caught.value.exit_code == 130
+    assert str(caught.value).startswith("Stopped by SIGINT before training started; nothing to keep: removed ")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+

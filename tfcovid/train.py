@@ -186,13 +186,23 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     keras.utils.set_random_seed(exp.train.seed)
     try:
-        with runtime.op_determinism(exp.train.deterministic), runtime.forget_traced_gradients():
+        # A signal before training (the file check, building the model) stops at once; phase 5
+        # stops at a batch boundary instead, and a second signal there stops at once.
+        with runtime.op_determinism(exp.train.deterministic), runtime.forget_traced_gradients(), \
+                runstate.RaiseOnSignal():
             return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
     except Exception as err:
         # Anything found before training started (data, free disk, the weights file; phase 5
-        # makes backup/): leave no half-made run behind. A stop (Interrupted) keeps its run.
-        if (not isinstance(err, (Interrupted, runstate.Interrupted)) and not run_dir and not scratch
-                and not (run / "backup").exists()):
+        # makes backup/): leave no half-made run behind. A stop in training keeps its run.
+        before = not run_dir and not scratch and not (run / "backup").exists()
+        if isinstance(err, runstate.Interrupted):  # not one of training's own stops
+            if before:
+                shutil.rmtree(run, ignore_errors=True)
+            raise Interrupted(
+                f"Stopped by {err.name} before training started"
+                + (f"; nothing to keep: removed {run}." if before else
+                   f". Resume with:\n  tfcovid fit --resume {run_dir or run}"), err.exit_code) from None
+        if not isinstance(err, Interrupted) and before:
             shutil.rmtree(run, ignore_errors=True)
             log(f"      removed {run}: stopped before training")
         raise
