@@ -67,9 +67,9 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], l
         if root.is_dir():
             visited = {os.path.realpath(root)}  # links are followed, each folder read once
             for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
-                               and os.path.realpath(os.path.join(dirpath, d)) not in visited]
-                visited.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
+                real = {d: os.path.realpath(os.path.join(dirpath, d)) for d in dirnames}
+                dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and real[d] not in visited]
+                visited.update(real[d] for d in dirnames)
                 for name in sorted(f for f in filenames if not f.startswith(".")):
                     path = Path(dirpath) / name
                     if path.suffix.lower() in data.IMAGE_EXTENSIONS:

@@ -196,6 +196,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _install(signals, handler) -> dict:
+    """Set ``handler`` for ``signals`` (only the main thread can); the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in signals}
+
+
+def _restore(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 class StopOnSignal(keras.callbacks.Callback):
     """Turn SIGTERM / SIGINT (Ctrl-C) into a clean stop at the next batch boundary.
 
@@ -212,21 +224,17 @@ class StopOnSignal(keras.callbacks.Callback):
         self._previous: dict = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = _install(self.SIGNALS, self._handle)
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        _restore(self._previous)
         self._previous = {}
         return False
 
     def _handle(self, signum, frame):
         self.received = signum
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        _restore(self._previous)
 
     def _check(self, *args, **kwargs):
         if self.received is not None:
@@ -246,14 +254,11 @@ class RaiseOnSignal:
         self.received: int | None = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in StopOnSignal.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = _install(StopOnSignal.SIGNALS, self._handle)
         return self
 
     def __exit__(self, exc_type, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        _restore(self._previous)
         self._previous = {}
         if exc_type is None and self.received is not None:
             # The handler's exception was swallowed: it ran inside a finalizer (__del__), where
@@ -263,8 +268,7 @@ class RaiseOnSignal:
 
     def _handle(self, signum, frame):
         self.received = signum
-        for sig, handler in self._previous.items():  # a second signal: the usual handler
-            signal.signal(sig, handler)
+        _restore(self._previous)  # a second signal: the usual handler
         raise Interrupted(signum)
 
 
