@@ -6,7 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
-from tfcovid import demo  # noqa: E402
+from tfcovid.data import demo  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

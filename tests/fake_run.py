@@ -10,7 +10,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfcovid import config, data, modelinfo
+from tfcovid import config
+from tfcovid.data import decode, folders
+from tfcovid.weights import metadata
 from tfcovid.models import build_model
 
 
@@ -20,7 +22,7 @@ def make_run(tmp_path: Path, tree: Path, task: str = "binary", backbone: str = "
     exp = config.resolve(None, {"data.dir": str(tree), "data.task": task, "data.image_size": size,
                                 "model.backbone": backbone, "model.weights": "none",
                                 "out": str(tmp_path)})
-    manifest = data.scan(tree, task, exp.data.labels, exp.data.label_map)
+    manifest = folders.scan(tree, task, exp.data.labels, exp.data.label_map)
     keras.utils.set_random_seed(seed)
     model = build_model(backbone, len(manifest.output_names), size, "torch",
                         name=f"tfcovid_{backbone}_{task}")
@@ -31,15 +33,15 @@ def make_run(tmp_path: Path, tree: Path, task: str = "binary", backbone: str = "
     exp.save(run / "config.yaml")
     path = run / "checkpoints" / "last.keras"
     model.save(path)
-    modelinfo.embed(path, modelinfo.info_for(exp, manifest))
+    metadata.embed(path, metadata.info_for(exp, manifest))
     return run
 
 
 def reference_probs(run: Path, paths, task: str) -> np.ndarray:
-    """Probabilities computed without tfcovid.evaluate/export: load, resize, predict, softmax/sigmoid."""
+    """Probabilities computed without tfcovid.inference.evaluate/export: load, resize, predict, softmax/sigmoid."""
     model = keras.models.load_model(run / "checkpoints" / "last.keras", compile=False)
     size = model.input_shape[1]
-    x = np.stack([data.load_image(str(p), size).numpy() for p in paths]).astype("float32")
+    x = np.stack([decode.load_image(str(p), size).numpy() for p in paths]).astype("float32")
     logits = model.predict(x, verbose=0).astype("float64")
     if task == "binary":
         e = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -8,7 +8,8 @@ import tensorflow as tf
 from PIL import Image
 from scipy import stats
 
-from tfcovid import augment
+from tfcovid.data import augment
+from tfcovid.data.opencv import images as opencv_images
 
 N = 3000
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -180,7 +181,7 @@ def test_opencv_resampler_matches_tensorflow():
         for s in range(8):
             hw = tf.constant([image.shape[:2]])
             transforms, k = augment.plan(hw, augment.draws(tf.constant([j, s], tf.int64))[None], 64)
-            ours = augment._warp(image, transforms[0].numpy(), int(k[0]), 64)  # warp_rows's per-image work
+            ours = opencv_images._warp(image, transforms[0].numpy(), int(k[0]), 64)  # warp_rows's per-image work
             ref = augment.apply_uint8(image, transforms[0], k[0], 64).numpy()
             assert ours.shape == ref.shape == (64, 64, image.shape[-1]) and ours.dtype == np.uint8
             diff = np.abs(ours.astype(int) - ref)
@@ -189,7 +190,7 @@ def test_opencv_resampler_matches_tensorflow():
     assert shrunk > 0  # the k x k pre-shrink was compared too
     # Anti-aliased on the OpenCV path as well: an 8x-shrunk 1-pixel checkerboard is mid-grey.
     transform = tf.constant([8.0, 0, 3.5, 0, 8.0, 3.5, 0, 0])
-    out = augment._warp(board, transform.numpy(), 8, 64)
+    out = opencv_images._warp(board, transform.numpy(), 8, 64)
     assert abs(out.mean() - 127.5) < 2 and out.std() < 3
 
 
@@ -205,14 +206,14 @@ def test_warp_rows_is_each_rows_warp_grey_repeated():
                   np.array([-0.7, 0.0, 49.0, 0.0, 0.7, 0.0, 0, 0], np.float32)]
     ks = [1, 1, 3, 1]
     rows = [(images[i % 4], transforms[i % 4], ks[i % 4]) for i in range(11)]
-    expected = np.stack([np.broadcast_to(augment._warp(*row[:2], row[2], 32), (32, 32, 3)) for row in rows])
+    expected = np.stack([np.broadcast_to(opencv_images._warp(*row[:2], row[2], 32), (32, 32, 3)) for row in rows])
     batch = augment.warp_rows(len(rows), 32, lambda i: rows[i])
     assert batch.shape == (11, 32, 32, 3) and batch.dtype == np.uint8
     np.testing.assert_array_equal(batch, expected)
     grey_only = augment.warp_rows(3, 32, lambda i: rows[[0, 2, 3][i]])
     np.testing.assert_array_equal(grey_only, expected[[0, 2, 3]])
     assert batch[:, :, :, 0].std() > 0  # real views, not an empty batch
-    assert batch.ctypes.data % augment.BATCH_ALIGN == 0  # tf.data takes it without a copy
+    assert batch.ctypes.data % opencv_images.BATCH_ALIGN == 0  # tf.data takes it without a copy
 
 
 def test_an_aligned_batch_reaches_tf_data_without_a_copy():
@@ -222,7 +223,7 @@ def test_an_aligned_batch_reaches_tf_data_without_a_copy():
     held = {}
 
     def batch(offset):
-        raw = augment.batch_buffer((1000 + augment.BATCH_ALIGN,))
+        raw = opencv_images.batch_buffer((1000 + opencv_images.BATCH_ALIGN,))
         held["array"] = array = raw[int(offset):int(offset) + 1000]
         array[:] = 1
         return array
@@ -237,13 +238,13 @@ def test_an_aligned_batch_reaches_tf_data_without_a_copy():
 def test_batch_buffers_come_back_only_when_nothing_reads_them():
     """``batch_buffer`` recycles a batch's memory (no page faults per batch), but never while any
     array made from it, or a memoryview of it, is alive; free buffers are capped."""
-    from tfcovid import cvops
+    from tfcovid.data.opencv import images as opencv_images
 
-    pool = cvops._Recycled()
+    pool = opencv_images._Recycled()
     shape = (3, 8, 8, 3)
     first = pool.take(shape)
     address = first.ctypes.data
-    assert first.shape == shape and first.dtype == np.uint8 and address % augment.BATCH_ALIGN == 0
+    assert first.shape == shape and first.dtype == np.uint8 and address % opencv_images.BATCH_ALIGN == 0
     rows = first[1:]  # a view of a view: must keep the memory
     exported = memoryview(first.reshape(-1))
     del first
@@ -271,7 +272,7 @@ def test_pre_shrink_scratch_is_recycled_across_image_sizes():
     scratch is aligned and typed; images of nearby sizes share one buffer (size buckets)."""
     import cv2
 
-    from tfcovid import cvops
+    from tfcovid.data.opencv import images as opencv_images
 
     rng = np.random.default_rng(5)
     transform = np.array([2.3, 0.4, 6.0, -0.3, 2.2, 9.0, 0, 0], np.float32)
@@ -279,17 +280,17 @@ def test_pre_shrink_scratch_is_recycled_across_image_sizes():
         image = rng.integers(0, 256, shape, np.uint8)
         h, w = shape[:2]
         small = cv2.resize(image.astype(np.float32), (w // k, h // k), interpolation=cv2.INTER_AREA)
-        fresh = cvops._affine(small, np.array(cvops._rescaled(transform, h / (h // k), w / (w // k))), 48)
+        fresh = opencv_images._affine(small, np.array(opencv_images._rescaled(transform, h / (h // k), w / (w // k))), 48)
         expected = np.clip(np.rint(fresh), 0, 255).astype(np.uint8).reshape(48, 48, -1)
         for _ in range(2):  # the second time from recycled (dirty) scratch
-            np.testing.assert_array_equal(cvops._warp(image, transform, k, 48), expected)
+            np.testing.assert_array_equal(opencv_images._warp(image, transform, k, 48), expected)
 
-    pool = cvops._Recycled()
+    pool = opencv_images._Recycled()
     addresses = set()
     for side in range(702, 725, 2):  # 12 sizes of 1.97-2.10 MB: one bucket (8 per doubling)
         scratch = pool.take((side, side, 1), np.float32, bucket=True)
         assert scratch.dtype == np.float32 and scratch.shape == (side, side, 1)
-        assert scratch.ctypes.data % augment.BATCH_ALIGN == 0
+        assert scratch.ctypes.data % opencv_images.BATCH_ALIGN == 0
         addresses.add(scratch.ctypes.data)
         del scratch
     assert len(addresses) == 1 and pool.kept_bytes() == 2 << 20
@@ -301,7 +302,7 @@ def test_tf_data_keeps_a_recycled_batch_until_its_tensor_is_dropped():
     addresses = []
 
     def batch(index):
-        out = augment.batch_buffer((4, 16, 16, 3))
+        out = opencv_images.batch_buffer((4, 16, 16, 3))
         out[:] = index % 251
         addresses.append(out.ctypes.data)
         return out

@@ -10,8 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfcovid import config, data, evaluate, filecheck, records
-from tfcovid.data import DataError
+from tfcovid import config
+from tfcovid.data import datasets, decode, folders as data_folders, checks, prepare as data_prepare
+from tfcovid.inference import evaluate
+from tfcovid.data.types import DataError
 
 RNG = np.random.default_rng(0)
 
@@ -70,19 +72,19 @@ def test_scan_collects_every_structural_problem_and_strict_raises_one_list(tmp_p
     os.symlink(root / "nowhere.png", root / "train" / "b" / "link.png")
 
     with pytest.raises(DataError) as raised:
-        data.scan(root)
+        data_folders.scan(root)
     message = str(raised.value)
     assert message.startswith(f"6 files under {root} cannot be used:")
     for line in ("train/a/empty.png: empty file (0 bytes)",
                  "train/a/text.jpg: has a .jpg name but is not a JPEG/PNG/BMP/GIF image (it is text)",
                  "val/b/notes.txt: not an image file: tfcovid reads .jpg, .jpeg, .png, .bmp, .gif files",
                  "val/b/scan.dcm: not an image file (DICOM: convert it to PNG)",
-                 f"train/loose.png: {filecheck.OUTSIDE_CLASS}",
+                 f"train/loose.png: {checks.OUTSIDE_CLASS}",
                  "train/b/link.png: broken link to"):
         assert line in message, line
     assert message.endswith("Fix or remove these files.")
 
-    m = data.scan(root, strict=False)
+    m = data_folders.scan(root, strict=False)
     assert {Path(b.path).name: b.split for b in m.bad} == {
         "empty.png": "train", "text.jpg": "train", "loose.png": "train", "link.png": "train",
         "notes.txt": "validation", "scan.dcm": "validation"}
@@ -98,7 +100,7 @@ def test_system_and_hidden_files_are_ignored_and_counted(tmp_path):
         (root / "train" / "a" / name).write_bytes(b"\0\1junk")
     (root / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
     (root / "val" / ".DS_Store").write_bytes(b"junk")
-    m = data.scan(root)  # strict: none of these is a problem
+    m = data_folders.scan(root)  # strict: none of these is a problem
     assert m.class_names == ("a", "b") and m.bad == ()
     assert len(m.splits["train"]) == 6
     assert m.problems == ("ignored 7 system or hidden file(s) and folder(s) "
@@ -109,9 +111,9 @@ def test_unlabeled_split_still_works_and_its_bad_files_are_listed(tmp_path):
     root = _tree(tmp_path)
     _save(root / "test" / "x.png", _gray())
     (root / "test" / "Thumbs.db").write_bytes(b"junk")
-    assert data.scan(root).splits["test"].paths == (str(root / "test" / "x.png"),)
+    assert data_folders.scan(root).splits["test"].paths == (str(root / "test" / "x.png"),)
     (root / "test" / "y.jpg").write_bytes(b"")
-    m = data.scan(root, strict=False)
+    m = data_folders.scan(root, strict=False)
     assert m.splits["test"].labels is None and len(m.splits["test"]) == 1
     assert [(Path(b.path).name, b.split) for b in m.bad] == [("y.jpg", "test")]
 
@@ -122,8 +124,8 @@ def test_class_folder_with_only_bad_files_is_reported_as_those_files(tmp_path):
         p.unlink()
     (root / "val" / "b" / "broken.png").write_text("oops")
     with pytest.raises(DataError, match=r"val/b/broken.png: has a .png name"):
-        data.scan(root)
-    m = data.scan(root, strict=False)  # fit decides: list it, or (skip_bad) name the empty folder
+        data_folders.scan(root)
+    m = data_folders.scan(root, strict=False)  # fit decides: list it, or (skip_bad) name the empty folder
     assert m.splits["validation"].folders == ("a",) * 3
 
 
@@ -133,20 +135,20 @@ def test_class_folder_with_only_bad_files_is_reported_as_those_files(tmp_path):
 def test_unreadable_files_give_the_os_reason(tmp_path, monkeypatch):
     root = _tree(tmp_path)
     locked = root / "train" / "a" / "0.png"
-    real_read = filecheck.read_bytes
+    real_read = checks.read_bytes
 
     def read(path, limit=-1):
         if Path(path) == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return real_read(path, limit)
 
-    monkeypatch.setattr(filecheck, "read_bytes", read)
-    m = data.scan(root, strict=False)
+    monkeypatch.setattr(checks, "read_bytes", read)
+    m = data_folders.scan(root, strict=False)
     assert _bad_by_name(m.bad) == {"0.png": "cannot be read (Permission denied); give read "
                                              "permission (chmod a+r) or remove it"}
     assert str(locked) not in m.splits["train"].paths
     # A file that becomes unreadable after the scan is caught by the content check too.
-    assert filecheck.check_file(locked, 10**6).startswith("cannot be read (Permission denied)")
+    assert checks.check_file(locked, 10**6).startswith("cannot be read (Permission denied)")
 
 
 def test_chmod_000_file(tmp_path):
@@ -154,7 +156,7 @@ def test_chmod_000_file(tmp_path):
     locked = root / "train" / "b" / "1.png"
     locked.chmod(0)
     try:
-        m = data.scan(root, strict=False)
+        m = data_folders.scan(root, strict=False)
         if os.geteuid() == 0:  # root reads it anyway, so it is a usable image
             assert m.bad == () and str(locked) in m.splits["train"].paths
         else:
@@ -170,9 +172,9 @@ def test_broken_files_are_caught_by_the_content_check(tmp_path):
     _gray((40, 40)).save(png, "PNG")
     (root / "train" / "b" / "cut.png").write_bytes(png.getvalue()[:60])
     (root / "val" / "a" / "fake.gif").write_bytes(b"GIF89a" + b"\0" * 20)
-    m = data.scan(root, strict=False)
+    m = data_folders.scan(root, strict=False)
     assert m.bad == ()  # their signatures are right: only decoding finds them
-    bad = filecheck.check(m, 10**6, log=_quiet)
+    bad = checks.check(m, 10**6, log=_quiet)
     reasons = _bad_by_name(bad)
     assert set(reasons) == {"cut.jpg", "cut.png", "fake.gif"}
     assert reasons["cut.jpg"].startswith("cannot be decoded as JPEG, truncated or corrupt (")
@@ -185,10 +187,10 @@ def test_broken_files_are_caught_by_the_content_check(tmp_path):
 def test_check_result_does_not_depend_on_threads(tmp_path):
     root = _tree(tmp_path)
     _truncated_jpeg(root / "train" / "a" / "cut.jpg")
-    m = data.scan(root, strict=False)
+    m = data_folders.scan(root, strict=False)
     lines = []
-    one = filecheck.check(m, 10**6, log=lines.append, threads=1)
-    assert filecheck.check(m, 10**6, log=_quiet, threads=4) == one and len(one) == 1
+    one = checks.check(m, 10**6, log=lines.append, threads=1)
+    assert checks.check(m, 10**6, log=_quiet, threads=4) == one and len(one) == 1
     assert len(lines) == 1
     assert lines[0].startswith("Checked 13 files in ") and lines[0].endswith(": 12 usable, 1 unusable")
 
@@ -196,10 +198,10 @@ def test_check_result_does_not_depend_on_threads(tmp_path):
 def test_very_large_image_is_checked_from_its_header(tmp_path, monkeypatch):
     big = _save(tmp_path / "big.png", Image.new("L", (8000, 8000), 77))  # compresses to ~60 kB
     assert big.stat().st_size < 200_000
-    assert filecheck.check_file(big, config.DataConfig().max_pixels) is None  # full decode works
+    assert checks.check_file(big, config.DataConfig().max_pixels) is None  # full decode works
     decoded = []
-    monkeypatch.setattr(filecheck, "_decode", lambda data, kind: decoded.append(kind))
-    assert filecheck.check_file(big, 1_000_000) == (
+    monkeypatch.setattr(checks, "_decode", lambda data, kind: decoded.append(kind))
+    assert checks.check_file(big, 1_000_000) == (
         "8000×8000 = 64,000,000 pixels is over data.max_pixels (1,000,000); downscale it or "
         "raise data.max_pixels")
     assert decoded == []  # refused before any decode
@@ -209,7 +211,7 @@ def test_very_large_image_is_checked_from_its_header(tmp_path, monkeypatch):
     bomb = bytearray(small.getvalue())
     bomb[16:24] = (40000).to_bytes(4, "big") * 2
     (tmp_path / "bomb.png").write_bytes(bytes(bomb))
-    reason = filecheck.check_file(tmp_path / "bomb.png", 150_000_000)
+    reason = checks.check_file(tmp_path / "bomb.png", 150_000_000)
     assert reason.startswith("40000×40000 = 1,600,000,000 pixels is over data.max_pixels")
     assert decoded == []
 
@@ -224,15 +226,15 @@ def test_header_sizes_of_every_format():
     for fmt, picture, options in variants:
         buffer = io.BytesIO()
         picture.save(buffer, fmt, **options)
-        assert filecheck.image_size(buffer.getvalue(), fmt) == (13, 7), (fmt, options)
+        assert checks.image_size(buffer.getvalue(), fmt) == (13, 7), (fmt, options)
         if fmt == "JPEG":  # the same answer as TensorFlow's own header reader
             assert tf.io.extract_jpeg_shape(buffer.getvalue()).numpy()[:2].tolist() == [7, 13]
     jpeg = io.BytesIO()
     image.save(jpeg, "JPEG")
     frame = jpeg.getvalue().index(b"\xff\xc0")
     for cut in (3, 20, frame + 6):  # before and inside the frame header
-        with pytest.raises(filecheck.Unusable, match="damaged JPEG header|truncated header"):
-            filecheck.image_size(jpeg.getvalue()[:cut], "JPEG")
+        with pytest.raises(checks.Unusable, match="damaged JPEG header|truncated header"):
+            checks.image_size(jpeg.getvalue()[:cut], "JPEG")
 
 
 def _formats(tmp_path):
@@ -264,14 +266,14 @@ def _formats(tmp_path):
 
 def test_unusual_formats_pass_the_check_and_decode_as_pil_does(tmp_path):
     for name, (path, expected, tolerance) in _formats(tmp_path).items():
-        assert filecheck.check_file(path, 10**6) is None, name
-        pixels = data.decode_image(tf.io.read_file(str(path))).numpy().astype(np.int64)
+        assert checks.check_file(path, 10**6) is None, name
+        pixels = decode.decode_image(tf.io.read_file(str(path))).numpy().astype(np.int64)
         channels = expected.shape[-1] if expected.ndim == 3 else 1
         assert pixels.shape == (16, 16, channels), name
         diff = np.abs(pixels - expected.reshape(16, 16, channels)).max()
         assert diff <= tolerance, (name, diff)
         # The eval pipeline (resize to the same size) hands the model the same pixels, as RGB.
-        loaded = data.load_image(str(path), 16).numpy().astype(np.int64)
+        loaded = decode.load_image(str(path), 16).numpy().astype(np.int64)
         rgb = np.broadcast_to(expected.reshape(16, 16, channels), (16, 16, 3))
         assert np.abs(loaded - rgb).max() <= tolerance + 1, name
 
@@ -281,7 +283,7 @@ def test_cmyk_jpeg_decodes_to_its_rgb_colours(tmp_path):
     rgb[...] = (200, 40, 120)
     path = _save(tmp_path / "cmyk.jpg", Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
     assert Image.open(path).mode == "CMYK"
-    pixels = data.decode_image(tf.io.read_file(str(path))).numpy()
+    pixels = decode.decode_image(tf.io.read_file(str(path))).numpy()
     assert pixels.shape == (16, 16, 3)
     assert np.abs(pixels.astype(int) - [200, 40, 120]).max() <= 3
 
@@ -290,13 +292,13 @@ def test_palette_bmp_is_refused_not_read_as_gray(tmp_path):
     rgb = _smooth_rgb()
     path = _save(tmp_path / "palette.bmp", Image.fromarray(rgb).quantize(colors=12), "BMP")
     # TensorFlow reads the colour indices as gray levels: nothing like the image.
-    wrong = data.decode_image(tf.io.read_file(str(path))).numpy()
+    wrong = decode.decode_image(tf.io.read_file(str(path))).numpy()
     assert wrong.shape[-1] == 1 and wrong.max() < 12
-    assert filecheck.check_file(path, 10**6) == (
+    assert checks.check_file(path, 10**6) == (
         "8-bit colour-palette BMP: TensorFlow would read its palette indices as gray levels; "
         "convert it to PNG")
     one_bit = _save(tmp_path / "mono.bmp", Image.new("1", (8, 8), 1), "BMP")
-    assert filecheck.check_file(one_bit, 10**6) == (
+    assert checks.check_file(one_bit, 10**6) == (
         "1-bit BMP, which TensorFlow cannot decode; convert it to PNG")
 
 
@@ -317,11 +319,11 @@ def _broken_tree(root):
 
 def test_verify_stops_with_every_problem_in_one_error(tmp_path):
     names = _broken_tree(tmp_path / "data")
-    m = data.scan(tmp_path / "data", strict=False)
+    m = data_folders.scan(tmp_path / "data", strict=False)
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(DataError) as raised:
-        filecheck.verify(m, config.DataConfig(max_pixels=4_000_000), run, log=_quiet)
+        checks.verify(m, config.DataConfig(max_pixels=4_000_000), run, log=_quiet)
     message = str(raised.value)
     assert message.splitlines()[0] == f"6 files under {tmp_path / 'data'} cannot be used:"
     listed = [line.strip().split(":")[0] for line in message.splitlines()[1:-1]]
@@ -333,11 +335,11 @@ def test_verify_stops_with_every_problem_in_one_error(tmp_path):
 
 def test_verify_skip_bad_leaves_them_out_and_lists_them(tmp_path):
     names = _broken_tree(tmp_path / "data")
-    m = data.scan(tmp_path / "data", strict=False)
+    m = data_folders.scan(tmp_path / "data", strict=False)
     run = tmp_path / "run"
     run.mkdir()
     lines = []
-    kept = filecheck.verify(m, config.DataConfig(skip_bad=True, max_pixels=4_000_000), run, log=lines.append)
+    kept = checks.verify(m, config.DataConfig(skip_bad=True, max_pixels=4_000_000), run, log=lines.append)
     assert lines[-1] == f"Left out 6 unusable files (listed in {run / 'skipped.txt'})"
     skipped = (run / "skipped.txt").read_text().splitlines()
     assert skipped[0].startswith("#")
@@ -364,8 +366,8 @@ def test_skip_bad_keeps_multilabel_vectors_aligned(tmp_path):
             for i in range(2):
                 _save(root / split / c / f"{i}.png", _gray(seed=i))
     (root / "train" / "covid-19" / "0.png").write_bytes(b"")
-    m = data.scan(root, "multilabel", config.STUDY_LABELS, config.STUDY_LABEL_MAP, strict=False)
-    kept = filecheck.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
+    m = data_folders.scan(root, "multilabel", config.STUDY_LABELS, config.STUDY_LABEL_MAP, strict=False)
+    kept = checks.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
     train = kept.splits["train"]
     assert len(train) == 5
     expected = {"covid-19": [1, 0, 1], "normal": [0, 1, 0], "pneumonia": [0, 0, 1]}
@@ -375,9 +377,9 @@ def test_skip_bad_keeps_multilabel_vectors_aligned(tmp_path):
 def test_skip_bad_that_empties_a_class_folder_names_it(tmp_path):
     root = _tree(tmp_path / "data", n=1)
     (root / "val" / "b" / "0.png").write_bytes(b"")
-    m = data.scan(root, strict=False)
+    m = data_folders.scan(root, strict=False)
     with pytest.raises(DataError) as raised:
-        filecheck.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
+        checks.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
     assert str(raised.value) == (
         f"Leaving out the unusable files leaves no images in {root / 'val' / 'b'}:\n"
         "  val/b/0.png: empty file (0 bytes)\nFix or replace these files.")
@@ -386,14 +388,14 @@ def test_skip_bad_that_empties_a_class_folder_names_it(tmp_path):
 def test_skip_bad_drops_an_optional_split_it_empties(tmp_path):
     root = _tree(tmp_path / "data")
     _truncated_jpeg(root / "test" / "only.jpg")
-    m = data.scan(root, strict=False)
-    kept = filecheck.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
+    m = data_folders.scan(root, strict=False)
+    kept = checks.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
     assert set(kept.splits) == {"train", "validation"}
 
 
 def test_verify_returns_a_clean_manifest_unchanged(tmp_path):
-    m = data.scan(_tree(tmp_path / "data"), strict=False)
-    assert filecheck.verify(m, config.DataConfig(), tmp_path, log=_quiet) is m
+    m = data_folders.scan(_tree(tmp_path / "data"), strict=False)
+    assert checks.verify(m, config.DataConfig(), tmp_path, log=_quiet) is m
     assert not (tmp_path / "skipped.txt").exists()
 
 
@@ -407,7 +409,7 @@ def test_prepare_fails_before_writing_with_the_full_list(tmp_path):
     _truncated_jpeg(root / "val" / "a" / "cut.jpg")  # found only by decoding
     out = tmp_path / "records"
     with pytest.raises(DataError) as raised:
-        records.prepare(root, out, log=_quiet)
+        data_prepare.prepare(root, out, log=_quiet)
     lines = str(raised.value).splitlines()
     assert lines[0] == f"3 files under {root} cannot be used:"
     assert lines[1] == "  train/a/e.png: empty file (0 bytes)"
@@ -446,13 +448,13 @@ def test_every_unusual_format_goes_through_both_pipelines(tmp_path):
         for c in ("a", "b"):
             _formats(root / split / c)
     _truncated_jpeg(root / "train" / "a" / "zz.jpg")
-    m = filecheck.verify(data.scan(root, strict=False), config.DataConfig(skip_bad=True),
+    m = checks.verify(data_folders.scan(root, strict=False), config.DataConfig(skip_bad=True),
                          tmp_path, log=_quiet)
     assert {k: len(v) for k, v in m.splits.items()} == {"train": 18, "validation": 18}
     aug = config.AugmentConfig()
     for training in (True, False):
         images, labels = [], []
-        for x, y in data.dataset(m.splits["train"], 24, 8, training=training, aug=aug, decode_scale=0.5):
+        for x, y in datasets.dataset(m.splits["train"], 24, 8, training=training, aug=aug, decode_scale=0.5):
             images.append(x.numpy())
             labels.append(y.numpy())
         assert np.concatenate(images).shape == (18, 24, 24, 3)

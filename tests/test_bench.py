@@ -107,21 +107,21 @@ def test_worker_processes_cpu_is_counted():
     """The pipeline benchmark's CPU figures include the resample worker processes (read from
     /proc, to the nanosecond: a pass may last a few hundredths of a second), not just the
     training process's threads."""
-    from tfcovid import workers
+    from tfcovid.data.opencv import process_pool
 
     burn = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
             "print(time.process_time(), flush=True)\ntime.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
     try:
         own = float(proc.stdout.readline())  # the child's CPU time, by its own clock
-        read = workers.process_cpu_seconds(proc.pid)
+        read = process_pool.process_cpu_seconds(proc.pid)
         assert own >= 0.5 and read == pytest.approx(own, abs=3e-3)  # ns, not 10 ms clock ticks
     finally:
         proc.kill()
         proc.wait()
-    assert workers.process_cpu_seconds(-1) == 0.0  # no such process
+    assert process_pool.process_cpu_seconds(-1) == 0.0  # no such process
 
-    store = workers.WorkerStore(4, "train", processes=2)
+    store = process_pool.WorkerStore(4, "train", processes=2)
     store.start(2, 32)
     try:
         started = store.cpu_seconds()  # two Pythons that imported NumPy and OpenCV

@@ -201,11 +201,11 @@ def test_freeze_beyond_the_backbones_conv_layers_is_refused_before_anything_is_b
     one more is a config error naming the count, before a run directory exists."""
     import keras
 
-    from tfcovid import weights
+    from tfcovid.weights import loading
     from tfcovid.models import freeze, is_head_layer
 
     n = config.CONV_LAYERS[backbone]
-    model, _, _ = weights.initial_model(backbone, 2, 32, "none")
+    model, _, _ = loading.initial_model(backbone, 2, 32, "none")
     convs = [layer for layer in freeze._all_layers(model)
              if isinstance(layer, keras.layers.Conv2D) and not is_head_layer(layer)]
     assert len(convs) == n
@@ -220,11 +220,11 @@ def test_freeze_beyond_the_backbones_conv_layers_is_refused_before_anything_is_b
 
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "resnet50"])
 def test_min_image_size_builds_and_one_below_is_refused(backbone):
-    from tfcovid import weights
+    from tfcovid.weights import loading
 
     low = config.MIN_IMAGE_SIZE[backbone]
     exp = config.resolve(None, {"model.backbone": backbone, "data.image_size": low})
-    model, _, _ = weights.initial_model(backbone, 2, exp.data.image_size, "none")
+    model, _, _ = loading.initial_model(backbone, 2, exp.data.image_size, "none")
     assert model(np.zeros((1, low, low, 3), "float32")).shape == (1, 2)
     with pytest.raises(ConfigError, match=rf"Bad value for 'data.image_size': {low - 1}\. "
                                           rf"{backbone} needs at least {low} px\."):
@@ -246,7 +246,7 @@ def test_vgg16_minimum_is_structural():
 def test_data_demo_beside_a_demo_folder_is_the_builtin_set_and_says_so(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from tfcovid import train
+    from tfcovid.training import train
     from tfcovid.cli import main
 
     monkeypatch.chdir(tmp_path)

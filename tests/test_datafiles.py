@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from tfcovid import config, data, evaluate, filecheck
-from tfcovid.data import DataError
+from tfcovid import config
+from tfcovid.data import folders as data_folders, checks
+from tfcovid.inference import evaluate
+from tfcovid.data.types import DataError
 
 
 def _tree(root, n=3, classes=("a", "b")):
@@ -48,7 +50,7 @@ def test_linked_subfolder_of_a_class_folder_is_followed(tmp_path):
     Image.new("L", (12, 10), 80).save(root / "train" / "a" / "real_sub" / "r.png")
     os.symlink(more, root / "train" / "a" / "more_linked")
 
-    m = data.scan(root)
+    m = data_folders.scan(root)
     train = m.splits["train"]
     assert len(train) == 3 + 2 + 1 + 3
     # Each folder's files first, then its subfolders by name; the linked images keep the
@@ -73,7 +75,7 @@ def test_link_loops_and_second_links_are_not_followed_and_noted(tmp_path):
     os.symlink(".", a / "self")
     os.symlink(root, more / "to_root")  # a loop through the linked folder
 
-    m = data.scan(root)
+    m = data_folders.scan(root)
     assert [os.path.relpath(p, root) for p in m.splits["train"].paths if "/a/" in p] == [
         "train/a/0.png", "train/a/1.png", "train/a/2.png", "train/a/more1/x.png"]
     assert m.splits["train"].folders.count("b") == 3  # no image of b came in under a
@@ -97,7 +99,7 @@ def test_unreadable_subfolder_is_reported_not_skipped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(DataError) as raised:
-        data.scan(root)
+        data_folders.scan(root)
     assert str(raised.value) == (
         f"1 file under {root} cannot be used:\n"
         "  train/b/sub: folder cannot be read (Permission denied), so its images are unknown; "
@@ -117,16 +119,16 @@ def test_named_pipe_socket_and_device_are_refused_without_opening_them(tmp_path,
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(sock_path))
     opened = []
-    real_read = filecheck.read_bytes
+    real_read = checks.read_bytes
 
     def read(path, limit=-1):
         opened.append(Path(path).name)
         return real_read(path, limit)
 
-    monkeypatch.setattr(filecheck, "read_bytes", read)
+    monkeypatch.setattr(checks, "read_bytes", read)
     try:
         with pytest.raises(DataError) as raised:
-            data.scan(root)
+            data_folders.scan(root)
         advice = "; replace it with the image file itself or remove it"
         assert str(raised.value).splitlines()[1:] == [
             f"  train/a/pipe.png: not a regular file: a named pipe (FIFO){advice}",
@@ -135,14 +137,14 @@ def test_named_pipe_socket_and_device_are_refused_without_opening_them(tmp_path,
             f"  val/a/s.png: not a regular file: a socket{advice}",
             "Fix or remove these files."]
         # The full check refuses them too (a file can be replaced after the scan).
-        assert filecheck.check_file(pipe, 10**6) == f"not a regular file: a named pipe (FIFO){advice}"
-        assert filecheck.check_file(tmp_path, 10**6) == f"not a regular file: a folder{advice}"
+        assert checks.check_file(pipe, 10**6) == f"not a regular file: a named pipe (FIFO){advice}"
+        assert checks.check_file(tmp_path, 10**6) == f"not a regular file: a folder{advice}"
         assert not {"pipe.png", "zero.png", "s.png"} & set(opened)
         assert "0.png" in opened  # the real images were read
 
         # With skip_bad they are left out and the run goes on without them.
-        m = data.scan(root, strict=False)
-        kept = filecheck.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
+        m = data_folders.scan(root, strict=False)
+        kept = checks.verify(m, config.DataConfig(skip_bad=True), tmp_path, log=_quiet)
         assert {k: len(v) for k, v in kept.splits.items()} == {"train": 6, "validation": 6}
     finally:
         sock.close()
@@ -159,13 +161,13 @@ def test_checked_line_counts_every_file_it_looked_at(tmp_path):
     (root / "train" / "notes.txt").write_text("x")
     (root / "train" / "a" / ".DS_Store").write_bytes(b"x")  # ignored, in its own note
     lines = []
-    bad = filecheck.check(data.scan(root, strict=False), 10**6, log=lines.append)
+    bad = checks.check(data_folders.scan(root, strict=False), 10**6, log=lines.append)
     assert len(bad) == 4 and len(lines) == 1
     assert lines[0].startswith("Checked 16 files in ")
     assert lines[0].endswith(" s: 12 usable, 4 unusable")
 
     lines.clear()
-    filecheck.check(data.scan(_tree(tmp_path / "clean"), strict=False), 10**6, log=lines.append)
+    checks.check(data_folders.scan(_tree(tmp_path / "clean"), strict=False), 10**6, log=lines.append)
     assert lines[0].startswith("Checked 12 files in ") and lines[0].endswith(" s: all usable")
 
 
@@ -191,7 +193,7 @@ def test_class_folders_differing_only_in_unicode_normalization(tmp_path):
     _tree(root, classes=("infected", nfc))
     os.rename(root / "val" / nfc, root / "val" / nfd)  # as a copy made on macOS spells it
     with pytest.raises(DataError) as raised:
-        data.scan(root)
+        data_folders.scan(root)
     assert str(raised.value) == (
         "Class folders differ between splits only in Unicode normalization: "
         f"{root / 'val' / nfd} is spelled 'norma\\u0301l' (NFD) but {root / 'train' / nfc} is "
@@ -203,7 +205,7 @@ def test_class_folders_differing_only_in_unicode_normalization(tmp_path):
     os.rename(root / "val" / nfd, root / "val" / "healthy")
     with pytest.raises(DataError, match=r"Class folders differ between splits: .*/val has "
                                         r"\['healthy', 'infected'\]"):
-        data.scan(root)
+        data_folders.scan(root)
 
 
 # --------------------------------------------------------------------------- skipped.txt
@@ -221,10 +223,10 @@ def test_skipped_txt_escapes_tabs_newlines_and_backslashes(tmp_path):
     names = ["tab\there.png", "new\nline.png", "back\\slash.png", "plain.png"]
     for name in names:
         (root / "train" / "a" / name).write_bytes(b"")
-    m = data.scan(root, strict=False)
+    m = data_folders.scan(root, strict=False)
     run = tmp_path / "run"
     run.mkdir()
-    filecheck.verify(m, config.DataConfig(skip_bad=True), run, log=_quiet)
+    checks.verify(m, config.DataConfig(skip_bad=True), run, log=_quiet)
     lines = (run / "skipped.txt").read_text().split("\n")
     assert lines[0] == ("# files left out of this run (data.skip_bad): path<TAB>reason, with "
                         "backslash, tab, newline and carriage return in them written as \\\\, "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfcovid import demo
+from tfcovid.data import demo
 
 SMALL = (40, 64)
 EXT_FORMAT = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP"}

@@ -20,7 +20,8 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from tfcovid import records, runtime
+from tfcovid.data import prepare as data_prepare
+from tfcovid.training import distribute as training_distribute
 from tfcovid.config import ConfigError
 
 WORKER_LIMIT_S = 300  # hard bound on the two-worker run (it takes about 1-2 minutes on 2 cores)
@@ -53,7 +54,7 @@ def _fake_strategies(monkeypatch, task=("worker", 0), cluster=None):
 
     monkeypatch.setattr(tf.distribute, "MirroredStrategy", FakeMirrored)
     monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", FakeMultiWorker)
-    monkeypatch.setattr(runtime, "_STRATEGIES", {})
+    monkeypatch.setattr(training_distribute, "_STRATEGIES", {})
     return made
 
 
@@ -62,24 +63,24 @@ def _tf_config(cluster, kind="worker", index=0):
 
 
 def test_auto_picks_multiworker_mirrored_or_one():
-    assert runtime.pick_strategy("auto", {"worker": ["a:1", "b:2"]}, 8) == "multiworker"
-    assert runtime.pick_strategy("auto", None, 2) == "mirrored"
-    assert runtime.pick_strategy("auto", None, 1) == "one"
-    assert runtime.pick_strategy("auto", None, 0) == "one"
+    assert training_distribute.pick_strategy("auto", {"worker": ["a:1", "b:2"]}, 8) == "multiworker"
+    assert training_distribute.pick_strategy("auto", None, 2) == "mirrored"
+    assert training_distribute.pick_strategy("auto", None, 1) == "one"
+    assert training_distribute.pick_strategy("auto", None, 0) == "one"
     for name in ("one", "mirrored", "multiworker"):
-        assert runtime.pick_strategy(name, None, 0) == name
+        assert training_distribute.pick_strategy(name, None, 0) == name
     with pytest.raises(ConfigError, match="Valid strategies: auto, one, mirrored, multiworker"):
-        runtime.pick_strategy("horovod", None, 0)
+        training_distribute.pick_strategy("horovod", None, 0)
 
 
 def test_tf_config_is_checked(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert runtime.tf_config_cluster() is None
+    assert training_distribute.tf_config_cluster() is None
     two = {"worker": ["localhost:1", "localhost:2"]}
     monkeypatch.setenv("TF_CONFIG", _tf_config(two, index=1))
-    assert runtime.tf_config_cluster() == two
+    assert training_distribute.tf_config_cluster() == two
     monkeypatch.setenv("TF_CONFIG", _tf_config({"worker": ["localhost:1"]}))
-    assert runtime.tf_config_cluster() is None  # one task: nothing to distribute
+    assert training_distribute.tf_config_cluster() is None  # one task: nothing to distribute
     for bad, message in (
         ("{not json", "not valid JSON"),
         (_tf_config({"worker": ["localhost:1"], "ps": ["localhost:2"]}), r"task type\(s\) \['ps'\]"),
@@ -89,10 +90,10 @@ def test_tf_config_is_checked(monkeypatch):
     ):
         monkeypatch.setenv("TF_CONFIG", bad)
         with pytest.raises(ConfigError, match=message):
-            runtime.tf_config_cluster()
+            training_distribute.tf_config_cluster()
     for empty in ("", "  "):  # exported but empty: as unset, and removed before TensorFlow reads it
         monkeypatch.setenv("TF_CONFIG", empty)
-        assert runtime.tf_config_cluster() is None and "TF_CONFIG" not in os.environ
+        assert training_distribute.tf_config_cluster() is None and "TF_CONFIG" not in os.environ
 
 
 def test_waiting_for_a_cluster_can_be_stopped(tmp_path):
@@ -104,7 +105,7 @@ def test_waiting_for_a_cluster_can_be_stopped(tmp_path):
     ports = _free_loopback_ports(2)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                TF_CONFIG=_tf_config({"worker": [f"localhost:{p}" for p in ports]}, index=0))
-    proc = subprocess.Popen([sys.executable, "-c", "from tfcovid import runtime; runtime.make_strategy('auto')"],
+    proc = subprocess.Popen([sys.executable, "-c", "from tfcovid.training import distribute; distribute.make_strategy('auto')"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line, deadline = "", time.monotonic() + 120
@@ -125,10 +126,10 @@ def test_make_strategy_follows_tf_config_and_devices(monkeypatch):
     cluster = {"chief": ["localhost:1"], "worker": ["localhost:2", "localhost:3"]}
     made = _fake_strategies(monkeypatch, task=("worker", 1), cluster=cluster)
     monkeypatch.setenv("TF_CONFIG", _tf_config(cluster, "worker", 1))
-    strategy, desc = runtime.make_strategy("auto")
+    strategy, desc = training_distribute.make_strategy("auto")
     assert made == [("multiworker", None)]
     # With a chief task, the chief is worker 0 and worker i is i + 1.
-    assert runtime.worker_info(strategy) == (2, 3) and not runtime.is_chief(strategy)
+    assert training_distribute.worker_info(strategy) == (2, 3) and not training_distribute.is_chief(strategy)
     assert desc == "multiworker (2 replicas on 3 workers; this is worker 2)"
 
     monkeypatch.delenv("TF_CONFIG")
@@ -137,22 +138,22 @@ def test_make_strategy_follows_tf_config_and_devices(monkeypatch):
     real = tf.config.list_physical_devices
     monkeypatch.setattr(tf.config, "list_physical_devices",
                         lambda kind=None: gpus if kind == "GPU" else real(kind))
-    strategy, desc = runtime.make_strategy("auto")
+    strategy, desc = training_distribute.make_strategy("auto")
     assert made[-1] == ("mirrored", None) and desc == "mirrored (2 replicas)"
-    assert runtime.worker_info(strategy) == (0, 1) and runtime.is_chief(strategy)
+    assert training_distribute.worker_info(strategy) == (0, 1) and training_distribute.is_chief(strategy)
 
 
 def test_a_strategy_that_ends_up_alone_says_why(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     made = _fake_strategies(monkeypatch, cluster={})  # what a resolver without TF_CONFIG holds
     monkeypatch.setattr(tf.distribute.MultiWorkerMirroredStrategy, "num_replicas_in_sync", 1)
-    _, desc = runtime.make_strategy("multiworker")
+    _, desc = training_distribute.make_strategy("multiworker")
     assert made == [("multiworker", None)]
     assert desc == "multiworker (1 replica; TF_CONFIG names no cluster of two or more tasks, so this process trains alone)"
     monkeypatch.setattr(tf.distribute.MirroredStrategy, "num_replicas_in_sync", 1)
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["/cpu:0"])
-    _, desc = runtime.make_strategy("mirrored")
+    _, desc = training_distribute.make_strategy("mirrored")
     assert desc == "mirrored (1 replica; one device: no GPU is visible)"
 
 
@@ -160,59 +161,60 @@ def test_worker_index_without_a_chief_task(monkeypatch):
     cluster = {"worker": ["localhost:1", "localhost:2"]}
     _fake_strategies(monkeypatch, task=("worker", 0), cluster=cluster)
     chief = tf.distribute.MultiWorkerMirroredStrategy()
-    assert runtime.worker_info(chief) == (0, 2) and runtime.is_chief(chief)
-    assert runtime.worker_info(tf.distribute.get_strategy()) == (0, 1)
+    assert training_distribute.worker_info(chief) == (0, 2) and training_distribute.is_chief(chief)
+    assert training_distribute.worker_info(tf.distribute.get_strategy()) == (0, 1)
 
 
 def test_xla_stays_as_compiled_on_one_device():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(loss="mse", jit_compile=True)
-    assert runtime.fit_xla_to_strategy(model, tf.distribute.get_strategy()) is None
+    assert training_distribute.fit_xla_to_strategy(model, tf.distribute.get_strategy()) is None
     assert model.jit_compile is True
 
 
 def test_global_batch_split_per_replica():
-    assert runtime.per_replica_batches(60, 1) == "60"
-    assert runtime.per_replica_batches(60, 2) == "60 = 2 x 30"
-    assert runtime.per_replica_batches(60, 4) == "60 = 4 x 15"
-    assert runtime.per_replica_batches(60, 8) == "60 = 4 x 8 + 4 x 7"
+    assert training_distribute.per_replica_batches(60, 1) == "60"
+    assert training_distribute.per_replica_batches(60, 2) == "60 = 2 x 30"
+    assert training_distribute.per_replica_batches(60, 4) == "60 = 4 x 15"
+    assert training_distribute.per_replica_batches(60, 8) == "60 = 4 x 8 + 4 x 7"
 
 
 def test_scratch_dirs_of_non_chief_workers(monkeypatch, tmp_path):
-    assert runtime.scratch_dir(tf.distribute.get_strategy()) is None
+    assert training_distribute.scratch_dir(tf.distribute.get_strategy()) is None
     _fake_strategies(monkeypatch, task=("worker", 1), cluster={"worker": ["localhost:1", "localhost:2"]})
     worker = tf.distribute.MultiWorkerMirroredStrategy()
-    scratch = runtime.scratch_dir(worker)
+    scratch = training_distribute.scratch_dir(worker)
     assert scratch.is_dir() and scratch.name.startswith("tfcovid-worker1-")
-    runtime.release(scratch)
+    training_distribute.release(scratch)
     assert not scratch.exists()
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match="storage every worker mounts"):
-        runtime.scratch_dir(worker, resume=run)
+        training_distribute.scratch_dir(worker, resume=run)
     (run / "backup").mkdir(parents=True)
     (run / "backup" / "training_metadata.json").write_text('{"epoch": 3}')
-    resumed = runtime.scratch_dir(worker, resume=run)
+    resumed = training_distribute.scratch_dir(worker, resume=run)
     assert (resumed / "backup" / "training_metadata.json").read_text() == '{"epoch": 3}'
-    runtime.release(resumed)
+    training_distribute.release(resumed)
 
 
 MIRRORED_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from tfcovid import runtime
-    runtime.split_cpu(2)  # before TensorFlow starts its devices
+    from tfcovid.training import distribute
+    distribute.split_cpu(2)  # before TensorFlow starts its devices
     import keras, tensorflow as tf
-    from tfcovid import config, train
+    from tfcovid import config
     from tfcovid.models import build_model
+    from tfcovid.training import train
 
-    strategy, desc = runtime.make_strategy("mirrored")
+    strategy, desc = distribute.make_strategy("mirrored")
     # Synchronised BatchNorm: after training, both replicas hold identical variables.
     with strategy.scope():
         model = build_model("resnet18", 2, 32, "torch", None, 110)
         model.compile(optimizer=keras.optimizers.SGD(0.05),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        synced = runtime.synchronize_batchnorm(model)
-        xla = runtime.fit_xla_to_strategy(model, strategy)
+        synced = distribute.synchronize_batchnorm(model)
+        xla = distribute.fit_xla_to_strategy(model, strategy)
     x = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3)).astype("uint8")
     model.fit(x, np.arange(8) % 2, batch_size=4, epochs=1, verbose=0)
     diff = max(float(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy()).max())
@@ -260,7 +262,7 @@ def _free_loopback_ports(n):
 @pytest.mark.slow
 def test_two_workers_on_localhost_end_with_identical_weights(binary_tree, tmp_path):
     prepared = tmp_path / "prepared"
-    manifest = records.prepare(binary_tree, prepared, shards=2, max_side=48, log=lambda s: None)
+    manifest = data_prepare.prepare(binary_tree, prepared, shards=2, max_side=48, log=lambda s: None)
     cfg = tmp_path / "two-workers.yaml"
     cfg.write_text(yaml.safe_dump({
         "out": str(tmp_path / "runs"),
@@ -310,13 +312,13 @@ def test_two_workers_on_localhost_end_with_identical_weights(binary_tree, tmp_pa
     import tfcovid.models  # noqa: F401  (registers the custom layers)
 
     last = keras.models.load_model(run / "checkpoints" / "last.keras", compile=False)
-    assert runtime.weights_fingerprint(last) == prints[0][0]
+    assert training_distribute.weights_fingerprint(last) == prints[0][0]
 
 
 def test_tasks_on_this_host_share_its_cores():
     """data.resample_processes: auto divides a host's cores among the cluster's tasks on it."""
-    assert runtime.tasks_on_this_host(None) == 1
+    assert training_distribute.tasks_on_this_host(None) == 1
     here = {"worker": ["localhost:2222", "127.0.0.1:2223", f"{socket.gethostname()}:2224"],
             "chief": ["other-machine.example:2222"]}
-    assert runtime.tasks_on_this_host(here) == 3
-    assert runtime.tasks_on_this_host({"worker": ["a.example:1", "b.example:1"]}) == 1  # none here: 1
+    assert training_distribute.tasks_on_this_host(here) == 3
+    assert training_distribute.tasks_on_this_host({"worker": ["a.example:1", "b.example:1"]}) == 1  # none here: 1

@@ -8,8 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from fake_run import make_run, reference_probs
-from tfcovid import cli, evaluate, metrics, modelinfo
-from tfcovid.data import DataError
+from tfcovid import cli
+from tfcovid.inference import evaluate
+from tfcovid.results import scores
+from tfcovid.weights import metadata
+from tfcovid.data.types import DataError
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def test_binary_evaluation_matches_sklearn_on_the_same_probabilities(binary_run,
     paths = sorted((binary_tree / "validation").rglob("*.*"))
     labels = np.array([0 if p.parent.name == "infected" else 1 for p in paths])
     probs = reference_probs(binary_run, paths, "binary")
-    expected = metrics.binary_report(labels, probs, ["infected", "normal"], "infected")
+    expected = scores.binary_report(labels, probs, ["infected", "normal"], "infected")
     report = result["report"]
     assert report["n"] == 4 and report["confusion_matrix"] == expected["confusion_matrix"]
     for key in ("accuracy", "f1", "sensitivity", "specificity", "f1_study"):
@@ -56,7 +59,7 @@ def test_multilabel_reports_every_disease_label_by_name(multilabel_run, multilab
     folder_labels = {"covid-19": [1, 0, 1], "normal": [0, 1, 0], "pneumonia": [0, 0, 1]}
     y = np.array([folder_labels[p.parent.name] for p in paths])
     probs = reference_probs(multilabel_run, paths, "multilabel")
-    expected = metrics.multilabel_report(y, probs, ["covid-19", "normal", "pneumonia"])
+    expected = scores.multilabel_report(y, probs, ["covid-19", "normal", "pneumonia"])
     report = result["report"]
     assert report["jaccard_samples"] == pytest.approx(expected["jaccard_samples"])
     for name in ("covid-19", "pneumonia"):
@@ -84,7 +87,7 @@ def test_bad_input_is_named(binary_run, binary_tree, multilabel_tree, tmp_path):
         evaluate.evaluate(binary_run, split="dev", log=lambda s: None)
     with pytest.raises(evaluate.EvaluateError, match="is a binary model with outputs"):  # 3 class folders
         evaluate.evaluate(binary_run, data=multilabel_tree, log=lambda s: None)
-    with pytest.raises(modelinfo.ModelInfoError, match="not found"):
+    with pytest.raises(metadata.ModelInfoError, match="not found"):
         evaluate.evaluate(tmp_path / "missing.keras", log=lambda s: None)
     no_test = tmp_path / "no_test"  # a copy without test/: the error says which split to use
     for split in ("train", "validation"):
@@ -162,7 +165,7 @@ def test_best_checkpoint_results_sit_beside_the_last_ones(binary_tree, tmp_path)
 def test_scan_notes_are_shown(binary_run, binary_tree, tmp_path):
     import shutil
 
-    from tfcovid import records
+    from tfcovid.data import prepare as data_prepare
 
     tree = tmp_path / "tree"
     shutil.copytree(binary_tree, tree)
@@ -173,5 +176,5 @@ def test_scan_notes_are_shown(binary_run, binary_tree, tmp_path):
     note = "note: ignored 1 system or hidden file(s) and folder(s)"
     assert any(line.startswith(note) for line in lines), lines
     lines = []
-    records.prepare(tree, tmp_path / "rec", shards=1, max_side=16, log=lines.append)
+    data_prepare.prepare(tree, tmp_path / "rec", shards=1, max_side=16, log=lines.append)
     assert any(line.startswith(note) for line in lines), lines

@@ -12,9 +12,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fake_run import make_run
-from tfcovid import cli, config, data, demo, explain
+from tfcovid import cli, config
+from tfcovid.data import datasets, decode, folders, demo
+from tfcovid.inference import explain
 from tfcovid.models import BACKBONES, build_model
-from tfcovid.train import compile_model
+from tfcovid.training.compile import compile_model
 
 
 def test_gradcam_equals_cam_for_global_average_pooling():
@@ -138,7 +140,7 @@ def _lesion_fraction(model, root, size, split="test"):
     split_dir = root / split / "infected"
     hits, mirrored = [], []
     paths = sorted(split_dir.iterdir())
-    x = np.stack([data.load_image(str(p), size).numpy() for p in paths])
+    x = np.stack([decode.load_image(str(p), size).numpy() for p in paths])
     heat = explain.gradcam(model, x, [0] * len(paths), softmax=True)
     for p, h in zip(paths, heat):
         mask = np.asarray(Image.open(root / "masks" / split / "infected" / f"{p.stem}.png")) > 127
@@ -165,11 +167,11 @@ def test_a_trained_model_looks_at_the_lesions(tmp_path):
                                 "model.backbone": "resnet18", "model.weights": "none",
                                 "augment.enabled": False, "train.optimizer": "adam",
                                 "train.lr": 1e-3, "train.batch_size": 16, "train.epochs": 7})
-    manifest = data.scan(train_root, "binary")
+    manifest = folders.scan(train_root, "binary")
     keras.utils.set_random_seed(0)
     model = build_model("resnet18", 2, size, "torch")
     compile_model(model, exp, positive_index=0)
-    train_ds = data.dataset(manifest.splits["train"], size, 16, training=True, seed=0)
+    train_ds = datasets.dataset(manifest.splits["train"], size, 16, training=True, seed=0)
     model.fit(train_ds, epochs=exp.train.epochs, verbose=0)
     fraction, control = _lesion_fraction(model, held_out, size)
     print(f"heat inside lesion > outside on {fraction:.0%} of 30 held-out diseased images "

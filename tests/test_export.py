@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from fake_run import make_run, reference_probs
-from tfcovid import cli, export
+from tfcovid import cli
+from tfcovid.inference import export
 
 # Runs in a fresh interpreter: TensorFlow only, never tfcovid.
 CLIENT = textwrap.dedent("""
@@ -121,9 +122,9 @@ def test_tflite_runs_in_the_interpreter_within_1e4(binary_run, binary_tree, tmp_
     assert path.name == "model.tflite" and (path.parent / "labels.txt").read_text().split() == [
         "infected", "normal"]
     files = sorted((binary_tree / "test").rglob("*.*"))
-    from tfcovid import data
+    from tfcovid.data import decode as data_decode
 
-    x = np.stack([data.load_image(str(f), 32).numpy() for f in files]).astype("float32")
+    x = np.stack([data_decode.load_image(str(f), 32).numpy() for f in files]).astype("float32")
     runner = tf.lite.Interpreter(model_path=str(path)).get_signature_runner()
     got = runner(pixels=x)["probabilities"]
     assert np.abs(got - reference_probs(binary_run, files, "binary")).max() < 1e-4
@@ -137,11 +138,11 @@ def test_onnx_export_or_a_clear_message(binary_run, binary_tree, tmp_path, monke
         return
     import onnxruntime
 
-    from tfcovid import data
+    from tfcovid.data import decode as data_decode
 
     path = export.export(binary_run, tmp_path / "onnx", format="onnx", log=lambda s: None)
     files = sorted((binary_tree / "test").rglob("*.*"))
-    x = np.stack([data.load_image(str(f), 32).numpy() for f in files]).astype("float32")
+    x = np.stack([data_decode.load_image(str(f), 32).numpy() for f in files]).astype("float32")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["probabilities"], {"pixels": x})[0]
     assert np.abs(got - reference_probs(binary_run, files, "binary")).max() < 1e-4
@@ -198,7 +199,9 @@ def _readme_block(marker):
 
 
 def test_the_readme_pixel_recipe_reproduces_predict(binary_run, binary_tree, tmp_path):
-    from tfcovid import data, modelinfo, predict
+    from tfcovid.data import decode as data_decode
+    from tfcovid.weights import metadata
+    from tfcovid.inference import predict
 
     path = export.export(binary_run, tmp_path / "tfl", format="tflite", log=lambda s: None)
     # Every test image: PNG, JPEG, BMP; grey, RGB, RGBA, 16-bit.
@@ -209,7 +212,7 @@ def test_the_readme_pixel_recipe_reproduces_predict(binary_run, binary_tree, tmp
     with warnings.catch_warnings():  # tf.lite.Interpreter warns that LiteRT replaces it
         warnings.simplefilter("ignore")
         exec(code, ns)  # noqa: S102 - the README's own example, run as a user would
-    expected = predict.predict(modelinfo.load(binary_run), files)
+    expected = predict.predict(metadata.load(binary_run), files)
     assert expected.paths == [str(f.resolve()) for f in files]
     got = np.concatenate([ns["runner"](pixels=ns["pixels"](str(f))[None])["probabilities"]
                           for f in files])
@@ -217,4 +220,4 @@ def test_the_readme_pixel_recipe_reproduces_predict(binary_run, binary_tree, tmp
     np.testing.assert_allclose(ns["probs"], expected.probs[:1], atol=1e-5)
     # The recipe's pixels are tfcovid's own, value for value.
     for f in files:
-        np.testing.assert_array_equal(ns["pixels"](str(f)), data.load_image(str(f), 32).numpy())
+        np.testing.assert_array_equal(ns["pixels"](str(f)), data_decode.load_image(str(f), 32).numpy())

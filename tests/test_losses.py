@@ -1,17 +1,11 @@
-"""Tests for tfcovid.losses: focal loss against a NumPy reference, and the registry."""
+"""Tests for tfcovid.training.losses: focal loss against a NumPy reference, and the registry."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcovid.losses import (
-    LOSSES,
-    TASK_LOSSES,
-    SigmoidFocalCrossEntropy,
-    check_loss_for_task,
-    get_loss,
-)
+from tfcovid.training.losses import LOSSES, TASK_LOSSES, SigmoidFocalCrossEntropy, check_loss_for_task, get_loss
 
 EPS = 1e-7  # keras.config.epsilon(), the clip used for probabilities
 

@@ -1,4 +1,4 @@
-"""Tests for tfcovid.metrics: hand-worked cases, scikit-learn agreement, degenerate input."""
+"""Tests for tfcovid.results.scores: hand-worked cases, scikit-learn agreement, degenerate input."""
 
 import json
 import warnings
@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from tfcovid.metrics import (
-    BinaryF1,
-    SampleF1,
-    SampleJaccard,
-    binary_report,
-    multilabel_report,
-    study_row,
-)
+from tfcovid.training.epoch_metrics import BinaryF1, SampleF1, SampleJaccard
+from tfcovid.results.scores import binary_report, multilabel_report, study_row
 
 BINARY = ("infected", "normal")
 LABELS = ("covid-19", "normal", "pneumonia")

@@ -8,7 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from fake_run import make_run
-from tfcovid import data, evaluate, modelinfo
+from tfcovid.data import folders, types
+from tfcovid.inference import evaluate
+from tfcovid.weights import metadata
 from tfcovid.cli import main
 
 
@@ -18,34 +20,34 @@ def binary_run(tmp_path_factory, binary_tree):
 
 
 def test_recorded_labels_and_task_are_not_renamed(binary_run):
-    trained = modelinfo.load(binary_run)
+    trained = metadata.load(binary_run)
     assert trained.outputs == ("infected", "normal") and trained.task == "binary"
     # The same values as recorded: harmless.
-    same = modelinfo.load(binary_run, task="binary", labels=["infected", "normal"])
+    same = metadata.load(binary_run, task="binary", labels=["infected", "normal"])
     assert same.outputs == ("infected", "normal")
-    with pytest.raises(modelinfo.ModelInfoError) as err:
-        modelinfo.load(binary_run, labels=["normal", "infected"])
+    with pytest.raises(metadata.ModelInfoError) as err:
+        metadata.load(binary_run, labels=["normal", "infected"])
     message = str(err.value)
     assert "last.keras records its outputs as ['infected', 'normal']" in message
     assert "--labels normal,infected would rename them" in message and "Leave out --labels" in message
-    with pytest.raises(modelinfo.ModelInfoError, match=r"is a binary model \(recorded in .*\), not multilabel"):
-        modelinfo.load(binary_run, task="multilabel")
+    with pytest.raises(metadata.ModelInfoError, match=r"is a binary model \(recorded in .*\), not multilabel"):
+        metadata.load(binary_run, task="multilabel")
 
 
 def test_labels_still_name_a_bare_model(binary_run, tmp_path):
     bare = tmp_path / "bare.keras"
     shutil.copy(binary_run / "checkpoints" / "last.keras", bare)
     with zipfile.ZipFile(bare) as z:
-        assert modelinfo.INFO_MEMBER in z.namelist()
+        assert metadata.INFO_MEMBER in z.namelist()
     # A copy without the embedded info and no run directory beside it.
     stripped = tmp_path / "stripped.keras"
     with zipfile.ZipFile(bare) as src, zipfile.ZipFile(stripped, "w") as dst:
         for item in src.infolist():
-            if item.filename != modelinfo.INFO_MEMBER:
+            if item.filename != metadata.INFO_MEMBER:
                 dst.writestr(item, src.read(item.filename))
-    with pytest.raises(modelinfo.ModelInfoError, match="does not say what it predicts"):
-        modelinfo.load(stripped)
-    trained = modelinfo.load(stripped, task="binary", labels=["sick", "well"])
+    with pytest.raises(metadata.ModelInfoError, match="does not say what it predicts"):
+        metadata.load(stripped)
+    trained = metadata.load(stripped, task="binary", labels=["sick", "well"])
     assert trained.outputs == ("sick", "well") and trained.source == "--labels"
 
 
@@ -69,10 +71,10 @@ def test_binary_model_on_three_class_folders_names_both(binary_run, multilabel_t
 
 
 def test_label_map_to_a_label_the_outputs_lack_is_a_data_error():
-    vectors = data.label_vectors(["a", "b"], "multilabel", (), ["x", "y"], {"a": ["x"], "b": ["x", "y"]})
+    vectors = folders.label_vectors(["a", "b"], "multilabel", (), ["x", "y"], {"a": ["x"], "b": ["x", "y"]})
     np.testing.assert_array_equal(vectors, [[1, 0], [1, 1]])
-    with pytest.raises(data.DataError) as err:
-        data.label_vectors(["a", "pneumonia"], "multilabel", (), ["infected", "normal"],
+    with pytest.raises(types.DataError) as err:
+        folders.label_vectors(["a", "pneumonia"], "multilabel", (), ["infected", "normal"],
                            {"a": ["normal"], "pneumonia": ["pneumonia"]})
     assert "pneumonia -> ['pneumonia']" in str(err.value)
     assert "['infected', 'normal']" in str(err.value)

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfcovid import config, data, modelinfo, train
+from tfcovid import config
+from tfcovid.data import folders as data_folders, types
+from tfcovid.weights import metadata
+from tfcovid.training import compile, train
 from tfcovid.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "part2"
@@ -39,7 +42,7 @@ def test_part2_configs_are_the_study_rows():
 
 def test_study_folder_to_label_vectors():
     exp = config.resolve(None, {"data.task": "multilabel"})
-    vectors = data.label_vectors(["covid-19", "normal", "pneumonia"], "multilabel", (),
+    vectors = data_folders.label_vectors(["covid-19", "normal", "pneumonia"], "multilabel", (),
                                  exp.data.labels, exp.data.label_map)
     np.testing.assert_array_equal(vectors, [[1, 0, 1], [0, 1, 0], [0, 0, 1]])
 
@@ -65,7 +68,7 @@ def test_user_defined_fourth_label_end_to_end(multilabel_tree, tmp_path):
     np.testing.assert_array_equal(split.labels[tb], [[0, 0, 0, 1]] * 4)
     # Without the mapping for the new folder, the error names it and shows the fix.
     cfg.write_text(cfg.read_text().replace("    tb: [tuberculosis]\n", ""))
-    with pytest.raises(data.DataError, match=r"\['tb'\] have no entry in data.label_map"):
+    with pytest.raises(types.DataError, match=r"\['tb'\] have no entry in data.label_map"):
         train.load_manifest(config.resolve(cfg, {}))
 
 
@@ -130,10 +133,10 @@ def test_two_epoch_multilabel_fit(loss, multilabel_tree, tmp_path):
     # The checkpoints know what they predict, even when copied out of the run directory.
     copy = tmp_path / "copied.keras"
     shutil.copy(run / "checkpoints" / "last.keras", copy)
-    trained = modelinfo.load(copy)
+    trained = metadata.load(copy)
     assert trained.run_dir is None and trained.task == "multilabel"
     assert trained.outputs == ("covid-19", "normal", "pneumonia") and trained.image_size == 32
-    model = modelinfo.load(run, "best").model
+    model = metadata.load(run, "best").model
     assert model.name == "tfcovid_resnet18_multilabel"
     assert any(f"loss {loss}" in line for line in lines)
     table = [line for line in "\n".join(lines).splitlines() if line.startswith("| ResNet18 |")]
@@ -151,5 +154,5 @@ def test_compiled_loss_reduction():
         exp = config.resolve(None, {"data.task": "multilabel", "train.loss": loss},
                              config.parse_assignments([f"train.focal_reduction={reduction}"]))
         model = build_model("resnet18", 3, 16)
-        train.compile_model(model, exp, 0)
+        compile.compile_model(model, exp, 0)
         assert isinstance(model.loss, keras.losses.Loss) and model.loss.reduction == expected

@@ -7,7 +7,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfcovid import cache, config, cvops, data, pipeline
+from tfcovid import config
+from tfcovid.data import cache, datasets, decode as data_decode, types, pipeline
+from tfcovid.data.opencv import images
 
 AUG = config.AugmentConfig()
 
@@ -34,7 +36,7 @@ def mixed_split(tmp_path_factory):
     paths = [_write(root / f"img{i}.{'jpg' if fmt == 'JPEG' else 'png'}", _smooth(h, w, c, i), fmt)
              for i, (h, w, c, fmt) in enumerate(specs)]
     labels = np.arange(len(paths), dtype=np.int64)
-    return data.Split("train", str(root), tuple(paths), labels, ("x",) * len(paths))
+    return types.Split("train", str(root), tuple(paths), labels, ("x",) * len(paths))
 
 
 def _bytes(path):
@@ -45,10 +47,10 @@ def test_decode_base_jpeg_uses_dct_scaling(tmp_path):
     path = _write(tmp_path / "big.jpg", _smooth(1000, 1200), "JPEG")
     image = pipeline.decode_base(_bytes(path), 200).numpy()
     assert image.shape == (250, 300, 1) and image.dtype == np.uint8  # 1/4 scale: 250 >= 200 > 125
-    full = data.decode_image(_bytes(path)).numpy().astype(np.float32)
+    full = data_decode.decode_image(_bytes(path)).numpy().astype(np.float32)
     box = full.reshape(250, 4, 300, 4, 1).mean(axis=(1, 3))
     assert np.abs(image - box).mean() < 2  # libjpeg's scaled IDCT is a proper 4x downscale
-    np.testing.assert_array_equal(pipeline.decode_base(_bytes(path), None), data.decode_image(_bytes(path)))
+    np.testing.assert_array_equal(pipeline.decode_base(_bytes(path), None), data_decode.decode_image(_bytes(path)))
 
 
 def test_decode_base_png_box_average_and_never_upscales(tmp_path):
@@ -72,11 +74,11 @@ def test_working_side():
 def test_cache_holds_exactly_a_fresh_decode(mixed_split, mode, resampler, tmp_path, monkeypatch):
     """OpenCV's path keeps NumPy arrays (ArrayStore), TensorFlow's a table or tensor files
     (ImageStore); either way the cache holds exactly what decode_base gives."""
-    from tfcovid import augment
+    from tfcovid.data import augment
 
     monkeypatch.setattr(augment, "resampler", lambda: resampler)
     policy = cache.Cache(mode, directory=str(tmp_path / "c"))
-    ds = data.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=policy, decode_scale=2.0)
+    ds = datasets.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=policy, decode_scale=2.0)
     first = [lab for _, y in ds for lab in y.numpy()]
     store = policy.stores[0]
     assert isinstance(store, cache.ArrayStore if resampler == "opencv" else cache.ImageStore)
@@ -97,7 +99,7 @@ def test_cache_holds_exactly_a_fresh_decode(mixed_split, mode, resampler, tmp_pa
 
 
 def test_every_epoch_is_a_full_reshuffle_with_fresh_views(mixed_split):
-    ds = data.dataset(mixed_split, 32, 3, training=True, aug=AUG, cache="memory", seed=3)
+    ds = datasets.dataset(mixed_split, 32, 3, training=True, aug=AUG, cache="memory", seed=3)
     epochs = [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(3)]
     orders = []
     for batches in epochs:
@@ -113,18 +115,18 @@ def test_every_epoch_is_a_full_reshuffle_with_fresh_views(mixed_split):
 
 
 def test_cached_eval_equals_uncached_and_load_image(mixed_split):
-    plain = np.concatenate([x.numpy() for x, _ in data.dataset(mixed_split, 24, 4)])
-    cached_ds = data.dataset(mixed_split, 24, 4, cache="memory")
+    plain = np.concatenate([x.numpy() for x, _ in datasets.dataset(mixed_split, 24, 4)])
+    cached_ds = datasets.dataset(mixed_split, 24, 4, cache="memory")
     for _ in range(2):  # first pass fills, second reads back
         np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in cached_ds]), plain)
     for i, path in enumerate(mixed_split.paths):
-        np.testing.assert_array_equal(plain[i], data.load_image(path, 24).numpy())
+        np.testing.assert_array_equal(plain[i], data_decode.load_image(path, 24).numpy())
 
 
 def test_no_cache_matches_cached_first_epoch(mixed_split):
     """The cache changes nothing but speed: same seed, same images, with or without it."""
     def epoch(cache_mode):
-        ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=cache_mode, seed=5)
+        ds = datasets.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=cache_mode, seed=5)
         x, y = next(iter(ds))
         return x.numpy()[np.argsort(y.numpy())]
     np.testing.assert_array_equal(epoch(None), epoch("memory"))
@@ -133,15 +135,15 @@ def test_no_cache_matches_cached_first_epoch(mixed_split):
 def test_auto_cache_uses_memory_within_budget_and_disk_beyond(mixed_split, tmp_path):
     estimate = cache.estimate_bytes(mixed_split.paths, 32, 64, training=True)
     roomy = cache.Cache("auto", budget_mb=1, directory=str(tmp_path))
-    ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=roomy)
+    ds = datasets.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=roomy)
     for _ in ds:
         pass
     assert roomy.stores[0].mode == "memory"
     assert abs(roomy.nbytes() - estimate) <= 0.15 * roomy.nbytes()  # header-based estimate
     assert "memory budget 1 MB" in roomy.describe()
     tight = cache.Cache("auto", budget_mb=0, directory=str(tmp_path))
-    data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=tight)
-    data.dataset(mixed_split, 32, 6, cache=tight)
+    datasets.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=tight)
+    datasets.dataset(mixed_split, 32, 6, cache=tight)
     assert [s.mode for s in tight.stores] == ["disk", "disk"]
     assert "disk" in tight.describe()
     assert cache.Cache("none").describe().startswith("decoded-image cache off")
@@ -168,7 +170,7 @@ def test_bad_cache_arguments():
 
 def test_full_resolution_decode_scale_zero(mixed_split):
     policy = cache.Cache("memory")
-    ds = data.dataset(mixed_split, 16, 6, training=True, aug=AUG, cache=policy, decode_scale=0)
+    ds = datasets.dataset(mixed_split, 16, 6, training=True, aug=AUG, cache=policy, decode_scale=0)
     for _ in ds:
         pass
     found, image = policy.stores[0].lookup(tf.constant(4, tf.int64))
@@ -176,12 +178,12 @@ def test_full_resolution_decode_scale_zero(mixed_split):
 
 
 def test_unlabeled_split_and_disabled_augmentation(mixed_split):
-    unlabeled = data.Split("test", mixed_split.dir, mixed_split.paths, None, ("",) * 6)
-    batches = list(data.dataset(unlabeled, 24, 4, cache="memory"))
+    unlabeled = types.Split("test", mixed_split.dir, mixed_split.paths, None, ("",) * 6)
+    batches = list(datasets.dataset(unlabeled, 24, 4, cache="memory"))
     assert [b.shape for b in batches] == [(4, 24, 24, 3), (2, 24, 24, 3)]  # images only
     off = config.AugmentConfig(enabled=False)
-    x, y = next(iter(data.dataset(mixed_split, 24, 6, training=True, aug=off, seed=1)))
-    resized = np.stack([data.load_image(p, 24).numpy() for p in mixed_split.paths])
+    x, y = next(iter(datasets.dataset(mixed_split, 24, 6, training=True, aug=off, seed=1)))
+    resized = np.stack([data_decode.load_image(p, 24).numpy() for p in mixed_split.paths])
     np.testing.assert_array_equal(x.numpy(), resized[y.numpy()])  # shuffled, resize only
 
 
@@ -210,7 +212,7 @@ def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
     """An epoch is planned from the files' headers; where a header is wrong or unreadable the
     image is planned from its decoded pixels instead, and the batches are the same."""
     def epoch():
-        ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache="memory", seed=9)
+        ds = datasets.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache="memory", seed=9)
         x, y = next(iter(ds))
         return x.numpy()[np.argsort(y.numpy())]
 
@@ -230,10 +232,10 @@ def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
 def test_opencv_and_tensorflow_pipelines_make_the_same_batches(mixed_split, monkeypatch):
     """With OpenCV the batch is resampled by OpenCV after batching; without it, per
     image by TensorFlow. Same images, same views, grey repeated to 3 channels either way."""
-    from tfcovid import augment
+    from tfcovid.data import augment
 
     def epoch():
-        ds = data.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache="memory", seed=4)
+        ds = datasets.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache="memory", seed=4)
         x, y = next(iter(ds))
         return x.numpy()[np.argsort(y.numpy())]
 
@@ -255,7 +257,7 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
     import dataclasses
     import shutil
 
-    from tfcovid import augment
+    from tfcovid.data import augment
 
     assert augment.resampler() == "opencv"
     copies = [shutil.copy(p, tmp_path / os.path.basename(p)) for p in mixed_split.paths]
@@ -266,14 +268,14 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
 
     def uncached(e):  # (images, labels) of epoch e without a cache
         epoch = tf.Variable(e, dtype=tf.int64)
-        got = list(data.dataset(split, 32, 4, training=True, aug=AUG, seed=2, epoch=epoch,
+        got = list(datasets.dataset(split, 32, 4, training=True, aug=AUG, seed=2, epoch=epoch,
                                  deterministic=True))
         return np.concatenate([x for x, _ in got]), np.concatenate([y for _, y in got])
 
     truth = [uncached(e) for e in range(3)]
     policy = cache.Cache("memory")
     epoch = tf.Variable(0, dtype=tf.int64)
-    ds = data.dataset(split, 32, 4, training=True, aug=AUG, cache=policy, seed=2, epoch=epoch,
+    ds = datasets.dataset(split, 32, 4, training=True, aug=AUG, cache=policy, seed=2, epoch=epoch,
                       deterministic=True)
     store = policy.stores[0]
     assert isinstance(store, cache.ArrayStore)
@@ -298,7 +300,7 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
     # Without OpenCV the memory cache stays TensorFlow's table (the per-image path reads it).
     monkeypatch.setattr(augment, "resampler", lambda: "tensorflow")
     plain = cache.Cache("memory")
-    data.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=plain)
+    datasets.dataset(mixed_split, 32, 4, training=True, aug=AUG, cache=plain)
     assert isinstance(plain.stores[0], cache.ImageStore)
 
 
@@ -308,19 +310,19 @@ def test_opencv_jpeg_decode_is_tensorflows_exact_decode(tmp_path, channels, opti
     """OpenCV's JPEG decode (the batch resampler's) gives TensorFlow's pixels exactly, at every
     DCT scale, grey and colour, 4:4:4 and 4:2:0 chroma, baseline and progressive; a broken
     file gives None."""
-    from tfcovid import augment
+    from tfcovid.data.opencv import images
 
     image = _smooth(301, 403, channels, seed=channels)
     path = tmp_path / "x.jpg"
     Image.fromarray(image).save(path, quality=90, **options)
     data = path.read_bytes()
     for halvings in range(4):
-        ours = augment.decode_jpeg(data, channels, halvings)
+        ours = images.decode_jpeg(data, channels, halvings)
         theirs = tf.io.decode_jpeg(data, channels=channels, ratio=2**halvings, dct_method="INTEGER_ACCURATE")
         assert ours.shape == (-(-301 // 2**halvings), -(-403 // 2**halvings), channels)
         np.testing.assert_array_equal(ours, theirs.numpy())
-    np.testing.assert_array_equal(augment.decode_jpeg(data, channels, 1), pipeline.decode_base(tf.constant(data), 150))
-    assert augment.decode_jpeg(data[: len(data) // 2], channels, 1) is None
+    np.testing.assert_array_equal(images.decode_jpeg(data, channels, 1), pipeline.decode_base(tf.constant(data), 150))
+    assert images.decode_jpeg(data[: len(data) // 2], channels, 1) is None
 
 
 @pytest.fixture()
@@ -329,13 +331,13 @@ def jpeg_split(tmp_path):
     specs = [(300, 260, 1), (200, 330, 3), (420, 400, 1), (150, 180, 1), (260, 260, 3)]
     paths = [_write(tmp_path / f"j{i}.jpg", _smooth(h, w, c, seed=i), "JPEG", quality=92)
              for i, (h, w, c) in enumerate(specs)]
-    return data.Split("train", str(tmp_path), tuple(paths), np.arange(5, dtype=np.int64), ("x",) * 5)
+    return types.Split("train", str(tmp_path), tuple(paths), np.arange(5, dtype=np.int64), ("x",) * 5)
 
 
 def _epochs(split, count, cache_mode=None, policy=None, between=None):
     """[(images, labels)] of epochs 0 .. count - 1 of one dataset, in a fixed order."""
     epoch = tf.Variable(0, dtype=tf.int64)
-    ds = data.dataset(split, 32, 2, training=True, aug=AUG, cache=policy or cache_mode, seed=6, epoch=epoch,
+    ds = datasets.dataset(split, 32, 2, training=True, aug=AUG, cache=policy or cache_mode, seed=6, epoch=epoch,
                       deterministic=True)
     out = []
     for e in range(count):
@@ -349,12 +351,13 @@ def _epochs(split, count, cache_mode=None, policy=None, between=None):
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split, mode, monkeypatch):
-    from tfcovid import augment
+    from tfcovid.data import augment
+    from tfcovid.data.opencv import images
 
     assert (pipeline._file_plan(jpeg_split.paths, 64)[2][:, 0] > 0).all()  # all OpenCV-decodable
     decoded = []
-    real_decode = cvops.decode_jpeg  # decode_file's decoder (augment.decode_file is cvops's)
-    monkeypatch.setattr(cvops, "decode_jpeg", lambda *a: decoded.append(1) or real_decode(*a))
+    real_decode = images.decode_jpeg  # decode_file's decoder (augment.decode_file is cvops's)
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a: decoded.append(1) or real_decode(*a))
     policy = cache.Cache(mode)
 
     def move_files_away(e):  # epoch 2 must come from the cache alone
@@ -385,14 +388,14 @@ def test_opencv_path_wrong_header_and_broken_file(jpeg_split, monkeypatch):
     real = cache.header
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
     shapes = []
-    real_decode = cvops.decode_jpeg
-    monkeypatch.setattr(cvops, "decode_jpeg", lambda *a: shapes.append(real_decode(*a).shape) or real_decode(*a))
+    real_decode = images.decode_jpeg
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a: shapes.append(real_decode(*a).shape) or real_decode(*a))
     again = _epochs(jpeg_split, 1, "memory")
     planned = pipeline._file_plan(jpeg_split.paths, 64)[0]
     assert any(tuple(s[:2]) != tuple(p) for s, p in zip(shapes, planned))  # the fallback ran
     np.testing.assert_array_equal(again[0][0], truth[0][0])
     monkeypatch.setattr(pipeline, "header", real)
-    monkeypatch.setattr(cvops, "decode_jpeg", real_decode)
+    monkeypatch.setattr(images, "decode_jpeg", real_decode)
     broken = jpeg_split.paths[3]
     with open(broken, "r+b") as f:
         f.truncate(os.path.getsize(broken) // 2)
@@ -401,7 +404,7 @@ def test_opencv_path_wrong_header_and_broken_file(jpeg_split, monkeypatch):
 
 
 def test_on_all_cores_runs_each_row_once_and_raises():
-    from tfcovid import augment
+    from tfcovid.data import augment
 
     seen = []
     augment.on_all_cores(37, seen.append)
@@ -430,7 +433,7 @@ def test_halve_is_avg_pool():
 
 def _halved(path, halvings):
     """decode_image, then decode_base's 2 x 2 box average ``halvings`` times, rounded once."""
-    x = tf.cast(data.decode_image(_bytes(path)), tf.float32)
+    x = tf.cast(data_decode.decode_image(_bytes(path)), tf.float32)
     for _ in range(halvings):
         x = pipeline._halve(x)
     return tf.cast(tf.round(x), tf.uint8).numpy()
@@ -441,19 +444,19 @@ def test_opencv_png_decode_is_decode_bases_box_average(tmp_path, channels):
     """OpenCV's PNG decode plus an area resize in float gives decode_base's pixels exactly, at
     every number of halvings (odd sizes: the last row/column dropped per halving); PNGs it
     does not take (16-bit, alpha, palette) and broken files give None."""
-    from tfcovid import augment
+    from tfcovid.data.opencv import images
 
     image = _smooth(301, 403, channels, seed=channels)
     path = _write(tmp_path / "x.png", image)
     raw = open(path, "rb").read()
     for halvings in range(5):
-        ours = augment.decode_png(raw, channels, halvings)
+        ours = images.decode_png(raw, channels, halvings)
         assert ours.shape == (301 // 2**halvings, 403 // 2**halvings, channels)
         np.testing.assert_array_equal(ours, _halved(path, halvings))
     # decode_base halves while the shorter side stays >= min_side: twice for 301 at 75.
-    np.testing.assert_array_equal(augment.decode_png(raw, channels, 2), pipeline.decode_base(_bytes(path), 75))
-    assert augment.decode_png(raw[: len(raw) // 2], channels, 1) is None
-    assert augment.decode_png(raw, 4 - channels, 0) is None  # the header says otherwise
+    np.testing.assert_array_equal(images.decode_png(raw, channels, 2), pipeline.decode_base(_bytes(path), 75))
+    assert images.decode_png(raw[: len(raw) // 2], channels, 1) is None
+    assert images.decode_png(raw, 4 - channels, 0) is None  # the header says otherwise
     # 16 bits per sample (the high byte, as TensorFlow's decode), and alpha (dropped).
     rng = np.random.default_rng(channels)
     wide = rng.integers(0, 65536, (45, 38, channels)).astype(">u2")
@@ -463,30 +466,30 @@ def test_opencv_png_decode_is_decode_bases_box_average(tmp_path, channels):
     for name, (pixels, depth, colour_type) in kinds.items():
         path = _raw_png(tmp_path / name, 38, 45, depth, colour_type, pixels.tobytes(), rows=45)
         for halvings in (0, 1, 3):
-            np.testing.assert_array_equal(augment.decode_png(open(path, "rb").read(), channels, halvings),
+            np.testing.assert_array_equal(images.decode_png(open(path, "rb").read(), channels, halvings),
                                           _halved(path, halvings), err_msg=name)
     Image.fromarray(_smooth(30, 40, 3)).convert("P").save(tmp_path / "xp.png")
     raw = (tmp_path / "xp.png").read_bytes()
-    assert augment.decode_png(raw, 1, 0) is None and augment.decode_png(raw, 3, 0) is None  # palette
+    assert images.decode_png(raw, 1, 0) is None and images.decode_png(raw, 3, 0) is None  # palette
 
 
 def test_one_channel_if_gray_numpy_and_tensorflow():
     """A grey X-ray saved as RGB is kept as its one channel (lossless); a single differing
     value keeps all three. NumPy (OpenCV path) and TensorFlow (eval cache) agree."""
-    from tfcovid import augment
+    from tfcovid.data.opencv import images
 
     grey = _smooth(37, 53)
     same = np.dstack([grey] * 3)
     nearly = same.copy()
     nearly[36, 52, 2] += 1
-    one = augment.one_channel_if_gray(same)
+    one = images.one_channel_if_gray(same)
     assert one.shape == (37, 53, 1) and one.flags.c_contiguous
     np.testing.assert_array_equal(one[..., 0], grey)
-    assert augment.one_channel_if_gray(nearly) is nearly
-    assert augment.one_channel_if_gray(grey[..., None]).shape == (37, 53, 1)
-    assert data.one_channel_if_gray(tf.constant(same)).shape == (37, 53, 1)
-    np.testing.assert_array_equal(data.one_channel_if_gray(tf.constant(nearly)), nearly)
-    assert data.one_channel_if_gray(tf.constant(grey[..., None])).shape == (37, 53, 1)
+    assert images.one_channel_if_gray(nearly) is nearly
+    assert images.one_channel_if_gray(grey[..., None]).shape == (37, 53, 1)
+    assert data_decode.one_channel_if_gray(tf.constant(same)).shape == (37, 53, 1)
+    np.testing.assert_array_equal(data_decode.one_channel_if_gray(tf.constant(nearly)), nearly)
+    assert data_decode.one_channel_if_gray(tf.constant(grey[..., None])).shape == (37, 53, 1)
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +514,7 @@ def formats_split(tmp_path_factory):
         im.save(root / name, fmt, quality=92) if fmt else im.save(root / name)
         paths.append(str(root / name))
     labels = np.arange(len(paths), dtype=np.int64)
-    return data.Split("train", str(root), tuple(paths), labels, ("x",) * len(paths))
+    return types.Split("train", str(root), tuple(paths), labels, ("x",) * len(paths))
 
 
 def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
@@ -519,14 +522,15 @@ def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
     (palette PNG, BMP) in the per-image map. The cache holds decode_base's pixels, grey saved as RGB as one
     channel; batches equal an uncached run exactly and TensorFlow's resampler within one
     grey level; eval caches grey saved as RGB as one channel too."""
-    from tfcovid import augment
+    from tfcovid.data import augment
+    from tfcovid.data.opencv import images
 
     readable = pipeline._file_plan(formats_split.paths, 64)[2]
     assert (readable[:, 0] > 0).tolist() == [True] * 8 + [False] * 2
     assert readable[5].tolist() == [3, 2]  # RGB PNG, shorter side 280 >= 4 * 64: halved twice
     decoded = []
-    real = augment.decode_file
-    monkeypatch.setattr(augment, "decode_file", lambda *a: decoded.append(1) or real(*a))
+    real = images.decode_file
+    monkeypatch.setattr(images, "decode_file", lambda *a: decoded.append(1) or real(*a))
     policy = cache.Cache("memory")
     cached = _epochs(formats_split, 2, policy=policy)
     assert len(decoded) == 8  # the eight OpenCV files, once each
@@ -549,9 +553,9 @@ def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
         grey_rows = np.isin(y, [0, 2, 3, 5, 6, 9])
         assert (x[grey_rows] == x[grey_rows][..., :1]).all()
     evaluation = cache.Cache("memory")
-    batches = np.concatenate([x.numpy() for x, _ in data.dataset(formats_split, 24, 4, cache=evaluation)])
+    batches = np.concatenate([x.numpy() for x, _ in datasets.dataset(formats_split, 24, 4, cache=evaluation)])
     for i, path in enumerate(formats_split.paths):
-        np.testing.assert_array_equal(batches[i], data.load_image(path, 24).numpy())
+        np.testing.assert_array_equal(batches[i], data_decode.load_image(path, 24).numpy())
     found, pixels = evaluation.stores[0].lookup(tf.constant(2, tf.int64))
     assert bool(found) and pixels.shape == (24, 24, 1)  # grey_as_rgb.jpg
 
@@ -584,9 +588,9 @@ def test_png_bit_depth_decides_the_decoder(tmp_path):
     assert [(h.mode, h.depth) for h in heads] == [("L", 4), ("RGB", 16), ("L", 8)]
     readable = pipeline._file_plan([grey4, rgb16, grey8], 2)[2]
     assert readable[:, 0].tolist() == [0, 3, 1]
-    from tfcovid import augment
+    from tfcovid.data.opencv import images
 
-    assert augment.decode_png(open(grey4, "rb").read(), 1, 0) is None
+    assert images.decode_png(open(grey4, "rb").read(), 1, 0) is None
 
 
 def test_cache_estimate_counts_rgb_saved_grey_as_one_channel(tmp_path):
@@ -597,11 +601,11 @@ def test_cache_estimate_counts_rgb_saved_grey_as_one_channel(tmp_path):
     assert [cache.looks_gray(p) for p in (grey[0], colour[0])] == [True, False]
     png = _write(tmp_path / "g.png", np.dstack([_smooth(50, 60)] * 3))
     assert cache.looks_gray(png) and not cache.looks_gray(str(tmp_path / "missing.png"))
-    split = data.Split("train", str(tmp_path), tuple(grey + colour), np.zeros(8, np.int64), ("x",))
+    split = types.Split("train", str(tmp_path), tuple(grey + colour), np.zeros(8, np.int64), ("x",))
     plain = cache.estimate_bytes(split.paths, 32, 64, training=True)
     estimate = cache.estimate_bytes(split.paths, 32, 64, training=True, gray_as_one=True)
     policy = cache.Cache("memory")
-    for _ in data.dataset(split, 32, 4, training=True, aug=AUG, cache=policy):
+    for _ in datasets.dataset(split, 32, 4, training=True, aug=AUG, cache=policy):
         pass
     held = policy.stores[0].nbytes()
     assert [policy.stores[0].get(i).shape[-1] for i in range(8)] == [1] * 4 + [3] * 4
@@ -614,20 +618,20 @@ def test_resample_processes_give_the_threads_batches(formats_split, mode):
     image index); every file kind (OpenCV decodes in the workers, TensorFlow's per-image map
     for the rest) gives exactly the threads' batches, epoch after epoch, the later ones from
     the workers' cache; the parent knows each stored image's shape."""
-    from tfcovid import workers
+    from tfcovid.data.opencv import process_pool
 
-    assert workers.available()  # Linux with OpenCV, a dependency: what this project runs on
+    assert process_pool.available()  # Linux with OpenCV, a dependency: what this project runs on
     threads = _epochs(formats_split, 3, policy=cache.Cache(mode))
     policy = cache.Cache(mode, processes=3)
     ours = _epochs(formats_split, 3, policy=policy)
     store = policy.stores[0]
-    assert isinstance(store, workers.WorkerStore) and store.count() == 10 and store.nbytes() > 0
+    assert isinstance(store, process_pool.WorkerStore) and store.count() == 10 and store.nbytes() > 0
     stored, shapes = store.state()
     assert stored.all()
     reference = cache.Cache(mode)
     _epochs(formats_split, 1, policy=reference)
     assert shapes.tolist() == reference.stores[0].state()[1].tolist()
-    assert store._pool.copy_out(0, 2, 32).ctypes.data % cvops.BATCH_ALIGN == 0  # no copy by tf.data
+    assert store._pool.copy_out(0, 2, 32).ctypes.data % images.BATCH_ALIGN == 0  # no copy by tf.data
     for (x, y), (x2, y2) in zip(ours, threads):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)
@@ -636,7 +640,7 @@ def test_resample_processes_give_the_threads_batches(formats_split, mode):
     import subprocess
     import sys
 
-    light = subprocess.run([sys.executable, "-c", "import sys, tfcovid.workers; print(sorted(m for m in "
+    light = subprocess.run([sys.executable, "-c", "import sys, tfcovid.data.opencv.process_pool; print(sorted(m for m in "
                             "('tensorflow', 'keras') if m in sys.modules))"], capture_output=True, text=True)
     assert light.stdout.strip() == "[]"  # the workers start without TensorFlow
     if mode == "disk":
@@ -650,9 +654,9 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
     """In the workers too: a header that misleads OpenCV's decode is decoded and planned again
     by TensorFlow (same batches); an undecodable file is named; a worker that dies stops the
     epoch with an error that says what to set."""
-    from tfcovid import workers
+    from tfcovid.data.opencv import process_pool
 
-    assert workers.available()  # Linux with OpenCV, a dependency: what this project runs on
+    assert process_pool.available()  # Linux with OpenCV, a dependency: what this project runs on
     truth = _epochs(jpeg_split, 2, "memory")
     real = cache.header
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
@@ -669,10 +673,10 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
         _epochs(jpeg_split, 1, policy=cache.Cache("memory", processes=2))
     os.remove(broken)
     keep = [i for i, p in enumerate(jpeg_split.paths) if p != broken]
-    split = data.Split("train", jpeg_split.dir, tuple(jpeg_split.paths[i] for i in keep),
+    split = types.Split("train", jpeg_split.dir, tuple(jpeg_split.paths[i] for i in keep),
                        jpeg_split.labels[keep], tuple(jpeg_split.folders[i] for i in keep))
     policy = cache.Cache("memory", processes=2)
-    ds = data.dataset(split, 32, 2, training=True, aug=AUG, cache=policy, seed=6)
+    ds = datasets.dataset(split, 32, 2, training=True, aug=AUG, cache=policy, seed=6)
     assert sum(len(y) for _, y in ds) == 4
     pool = policy.stores[0]._pool
     pool._procs[1].kill()
@@ -684,14 +688,14 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
 def test_fit_log_says_where_the_rows_are_resampled(formats_split):
     import dataclasses
 
-    from tfcovid import train
+    from tfcovid.training import train
 
     def exp(**data_):
         return dataclasses.replace(config.Experiment(), data=dataclasses.replace(config.DataConfig(), **data_))
 
     assert train._where_resampled(exp(), cache.Cache()) == ""
     policy = cache.Cache("memory", processes=2)
-    data.dataset(formats_split, 32, 2, training=True, aug=AUG, cache=policy)
+    datasets.dataset(formats_split, 32, 2, training=True, aug=AUG, cache=policy)
     assert ", in 2 worker processes" in train._where_resampled(exp(resample_processes=2), policy)
     off = train._where_resampled(exp(resample_processes=2, cache="none"), cache.Cache("none", processes=2))
     assert "needs the decoded-image cache" in off and "threads instead" in off
@@ -710,7 +714,8 @@ def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_pat
     import dataclasses
     import sys
 
-    from tfcovid import train, workers
+    from tfcovid.training import train
+    from tfcovid.data.opencv import process_pool
 
     truth = _epochs(jpeg_split, 2, "disk")
 
@@ -750,7 +755,7 @@ def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_pat
     silent.chmod(0o755)
     with monkeypatch.context() as m:
         m.setattr(sys, "executable", str(silent))
-        store = workers.WorkerStore(4, "train", processes=1)
+        store = process_pool.WorkerStore(4, "train", processes=1)
         with pytest.raises(RuntimeError, match="1 of 1 resample worker processes had not started after 1 s"):
             store.start(2, 32, timeout=1)
     assert store._pool is None  # stopped
@@ -760,22 +765,22 @@ def test_auto_resample_processes_follow_the_cores(monkeypatch):
     """``data.resample_processes: auto``: one worker per usable core but one from 8 cores (where
     the threads' lock hand-overs limit), threads below and where workers cannot run; numbers
     are taken as they are; anything else is refused with what to write."""
-    from tfcovid import workers
+    from tfcovid.data.opencv import process_pool
 
     for cores, expected in ((1, 0), (2, 0), (4, 0), (7, 0), (8, 7), (16, 15), (64, 63)):
-        monkeypatch.setattr(workers, "usable_cores", lambda c=cores: c)
-        assert workers.processes_for("auto") == expected, cores
-        assert workers.processes_for("AUTO ") == expected
-    monkeypatch.setattr(workers, "usable_cores", lambda: 16)
-    assert workers.processes_for("auto", share=2) == 7  # two training processes on the host
-    assert workers.processes_for("auto", share=4) == 0  # 4 cores each: threads
-    assert workers.processes_for(3) == 3 and workers.processes_for("0") == 0
-    assert workers.processes_for(3, share=2) == 3  # a number is taken as it is
-    monkeypatch.setattr(workers, "available", lambda: False)
-    assert workers.processes_for("auto") == 0  # e.g. no OpenCV, not Linux: threads
+        monkeypatch.setattr(process_pool, "usable_cores", lambda c=cores: c)
+        assert process_pool.processes_for("auto") == expected, cores
+        assert process_pool.processes_for("AUTO ") == expected
+    monkeypatch.setattr(process_pool, "usable_cores", lambda: 16)
+    assert process_pool.processes_for("auto", share=2) == 7  # two training processes on the host
+    assert process_pool.processes_for("auto", share=4) == 0  # 4 cores each: threads
+    assert process_pool.processes_for(3) == 3 and process_pool.processes_for("0") == 0
+    assert process_pool.processes_for(3, share=2) == 3  # a number is taken as it is
+    monkeypatch.setattr(process_pool, "available", lambda: False)
+    assert process_pool.processes_for("auto") == 0  # e.g. no OpenCV, not Linux: threads
     for bad in (-1, "-2", "many", 2.5, None, True):
         with pytest.raises(ValueError, match="auto, 0 \\(threads\\) or a number"):
-            workers.processes_for(bad)
+            process_pool.processes_for(bad)
 
 
 def test_opencv_is_loaded_before_tensorflow():
@@ -785,7 +790,7 @@ def test_opencv_is_loaded_before_tensorflow():
     import subprocess
     import sys
 
-    for module in ("tfcovid.pipeline", "tfcovid.train", "tfcovid.bench"):  # the CLI imports them lazily
+    for module in ("tfcovid.data.pipeline", "tfcovid.training.train", "tfcovid.bench"):  # the CLI imports them lazily
         code = (f"import sys, {module}; m = list(sys.modules); "
                 "print(m.index('cv2'), m.index('tensorflow'))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

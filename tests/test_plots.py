@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from tfcovid import config, metrics, plots, train
+from tfcovid import config
+from tfcovid.results import scores, plots
+from tfcovid.training import train
 
 
 def _png_size(path):
@@ -40,7 +42,7 @@ def _texts(ax):
 def test_binary_confusion_figure_shows_counts_and_row_normalised_values():
     y = np.array([0, 0, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4]])
-    report = metrics.binary_report(y, probs, ["infected", "normal"])
+    report = scores.binary_report(y, probs, ["infected", "normal"])
     fig = plots.confusion_figure(report, "binary")
     counts, normalised = fig.axes[0], fig.axes[1]
     # Rows true, columns predicted: infected 2 right 1 wrong; normal 1 wrong 1 right.
@@ -52,7 +54,7 @@ def test_binary_confusion_figure_shows_counts_and_row_normalised_values():
 def test_multilabel_confusion_figure_has_a_row_of_panels_per_label():
     y = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 1]])
     probs = np.array([[0.9, 0.1, 0.8], [0.2, 0.7, 0.1], [0.6, 0.2, 0.9], [0.3, 0.1, 0.7]])
-    report = metrics.multilabel_report(y, probs, ["covid-19", "normal", "pneumonia"])
+    report = scores.multilabel_report(y, probs, ["covid-19", "normal", "pneumonia"])
     fig = plots.confusion_figure(report, "multilabel")
     assert len(fig.axes) == 6
     # covid-19: tn 1, fp 1, fn 1, tp 1 -> [[1, 1], [1, 1]].
@@ -69,7 +71,7 @@ def test_roc_legend_carries_sklearn_auc_and_is_skipped_with_one_class(tmp_path):
     path = plots.plot_roc(y, probs, "binary", ["infected", "normal"], tmp_path / "roc.png", "infected")
     assert path.is_file() and _png_size(path)[0] > 200
     auc = skm.roc_auc_score(y == 0, p0)
-    fig_auc = metrics.binary_report(y, probs, ["infected", "normal"])["roc_auc"]
+    fig_auc = scores.binary_report(y, probs, ["infected", "normal"])["roc_auc"]
     assert auc == pytest.approx(fig_auc)
     assert plots.plot_roc(np.zeros(4, int), probs[:4], "binary", ["infected", "normal"],
                           tmp_path / "none.png") is None

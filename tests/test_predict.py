@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tfcovid import config, data, modelinfo, predict, train
+from tfcovid import config
+from tfcovid.data import decode
+from tfcovid.weights import metadata
+from tfcovid.inference import predict
+from tfcovid.training import train
 from tfcovid.cli import main
 from tfcovid.models import build_model
 
@@ -40,7 +44,7 @@ def test_folder(multilabel_tree, tmp_path_factory):
 def _reference_probs(model_file, paths, size=32):
     """Sigmoid of the saved model's logits, on images loaded the way evaluation loads them."""
     model = keras.models.load_model(model_file, compile=False)
-    pixels = np.stack([data.load_image(str(p), size).numpy() for p in paths])
+    pixels = np.stack([decode.load_image(str(p), size).numpy() for p in paths])
     return 1.0 / (1.0 + np.exp(-model.predict(pixels, verbose=0).astype(np.float64)))
 
 
@@ -66,7 +70,7 @@ def test_unlabeled_test_folder_gives_the_studys_csv(run, test_folder, tmp_path):
 
 
 def test_threshold_and_checkpoint_choice(run, test_folder):
-    trained = modelinfo.load(run, "best")
+    trained = metadata.load(run, "best")
     assert trained.path == run / "checkpoints" / "best.keras" and trained.threshold == 0.5
     names = sorted(p.name for p in test_folder.iterdir())
     probs = _reference_probs(trained.path, [test_folder / n for n in names])
@@ -113,15 +117,15 @@ def _bare_binary_model(tmp_path):
 
 def test_bare_binary_model_file(multilabel_tree, tmp_path):
     path = _bare_binary_model(tmp_path)
-    with pytest.raises(modelinfo.ModelInfoError, match="--labels"):
-        modelinfo.load(path)
-    trained = modelinfo.load(path, labels=["infected", "normal"])  # the task is in the model's name
+    with pytest.raises(metadata.ModelInfoError, match="--labels"):
+        metadata.load(path)
+    trained = metadata.load(path, labels=["infected", "normal"])  # the task is in the model's name
     assert (trained.task, trained.positive, trained.image_size) == ("binary", "infected", 16)
-    with pytest.raises(modelinfo.ModelInfoError, match="2 outputs but its labels"):
-        modelinfo.load(path, labels=["a", "b", "c"])
-    modelinfo.embed(path, {"task": "binary", "outputs": ["infected", "normal"],
+    with pytest.raises(metadata.ModelInfoError, match="2 outputs but its labels"):
+        metadata.load(path, labels=["a", "b", "c"])
+    metadata.embed(path, {"task": "binary", "outputs": ["infected", "normal"],
                            "positive": "infected", "threshold": 0.5})
-    trained = modelinfo.load(path)
+    trained = metadata.load(path)
     images = sorted((multilabel_tree / "test" / "normal").iterdir())
     result = predict.predict(trained, images, threshold=0.3)
     out = predict.write_csv(result, tmp_path / "binary.csv")
@@ -130,7 +134,7 @@ def test_bare_binary_model_file(multilabel_tree, tmp_path):
     probs = np.array([[float(v) for v in r[1:3]] for r in rows])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=2e-6)
     model = keras.models.load_model(path, compile=False)
-    logits = model.predict(np.stack([data.load_image(str(p), 16).numpy() for p in images]), verbose=0)
+    logits = model.predict(np.stack([decode.load_image(str(p), 16).numpy() for p in images]), verbose=0)
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(probs, expected, atol=2e-6)
     assert [r[3] for r in rows] == ["infected" if p >= 0.3 else "normal" for p in probs[:, 0]]
@@ -138,11 +142,11 @@ def test_bare_binary_model_file(multilabel_tree, tmp_path):
 
 def test_embedded_info_is_replaced_and_model_still_loads(tmp_path):
     path = _bare_binary_model(tmp_path)
-    modelinfo.embed(path, {"task": "binary", "outputs": ["a", "b"]})
-    modelinfo.embed(path, {"task": "binary", "outputs": ["infected", "normal"], "threshold": 0.7})
+    metadata.embed(path, {"task": "binary", "outputs": ["a", "b"]})
+    metadata.embed(path, {"task": "binary", "outputs": ["infected", "normal"], "threshold": 0.7})
     with zipfile.ZipFile(path) as zf:
-        assert zf.namelist().count(modelinfo.INFO_MEMBER) == 1
-    trained = modelinfo.load(path)
+        assert zf.namelist().count(metadata.INFO_MEMBER) == 1
+    trained = metadata.load(path)
     assert trained.outputs == ("infected", "normal") and trained.threshold == 0.7
 
 
@@ -153,11 +157,11 @@ def test_run_without_embedded_info_uses_its_config(run, tmp_path):
     stripped = tmp_path / "stripped.keras"
     with zipfile.ZipFile(checkpoint) as src, zipfile.ZipFile(stripped, "w") as dst:
         for item in src.infolist():
-            if item.filename != modelinfo.INFO_MEMBER:
+            if item.filename != metadata.INFO_MEMBER:
                 dst.writestr(item, src.read(item.filename))
     stripped.replace(checkpoint)
-    assert modelinfo.read_embedded(checkpoint) is None
-    trained = modelinfo.load(checkpoint)  # a file inside a run directory finds its config.yaml
+    assert metadata.read_embedded(checkpoint) is None
+    trained = metadata.load(checkpoint)  # a file inside a run directory finds its config.yaml
     assert trained.run_dir == copy and "config.yaml" in trained.source
     assert trained.task == "multilabel" and trained.outputs == tuple(LABELS)
 
@@ -203,7 +207,7 @@ def test_several_inputs_name_rows_by_path_and_predict_each_file_once(run, multil
 
     # A file given directly and again inside a given folder: one row, under one name; the
     # other folder's cmyk.png is named by its own folder.
-    trained = modelinfo.load(run)
+    trained = metadata.load(run)
     got = predict.predict(trained, ["odd/cmyk.png", "odd2", "odd", "./odd"])
     assert got.names == ["odd/cmyk.png", "odd/other.png", "odd2/cmyk.png"]
     assert got.paths == [str((tmp_path / n).resolve()) for n in got.names]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tfcovid import preflight
-from tfcovid.preflight import PreflightError
+from tfcovid.training import preflight
+from tfcovid.training.preflight import PreflightError
 
 # --- output folder ---
 
@@ -70,7 +70,7 @@ def test_a_real_os_failure_is_caught(tmp_path):
 
 _AS_NOBODY = """
 import os, sys
-from tfcovid import preflight
+from tfcovid.training import preflight
 os.setgid(65534); os.setuid(65534)  # root writes through mode bits; nobody does not
 try:
     preflight.check_output_dir(sys.argv[1])

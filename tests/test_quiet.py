@@ -1,10 +1,11 @@
-"""TensorFlow's start-up lines filtered at TF_CPP_MIN_LOG_LEVEL (tfcovid.quiet)."""
+"""TensorFlow's start-up lines filtered at TF_CPP_MIN_LOG_LEVEL (tfcovid.utils.tf_import)."""
 
 import os
 import subprocess
 import sys
 
-from tfcovid import quiet, runtime
+from tfcovid.utils import tf_import
+from tfcovid.training import devices
 
 # Lines as TensorFlow 2.21 writes them before its logging starts.
 PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
@@ -18,7 +19,7 @@ LATER_INFO = "I1127 23:28:59.123456  14709 some_file.cc:7] after logging started
 
 def test_dropped_follows_tensorflows_levels():
     lines = [PREAMBLE, INFO, LATER_INFO, WARN, ERROR, "Traceback (most recent call last):\n", "Error: x\n"]
-    kept = {level: [line for line in lines if not quiet.dropped(line, level)] for level in range(4)}
+    kept = {level: [line for line in lines if not tf_import.dropped(line, level)] for level in range(4)}
     assert kept[0] == lines
     assert kept[1] == [WARN, ERROR, lines[5], lines[6]]
     assert kept[2] == [ERROR, lines[5], lines[6]]
@@ -35,8 +36,8 @@ def _run(code, **env):
 def test_filtered_passes_other_lines_on_in_order():
     code = (
         "import os, sys\n"
-        "from tfcovid import quiet\n"
-        "with quiet.filtered(lambda line: line.startswith('drop')):\n"
+        "from tfcovid.utils import tf_import\n"
+        "with tf_import.filtered(lambda line: line.startswith('drop')):\n"
         "    os.write(2, b'keep 1\\ndrop 1\\n')\n"
         "    print('keep 2 (python)', file=sys.stderr, flush=True)\n"
         "    os.write(2, b'drop 2\\nkeep 3 no newline')\n"
@@ -48,9 +49,9 @@ def test_filtered_passes_other_lines_on_in_order():
 
 
 def test_import_tensorflow_quiet_at_level_2_and_all_lines_at_level_0():
-    code = ("from tfcovid import quiet\n"
-            "tf = quiet.import_tensorflow()\n"
-            "print(tf.__name__, repr(quiet.cuda_problem()))\n")
+    code = ("from tfcovid.utils import tf_import\n"
+            "tf = tf_import.import_tensorflow()\n"
+            "print(tf.__name__, repr(tf_import.cuda_problem()))\n")
     everything = _run(code, TF_CPP_MIN_LOG_LEVEL="0")
     quiet_run = _run(code, TF_CPP_MIN_LOG_LEVEL="2")
     assert everything.returncode == 0 and quiet_run.returncode == 0, quiet_run.stderr
@@ -58,7 +59,7 @@ def test_import_tensorflow_quiet_at_level_2_and_all_lines_at_level_0():
     assert PREAMBLE.strip() in everything.stderr  # TensorFlow 2.21 writes it whatever the level
     assert "I0000" in everything.stderr
     for line in quiet_run.stderr.splitlines():  # nothing level 2 drops
-        assert not quiet.dropped(line + "\n", 2), line
+        assert not tf_import.dropped(line + "\n", 2), line
     assert "cuInit" not in quiet_run.stderr
     problem = quiet_run.stdout.split(" ", 1)[1].strip()
     if "failed call to cuInit: " in everything.stderr:  # a CUDA build without a usable driver
@@ -69,8 +70,8 @@ def test_import_tensorflow_quiet_at_level_2_and_all_lines_at_level_0():
 
 
 def test_device_line_says_why_there_is_no_gpu(monkeypatch):
-    monkeypatch.setattr(runtime, "_gpu", lambda: None)
-    monkeypatch.setattr(quiet, "_cuda_problem", None)
-    assert runtime.describe_device() == f"CPU ({os.cpu_count()} cores)"
-    monkeypatch.setattr(quiet, "_cuda_problem", "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)")
-    assert runtime.describe_device() == f"CPU ({os.cpu_count()} cores; no CUDA GPU: cuInit failed, UNKNOWN ERROR (303))"
+    monkeypatch.setattr(devices, "_gpu", lambda: None)
+    monkeypatch.setattr(tf_import, "_cuda_problem", None)
+    assert devices.describe_device() == f"CPU ({os.cpu_count()} cores)"
+    monkeypatch.setattr(tf_import, "_cuda_problem", "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)")
+    assert devices.describe_device() == f"CPU ({os.cpu_count()} cores; no CUDA GPU: cuInit failed, UNKNOWN ERROR (303))"

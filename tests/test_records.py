@@ -13,15 +13,18 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tfcovid import cli, config, data, records, runstate, train
-from tfcovid.data import DataError
+from tfcovid import cli, config
+from tfcovid.data import datasets, decode, folders as data_folders, prepare as data_prepare, records
+from tfcovid.utils import signals
+from tfcovid.training import train
+from tfcovid.data.types import DataError
 
 
 @pytest.fixture(scope="module")
 def prepared(binary_tree, tmp_path_factory):
     """The binary demo tree at its own size (max_side 0: lossless), 2 shards per split."""
     out = tmp_path_factory.mktemp("records") / "binary"
-    manifest = records.prepare(binary_tree, out, shards=2, max_side=0, log=lambda s: None)
+    manifest = data_prepare.prepare(binary_tree, out, shards=2, max_side=0, log=lambda s: None)
     return out, manifest
 
 
@@ -31,7 +34,7 @@ def _relative(split, root):
 
 def test_manifest_counts_shards_and_checksums(binary_tree, prepared):
     out, manifest = prepared
-    source = data.scan(binary_tree, "binary")
+    source = data_folders.scan(binary_tree, "binary")
     assert json.loads((out / records.MANIFEST).read_text()) == manifest
     assert manifest["class_names"] == ["infected", "normal"]
     assert manifest["labels"]["class_index"] == {"infected": 0, "normal": 1}
@@ -52,7 +55,7 @@ def test_manifest_counts_shards_and_checksums(binary_tree, prepared):
 
 def test_round_trip_same_labels_and_pixels(binary_tree, prepared):
     out, _ = prepared
-    source, streamed = data.scan(binary_tree, "binary"), data.scan(out, "binary")
+    source, streamed = data_folders.scan(binary_tree, "binary"), data_folders.scan(out, "binary")
     assert streamed.class_names == source.class_names and streamed.output_names == source.output_names
     assert streamed.counts() == source.counts()
     for name, split in source.splits.items():
@@ -63,19 +66,19 @@ def test_round_trip_same_labels_and_pixels(binary_tree, prepared):
     # Evaluation streams shards in order, so images line up with split.paths and split.labels;
     # PNG at the source size is lossless, so the pixels equal the ImageFolder loader's.
     val = streamed.splits["validation"]
-    batches = list(data.dataset(val, 32, 3))
+    batches = list(datasets.dataset(val, 32, 3))
     images = np.concatenate([x.numpy() for x, _ in batches])
     labels = np.concatenate([y.numpy() for _, y in batches])
     assert images.shape == (len(val), 32, 32, 3) and labels.tolist() == val.labels.tolist()
     for image, name in zip(images, val.paths):
-        np.testing.assert_array_equal(image, data.load_image(str(binary_tree / name), 32).numpy())
+        np.testing.assert_array_equal(image, decode.load_image(str(binary_tree / name), 32).numpy())
 
 
 def test_multilabel_labels_follow_the_label_map(multilabel_tree, tmp_path):
     out = tmp_path / "ml"
-    records.prepare(multilabel_tree, out, shards=3, max_side=32, encoding="jpeg", log=lambda s: None)
-    source = data.scan(multilabel_tree, "multilabel", config.STUDY_LABELS, config.STUDY_LABEL_MAP)
-    streamed = data.scan(out, "multilabel", config.STUDY_LABELS, config.STUDY_LABEL_MAP)
+    data_prepare.prepare(multilabel_tree, out, shards=3, max_side=32, encoding="jpeg", log=lambda s: None)
+    source = data_folders.scan(multilabel_tree, "multilabel", config.STUDY_LABELS, config.STUDY_LABEL_MAP)
+    streamed = data_folders.scan(out, "multilabel", config.STUDY_LABELS, config.STUDY_LABEL_MAP)
     split, got = source.splits["train"], streamed.splits["train"]
     assert dict(zip(got.paths, got.labels.tolist())) == dict(zip(_relative(split, multilabel_tree),
                                                                  split.labels.tolist()))
@@ -86,18 +89,18 @@ def test_multilabel_labels_follow_the_label_map(multilabel_tree, tmp_path):
         assert example["image"].numpy()[:3] == b"\xff\xd8\xff"
         assert max(tf.io.decode_image(example["image"]).shape[:2]) <= 32
     with pytest.raises(DataError, match="exactly 2 classes"):
-        data.scan(out, "binary")
+        data_folders.scan(out, "binary")
 
 
 def test_every_path_goes_through_gfile(binary_tree):
     """ram:// is TensorFlow's in-memory filesystem: a stand-in for gs:// that needs no network."""
     root = "ram://tfcovid-test/prepared"
-    records.prepare(binary_tree, root, shards=2, max_side=32, log=lambda s: None)
+    data_prepare.prepare(binary_tree, root, shards=2, max_side=32, log=lambda s: None)
     assert records.is_prepared(root) and records.verify(root) == []
-    manifest = data.scan(root, "binary")
+    manifest = data_folders.scan(root, "binary")
     assert manifest.root == root and manifest.splits["train"].shards[0].startswith(root + "/train-")
     val = manifest.splits["validation"]
-    labels = np.concatenate([y.numpy() for _, y in data.dataset(val, 32, 3)])
+    labels = np.concatenate([y.numpy() for _, y in datasets.dataset(val, 32, 3)])
     assert labels.tolist() == val.labels.tolist()
 
 
@@ -109,16 +112,16 @@ def test_unlabeled_split_and_undecodable_image(binary_tree, tmp_path):
     for folder in (tree / "test").iterdir():
         if folder.is_dir():
             folder.rmdir()
-    records.prepare(tree, tmp_path / "out", shards=2, max_side=32, log=lambda s: None)
-    test = data.scan(tmp_path / "out", "binary").splits["test"]
+    data_prepare.prepare(tree, tmp_path / "out", shards=2, max_side=32, log=lambda s: None)
+    test = data_folders.scan(tmp_path / "out", "binary").splits["test"]
     assert not test.labeled and test.folders == ("",) * 4 and all(p.startswith("test/") for p in test.paths)
-    batch = next(iter(data.dataset(test, 32, 4)))
+    batch = next(iter(datasets.dataset(test, 32, 4)))
     assert batch.shape == (4, 32, 32, 3)  # images only
     victim = sorted((tree / "train" / "normal").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:60])  # the header is fine, the pixels are gone
     with pytest.raises(DataError, match=re.escape(f"1 file under {tree} cannot be used:\n"
                                                   f"  train/normal/{victim.name}: cannot be decoded as")):
-        records.prepare(tree, tmp_path / "out2", log=lambda s: None)
+        data_prepare.prepare(tree, tmp_path / "out2", log=lambda s: None)
 
 
 def test_training_stream_is_sharded_by_file(tmp_path, binary_tree):
@@ -126,10 +129,10 @@ def test_training_stream_is_sharded_by_file(tmp_path, binary_tree):
     from tensorflow.python.data.experimental.ops.distribute import _AutoShardDataset
 
     out = tmp_path / "three"
-    records.prepare(binary_tree, out, shards=3, max_side=32, log=lambda s: None)
-    split = data.scan(out, "binary").splits["train"]
+    data_prepare.prepare(binary_tree, out, shards=3, max_side=32, log=lambda s: None)
+    split = data_folders.scan(out, "binary").splits["train"]
     assert split.shard_counts == (3, 3, 2)
-    ds = data.dataset(split, 32, 1, training=True, aug=None, seed=1)
+    ds = datasets.dataset(split, 32, 1, training=True, aug=None, seed=1)
     seen = []
     for worker in range(2):
         images = [x.numpy().tobytes() for x, _ in _AutoShardDataset(ds, 2, worker, num_replicas=2)]
@@ -138,9 +141,9 @@ def test_training_stream_is_sharded_by_file(tmp_path, binary_tree):
     assert sorted(map(len, seen)) == [3, 5]  # element-wise (DATA) sharding would give 4 and 4
     assert not seen[0] & seen[1]
     everything = {hashlib.sha1(x.numpy().tobytes()).hexdigest()
-                  for x, _ in data.dataset(split, 32, 1).unbatch().batch(1)}
+                  for x, _ in datasets.dataset(split, 32, 1).unbatch().batch(1)}
     assert seen[0] | seen[1] == everything
-    manifest = data.scan(out, "binary")
+    manifest = data_folders.scan(out, "binary")
     assert records.check_workers(manifest, 1) == [] and "multiple of 2" in records.check_workers(manifest, 2)[0]
     with pytest.raises(DataError, match="--shards 4"):
         records.check_workers(manifest, 4)
@@ -148,10 +151,10 @@ def test_training_stream_is_sharded_by_file(tmp_path, binary_tree):
 
 def test_augmented_stream_differs_per_epoch(prepared):
     out, _ = prepared
-    split = data.scan(out, "binary").splits["train"]
-    ds = data.dataset(split, 32, 8, training=True, aug=config.AugmentConfig(), seed=3)
+    split = data_folders.scan(out, "binary").splits["train"]
+    ds = datasets.dataset(split, 32, 8, training=True, aug=config.AugmentConfig(), seed=3)
     assert int(ds.cardinality()) == -(-len(split) // 8)  # one reader: its length is known
-    shared = data.dataset(split, 32, 8, training=True, aug=config.AugmentConfig(), seed=3, readers=2)
+    shared = datasets.dataset(split, 32, 8, training=True, aug=config.AugmentConfig(), seed=3, readers=2)
     assert int(shared.cardinality()) == tf.data.UNKNOWN_CARDINALITY  # each reader gets some shards
     first, second = (next(iter(ds)) for _ in range(2))
     assert first[0].shape == (8, 32, 32, 3) and first[0].dtype == tf.uint8
@@ -167,29 +170,29 @@ def test_damaged_shards_are_named(prepared, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum sees it up front
     shard.write_bytes(bytes(raw))
-    split = data.scan(copy, "binary").splits["train"]
+    split = data_folders.scan(copy, "binary").splits["train"]
     with pytest.raises(tf.errors.OpError) as caught:
-        list(data.dataset(split, 32, 4))
+        list(datasets.dataset(split, 32, 4))
     with pytest.raises(DataError, match=f"{shard.name}: sha256 differs"):
-        records.raise_if_damaged(data.scan(copy, "binary"), caught.value)
+        records.raise_if_damaged(data_folders.scan(copy, "binary"), caught.value)
     assert records.verify(out) == []
     shard.write_bytes(bytes(raw[:-10]))  # truncated: caught when the dataset is opened
     with pytest.raises(DataError, match=f"{shard.name}: {len(raw) - 10} bytes, the manifest says {len(raw)}"):
-        data.scan(copy, "binary")
+        data_folders.scan(copy, "binary")
 
 
 def test_prepare_refuses_bad_input(binary_tree, prepared, tmp_path):
     out, _ = prepared
     with pytest.raises(FileExistsError, match="never overwrites"):
-        records.prepare(binary_tree, out)
+        data_prepare.prepare(binary_tree, out)
     with pytest.raises(DataError, match="already a prepared dataset"):
-        records.prepare(out, tmp_path / "again")
+        data_prepare.prepare(out, tmp_path / "again")
     with pytest.raises(DataError, match="--shards must be at least 1"):
-        records.prepare(binary_tree, tmp_path / "x", shards=0)
+        data_prepare.prepare(binary_tree, tmp_path / "x", shards=0)
     with pytest.raises(DataError, match="Data folder not found"):
-        records.prepare(tmp_path / "missing", tmp_path / "y")
+        data_prepare.prepare(tmp_path / "missing", tmp_path / "y")
     with pytest.raises(DataError, match="--max-pixels must be at least 1, got 0"):
-        records.prepare(binary_tree, tmp_path / "z", max_pixels=0)
+        data_prepare.prepare(binary_tree, tmp_path / "z", max_pixels=0)
     runner = CliRunner()
     result = runner.invoke(cli.main, ["prepare", str(binary_tree), str(out)])
     assert result.exit_code == 1 and "never overwrites" in result.output and "Traceback" not in result.output
@@ -217,7 +220,7 @@ def test_output_appears_only_when_complete(binary_tree, tmp_path):
             seen.append((os.listdir(out), "train.index.json" in partial, records.MANIFEST in partial))
 
     out.mkdir()  # new or empty: an empty one is replaced by the complete folder
-    manifest = records.prepare(binary_tree, out, shards=2, max_side=32, log=log)
+    manifest = data_prepare.prepare(binary_tree, out, shards=2, max_side=32, log=log)
     assert seen == [([], True, False)]
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert json.loads((out / records.MANIFEST).read_text()) == manifest and records.verify(out) == []
@@ -225,7 +228,7 @@ def test_output_appears_only_when_complete(binary_tree, tmp_path):
     with pytest.raises(FileExistsError, match=re.escape(
             f"{tmp_path}/again.partial exists: a tfcovid prepare into {tmp_path}/again is running, or one "
             f"was killed (SIGKILL, power loss). If none is running, delete {tmp_path}/again.partial")):
-        records.prepare(binary_tree, tmp_path / "again", log=lambda s: None)
+        data_prepare.prepare(binary_tree, tmp_path / "again", log=lambda s: None)
     assert not (tmp_path / "again").exists()
 
 
@@ -238,8 +241,8 @@ def test_sigterm_removes_the_partial_output(binary_tree, tmp_path):
             assert (tmp_path / "out.partial" / "train.index.json").exists()
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(runstate.Interrupted) as caught:
-        records.prepare(binary_tree, tmp_path / "out", shards=2, max_side=32, log=log)
+    with pytest.raises(signals.Interrupted) as caught:
+        data_prepare.prepare(binary_tree, tmp_path / "out", shards=2, max_side=32, log=log)
     assert caught.value.name == "SIGTERM" and caught.value.exit_code == 143
     assert os.listdir(tmp_path) == []  # neither out nor out.partial
     assert signal.getsignal(signal.SIGTERM) is before
@@ -247,14 +250,14 @@ def test_sigterm_removes_the_partial_output(binary_tree, tmp_path):
 
 def test_cli_ctrl_c_says_nothing_was_written(binary_tree, tmp_path, monkeypatch):
     _needs_main_thread()
-    write_split = records._write_split
+    write_split = data_prepare._write_split
 
     def interrupted(*args, **kwargs):
         entry = write_split(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)
         return entry
 
-    monkeypatch.setattr(records, "_write_split", interrupted)
+    monkeypatch.setattr(data_prepare, "_write_split", interrupted)
     out = tmp_path / "PK"
     result = CliRunner().invoke(cli.main, ["prepare", str(binary_tree), str(out), "--max-side", "32"])
     assert result.exit_code == 130, result.output
@@ -275,11 +278,11 @@ def test_incomplete_or_damaged_output_is_named(prepared, binary_tree, tmp_path):
             "the prepare was interrupted): delete it and run tfcovid prepare again.")
     assert records.is_prepared(incomplete) and not records.is_prepared(binary_tree)
     with pytest.raises(DataError, match=re.escape(said)):
-        data.scan(incomplete, "binary")
+        data_folders.scan(incomplete, "binary")
     with pytest.raises(DataError, match=re.escape(said)):  # not "never overwrites"
-        records.prepare(binary_tree, incomplete, log=lambda s: None)
+        data_prepare.prepare(binary_tree, incomplete, log=lambda s: None)
     with pytest.raises(DataError, match=re.escape(said)):  # not "already a prepared dataset"
-        records.prepare(incomplete, tmp_path / "new", log=lambda s: None)
+        data_prepare.prepare(incomplete, tmp_path / "new", log=lambda s: None)
     runner = CliRunner()
     result = runner.invoke(cli.main, _fit_args(incomplete, tmp_path))
     assert result.exit_code == 1 and f"Error: {said}" in result.output, result.output
@@ -293,7 +296,7 @@ def test_incomplete_or_damaged_output_is_named(prepared, binary_tree, tmp_path):
     assert records.verify(damaged) == [f"{index}: sha256 differs from the manifest (damaged)"]
     with pytest.raises(DataError, match=re.escape(f"Cannot read the index {index} (no 'names' list): the "
                                                   "prepared dataset is damaged.")):
-        data.scan(damaged, "binary")
+        data_folders.scan(damaged, "binary")
     index.unlink()
     assert records.verify(damaged) == [f"{index}: missing"]
     result = runner.invoke(cli.main, _fit_args(damaged, tmp_path))
@@ -315,7 +318,7 @@ def test_max_pixels_and_skip_bad(binary_tree, tmp_path):
     too_big = "120×100 = 12,000 pixels is over --max-pixels (6,000); downscale it or raise --max-pixels"
     not_image = "not a JPEG/PNG/BMP/GIF image (it is text)"  # after filecheck's words on the name
     with pytest.raises(DataError) as caught:
-        records.prepare(tree, tmp_path / "out", max_side=32, max_pixels=6000, log=lambda s: None)
+        data_prepare.prepare(tree, tmp_path / "out", max_side=32, max_pixels=6000, log=lambda s: None)
     message = str(caught.value)
     lines = message.splitlines()
     assert lines[:2] == [f"2 files under {tree} cannot be used:", f"  train/normal/big.png: {too_big}"]
@@ -336,7 +339,7 @@ def test_max_pixels_and_skip_bad(binary_tree, tmp_path):
     assert sorted(skipped) == ["train/normal/big.png", "validation/infected/notes.png"]
     assert skipped["train/normal/big.png"] == too_big and skipped["validation/infected/notes.png"].endswith(not_image)
     assert manifest["splits"]["train"]["images"] == 8 and manifest["splits"]["validation"]["images"] == 4
-    assert "train/normal/big.png" not in data.scan(tmp_path / "out", "binary").splits["train"].paths
+    assert "train/normal/big.png" not in data_folders.scan(tmp_path / "out", "binary").splits["train"].paths
     # Without --max-pixels, fit's default applies: the 120x100 image is fine.
     result = runner.invoke(cli.main, ["prepare", str(tree), str(tmp_path / "out2"), "--skip-bad",
                                       "--max-side", "32"])
@@ -346,14 +349,14 @@ def test_max_pixels_and_skip_bad(binary_tree, tmp_path):
 
 def test_upsampling_note(binary_tree, prepared, tmp_path):
     out = tmp_path / "small"
-    records.prepare(binary_tree, out, shards=1, max_side=32, log=lambda s: None)
-    small = data.scan(out, "binary")
+    data_prepare.prepare(binary_tree, out, shards=1, max_side=32, log=lambda s: None)
+    small = data_folders.scan(out, "binary")
     assert records.upsampling_note(small, 64) == (
         f"the records in {out} were prepared at most 32 px on the longer side; training at 64 px "
         "upsamples them (prepare with --max-side 128 or more for 64 px: the random crops zoom in)")
     assert records.upsampling_note(small, 32) is None and records.upsampling_note(small, 16) is None
-    assert records.upsampling_note(data.scan(prepared[0], "binary"), 999) is None  # sizes kept
-    assert records.upsampling_note(data.scan(binary_tree, "binary"), 999) is None  # ImageFolder
+    assert records.upsampling_note(data_folders.scan(prepared[0], "binary"), 999) is None  # sizes kept
+    assert records.upsampling_note(data_folders.scan(binary_tree, "binary"), 999) is None  # ImageFolder
 
 
 @pytest.mark.slow
@@ -425,7 +428,8 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
     TensorFlow's resampler's views within one grey level."""
     from PIL import Image
 
-    from tfcovid import augment
+    from tfcovid.data import augment
+    from tfcovid.data.opencv import images as opencv_images
 
     rng = np.random.default_rng(0)
     files = []
@@ -448,24 +452,24 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
     # With a store: the first call keeps what OpenCV decoded (not the wrong header's image,
     # nor the CMYK one: those are planned from TensorFlow's pixels each time); the second
     # takes them from it, decoding only the two others, and gives the same batch.
-    from tfcovid.cache import ArrayStore
+    from tfcovid.data.cache import ArrayStore
 
     store = ArrayStore(5, "train")
     np.testing.assert_array_equal(records._batch_decoder(32, args, store)(item).numpy(), batch)
     assert store.state()[0].tolist() == [True, True, False, True, False]
     decoded = []
-    real = augment.decode_file
+    real = opencv_images.decode_file
     try:
-        augment.decode_file = lambda data_, c, h: decoded.append(data_) or real(data_, c, h)
+        opencv_images.decode_file = lambda data_, c, h: decoded.append(data_) or real(data_, c, h)
         np.testing.assert_array_equal(records._batch_decoder(32, args, store)(item).numpy(), batch)
     finally:
-        augment.decode_file = real
+        opencv_images.decode_file = real
     assert decoded == [files[2]]  # the wrong header's file (CMYK's header says no channels)
     # In worker processes (data.resample_processes): the same batch, twice; they keep the
     # three OpenCV decodes and the two TensorFlow ones (planned again each time, as above).
-    from tfcovid import workers
+    from tfcovid.data.opencv import process_pool
 
-    in_workers = workers.WorkerStore(5, "train", processes=2)
+    in_workers = process_pool.WorkerStore(5, "train", processes=2)
     for _ in range(2):
         np.testing.assert_array_equal(records._batch_decoder(32, args, in_workers)(item).numpy(), batch)
     assert in_workers.stored(list(range(5))).tolist() == [True] * 5
@@ -473,9 +477,9 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
     for i, data_ in enumerate(files):
         image = records.train_decode(tf.constant(data_))
         t, kk = augment.plan(tf.shape(image)[None, :2], draws[i:i + 1], 32, *args)
-        ours = augment._warp(image.numpy(), t[0].numpy(), int(kk[0]), 32)
+        ours = opencv_images._warp(image.numpy(), t[0].numpy(), int(kk[0]), 32)
         np.testing.assert_array_equal(batch[i], np.broadcast_to(ours, (32, 32, 3)))
-        theirs = data.gray_to_rgb(augment.apply_uint8(image, t[0], kk[0], 32), 32).numpy()
+        theirs = decode.gray_to_rgb(augment.apply_uint8(image, t[0], kk[0], 32), 32).numpy()
         assert np.abs(batch[i].astype(int) - theirs).max() <= 1
 
 
@@ -484,19 +488,19 @@ def test_decoded_records_are_cached(prepared):
     its position in the split (``test_batch_decoder_is_the_per_image_path`` checks that the
     views from the store are those from a decode), evaluation its resized image (the same
     pixels as without a cache)."""
-    from tfcovid import augment
-    from tfcovid.cache import Cache
+    from tfcovid.data.opencv import images as opencv_images
+    from tfcovid.data.cache import Cache
 
     out, _ = prepared
-    splits = data.scan(out, "binary").splits
+    splits = data_folders.scan(out, "binary").splits
     train_split, val = splits["train"], splits["validation"]
     policy = Cache("memory", 64)
-    cached = data.dataset(train_split, 32, 8, training=True, aug=config.AugmentConfig(), seed=5,
+    cached = datasets.dataset(train_split, 32, 8, training=True, aug=config.AugmentConfig(), seed=5,
                           cache=policy)
     decoded, epochs = [], []
-    real = augment.decode_file
+    real = opencv_images.decode_file
     try:
-        augment.decode_file = lambda data_, c, h: decoded.append(1) or real(data_, c, h)
+        opencv_images.decode_file = lambda data_, c, h: decoded.append(1) or real(data_, c, h)
         for _ in range(3):
             before = len(decoded)
             batches = list(cached)
@@ -505,7 +509,7 @@ def test_decoded_records_are_cached(prepared):
             assert sorted(labels.tolist()) == sorted(train_split.labels.tolist())
             assert len(decoded) - before == (len(train_split) if not before else 0)
     finally:
-        augment.decode_file = real
+        opencv_images.decode_file = real
     assert epochs[0].shape == (len(train_split), 32, 32, 3) and epochs[0].std() > 10
     assert not np.array_equal(epochs[1], epochs[2])  # fresh views every epoch, from the store
     store = policy.stores[0]
@@ -513,9 +517,9 @@ def test_decoded_records_are_cached(prepared):
     assert policy.plans[0].startswith("train ~") and "in memory" in policy.plans[0]
     # Evaluation: filled in the first pass, the same pixels in both.
     policy = Cache("memory", 64)
-    first = np.concatenate([x.numpy() for x, _ in data.dataset(val, 32, 3, cache=policy)])
-    again = np.concatenate([x.numpy() for x, _ in data.dataset(val, 32, 3, cache=policy)])
-    plain = np.concatenate([x.numpy() for x, _ in data.dataset(val, 32, 3)])
+    first = np.concatenate([x.numpy() for x, _ in datasets.dataset(val, 32, 3, cache=policy)])
+    again = np.concatenate([x.numpy() for x, _ in datasets.dataset(val, 32, 3, cache=policy)])
+    plain = np.concatenate([x.numpy() for x, _ in datasets.dataset(val, 32, 3)])
     np.testing.assert_array_equal(first, plain)
     np.testing.assert_array_equal(again, plain)
     assert policy.stores[0].count() == len(val)

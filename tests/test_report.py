@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tfcovid import config, metrics, report
+from tfcovid import config
+from tfcovid.results import scores, tables
 from tfcovid.cli import main
 
 
@@ -29,11 +30,11 @@ def _write_run(root, name, task, backbone, freeze="none", loss=None, epochs=3, s
             pred = y.copy()
             pred[:8 - k] = 1  # the first misses are infected images called normal
             probs = np.eye(2)[pred]
-            splits[split] = metrics.binary_report(y, probs, ["infected", "normal"], "infected")
+            splits[split] = scores.binary_report(y, probs, ["infected", "normal"], "infected")
     else:
         y = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0]])
         for split, pred in correct.items():
-            splits[split] = metrics.multilabel_report(y, np.array(pred, dtype=float),
+            splits[split] = scores.multilabel_report(y, np.array(pred, dtype=float),
                                                       ["covid-19", "normal", "pneumonia"])
     summary = {"task": task, "epochs": epochs, "train_seconds": seconds, "splits": splits}
     if task == "multilabel":
@@ -71,7 +72,7 @@ def _table(text, heading):
 
 
 def test_both_tables_in_the_studys_order_and_format(runs):
-    text, skipped = report.build_report([runs])
+    text, skipped = tables.build_report([runs])
     assert skipped == [(str(runs / "r7-unfinished"),
                         "no metrics.json: the run has not finished (or failed)")]
     part1 = _table(text, "## Part 1")
@@ -96,16 +97,16 @@ def test_both_tables_in_the_studys_order_and_format(runs):
 
 
 def test_part_2_heading_names_the_runs_labels(runs):
-    text, _ = report.build_report([runs])
+    text, _ = tables.build_report([runs])
     assert "## Part 2: three labels (covid-19, normal, pneumonia)\n" in text
     four = json.loads((runs / "r5-resnet18-focal" / "metrics.json").read_text())
     for name in ("r5-resnet18-focal", "r6-vgg16-bce"):  # both runs with a fourth label
         path = runs / name / "metrics.json"
         path.write_text(json.dumps(dict(four, outputs=["covid-19", "normal", "pneumonia", "tuberculosis"])))
-    text, _ = report.build_report([runs])
+    text, _ = tables.build_report([runs])
     assert "## Part 2: four labels (covid-19, normal, pneumonia, tuberculosis)\n" in text
     (runs / "r6-vgg16-bce" / "metrics.json").write_text(json.dumps(four))  # back to three
-    text, _ = report.build_report([runs])
+    text, _ = tables.build_report([runs])
     assert "## Part 2: multi-label runs (their labels differ)\n" in text
 
 
@@ -121,46 +122,46 @@ def test_cli_prints_and_writes_markdown(runs, tmp_path):
 
 
 def test_only_one_part_and_errors(runs, tmp_path):
-    text, _ = report.build_report([runs / "r5-resnet18-focal"])
+    text, _ = tables.build_report([runs / "r5-resnet18-focal"])
     assert "## Part 2" in text and "## Part 1" not in text
-    with pytest.raises(report.ReportError, match="No finished runs"):
-        report.build_report([runs / "r7-unfinished", tmp_path / "nope"])
+    with pytest.raises(tables.ReportError, match="No finished runs"):
+        tables.build_report([runs / "r7-unfinished", tmp_path / "nope"])
     result = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "no such folder" in result.output
     assert "Traceback" not in result.output
     (runs / "r6-vgg16-bce" / "metrics.json").write_text("{not json")
-    _, skipped = report.build_report([runs])
+    _, skipped = tables.build_report([runs])
     assert any("r6-vgg16-bce" in p and "unreadable" in r for p, r in skipped)
 
 
 @pytest.mark.parametrize("seconds, text", [(42, "42 s"), (59.4, "59 s"), (150, "2 min"),
                                            (3599, "1 h 00"), (5100, "1 h 25"), (9000, "2 h 30")])
 def test_durations_as_the_study_writes_them(seconds, text):
-    assert report.format_duration(seconds) == text
+    assert tables.format_duration(seconds) == text
 
 
 def test_freeze_labels():
-    assert report.freeze_label("all", "vgg16") == "all conv (head only)"
-    assert report.freeze_label("all", "resnet18") == "all but head"
-    assert report.freeze_label("first4") == "first 4 conv"
-    assert report.freeze_label("none") == "none"
+    assert tables.freeze_label("all", "vgg16") == "all conv (head only)"
+    assert tables.freeze_label("all", "resnet18") == "all but head"
+    assert tables.freeze_label("first4") == "first 4 conv"
+    assert tables.freeze_label("none") == "none"
 
 
 def test_the_test_split_is_called_unlabeled_only_when_it_is(runs):
     unlabeled = ("The test split is unlabeled, as in the study: use "
                  "`tfcovid predict RUN_DIR DATA/Test --csv FILE`.")
-    text, _ = report.build_report([runs])
+    text, _ = tables.build_report([runs])
     assert unlabeled in text and "The test split is labeled" not in text
     # Demo data has a labeled test split: fit writes its metrics to metrics.json.
     perfect = [[1, 0, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0]]
     _write_run(runs, "r8-resnet18-bce", "multilabel", "resnet18", loss="bce", epochs=8, seconds=190,
                correct={"train": perfect, "validation": perfect, "test": perfect})
-    text, _ = report.build_report([runs / "r8-resnet18-bce"])
+    text, _ = tables.build_report([runs / "r8-resnet18-bce"])
     assert ("The test split is labeled (the study's was not, so its table has no test column): the "
             "test numbers are in the run's metrics.json, and `tfcovid evaluate RUN_DIR` prints them."
             in text)
     assert "unlabeled" not in text
-    text, _ = report.build_report([runs])  # one of three Part 2 runs has test labels
+    text, _ = tables.build_report([runs])  # one of three Part 2 runs has test labels
     part2 = text.split("## Part 2", 1)[1]
     assert "The test split is labeled for `r8-resnet18-bce` (the study's" in part2
     assert "The other runs' test split is unlabeled: use `tfcovid predict" in part2

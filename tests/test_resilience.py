@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tfcovid import atomic, config, demo, runstate, train
+from tfcovid import config
+from tfcovid.utils import atomic, signals
+from tfcovid.data import demo
+from tfcovid.training import run_state, train
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def test_resume_cleans_partials_and_rebuilds_history_from_the_commit(tmp_path):
     (run / "checkpoints" / ".partial-last.keras").write_bytes(b"half a zip")
     rows = [{"epoch": 0, "loss": 0.7, "val_loss": 0.6}, {"epoch": 1, "loss": 0.5, "val_loss": 0.55}]
     # history.csv already has epoch 2's row, but the kill came before epoch 2 was committed.
-    (run / "history.csv").write_text(runstate.history_csv(rows + [{"epoch": 2, "loss": 0.4, "val_loss": 0.5}]))
+    (run / "history.csv").write_text(run_state.history_csv(rows + [{"epoch": 2, "loss": 0.4, "val_loss": 0.5}]))
 
     import keras
 
@@ -121,7 +124,7 @@ def test_resume_cleans_partials_and_rebuilds_history_from_the_commit(tmp_path):
     state = {"epochs_done": 2, "best": 0.55, "monitor": "val_loss", "weights": "epoch-0002.weights.h5",
              "history": rows, "seconds": [1.0, 1.5]}
     (run / "backup" / "state.json").write_text(json.dumps(state))
-    restored = runstate.RunState(run)
+    restored = run_state.RunState(run)
     assert restored.restore(model) == 2
     assert not (run / "checkpoints" / ".partial-last.keras").exists()
     assert _history_epochs(run) == ["0", "1"] and restored.seconds == [1.0, 1.5]
@@ -133,7 +136,7 @@ def test_a_missing_backup_weights_file_is_named(tmp_path):
     (run / "backup" / "state.json").write_text(json.dumps(
         {"epochs_done": 1, "best": None, "weights": "epoch-0001.weights.h5", "history": [], "seconds": []}))
     with pytest.raises(ValueError, match="epoch-0001.weights.h5 .* is missing"):
-        runstate.RunState(run).restore(None)
+        run_state.RunState(run).restore(None)
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -154,13 +157,13 @@ def test_shuffle_and_augmentation_are_keyed_on_the_epoch(binary_tree):
     """The train pipeline's epoch k is the same in any process, whatever ran before it."""
     import tensorflow as tf
 
-    from tfcovid import data
+    from tfcovid.data import datasets, folders
 
-    split = data.scan(binary_tree).splits["train"]
+    split = folders.scan(binary_tree).splits["train"]
 
     def epoch_batches(k):
         epoch = tf.Variable(k, dtype=tf.int64)
-        ds = data.dataset(split, 24, 3, training=True, aug=config.AugmentConfig(), seed=5,
+        ds = datasets.dataset(split, 24, 3, training=True, aug=config.AugmentConfig(), seed=5,
                           epoch=epoch, deterministic=True)
         return [(x.numpy(), y.numpy()) for x, y in ds]
 
@@ -218,10 +221,10 @@ def test_ctrl_c_stops_at_the_next_batch_and_restores_the_handler():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
     x, y = np.zeros((20, 3), "float32"), np.zeros((20, 1), "float32")
-    stop = runstate.StopOnSignal()
+    stop = run_state.StopOnSignal()
     # Python's own handler, or SIG_IGN where the suite runs as a shell's background job.
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(runstate.Interrupted) as caught:
+    with pytest.raises(signals.Interrupted) as caught:
         with stop:
             model.fit(x, y, batch_size=2, epochs=3, callbacks=[CtrlC(), stop], verbose=0)
     assert CtrlC.batches == [0, 1, 2]  # stopped at the batch the signal arrived in
@@ -257,7 +260,7 @@ def test_best_checkpoint_is_last_of_its_epoch_and_survives_later_epochs(tmp_path
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2, name="head_logits")(inputs))
     model.compile(optimizer="sgd", loss="mse")
-    state = runstate.RunState(tmp_path)
+    state = run_state.RunState(tmp_path)
     state.set_model(model)
     state.on_train_begin()
     ckpt = tmp_path / "checkpoints"
@@ -293,9 +296,9 @@ def _children(pid: int) -> list[int]:
 def test_resample_workers_end_with_a_stopped_or_killed_fit(tree, tmp_path):
     """data.resample_processes: a fit stopped by SIGTERM exits as usual (143, resumable) and a
     SIGKILLed one leaves no worker process behind (each ends when its task pipe closes)."""
-    from tfcovid import workers
+    from tfcovid.data.opencv import process_pool
 
-    assert workers.available() and Path("/proc").is_dir()  # Linux, as this project's machines
+    assert process_pool.available() and Path("/proc").is_dir()  # Linux, as this project's machines
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGKILL, -9)):
         out = tmp_path / f"runs-{sig.name}"
         cfg = _config(tree, out, epochs=30)
@@ -409,15 +412,15 @@ def test_raise_on_signal_stops_even_when_a_finalizer_swallows_its_exception():
 
     before = signal.getsignal(signal.SIGTERM)
     reached = []
-    with pytest.raises(runstate.Interrupted) as caught:
-        with runstate.RaiseOnSignal():
+    with pytest.raises(signals.Interrupted) as caught:
+        with signals.RaiseOnSignal():
             SignalsWhenCollected()  # collected at once: its __del__ swallows the exception
             gc.collect()
             reached.append("after")  # the work goes on ...
     assert reached == ["after"] and caught.value.name == "SIGTERM"  # ... and still stops
     assert signal.getsignal(signal.SIGTERM) is before
-    with pytest.raises(runstate.Interrupted):  # the ordinary case: raised where it came
-        with runstate.RaiseOnSignal():
+    with pytest.raises(signals.Interrupted):  # the ordinary case: raised where it came
+        with signals.RaiseOnSignal():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
             reached.append("not reached")
@@ -427,7 +430,7 @@ def test_raise_on_signal_stops_even_when_a_finalizer_swallows_its_exception():
 def test_a_signal_before_training_removes_the_half_made_run(tree, tmp_path, monkeypatch):
     """Ctrl-C during the file check (or anything else before training) stops at once with a
     message, not a KeyboardInterrupt traceback, and leaves no run holding only config.yaml."""
-    from tfcovid import filecheck
+    from tfcovid.data import checks
 
     exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
 
@@ -435,7 +438,7 @@ def test_a_signal_before_training_removes_the_half_made_run(tree, tmp_path, monk
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # not reached
 
-    monkeypatch.setattr(filecheck, "verify", interrupted_check)
+    monkeypatch.setattr(checks, "verify", interrupted_check)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(train.Interrupted) as caught:
         train.fit(exp, log=lambda line: None)

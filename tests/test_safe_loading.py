@@ -13,11 +13,12 @@ import torch
 from click.testing import CliRunner
 from keras.src.backend.common import global_state
 
-from tfcovid import config, keras_files, modelinfo, torch_import, weights
+from tfcovid import config
+from tfcovid.weights import keras_files, metadata, torch_files, loading
 from tfcovid.cli import main
 from tfcovid.config import ConfigError
-from tfcovid.modelinfo import ModelInfoError
-from tfcovid.weights import WeightsError
+from tfcovid.weights.metadata import ModelInfoError
+from tfcovid.weights.assign import WeightsError
 
 
 def _touching_lambda(marker):
@@ -60,7 +61,7 @@ def test_modelinfo_load_refuses_a_lambda_model(hostile):
     path, marker = hostile
     with pytest.raises(ModelInfoError, match=rf"Refused to load {path}: it holds Python code "
                                              r"\(Lambda layer evil\).*never runs code"):
-        modelinfo.load(path, task="binary", labels=["infected", "normal"])
+        metadata.load(path, task="binary", labels=["infected", "normal"])
     assert not marker.exists()
 
 
@@ -70,14 +71,14 @@ def test_a_run_directory_with_a_lambda_checkpoint_is_refused(hostile, tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(path, run / "checkpoints" / "last.keras")
     with pytest.raises(ModelInfoError, match=r"last\.keras: it holds Python code"):
-        modelinfo.load(run, task="binary", labels=["a", "b"])
+        metadata.load(run, task="binary", labels=["a", "b"])
     assert not marker.exists()
 
 
 def test_weights_file_with_a_lambda_is_refused(hostile):
     path, marker = hostile
     with pytest.raises(WeightsError, match=rf"Refused to load {path}.*Lambda layer evil"):
-        weights.initial_model("vgg16", 2, 32, str(path))
+        loading.initial_model("vgg16", 2, 32, str(path))
     with pytest.raises(WeightsError, match="never runs code from model files"):
         keras_files.model_arrays(path)  # the reader behind --weights, past the preprocessing check
     assert not marker.exists()
@@ -89,7 +90,7 @@ def test_refused_even_when_keras_safe_mode_is_off_globally(hostile):
     keras.config.enable_unsafe_deserialization()  # e.g. done by another library in the process
     try:
         with pytest.raises(ModelInfoError, match="holds Python code"):
-            modelinfo.load(path, task="binary", labels=["a", "b"])
+            metadata.load(path, task="binary", labels=["a", "b"])
         with pytest.raises(WeightsError, match="holds Python code"):
             keras_files.load_model(path)
     finally:
@@ -118,9 +119,9 @@ def test_cli_refuses_a_lambda_model(command, hostile, binary_tree, tmp_path):
 
 
 def test_tfcovid_checkpoints_still_load(tmp_path):
-    model, _, _ = weights.initial_model("resnet18", 2, 32, "none", name="tfcovid_resnet18_binary")
+    model, _, _ = loading.initial_model("resnet18", 2, 32, "none", name="tfcovid_resnet18_binary")
     model.save(tmp_path / "ok.keras")
-    trained = modelinfo.load(tmp_path / "ok.keras", task="binary", labels=["infected", "normal"])
+    trained = metadata.load(tmp_path / "ok.keras", task="binary", labels=["infected", "normal"])
     assert trained.model.count_params() == model.count_params() and trained.image_size == 32
 
 
@@ -141,11 +142,11 @@ def test_a_runs_checkpoint_loads_in_a_fresh_python_with_tfcovid_load_model(tmp_p
     import subprocess
     import sys
 
-    from tfcovid.train import compile_model
+    from tfcovid.training.compile import compile_model
 
     exp = config.resolve(None, {"data.task": "multilabel", "train.loss": "focal", "model.backbone": "resnet18",
                                 "data.image_size": 32, "model.weights": "none"})
-    model, _, _ = weights.initial_model("resnet18", 3, 32, "none", name="tfcovid_resnet18_multilabel")
+    model, _, _ = loading.initial_model("resnet18", 3, 32, "none", name="tfcovid_resnet18_multilabel")
     compile_model(model, exp, positive_index=0)
     model.save(tmp_path / "last.keras")
     script = f"""
@@ -195,9 +196,9 @@ def test_pth_with_a_pickled_payload_is_refused(tmp_path):
     marker.unlink()
     with pytest.raises(WeightsError, match=rf"Refused to load {path}: it holds pickled Python "
                                            r"objects other than tensors \(io\.open\).*never runs code"):
-        torch_import.read_state_dict(path)
+        torch_files.read_state_dict(path)
     with pytest.raises(WeightsError, match=r"Refused to load .*evil\.pth"):
-        weights.initial_model("resnet18", 2, 32, str(path))
+        loading.initial_model("resnet18", 2, 32, str(path))
     assert not marker.exists()
 
 
@@ -206,7 +207,7 @@ def test_pth_refused_even_with_torch_force_no_weights_only(tmp_path, monkeypatch
     torch.save({"payload": _TouchOnUnpickle(marker)}, tmp_path / "evil.pth")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(WeightsError, match="pickled Python objects"):
-        torch_import.read_state_dict(tmp_path / "evil.pth")
+        torch_files.read_state_dict(tmp_path / "evil.pth")
     assert not marker.exists()
 
 

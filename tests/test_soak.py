@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tfcovid import config, train
+from tfcovid import config
+from tfcovid.training import train
 
 SOAK_FITS = int(os.environ.get("TFCOVID_SOAK_FITS", "20"))
 WARM_UP = 3  # the first fits build TensorFlow's and Keras's one-time state

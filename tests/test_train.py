@@ -5,7 +5,10 @@ import math
 
 import pytest
 
-from tfcovid import config, train
+from tfcovid import config
+from tfcovid.data import folders
+from tfcovid.models import outputs
+from tfcovid.training import callbacks, train
 
 
 def _tiny(tree, out, **extra):
@@ -48,7 +51,7 @@ def test_run_directories_never_collide(tmp_path):
 
 
 def test_nan_guard_stops_with_a_clear_message(binary_tree, tmp_path, monkeypatch):
-    guard = train.NaNGuard()
+    guard = callbacks.NaNGuard()
 
     class Model:
         stop_training = False
@@ -72,13 +75,13 @@ def test_diverging_run_raises_training_error(binary_tree, tmp_path):
 
 def test_probabilities():
     import numpy as np
-    p = train.probabilities(np.array([[0.0, 0.0], [2.0, 0.0]]), "binary")
+    p = outputs.probabilities(np.array([[0.0, 0.0], [2.0, 0.0]]), "binary")
     np.testing.assert_allclose(p, [[0.5, 0.5], [np.e ** 2 / (np.e ** 2 + 1), 1 / (np.e ** 2 + 1)]])
-    np.testing.assert_allclose(train.probabilities(np.array([[0.0, 100.0]]), "multilabel"), [[0.5, 1.0]])
+    np.testing.assert_allclose(outputs.probabilities(np.array([[0.0, 100.0]]), "multilabel"), [[0.5, 1.0]])
 
 
 def test_up_front_checks_stop_fit_before_training_and_leave_no_run(binary_tree, tmp_path):
-    from tfcovid.preflight import PreflightError
+    from tfcovid.training.preflight import PreflightError
 
     with pytest.raises(PreflightError, match=r"--batch-size 64 is larger than the train split \(8 images\)"):
         train.fit(_tiny(binary_tree, tmp_path / "runs", **{"train.batch_size": 64}), log=lambda s: None)
@@ -94,18 +97,18 @@ def test_probabilities_of_large_logits_warn_nothing():
     import numpy as np
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's "overflow encountered in exp" would raise
-        p = train.probabilities(np.array([[-1000.0, 0.0, 800.0]]), "multilabel")
+        p = outputs.probabilities(np.array([[-1000.0, 0.0, 800.0]]), "multilabel")
     np.testing.assert_allclose(p, [[0.0, 0.5, 1.0]])
 
 
 def test_disease_class_of_a_binary_tree():
-    assert train.disease_class("infected", ("infected", "normal")) == ("infected", None)
-    assert train.disease_class("NORMAL", ("NORMAL", "PNEUMONIA")) == ("NORMAL", None)  # as set
-    chosen, note = train.disease_class("infected", ("NORMAL", "PNEUMONIA"))  # Kaggle's layout
+    assert folders.disease_class("infected", ("infected", "normal")) == ("infected", None)
+    assert folders.disease_class("NORMAL", ("NORMAL", "PNEUMONIA")) == ("NORMAL", None)  # as set
+    chosen, note = folders.disease_class("infected", ("NORMAL", "PNEUMONIA"))  # Kaggle's layout
     assert chosen == "PNEUMONIA"
     assert note.startswith("disease class 'PNEUMONIA': data.positive 'infected' is not a class folder")
     with pytest.raises(config.ConfigError) as err:
-        train.disease_class("infected", ("cats", "dogs"))
+        folders.disease_class("infected", ("cats", "dogs"))
     assert "data.positive 'infected' is not one of the class folders ['cats', 'dogs']" in str(err.value)
     assert "--set data.positive=cats" in str(err.value)
 
@@ -132,5 +135,5 @@ def test_fit_on_normal_and_pneumonia_folders_reports_pneumonia(binary_tree, tmp_
     assert set(summary["splits"]) == {"train", "validation"}
     validation = summary["splits"]["validation"]
     assert validation["positive_class"] == "PNEUMONIA" and validation["notes"] == []
-    from tfcovid import modelinfo
-    assert modelinfo.load(run).positive == "PNEUMONIA"
+    from tfcovid.weights import metadata
+    assert metadata.load(run).positive == "PNEUMONIA"

@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from tfcovid import keras_files, torch_import, weights
+from tfcovid.weights import keras_files, torch_files, assign as weights_assign, imagenet, import_torch as weights_import_torch, loading
 from tfcovid.cli import main
 from tfcovid.models import build_model
-from tfcovid.weights import WeightsError
+from tfcovid.weights.assign import WeightsError
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -57,7 +57,7 @@ def assert_parity(want, got):
 @functools.lru_cache(maxsize=None)
 def torch_shapes(backbone):
     """{torch key: shape} of a backbone, from tfcovid's model (built once per backbone)."""
-    layout = torch_import.backbone_layout(build_model(backbone, 2, 32), backbone)
+    layout = torch_files.backbone_layout(build_model(backbone, 2, 32), backbone)
     return {key: shape for entries in layout.values() for key, shape, _ in entries}
 
 
@@ -65,7 +65,7 @@ def fake_state(backbone, num_outputs, head=True, seed=0):
     """A torchvision-layout state dict (NumPy) with the study's head, made without torch."""
     rng = np.random.default_rng(seed)
     state = {key: rng.normal(size=shape).astype(np.float32) for key, shape in torch_shapes(backbone).items()}
-    root = torch_import.HEAD_ROOT[backbone]
+    root = torch_files.HEAD_ROOT[backbone]
     if head:
         features = 25088 if backbone == "vgg16" else 512
         state.update({f"{root}.0.weight": rng.normal(size=(110, features)).astype(np.float32),
@@ -93,11 +93,11 @@ def test_import_matches_pytorch_logits_via_safetensors(backbone, task, ref, pixe
     torch_model = ref.study_model(backbone, TASK_OUTPUTS[task], seed=len(task))
     checkpoint = tmp_path / "study.safetensors"
     save_file(ref.state_dict_numpy(torch_model), str(checkpoint))
-    state = torch_import.read_state_dict(checkpoint)
+    state = torch_files.read_state_dict(checkpoint)
     model = build_model(backbone, TASK_OUTPUTS[task], 224, "torch")
-    converted = torch_import.convert(state, model, backbone, require_head=True)
+    converted = torch_files.convert(state, model, backbone, require_head=True)
     assert converted.head == "study"
-    weights.assign(model, converted.arrays, str(checkpoint), require_head=True)
+    weights_assign.assign(model, converted.arrays, str(checkpoint), require_head=True)
     assert_parity(ref.logits(torch_model, pixels), run(model, pixels.astype("float32")))
 
 
@@ -113,9 +113,9 @@ def test_import_torch_command_from_pth_loads_and_predicts(ref, pixels, tmp_path)
                                        "--task", "multilabel", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "covid-19, normal, pneumonia" in result.output and out.is_file()
-    from tfcovid import modelinfo
+    from tfcovid.weights import metadata
 
-    trained = modelinfo.load(out)  # how predict/evaluate/export load it, with its label info
+    trained = metadata.load(out)  # how predict/evaluate/export load it, with its label info
     assert (trained.task, trained.outputs, trained.image_size) == ("multilabel", ("covid-19", "normal", "pneumonia"), 224)
     model = trained.model
     assert model.name == "tfcovid_resnet18_multilabel"
@@ -133,7 +133,7 @@ def test_imagenet_checkpoint_loads_as_backbone_with_fresh_head(ref, tmp_path):
     torch_model = ref.randomize_(ref.ResNet18(), seed=5).eval()
     checkpoint = tmp_path / "resnet18-imagenet.pth"
     torch.save(torch_model.state_dict(), checkpoint)
-    model, mode, origin = weights.initial_model("resnet18", 2, 64, str(checkpoint))
+    model, mode, origin = loading.initial_model("resnet18", 2, 64, str(checkpoint))
     assert mode == "torch"
     assert "dropped the ImageNet classifier (fc (1000, 512))" in origin and "fresh study head" in origin
     assert model.get_layer("head_logits").kernel.shape == (110, 2)
@@ -153,18 +153,18 @@ def test_vgg16_imagenet_classifier_is_dropped_and_refused_by_import():
                        ("classifier.6.weight", (1000, 4096)), ("classifier.6.bias", (1000,))):
         state[key] = np.broadcast_to(np.float32(0), shape)
     model = build_model("vgg16", 2, 32)
-    converted = torch_import.convert(state, model, "vgg16", require_head=False)
+    converted = torch_files.convert(state, model, "vgg16", require_head=False)
     assert converted.head == "imagenet" and "head_fc1" not in converted.arrays
     assert "classifier.0 (4096, 25088)" in converted.notes[0]
     with pytest.raises(WeightsError, match="ImageNet classifier.*fit --weights FILE"):
-        torch_import.convert(state, model, "vgg16", require_head=True)
+        torch_files.convert(state, model, "vgg16", require_head=True)
 
 
 def test_conversion_layout_rules():
     """OIHW -> HWIO, Linear transposed, VGG's (C, 7, 7) flatten order -> (7, 7, C)."""
     state = fake_state("vgg16", 2)
     model = build_model("vgg16", 2, 224)
-    arrays = torch_import.convert(state, model, "vgg16", require_head=True).arrays
+    arrays = torch_files.convert(state, model, "vgg16", require_head=True).arrays
     np.testing.assert_array_equal(arrays["block1_conv1"][0], state["features.0.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(arrays["block5_conv3"][1], state["features.28.bias"])
     np.testing.assert_array_equal(arrays["head_logits"][0], state["classifier.2.weight"].T)
@@ -202,23 +202,23 @@ def test_import_errors_name_key_and_shapes(edit, message, tmp_path):
     checkpoint = tmp_path / "bad.safetensors"
     save_file(state, str(checkpoint))
     with pytest.raises(WeightsError) as err:
-        torch_import.convert(torch_import.read_state_dict(checkpoint), small_model("resnet18", 2),
+        torch_files.convert(torch_files.read_state_dict(checkpoint), small_model("resnet18", 2),
                              "resnet18", require_head=True, source=str(checkpoint))
     assert message in str(err.value) and str(checkpoint) in str(err.value)
 
 
 def test_wrong_backbone_and_wrong_image_size_are_explained(tmp_path):
     with pytest.raises(WeightsError, match="looks like a vgg16 model: use --backbone vgg16"):
-        torch_import.convert(fake_state("vgg16", 2), small_model("resnet18", 2), "resnet18", require_head=True)
+        torch_files.convert(fake_state("vgg16", 2), small_model("resnet18", 2), "resnet18", require_head=True)
     resnet50_like = {**fake_state("resnet18", 2), "layer1.0.conv3.weight": np.zeros((256, 64, 1, 1), np.float32)}
     with pytest.raises(WeightsError, match=r"unexpected key layer1.0.conv3.weight with shape \(256, 64, 1, 1\)"
                                            r"(?s:.*)looks like a ResNet with bottleneck blocks"):
-        torch_import.convert(resnet50_like, small_model("resnet18", 2), "resnet18", require_head=True)
+        torch_files.convert(resnet50_like, small_model("resnet18", 2), "resnet18", require_head=True)
     save_file(fake_state("vgg16", 2), str(tmp_path / "vgg.safetensors"))
     with pytest.raises(WeightsError, match=r"7x7x512 feature map.*this model's is 2x2x512: use --image-size 224"):
-        weights.import_torch(tmp_path / "vgg.safetensors", "vgg16", "binary", tmp_path / "v.keras", image_size=64)
+        weights_import_torch.import_torch(tmp_path / "vgg.safetensors", "vgg16", "binary", tmp_path / "v.keras", image_size=64)
     # As starting weights (fit --weights FILE) the same file gives the backbone and a fresh head.
-    model, mode, origin = weights.initial_model("vgg16", 2, 64, str(tmp_path / "vgg.safetensors"))
+    model, mode, origin = loading.initial_model("vgg16", 2, 64, str(tmp_path / "vgg.safetensors"))
     assert mode == "torch" and "head was not loaded" in origin and "7x7x512" in origin
 
 
@@ -245,9 +245,9 @@ def test_pth_without_torch_says_how_to_install(monkeypatch, tmp_path):
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(WeightsError, match=r"needs PyTorch.*pip install 'tfcovid\[torch\]'.*safetensors"):
-        torch_import.read_state_dict(checkpoint)
+        torch_files.read_state_dict(checkpoint)
     with pytest.raises(WeightsError, match=r"resnet18-f37072fd.pth.*pip install 'tfcovid\[torch\]'"):
-        weights.initial_model("resnet18", 2, 32, "imagenet")
+        loading.initial_model("resnet18", 2, 32, "imagenet")
 
 
 def test_pth_forms(ref, tmp_path):
@@ -257,20 +257,20 @@ def test_pth_forms(ref, tmp_path):
     # Training-loop checkpoints and DataParallel's "module." prefix are unwrapped.
     wrapped = {"epoch": 3, "model_state_dict": {f"module.{k}": v for k, v in state.items()}}
     torch.save(wrapped, tmp_path / "wrapped.pth")
-    got = torch_import.read_state_dict(tmp_path / "wrapped.pth")
+    got = torch_files.read_state_dict(tmp_path / "wrapped.pth")
     assert set(got) == set(state)
     np.testing.assert_array_equal(got["layer2.0.downsample.1.running_var"],
                                   state["layer2.0.downsample.1.running_var"].numpy())
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled_module.pth")  # a whole pickled model
     with pytest.raises(WeightsError, match=r"weights_only=True.*model.state_dict\(\)"):
-        torch_import.read_state_dict(tmp_path / "pickled_module.pth")
+        torch_files.read_state_dict(tmp_path / "pickled_module.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(WeightsError, match="holds a list, not a state dict"):
-        torch_import.read_state_dict(tmp_path / "list.pth")
+        torch_files.read_state_dict(tmp_path / "list.pth")
     whole = (tmp_path / "wrapped.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])  # a download cut short
     with pytest.raises(WeightsError) as err:
-        torch_import.read_state_dict(tmp_path / "cut.pth")
+        torch_files.read_state_dict(tmp_path / "cut.pth")
     assert "is damaged (e.g. cut short by a download) or not a torch.save file" in str(err.value)
     assert "pickled" not in str(err.value)  # that advice is for whole pickled models only
 
@@ -309,14 +309,14 @@ def test_keras_applications_notop_h5(tmp_path):
     np.testing.assert_array_equal(check.get_layer("block3_conv2").get_weights()[0],
                                   source.get_layer("block3_conv2").get_weights()[0])
 
-    model, mode, origin = weights.initial_model("vgg16", 2, 32, str(path))
+    model, mode, origin = loading.initial_model("vgg16", 2, 32, str(path))
     assert mode == "caffe"
     assert "dropped the ImageNet top (fc1)" in origin and "fresh study head" in origin
     for name in ("block1_conv1", "block5_conv3"):
         for got, want in zip(layer_weights(model, name), source.get_layer(name).get_weights()):
             np.testing.assert_array_equal(got, want)
     write_notop_h5(source, tmp_path / "keras2_model.h5", full_model=True)
-    model, _, origin = weights.initial_model("vgg16", 2, 32, str(tmp_path / "keras2_model.h5"))
+    model, _, origin = loading.initial_model("vgg16", 2, 32, str(tmp_path / "keras2_model.h5"))
     np.testing.assert_array_equal(layer_weights(model, "block4_conv3")[0],
                                   source.get_layer("block4_conv3").get_weights()[0])
 
@@ -332,17 +332,17 @@ def test_keras_model_and_weights_h5_from_an_earlier_run(tmp_path):
     x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     want = run(source, x)
 
-    assert weights.resolve_preprocessing("resnet18", str(tmp_path / "last.keras")) == "caffe"
-    model, mode, origin = weights.initial_model("resnet18", 2, 32, str(tmp_path / "last.keras"))
+    assert loading.resolve_preprocessing("resnet18", str(tmp_path / "last.keras")) == "caffe"
+    model, mode, origin = loading.initial_model("resnet18", 2, 32, str(tmp_path / "last.keras"))
     assert mode == "caffe" and origin == f"Keras model from {tmp_path / 'last.keras'} (study head loaded from the file)"
     np.testing.assert_allclose(run(model, x), want, rtol=1e-6, atol=1e-6)
     # A .weights.h5 does not record the preprocessing: the backbone's ImageNet one is assumed.
-    assert weights.resolve_preprocessing("resnet18", str(tmp_path / "last.weights.h5")) == "torch"
-    model, _, origin = weights.initial_model("resnet18", 2, 32, str(tmp_path / "last.weights.h5"),
+    assert loading.resolve_preprocessing("resnet18", str(tmp_path / "last.weights.h5")) == "torch"
+    model, _, origin = loading.initial_model("resnet18", 2, 32, str(tmp_path / "last.weights.h5"),
                                              preprocessing="caffe")
     np.testing.assert_allclose(run(model, x), want, rtol=1e-6, atol=1e-6)
     # Fine-tuning a binary model for the three-label task keeps the backbone, not the head.
-    model, _, origin = weights.initial_model("resnet18", 3, 32, str(tmp_path / "last.weights.h5"))
+    model, _, origin = loading.initial_model("resnet18", 3, 32, str(tmp_path / "last.weights.h5"))
     assert "head not loaded (head_logits/kernel: file (110, 2), model (110, 3)" in origin
     for got, want_w in zip(layer_weights(model, "layer3_1_bn2"), bn.get_weights()):
         np.testing.assert_array_equal(got, want_w)
@@ -357,7 +357,7 @@ def test_keras_applications_weights_h5_with_its_imagenet_top(tmp_path):
     x = keras.layers.Dense(8, activation="relu")(keras.layers.Dense(8, activation="relu")(x))
     full = keras.Model(base.input, keras.layers.Dense(1000, activation="softmax")(x))
     full.save_weights(tmp_path / "vgg_top.weights.h5")
-    model, _, origin = weights.initial_model("vgg16", 2, 32, str(tmp_path / "vgg_top.weights.h5"))
+    model, _, origin = loading.initial_model("vgg16", 2, 32, str(tmp_path / "vgg_top.weights.h5"))
     assert "dropped the ImageNet top (fc1, fc2, predictions)" in origin
     for name in ("block1_conv1", "block5_conv3"):
         for got, want in zip(layer_weights(model, name), base.get_layer(name).get_weights()):
@@ -369,9 +369,9 @@ def test_keras_file_from_another_backbone_is_refused(tmp_path):
     resnet.save(tmp_path / "resnet.keras")
     resnet.save_weights(tmp_path / "resnet.weights.h5")
     with pytest.raises(WeightsError, match=r"(?s)resnet.keras does not fit .*missing layer block1_conv1 \(kernel \(3, 3, 3, 64\)"):
-        weights.initial_model("vgg16", 2, 32, str(tmp_path / "resnet.keras"))
+        loading.initial_model("vgg16", 2, 32, str(tmp_path / "resnet.keras"))
     with pytest.raises(WeightsError, match=r"not saved from a tfcovid_vgg16 model"):
-        weights.initial_model("vgg16", 2, 32, str(tmp_path / "resnet.weights.h5"))
+        loading.initial_model("vgg16", 2, 32, str(tmp_path / "resnet.weights.h5"))
 
 
 @pytest.mark.parametrize("name, message", [
@@ -382,7 +382,7 @@ def test_bad_weights_argument(name, message, tmp_path):
     if name.endswith(".txt"):
         (tmp_path / name).write_text("x")
     with pytest.raises(WeightsError, match=message):
-        weights.initial_model("resnet18", 2, 32, str(tmp_path / name))
+        loading.initial_model("resnet18", 2, 32, str(tmp_path / name))
 
 
 # --- ImageNet: cache, checksum, offline ---
@@ -391,9 +391,9 @@ def test_offline_download_fails_fast_with_what_to_do(monkeypatch, tmp_path):
     """A real download attempt to a host that never resolves (RFC 2606 .invalid)."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     url = "http://tfcovid-offline.invalid/vgg16_notop.h5"
-    monkeypatch.setitem(weights.IMAGENET, "vgg16", weights.ImagenetFile("vgg16_notop.h5", url, md5="0" * 32))
+    monkeypatch.setitem(imagenet.IMAGENET, "vgg16", imagenet.ImagenetFile("vgg16_notop.h5", url, md5="0" * 32))
     with pytest.raises(WeightsError) as err:
-        weights.initial_model("vgg16", 2, 32, "imagenet")
+        loading.initial_model("vgg16", 2, 32, "imagenet")
     message = str(err.value)
     for part in ("vgg16_notop.h5", url, str(tmp_path / "keras" / "models"), "--weights FILE", "--weights none"):
         assert part in message
@@ -402,7 +402,7 @@ def test_offline_download_fails_fast_with_what_to_do(monkeypatch, tmp_path):
 
 def test_offline_fit_stops_before_writing_a_run(monkeypatch, binary_tree, tmp_path):
     url = "http://tfcovid-offline.invalid/resnet50_notop.h5"
-    monkeypatch.setitem(weights.IMAGENET, "resnet50", weights.ImagenetFile("resnet50_notop.h5", url))
+    monkeypatch.setitem(imagenet.IMAGENET, "resnet50", imagenet.ImagenetFile("resnet50_notop.h5", url))
     result = CliRunner().invoke(main, ["fit", "--data", str(binary_tree), "--backbone", "resnet50",
                                        "--weights", "imagenet", "--out", str(tmp_path / "runs")])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -419,7 +419,7 @@ def test_download_error_from_keras_is_translated(monkeypatch, tmp_path):
     monkeypatch.setattr(keras.utils, "get_file", offline)
     with pytest.raises(WeightsError, match=r"resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 from "
                                            r"https://storage.googleapis.com/.*Temporary failure"):
-        weights.initial_model("resnet50", 2, 32, "imagenet")
+        loading.initial_model("resnet50", 2, 32, "imagenet")
 
 
 def test_imagenet_resnet18_checks_torchvision_hash_prefix(monkeypatch, tmp_path):
@@ -427,7 +427,7 @@ def test_imagenet_resnet18_checks_torchvision_hash_prefix(monkeypatch, tmp_path)
     fake.write_bytes(b"not the real file")
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: str(fake))
     with pytest.raises(WeightsError, match=r"damaged or not resnet18-f37072fd.pth.*expected f37072fd"):
-        weights.fetch_imagenet("resnet18")
+        imagenet.fetch_imagenet("resnet18")
 
 
 def _no_download(*args, **kwargs):
@@ -437,14 +437,14 @@ def _no_download(*args, **kwargs):
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
 def test_wrong_cached_keras_file_is_reported_and_kept(backbone, monkeypatch, tmp_path):
     """A file the user put in Keras's cache with the wrong md5: named with both hashes, never deleted."""
-    spec = weights.IMAGENET[backbone]
+    spec = imagenet.IMAGENET[backbone]
     cached = tmp_path / "keras-home" / "models" / spec.fname
     cached.parent.mkdir(parents=True)
     content = b"an old or truncated copy of " + spec.fname.encode()
     cached.write_bytes(content)
     monkeypatch.setattr(keras.utils, "get_file", _no_download)
     with pytest.raises(WeightsError) as err:
-        weights.initial_model(backbone, 2, 32, "imagenet")
+        loading.initial_model(backbone, 2, 32, "imagenet")
     message = str(err.value)
     assert f"{cached} is damaged or not {spec.fname}" in message
     assert f"its md5 is {hashlib.md5(content).hexdigest()}, expected {spec.md5}" in message
@@ -454,7 +454,7 @@ def test_wrong_cached_keras_file_is_reported_and_kept(backbone, monkeypatch, tmp
 
 def test_wrong_cached_file_stops_fit_and_is_kept(monkeypatch, binary_tree, tmp_path):
     """The user's report, through the CLI and Keras's real get_file (which would delete the file)."""
-    spec = weights.IMAGENET["vgg16"]
+    spec = imagenet.IMAGENET["vgg16"]
     cached = tmp_path / "keras-home" / "models" / spec.fname
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"\x89HDF\r\n not the published file")
@@ -477,10 +477,10 @@ def test_cached_file_with_the_right_hash_is_used_without_get_file(monkeypatch, t
     cached.parent.mkdir(parents=True)
     write_notop_h5(source, cached)
     md5 = hashlib.md5(cached.read_bytes()).hexdigest()
-    monkeypatch.setitem(weights.IMAGENET, "vgg16",
-                        weights.ImagenetFile(cached.name, "https://example.invalid/v.h5", md5=md5))
+    monkeypatch.setitem(imagenet.IMAGENET, "vgg16",
+                        imagenet.ImagenetFile(cached.name, "https://example.invalid/v.h5", md5=md5))
     monkeypatch.setattr(keras.utils, "get_file", _no_download)
-    model, mode, origin = weights.initial_model("vgg16", 2, 32, "imagenet")
+    model, mode, origin = loading.initial_model("vgg16", 2, 32, "imagenet")
     assert mode == "caffe" and origin == "Keras ImageNet weights (vgg16_notop.h5)"
     np.testing.assert_array_equal(layer_weights(model, "block5_conv3")[0],
                                   source.get_layer("block5_conv3").get_weights()[0])
@@ -493,13 +493,13 @@ def test_wrong_cached_resnet18_is_reported_before_download(monkeypatch, tmp_path
     monkeypatch.setattr(keras.utils, "get_file", _no_download)
     with pytest.raises(WeightsError, match=r"resnet18-f37072fd.pth is damaged or not resnet18-f37072fd.pth: "
                                            r"its sha256 is [0-9a-f]{16}\.\.\., expected f37072fd"):
-        weights.fetch_imagenet("resnet18")
+        imagenet.fetch_imagenet("resnet18")
     assert cached.read_bytes() == b"half a download"
 
 
 def test_downloaded_file_with_wrong_md5_is_reported_as_damaged(monkeypatch, tmp_path):
     """Keras keeps a completed download whose md5 differs and raises ValueError: say what it is."""
-    spec = weights.IMAGENET["resnet50"]
+    spec = imagenet.IMAGENET["resnet50"]
 
     def corrupt_download(fname, origin, cache_dir, cache_subdir, file_hash):
         Path(cache_dir, cache_subdir).mkdir(parents=True, exist_ok=True)
@@ -510,7 +510,7 @@ def test_downloaded_file_with_wrong_md5_is_reported_as_damaged(monkeypatch, tmp_
     monkeypatch.setattr(keras.utils, "get_file", corrupt_download)
     with pytest.raises(WeightsError, match=rf"{spec.fname} is damaged or not {spec.fname}: its md5 is "
                                            + hashlib.md5(b"a proxy's error page").hexdigest()):
-        weights.fetch_imagenet("resnet50")
+        imagenet.fetch_imagenet("resnet50")
 
 
 def test_imagenet_resnet18_is_torchvision_converted(ref, monkeypatch, tmp_path):
@@ -520,10 +520,10 @@ def test_imagenet_resnet18_is_torchvision_converted(ref, monkeypatch, tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torch_model.state_dict(), path)
     prefix = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-    monkeypatch.setitem(weights.IMAGENET, "resnet18",
-                        weights.ImagenetFile(path.name, "https://example.invalid/r.pth", sha256_prefix=prefix))
+    monkeypatch.setitem(imagenet.IMAGENET, "resnet18",
+                        imagenet.ImagenetFile(path.name, "https://example.invalid/r.pth", sha256_prefix=prefix))
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: str(path))
-    model, mode, origin = weights.initial_model("resnet18", 2, 32, "imagenet")
+    model, mode, origin = loading.initial_model("resnet18", 2, 32, "imagenet")
     assert mode == "torch" and origin.startswith("torchvision ImageNet") and "dropped the ImageNet classifier" in origin
     np.testing.assert_allclose(layer_weights(model, "layer4_1_bn2")[3],
                                torch_model.layer4[1].bn2.running_var.numpy())
@@ -535,7 +535,7 @@ def test_imagenet_vgg16_uses_the_cached_keras_file(monkeypatch, tmp_path):
     write_notop_h5(source, tmp_path / "notop.h5")
     calls = []
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: calls.append((a, k)) or str(tmp_path / "notop.h5"))
-    model, mode, origin = weights.initial_model("vgg16", 2, 32, "imagenet")
+    model, mode, origin = loading.initial_model("vgg16", 2, 32, "imagenet")
     assert mode == "caffe" and "Keras ImageNet weights" in origin
     assert calls[0][0][0] == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert calls[0][1] == {"cache_dir": str(tmp_path / "keras-home"), "cache_subdir": "models",
@@ -546,9 +546,9 @@ def test_imagenet_vgg16_uses_the_cached_keras_file(monkeypatch, tmp_path):
 def test_imagenet_table_matches_keras_applications():
     vgg16 = pytest.importorskip("keras.src.applications.vgg16")
     resnet = pytest.importorskip("keras.src.applications.resnet")
-    assert weights.IMAGENET["vgg16"].url == vgg16.WEIGHTS_PATH_NO_TOP
-    assert weights.IMAGENET["resnet50"].url == resnet.BASE_WEIGHTS_PATH + weights.IMAGENET["resnet50"].fname
-    assert weights.IMAGENET["resnet50"].md5 == resnet.WEIGHTS_HASHES["resnet50"][1]
+    assert imagenet.IMAGENET["vgg16"].url == vgg16.WEIGHTS_PATH_NO_TOP
+    assert imagenet.IMAGENET["resnet50"].url == resnet.BASE_WEIGHTS_PATH + imagenet.IMAGENET["resnet50"].fname
+    assert imagenet.IMAGENET["resnet50"].md5 == resnet.WEIGHTS_HASHES["resnet50"][1]
 
 
 # --- preprocessing follows the weights ---
@@ -561,24 +561,24 @@ def test_preprocessing_follows_the_weights(backbone, weights_arg, expected, tmp_
     if "." in weights_arg:
         (tmp_path / weights_arg).write_bytes(b"")
         weights_arg = str(tmp_path / weights_arg)
-    assert weights.resolve_preprocessing(backbone, weights_arg) == expected
-    assert weights.resolve_preprocessing(backbone, weights_arg, "none") == "none"
+    assert loading.resolve_preprocessing(backbone, weights_arg) == expected
+    assert loading.resolve_preprocessing(backbone, weights_arg, "none") == "none"
 
 
 def test_resolved_weights_go_into_the_config(tmp_path, monkeypatch):
     from tfcovid import config
 
     fetched = []
-    monkeypatch.setattr(weights, "fetch_imagenet", fetched.append)
+    monkeypatch.setattr(loading, "fetch_imagenet", fetched.append)
     exp = config.resolve(None, {"model.backbone": "resnet50", "model.weights": "imagenet"})
     assert exp.model.preprocessing == "auto"
-    assert weights.resolve_experiment_weights(exp).model.preprocessing == "caffe"
+    assert loading.resolve_experiment_weights(exp).model.preprocessing == "caffe"
     assert fetched == ["resnet50"]  # before the run directory: offline fails before any writing
     (tmp_path / "w.safetensors").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     exp = config.resolve(None, {"model.backbone": "vgg16", "model.weights": "w.safetensors"})
-    resolved = weights.resolve_experiment_weights(exp).model
+    resolved = loading.resolve_experiment_weights(exp).model
     assert (resolved.weights, resolved.preprocessing) == (str(tmp_path / "w.safetensors"), "torch")
     exp = config.resolve(None, {"model.weights": "gone.keras"})
     with pytest.raises(WeightsError, match="Weights file not found: gone.keras"):
-        weights.resolve_experiment_weights(exp)
+        loading.resolve_experiment_weights(exp)

@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 # OpenCV's libpng, loaded after them, binds its inflate() to TensorFlow's copy, which is
 # ~10 % slower than the system zlib it links against: 0.42 vs 0.38 ms per 256 px PNG here,
 # 5 % of a PNG train split's first epoch. Loaded first, OpenCV binds to its own libraries.
-# (``cvops`` imports OpenCV and NumPy only, and falls back quietly where OpenCV cannot load.)
-from tfcovid import cvops as _cvops  # noqa: E402,F401
+# (``data.opencv.images`` imports OpenCV and NumPy only, and falls back quietly where OpenCV cannot load.)
+from tfcovid.data.opencv import images as _opencv_images  # noqa: E402,F401
 
 
 def load_model(path, compile: bool = True):
@@ -20,6 +20,8 @@ def load_model(path, compile: bool = True):
     ``Lambda`` layer, a missing or a damaged file is a ValueError that names it). ``compile=True`` restores the optimizer, loss and metrics
     (``model.evaluate`` reports accuracy and F1 as training did); False gives the bare model.
     """
-    from tfcovid import keras_files, losses, metrics, models  # noqa: F401  (registers the classes)
+    from tfcovid import models  # noqa: F401  (registers the classes)
+    from tfcovid.training import epoch_metrics, losses  # noqa: F401
+    from tfcovid.weights import keras_files
 
     return keras_files.load_model(path, ValueError, compile=compile)

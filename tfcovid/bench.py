@@ -29,9 +29,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcovid import cache as cache_lib
-from tfcovid import augment, config, data, filecheck, runtime
-from tfcovid.workers import WorkerStore, usable_cores
+from tfcovid.data import cache as data_cache
+from tfcovid import config
+from tfcovid.data import augment, datasets, decode as data_decode, folders, types, checks
+from tfcovid.training import devices
+from tfcovid.data.opencv.process_pool import WorkerStore, usable_cores
+from tfcovid.data import demo
+from tfcovid.training import compile
+from tfcovid.models import apply_freeze, build_model, is_head_layer
 
 KINDS = ("pipeline", "model", "fit")
 
@@ -39,12 +44,11 @@ KINDS = ("pipeline", "model", "fit")
 def synthetic_xrays(out_dir: str | Path, count: int = 300, side: int = 1024, seed: int = 0) -> list[str]:
     """Write ``count`` grayscale ``side`` x ``side`` chest-X-ray-like JPEGs (~160 KB at 1024 px).
 
-    Four demo renders (``tfcovid.demo``), softened and re-noised per file with film-grain-like
+    Four demo renders (``tfcovid.data.demo``), softened and re-noised per file with film-grain-like
     noise and exposure jitter, so files differ and compress like radiographs, not like noise.
     """
     from PIL import Image, ImageFilter
 
-    from tfcovid import demo
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,19 +73,19 @@ def image_files(root: str | Path) -> list[str]:
     """Images to benchmark on: the train split of an ImageFolder tree, else every image under root."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise data.DataError(f"Benchmark data folder not found: {root}. Pass --data DIR or leave it out to generate images.")
-    top = data.find_splits(root).get("train", root)
+        raise types.DataError(f"Benchmark data folder not found: {root}. Pass --data DIR or leave it out to generate images.")
+    top = folders.find_splits(root).get("train", root)
     found = sorted(str(Path(d) / f) for d, _, files in os.walk(top) for f in files
-                   if Path(f).suffix.lower() in data.IMAGE_EXTENSIONS and not f.startswith("."))
+                   if Path(f).suffix.lower() in folders.IMAGE_EXTENSIONS and not f.startswith("."))
     if not found:
-        raise data.DataError(f"No images ({', '.join(data.IMAGE_EXTENSIONS)}) under {top}.")
+        raise types.DataError(f"No images ({', '.join(folders.IMAGE_EXTENSIONS)}) under {top}.")
     return found
 
 
-def as_split(paths: list[str]) -> data.Split:
+def as_split(paths: list[str]) -> types.Split:
     """A binary-labelled split over ``paths`` (labels alternate; speed does not depend on them)."""
     labels = np.arange(len(paths), dtype=np.int64) % 2
-    return data.Split("train", os.path.commonpath(paths) if paths else "", tuple(paths), labels,
+    return types.Split("train", os.path.commonpath(paths) if paths else "", tuple(paths), labels,
                       tuple("ab"[i] for i in labels))
 
 
@@ -96,17 +100,17 @@ def require_usable(paths: list[str], root: str | Path, max_pixels: int, log=prin
         data.DataError: one or more files cannot be used; the message lists each with its reason.
     """
     root = Path(root).expanduser()
-    manifest = data.Manifest(str(root), "binary", ("a", "b"), ("a", "b"), {"train": as_split(paths)})
-    bad = filecheck.check(manifest, max_pixels, lambda line: log(f"  {line}"))
+    manifest = types.Manifest(str(root), "binary", ("a", "b"), ("a", "b"), {"train": as_split(paths)})
+    bad = checks.check(manifest, max_pixels, lambda line: log(f"  {line}"))
     if bad:
-        raise filecheck.problems_error(bad, root, "Fix or remove these files: the benchmark reads "
+        raise checks.problems_error(bad, root, "Fix or remove these files: the benchmark reads "
                                        "every image it finds there.")
 
 
 def machine() -> dict:
     """What the numbers were measured on."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"device": runtime.describe_device(), "cpu_count": os.cpu_count(),
+    return {"device": devices.describe_device(), "cpu_count": os.cpu_count(),
             "load_average_1min": round(load[0], 2), "tensorflow": tf.__version__,
             "keras": keras.__version__, "augment_resampler": augment.resampler(), **_backend()}
 
@@ -125,7 +129,7 @@ def _median_rate(images: int, seconds: list[float]) -> float:
     return images / statistics.median(seconds)
 
 
-def _cpu_seconds(policy: cache_lib.Cache | None = None) -> float:
+def _cpu_seconds(policy: data_cache.Cache | None = None) -> float:
     """CPU time used so far by this process (all its threads) and ``policy``'s resample worker
     processes."""
     stores = policy.stores if policy is not None else []
@@ -157,7 +161,7 @@ def decode_only(paths: list[str]) -> tf.data.Dataset:
     """Read and decode every file at full size on all cores, and nothing else: the ceiling."""
     def decode(path):
         # One pixel is returned so nothing is copied, yet the decode must run in full.
-        return data.decode_image(tf.io.read_file(path))[0, 0, 0]
+        return data_decode.decode_image(tf.io.read_file(path))[0, 0, 0]
     return (tf.data.Dataset.from_tensor_slices(paths)
             .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
             .batch(256).prefetch(tf.data.AUTOTUNE))
@@ -179,8 +183,8 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
     decode_s, first_s, startup_s, decode_cpu, first_cpu, later_cpu = [], [], [], [], [], []
     for r in range(repeats):
         decode_s.append(_timed_pass(ceiling, cpu=decode_cpu))
-        policy = cache_lib.Cache(cache, budget_mb, processes=processes)
-        ds = data.dataset(split, image_size, batch_size, training=True, aug=aug, seed=r,
+        policy = data_cache.Cache(cache, budget_mb, processes=processes)
+        ds = datasets.dataset(split, image_size, batch_size, training=True, aug=aug, seed=r,
                           cache=policy, decode_scale=decode_scale)
         first_s.append(_timed_pass(ds, startup_s, first_cpu, policy))
         log(f"  repeat {r + 1}/{repeats}: decode-only {len(paths) / decode_s[-1]:.0f} img/s, "
@@ -290,17 +294,15 @@ def experiment(backbone="vgg16", image_size=224, batch_size=60, precision="auto"
 
 def build(exp: config.Experiment):
     """Model compiled exactly as ``tfcovid fit`` compiles it; returns (model, precision)."""
-    from tfcovid import train
-    from tfcovid.models import apply_freeze, build_model, is_head_layer
 
-    precision = runtime.resolve_precision(exp.train.precision)
-    with runtime.dtype_policy(precision):
+    precision = devices.resolve_precision(exp.train.precision)
+    with devices.dtype_policy(precision):
         try:
             model = build_model(exp.model.backbone, 2, exp.data.image_size, "torch")
         except ValueError as err:  # e.g. an image size too small for the backbone
             raise config.ConfigError(str(err)) from None
         apply_freeze(model, exp.model.freeze, is_head_layer)
-        train.compile_model(model, exp, positive_index=0)
+        compile.compile_model(model, exp, positive_index=0)
     return model, precision
 
 
@@ -378,8 +380,8 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
     """Training fed by the real train pipeline (cache filled first) against the model alone."""
     model, precision = build(exp)
     size, batch = exp.data.image_size, exp.train.batch_size
-    policy = cache_lib.Cache(cache, budget_mb, processes=processes)
-    pipe = data.dataset(as_split(paths), size, batch, training=True, aug=exp.augment,
+    policy = data_cache.Cache(cache, budget_mb, processes=processes)
+    pipe = datasets.dataset(as_split(paths), size, batch, training=True, aug=exp.augment,
                         cache=policy, decode_scale=decode_scale, drop_remainder=True)
     fill_s = _timed_pass(pipe)
     log(f"  cache filled in {fill_s:.1f} s ({policy.usage()})")
@@ -393,7 +395,7 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
             **_processes_fields(policy), **_model_fields(exp, model, precision, fed_rate)}
 
 
-def _processes_fields(policy: cache_lib.Cache) -> dict:
+def _processes_fields(policy: data_cache.Cache) -> dict:
     """The worker processes that ran the rows (0: threads) and the setting that chose them."""
     ran = any(isinstance(s, WorkerStore) for s in policy.stores)
     fields = {"resample_processes": policy.processes if ran else 0,
@@ -429,7 +431,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
                                     o["budget_mb"], o["decode_scale"], o["repeats"], log, o["processes"])
         else:
             if len(paths) < o["batch_size"]:
-                raise data.DataError(f"{len(paths)} images are fewer than one batch of {o['batch_size']}; "
+                raise types.DataError(f"{len(paths)} images are fewer than one batch of {o['batch_size']}; "
                                      "use more images or a smaller --batch-size.")
             result = bench_fit(paths, exp, o["steps"], o["repeats"], o["cache"], o["budget_mb"],
                                o["decode_scale"], log, o["processes"])

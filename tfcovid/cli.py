@@ -18,10 +18,10 @@ def _quiet_tensorflow() -> None:
 
 def _tensorflow() -> None:
     """Import TensorFlow before the modules that need it, with the lines it writes before its
-    logging starts filtered at that level too (``tfcovid.quiet``)."""
-    from tfcovid import quiet
+    logging starts filtered at that level too (``tfcovid.utils.tf_import``)."""
+    from tfcovid.utils import tf_import
 
-    quiet.import_tensorflow()
+    tf_import.import_tensorflow()
 
 
 def _fail(err: Exception) -> None:
@@ -32,10 +32,10 @@ def _fail(err: Exception) -> None:
 # The errors a user can fix; anything else is a bug and keeps its traceback.
 def _user_errors():
     from tfcovid.config import ConfigError
-    from tfcovid.data import DataError
-    from tfcovid.preflight import PreflightError
-    from tfcovid.train import TrainingError
-    from tfcovid.weights import WeightsError
+    from tfcovid.data.types import DataError
+    from tfcovid.training.preflight import PreflightError
+    from tfcovid.training.train import TrainingError
+    from tfcovid.weights.assign import WeightsError
 
     return (ConfigError, DataError, PreflightError, TrainingError, WeightsError, FileExistsError,
             FileNotFoundError)
@@ -55,7 +55,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_data(out, task, per_class, seed):
     """Write a synthetic chest-X-ray-like ImageFolder tree (with lesion masks) to OUT."""
-    from tfcovid import demo
+    from tfcovid.data import demo
 
     try:
         path = demo.make_demo_data(out, task=task, per_class=per_class, seed=seed)
@@ -106,7 +106,8 @@ def demo_data(out, task, per_class, seed):
 def fit(config_file, resume, assignments, **flags):
     """Train a model; writes a new run directory under --out."""
     _tensorflow()
-    from tfcovid import config, train
+    from tfcovid import config
+    from tfcovid.training import train
 
     try:
         if resume:
@@ -169,16 +170,16 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
     """
     _checkpoint_only_for_runs(target)
     _tensorflow()
-    from tfcovid import modelinfo
-    from tfcovid import predict as predict_lib
-    from tfcovid.data import IMAGE_EXTENSIONS
+    from tfcovid.weights import metadata
+    from tfcovid.inference import predict as inference_predict
+    from tfcovid.data.folders import IMAGE_EXTENSIONS
 
     try:
-        trained = modelinfo.load(target, checkpoint, task,
+        trained = metadata.load(target, checkpoint, task,
                                  _names(labels))
-    except modelinfo.ModelInfoError as err:
+    except metadata.ModelInfoError as err:
         _fail(err)
-    result = predict_lib.predict(trained, inputs, threshold, batch_size)
+    result = inference_predict.predict(trained, inputs, threshold, batch_size)
     if result.skipped:
         click.echo(f"note: skipped {len(result.skipped)} file(s) without an image extension "
                    f"({', '.join(result.skipped[:3])}{', ...' if len(result.skipped) > 3 else ''})",
@@ -187,9 +188,9 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
         kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
         _fail(ValueError(f"No images ({kinds}) found in {', '.join(inputs)}."))
     if table and result.names:
-        click.echo(predict_lib.format_table(result))
+        click.echo(inference_predict.format_table(result))
     if csv_file and result.names:
-        path = predict_lib.write_csv(result, csv_file)
+        path = inference_predict.write_csv(result, csv_file)
         click.echo(f"Wrote {len(result.names)} rows to {path}")
     if result.failed:
         click.echo(f"Could not read {len(result.failed)} of {len(result.failed) + len(result.names)} "
@@ -208,11 +209,11 @@ def report(runs, markdown_file):
     from pathlib import Path
 
     _tensorflow()
-    from tfcovid import report as report_lib
+    from tfcovid.results import tables
 
     try:
-        text, skipped = report_lib.build_report(runs)
-    except report_lib.ReportError as err:
+        text, skipped = tables.build_report(runs)
+    except tables.ReportError as err:
         _fail(err)
     for path, reason in skipped:
         click.echo(f"note: skipped {path}: {reason}", err=True)
@@ -237,11 +238,11 @@ def import_torch(checkpoint, backbone, task, out, image_size, labels):
     """Convert the study's fine-tuned PyTorch checkpoint (torchvision VGG16/ResNet18 with the
     110-unit head; .safetensors, or .pth with the torch extra) into a tfcovid .keras model."""
     _tensorflow()
-    from tfcovid import weights
+    from tfcovid.weights import import_torch as weights_import_torch
 
     names = tuple(_names(labels)) if labels else None
     try:
-        path = weights.import_torch(checkpoint, backbone, task, out, image_size, names,
+        path = weights_import_torch.import_torch(checkpoint, backbone, task, out, image_size, names,
                                     log=lambda s: click.echo(s))
     except _user_errors() as err:
         _fail(err)
@@ -286,7 +287,7 @@ def bench(kind, data_dir, images, as_json, **options):
     _tensorflow()
     from tfcovid import bench as benchmarks
     from tfcovid.config import ConfigError
-    from tfcovid.workers import processes_for
+    from tfcovid.data.opencv.process_pool import processes_for
 
     options["budget_mb"] = options.pop("cache_budget_mb")
     if options["decode_scale"] != 0 and options["decode_scale"] < 1:
@@ -339,10 +340,10 @@ def _names(text):
 
 
 def _trained_model_errors():
-    from tfcovid.evaluate import EvaluateError
-    from tfcovid.explain import ExplainError
-    from tfcovid.export import ExportError
-    from tfcovid.modelinfo import ModelInfoError
+    from tfcovid.inference.evaluate import EvaluateError
+    from tfcovid.inference.explain import ExplainError
+    from tfcovid.inference.export import ExportError
+    from tfcovid.weights.metadata import ModelInfoError
 
     return _user_errors() + (EvaluateError, ExplainError, ExportError, ModelInfoError)
 
@@ -365,14 +366,14 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
     """
     _checkpoint_only_for_runs(target)
     _tensorflow()
-    from tfcovid import evaluate as evaluate_lib
+    from tfcovid.inference import evaluate as inference_evaluate
 
     try:
-        result = evaluate_lib.evaluate(target, data_dir, split, out, checkpoint, batch_size, task,
+        result = inference_evaluate.evaluate(target, data_dir, split, out, checkpoint, batch_size, task,
                                        _names(model_labels), log=click.echo)
     except _trained_model_errors() as err:
         _fail(err)
-    click.echo(evaluate_lib.format_result(result))
+    click.echo(inference_evaluate.format_result(result))
     click.echo(f"Wrote {result['files'][0]} and {len(result['files']) - 1} more file(s).")
 
 
@@ -391,10 +392,10 @@ def export(target, out_dir, fmt, checkpoint, task, model_labels):
     """
     _checkpoint_only_for_runs(target)
     _tensorflow()
-    from tfcovid import export as export_lib
+    from tfcovid.inference import export as inference_export
 
     try:
-        export_lib.export(target, out_dir, fmt, checkpoint, task, _names(model_labels),
+        inference_export.export(target, out_dir, fmt, checkpoint, task, _names(model_labels),
                           log=click.echo)
     except _trained_model_errors() as err:
         _fail(err)
@@ -415,10 +416,10 @@ def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
     """Grad-CAM heatmaps over the input images: where the model looked. Not for clinical use."""
     _checkpoint_only_for_runs(target)
     _tensorflow()
-    from tfcovid import explain as explain_lib
+    from tfcovid.inference import explain as inference_explain
 
     try:
-        results = explain_lib.explain(target, images, out, list(labels) or None, layer, checkpoint,
+        results = inference_explain.explain(target, images, out, list(labels) or None, layer, checkpoint,
                                       task, _names(model_labels), log=click.echo)
     except _trained_model_errors() as err:
         _fail(err)
@@ -450,13 +451,14 @@ def prepare(data_dir, out_dir, shards, max_side, encoding, seed, max_pixels, ski
     complete; SIGTERM or Ctrl-C removes the partial output.
     """
     _tensorflow()
-    from tfcovid import records, runstate
+    from tfcovid.data import prepare as data_prepare, records
+    from tfcovid.utils import signals
 
     limits = {} if max_pixels is None else {"max_pixels": max_pixels}
     try:
-        manifest = records.prepare(data_dir, out_dir, shards, max_side, encoding, seed=seed,
+        manifest = data_prepare.prepare(data_dir, out_dir, shards, max_side, encoding, seed=seed,
                                    log=lambda s: click.echo(s), skip_bad=skip_bad, **limits)
-    except runstate.Interrupted as err:  # SIGTERM / Ctrl-C: the partial output is already removed
+    except signals.Interrupted as err:  # SIGTERM / Ctrl-C: the partial output is already removed
         click.echo(f"tfcovid prepare stopped by {err.name}: nothing was written to {out_dir}.", err=True)
         sys.exit(err.exit_code)
     except _user_errors() as err:

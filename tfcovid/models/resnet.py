@@ -10,7 +10,6 @@ torchvision's module names with "." replaced by "_" (``layer2.0.downsample.0`` -
 
 from __future__ import annotations
 
-import keras
 from keras import layers
 
 BN_EPSILON = 1e-5

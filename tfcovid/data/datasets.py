@@ -1,0 +1,53 @@
+"""The one entry point from a split to its tf.data pipeline: ImageFolder images go through
+``pipeline``, prepared TFRecord shards through ``records``.
+"""
+from __future__ import annotations
+import tensorflow as tf
+pass
+from tfcovid.data.types import Split
+from tfcovid.data import records
+from tfcovid.data import pipeline
+
+
+def dataset(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    training: bool = False,
+    aug=None,
+    seed: int = 0,
+    drop_remainder: bool = False,
+    cache=None,
+    decode_scale: float = 2.0,
+    epoch=None,
+    deterministic: bool = False,
+    readers: int = 1,
+) -> tf.data.Dataset:
+    """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
+
+    The pipeline lives in :mod:`tfcovid.data.pipeline` (see there for the decoded-image cache and
+    the working resolution); this is its entry point.
+
+    Args:
+        split: a labeled or unlabeled Split (unlabeled yields images only).
+        image_size: output side S.
+        batch_size: images per batch.
+        training: shuffle every epoch and apply ``aug`` (an AugmentConfig); else resize only.
+        aug: augmentation settings; None or disabled means resize only.
+        seed: shuffling and augmentation seed.
+        drop_remainder: drop the last partial batch (needed by some strategies).
+        cache: None, "auto" | "memory" | "disk" | "none", or a shared ``cache.Cache``.
+        decode_scale: train images are decoded to a shorter side >= decode_scale * S; 0: full.
+        epoch: training: a tf.Variable holding the coming epoch; shuffle and augmentation are
+            keyed on (seed, epoch, image) (see tfcovid.data.pipeline).
+        deterministic: fixed element order in training too.
+        readers: processes that each read a share of the split (multi-worker training of a
+            prepared TFRecord split gives each whole shards); with one, a prepared split's
+            training stream states its length, which Keras's epochs and progress bar use.
+    """
+    if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
+
+        return records.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache, readers)
+
+    return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
+                            cache, decode_scale, epoch, deterministic)

@@ -1,0 +1,415 @@
+"""tf.data input pipelines: indices -> (cached) decode -> augment or resize -> batch -> prefetch.
+
+Train (``training=True`` with augmentation on). Once per epoch, for all images at once
+(vectorised: a few dozen ops per epoch instead of per image): the shuffle, each image's
+random draws and its augmentation plan (``augment.plan``: crop box, angle, flip as one affine
+transform), from the working-resolution sizes the files' headers give. Then per image:
+
+1. The decoded image, from the cache (``tfcovid.data.cache``) or, the first time, from the file:
+   ``decode_base`` decodes it at a bounded *working resolution* (JPEGs straight from their DCT
+   coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it
+   (with OpenCV, an RGB image whose three channels are equal, a grey X-ray saved as RGB, as
+   one channel: ``augment.one_channel_if_gray``).
+   If its size is not the one its header gave, its plan is made again from its pixels (same
+   draws, so the same result as if the header had been right). With OpenCV and a memory
+   cache the store is an ``ArrayStore`` that the batch resampler reads and fills: the epoch
+   asks it once which images it holds (and their true sizes, for the plan), and only the
+   others are read and decoded here.
+2. The study's rotation, random resized crop and flip, sampled as torchvision samples them,
+   fused into one bilinear resample (box-averaged first when the crop is 2x or more larger
+   than the output, so it does not alias), rounded to uint8; grayscale is repeated to 3
+   channels only here, at the end. With OpenCV (a dependency; TensorFlow's ops where it
+   cannot be imported) the images are batched first and one call per batch decodes the
+   JPEGs and most PNGs, fills and reads the cache and resamples them all on all
+   cores (``_batch_resampler``; when every file is of those kinds, batches of plans go
+   straight to it, with no per-image map); without it, ``augment.apply_uint8`` resamples each image
+   with TensorFlow's op before batching. The two agree to one grey level.
+
+Reordering for speed (documented, and tested for its statistics): the study rotates and crops
+the full-resolution image; tfcovid first brings the image down to its working resolution
+(halved while the shorter side stays >= d * S for ``decode_scale`` d, so in [d*S, 2*d*S);
+never up) and samples the crop box in that grid. The box's area fraction, aspect ratio and
+position are relative, so their distributions are unchanged; only crops smaller than
+(S / working side)^2 of the image (scale < 0.19 with d = 2 on 1024 px images at S = 224) are
+upsampled from fewer pixels than the original had. ``decode_scale 0`` keeps full resolution.
+
+Eval: decode, antialiased resize to S x S (exactly ``data.load_image``), cached as the final
+uint8 pixels (1 channel for grayscale, and for RGB whose channels are equal), so later
+validation passes cost a table lookup.
+
+The same dataset object is iterated every epoch (Keras does), so the cache it captured fills
+on the first pass and serves the rest. The shuffle is a stateless permutation of indices
+(``index_shuffle``), a full reshuffle of the split every epoch; it and each image's
+augmentation draws are keyed on (seed, epoch, image index), so an interrupted and resumed run
+sees exactly the batches an uninterrupted one would have.
+"""
+from __future__ import annotations
+import math
+import numpy as np
+import tensorflow as tf
+from tfcovid.data import augment
+from tfcovid.data.opencv import images as opencv_images
+from tfcovid.data.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
+from tfcovid.data.types import Split
+from tfcovid.data.decode import decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
+from tfcovid.data.opencv.process_pool import DECODE, PIXELS, STORED, WorkerStore
+
+
+# libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,
+# so a JPEG decoded by either library has the same pixels (see ``augment.decode_jpeg``).
+_DCT = "INTEGER_ACCURATE"
+
+
+# Where the batch resampler gets each train image (OpenCV path): from the ArrayStore, from the
+# file's bytes with OpenCV's JPEG decoder, or decoded by TensorFlow in the per-image map. The
+# same codes as the worker processes' request kinds, so a batch's sources go to them as they are.
+_STORED, _OPENCV, _TENSORFLOW = STORED, DECODE, PIXELS
+
+
+def working_side(image_size: int, decode_scale: float) -> int | None:
+    """The smallest shorter side train images are decoded to (None: full resolution)."""
+    if not decode_scale:
+        return None
+    return int(math.ceil(decode_scale * image_size))
+
+
+def _halvings(short, min_side: int, cap: int):
+    """How many times (at most ``cap``) an image can be halved and keep its shorter side >=
+    min_side; integer arithmetic, the same count as ``cache.halvings``."""
+    steps = tf.constant([min_side * 2**j for j in range(1, cap + 1)], tf.int64)
+    return tf.reduce_sum(tf.cast(tf.cast(short, tf.int64) >= steps, tf.int32))
+
+
+def _one_or_three(image):
+    image = tf.cond(tf.shape(image)[-1] >= 3, lambda: image[..., :3], lambda: image[..., :1])
+    image.set_shape([None, None, None])
+    return image
+
+
+def _halve(x):
+    """2 x 2 box average of a float (H, W, C) image, odd last row/column dropped: what
+    ``avg_pool2d(x, 2, 2, "VALID")`` gives (exactly: sums of 4 values / 4), at ~1/7 of its CPU
+    (Eigen's pooling takes ~20 ms for a 1024 px one-channel image), by adding neighbouring
+    rows, then neighbouring columns, of reshaped views."""
+    h, w, c = tf.shape(x)[0] // 2, tf.shape(x)[1] // 2, tf.shape(x)[2]
+    rows = tf.reshape(x[: 2 * h, : 2 * w], [h, 2, 2 * w * c])
+    cols = tf.reshape(rows[:, 0] + rows[:, 1], [h, w, 2, c])
+    return (cols[:, :, 0] + cols[:, :, 1]) * 0.25
+
+
+def exact_jpeg(data, ratio: int = 1):
+    """A JPEG decoded at 1/``ratio`` scale with libjpeg's exact IDCT (OpenCV's pixels, see
+    ``_DCT``): uint8 (H, W, C), C = 1 or 3."""
+    return _one_or_three(tf.io.decode_jpeg(data, channels=0, ratio=ratio, dct_method=_DCT))
+
+
+def decode_base(data, min_side: int | None):
+    """Decode image bytes to uint8 (H, W, C), C = 1 or 3, halved while the shorter side stays
+    >= ``min_side`` (never upscaled; None decodes at full resolution).
+
+    JPEGs are decoded directly at 1/2, 1/4 or 1/8 scale by libjpeg (the DCT does the
+    filtering, and it is faster than a full decode); other formats are decoded fully and
+    box-averaged 2x2 per halving. Either way pixel x of the result covers source pixels
+    [k*x, k*x + k), the mapping the augmentation's coordinates assume.
+    """
+    if min_side is None:
+        return decode_image(data)
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(data)
+        k = _halvings(tf.minimum(shape[0], shape[1]), min_side, 3)
+        return tf.switch_case(k, [lambda r=r: exact_jpeg(data, r) for r in (1, 2, 4, 8)])
+
+    def other():
+        image = decode_image(data)
+        shape = tf.shape(image)
+        k = _halvings(tf.minimum(shape[0], shape[1]), min_side, 30)
+
+        def pool():
+            x = tf.while_loop(lambda i, x: i < k, lambda i, x: (i + 1, _halve(x)),
+                              (0, tf.cast(image, tf.float32)),
+                              shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None, None])))[1]
+            return tf.cast(tf.round(x), tf.uint8)
+
+        out = tf.cond(k > 0, pool, lambda: image)
+        out.set_shape([None, None, None])
+        return out
+
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), opencv_images.JPEG_MAGIC)
+    return tf.cond(is_jpeg, jpeg, other)
+
+
+def _file_plan(paths, min_side: int | None):
+    """Every train file's working-resolution (height, width) from its header, its decoder,
+    and what OpenCV would need to decode it.
+
+    The sizes let a whole epoch's augmentation be planned at once (``augment.plan``), before
+    any pixel is decoded; an unreadable header gives (-1, -1) and that image is planned from
+    its pixels instead. When every file is a JPEG of one kind (grey or RGB, one DCT scale) the
+    decoder is a single ``decode_jpeg`` with that scale, else the general ``decode_base``:
+    the same pixels either way. ``readable``: int32 [N, 2], (channels, halvings) of each file
+    OpenCV decodes to ``decode_base``'s pixels (``augment.decode_file``'s arguments: grey or
+    RGB JPEGs; PNGs of 8 or 16 bits, grey or RGB, alpha or not), (0, 0) for any other file.
+    """
+    shapes = np.full((max(len(paths), 1), 2), -1, np.int32)
+    readable = np.zeros((max(len(paths), 1), 2), np.int32)
+    jpeg = np.zeros(max(len(paths), 1), bool)
+    for i, path in enumerate(paths):
+        head = header(path)
+        if head is None:
+            continue
+        shapes[i] = working_shape(head.height, head.width, head.jpeg, min_side)
+        if (head.jpeg and head.mode in ("L", "RGB")) or (head.format == "PNG" and head.depth in (8, 16)
+                                                         and head.mode not in ("P", "PA", "1")):
+            k = halvings(min(head.height, head.width), min_side, head.jpeg) if min_side else 0
+            readable[i], jpeg[i] = (head.channels, k), head.jpeg
+    kinds = np.unique(readable[: len(paths)], axis=0)
+    if min_side and len(kinds) == 1 and kinds[0, 0] > 0 and jpeg[: len(paths)].all():
+        channels, ratio = int(kinds[0, 0]), 2 ** int(kinds[0, 1])
+        return shapes, lambda data: tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=_DCT), readable
+    return shapes, lambda data: decode_base(data, min_side), readable
+
+
+def eval_pixels(data, size: int):
+    """uint8 (S, S, C) eval pixels, C = 1 or 3: exactly what ``data.load_image`` rounds to."""
+    return one_channel_if_gray(round_uint8(augment.resize_eval(decode_image(data), size)))
+
+
+def dataset(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    training: bool = False,
+    aug=None,
+    seed: int = 0,
+    drop_remainder: bool = False,
+    cache=None,
+    decode_scale: float = 2.0,
+    epoch: tf.Variable | None = None,
+    deterministic: bool = False,
+) -> tf.data.Dataset:
+    """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
+
+    Args:
+        split: a labeled or unlabeled Split (unlabeled yields images only).
+        image_size: output side S.
+        batch_size: images per batch.
+        training: reshuffle the whole split every epoch and apply ``aug`` (an AugmentConfig).
+        aug: augmentation settings; None or disabled means resize only.
+        seed: shuffling and augmentation seed.
+        drop_remainder: drop the last partial batch (needed by some strategies).
+        cache: None (no cache), "auto" | "memory" | "disk" | "none", or a ``cache.Cache``
+            shared by several splits (one memory budget). Caching pays from the second pass.
+        decode_scale: train images are decoded to a shorter side of at least
+            ``decode_scale * image_size`` (powers of 2 below the original); 0: full size.
+        epoch: training only: an int64 variable holding the epoch about to run. Each pass
+            reads it once and keys its shuffle and augmentation on (seed, epoch, image), so
+            epoch k is the same whether or not the run was interrupted before it. None: each
+            pass draws a fresh key from a stream seeded with ``seed`` (standalone use).
+        deterministic: keep the map's output order fixed in training too (a little slower).
+    """
+    augmenting = training and aug is not None and aug.enabled
+    min_side = working_side(image_size, decode_scale) if augmenting else None
+    # With OpenCV a whole batch is resampled in one call after batching.
+    warp_batches = augmenting and augment.resampler() == "opencv"
+    if augmenting:
+        shapes, decode, readable = _file_plan(split.paths, min_side)
+        aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
+    n, m = len(split), max(len(split), 1)
+    policy = as_cache(cache)
+    store = None
+    if policy is not None:
+        # RGB-saved grey is kept as one channel by the eval cache and by OpenCV's train store.
+        estimated = estimate_bytes(split.paths, image_size, min_side, augmenting,
+                                   gray_as_one=warp_batches or not augmenting)
+        store = policy.store_for(split.name, estimated, arrays=m if warp_batches else None, workers=True)
+    paths = tf.constant(list(split.paths) or [""], tf.string)
+    labels = None if split.labels is None else tf.constant(split.labels)
+    if policy is not None:  # worker processes started now (threads where they cannot start)
+        store = policy.started(store, batch_size, image_size)
+    arrays = isinstance(store, (ArrayStore, WorkerStore))  # the batch resampler reads and fills it
+    # The batch resampler also decodes the JPEGs and PNGs (OpenCV, same pixels) unless a
+    # TensorFlow table must be filled inside the per-image map.
+    opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)
+
+    if training:
+        # Randomness is keyed on (seed, epoch, image), never on hidden generator state, so a
+        # resumed run sees exactly the batches an uninterrupted one would have. The epoch is
+        # read once per pass: from ``epoch`` (set by fit's callback before each epoch) or, for
+        # a standalone dataset, drawn fresh per pass from a seeded stream.
+        if epoch is not None:
+            keys = tf.data.Dataset.range(1).map(
+                lambda _: tf.random.experimental.stateless_fold_in(
+                    tf.constant([seed, 0], tf.int64), tf.cast(epoch.read_value(), tf.int32)))
+        else:
+            keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(
+                2, drop_remainder=True).take(1)
+
+        def one_epoch(key):
+            # One epoch at once, vectorised (far cheaper than per-image ops): a stateless
+            # permutation of the split (a full reshuffle) and each image's augmentation draws
+            # and plan, from the sizes its header gave.
+            key = tf.reshape(tf.cast(key, tf.int64), [2])
+            order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), key, max(n - 1, 0))
+            if not augmenting:
+                return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
+            draws = augment.draws(key, m)
+            known, source = shapes, tf.fill([m], _TENSORFLOW)
+            if opencv_decodes:
+                source = tf.where(readable[:, 0] > 0, _OPENCV, source)
+            if arrays:  # what the cache holds now, once per epoch: those are not decoded
+                stored, held = tf.numpy_function(store.state, [], [tf.bool, tf.int32], stateful=True)
+                stored = tf.reshape(stored, [m])
+                known = tf.where(stored[:, None], tf.reshape(held, [m, 2]), shapes)
+                source = tf.where(stored, _STORED, source)
+            transforms, shrink = augment.plan(known, draws, image_size, *aug_args)
+            plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
+                               tf.cast(known, tf.float32), tf.cast(source, tf.float32)[:, None],
+                               tf.cast(readable, tf.float32)], axis=1)
+            return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
+
+        ds = keys.flat_map(one_epoch)
+    else:
+        ds = tf.data.Dataset.range(n).map(lambda index: (index, tf.zeros([0])))
+
+    def decoded(index, make):
+        """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
+        if store is None or arrays:  # an ArrayStore is read and filled by the batch resampler
+            return make()
+        return store.through(index, make)
+
+    def train_image(index, plan):
+        """TensorFlow resampler: the augmented image. OpenCV: what the batch resampler needs
+        (the decoded image, or an empty placeholder when it reads the store or decodes the
+        file's bytes itself)."""
+        draws, transform, shrink, expected, source, coded = tf.split(plan, [augment.DRAWS, 8, 1, 2, 1, 2])
+        source = tf.cast(source[0], tf.int32)
+        here = tf.equal(source, _TENSORFLOW)
+        base = tf.cond(here, lambda: decoded(index, lambda: decode(tf.io.read_file(paths[index]))),
+                       lambda: tf.zeros([0, 0, 1], tf.uint8))
+        base.set_shape([None, None, None])
+        hw = tf.shape(base)[:2]
+
+        same = ~here | tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
+        # Where the header's size was not the decoded one, the image is planned from its pixels.
+        transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)),
+                               lambda: augment.plan_one(hw, draws, image_size, *aug_args))
+        if not warp_batches:
+            return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
+        coded = tf.cast(coded, tf.int32)
+        opencv = tf.equal(source, _OPENCV)
+        data = tf.cond(opencv, lambda: tf.io.read_file(paths[index]), lambda: tf.constant(""))
+        # The size the plan assumed (the header's, or the stored image's), else the decoded one.
+        shape = tf.where(here, tf.shape(base), tf.concat([tf.cast(expected, tf.int32), coded[:1]], 0))
+        return base, shape, transform, k, index, source, data, coded[1], draws
+
+    def fallback(index, data, draws):
+        """For the batch resampler, in eager TensorFlow: an image whose header misled OpenCV's
+        decode (another size than planned), decoded by ``decode_base`` and planned from it."""
+        try:
+            image = decode_base(tf.constant(data), min_side)
+        except tf.errors.OpError as error:
+            raise ValueError(f"{split.paths[index]}: cannot be decoded ({error.message}). "
+                             "Replace or remove the file.") from None
+        transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), image_size, *aug_args)
+        return image.numpy(), transform.numpy(), int(k)
+
+    def eval_image(index):
+        return gray_to_rgb(decoded(index, lambda: eval_pixels(tf.io.read_file(paths[index]), image_size)),
+                    image_size)
+
+    def load(index, plan):
+        image = train_image(index, plan) if augmenting else eval_image(index)
+        return image if labels is None else (image, tf.gather(labels, index))
+
+    in_order = deterministic or not training
+    if opencv_decodes and (readable[:, 0] > 0).all():
+        # Every file is one OpenCV decodes: no per-image TensorFlow work at all. Batches of
+        # (index, plan) go straight to the batch resampler, which reads the files itself.
+        def batch_of_plans(indices, plans):
+            _, transforms, shrink, known, source, coded = tf.split(plans, [augment.DRAWS, 8, 1, 2, 1, 2], axis=1)
+            coded = tf.cast(coded, tf.int32)
+            item = (tf.zeros([0, 0, 0, 1], tf.uint8), tf.concat([tf.cast(known, tf.int32), coded[:, :1]], 1),
+                    transforms, tf.cast(shrink[:, 0], tf.int32), indices, tf.cast(source[:, 0], tf.int32),
+                    tf.zeros([0], tf.string), coded[:, 1], plans[:, :augment.DRAWS])
+            return item if labels is None else (item, tf.gather(labels, indices))
+
+        warp = _batch_resampler(image_size, store if arrays else None, fallback, split.paths)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(batch_of_plans).map(
+            warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+    elif warp_batches:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+        ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
+        warp = _batch_resampler(image_size, store if arrays else None, fallback)
+        ds = ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+    else:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if training:  # flat_map hides the length; Keras's progress bar and step count want it
+        batches = n // batch_size if drop_remainder else -(-n // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    # Prefetching overlaps decoding of the next batches with the training step on this one.
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _read(path: str) -> bytes:
+    if "://" in path:  # a URL-like path (gs://, s3://, ...): TensorFlow's file systems
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _batch_resampler(size: int, store: ArrayStore | WorkerStore | None, fallback, paths=None):
+    """A tf.data map function for padded batches of ``train_image``'s OpenCV elements[, labels]:
+    one ``tf.numpy_function`` per batch (see ``augment.warp_rows`` for why per batch) that
+    gets each image from the store, from its file's bytes (``augment.decode_file``) or from the
+    batch, keeps the new ones in ``store``, and resamples them all on all cores: on threads,
+    or with a ``WorkerStore`` in its worker processes, which hold the cache. With ``paths``
+    the files are read here (or by the workers), from ``paths[index]``, not from the batch."""
+    def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
+        # Python ints, once per batch: each row's few microseconds under the Python lock count
+        # on many cores (see augment.warp_rows).
+        indices_, ks_, sources_ = indices.tolist(), ks.tolist(), sources.tolist()
+        if isinstance(store, WorkerStore):
+            return in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws)
+
+        def source(i):
+            index, transform, k, kind = indices_[i], transforms[i], ks_[i], sources_[i]
+            if kind == _STORED:
+                return store.get(index), transform, k
+            h, w, c = shapes[i].tolist()
+            if kind == _OPENCV:
+                data = files[i] if paths is None else _read(paths[index])
+                image = opencv_images.decode_file(data, c, int(halvings[i]))
+                if image is None or image.shape[:2] != (h, w):  # its header was wrong
+                    image, transform, k = fallback(index, data, draws[i])
+            else:  # decoded by TensorFlow's per-image map (decode_file did this for its decodes)
+                image = opencv_images.one_channel_if_gray(images[i, :h, :w, :c])
+            if store is not None:
+                image = store.put(index, image, copy=kind == _TENSORFLOW)
+            return image, transform, k
+
+        return augment.warp_rows(len(indices), size, source)
+
+    def in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws):
+        def data(i):
+            return files[i] if paths is None else _read(paths[indices_[i]])
+
+        def payload(i):
+            if sources_[i] == _TENSORFLOW:
+                h, w, c = shapes[i].tolist()
+                return np.ascontiguousarray(images[i, :h, :w, :c])
+            if paths is not None and "://" not in paths[indices_[i]]:
+                return paths[indices_[i]]  # the worker reads it
+            return data(i)
+
+        return store.resample(size, indices_, sources_, shapes, halvings, transforms,
+                              ks_, payload, lambda i: fallback(indices_[i], data(i), draws[i]))
+
+    def warp(item, label=None):
+        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None or paths is not None)
+        images.set_shape([item[4].shape[0], size, size, 3])
+        return images if label is None else (images, label)
+
+    return warp

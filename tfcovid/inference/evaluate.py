@@ -1,0 +1,263 @@
+"""Evaluate a trained model on any labeled split: metrics JSON, plots, and what clinicians read.
+
+``evaluate(RUN_DIR|MODEL, data=None, split="test")`` loads the model (with its task and label
+names, see :mod:`tfcovid.weights.metadata`), scans the data (the run's own by default), predicts the
+split with the evaluation transform and recomputes the scikit-learn report of either task
+(:mod:`tfcovid.results.scores`). It writes ``<split>.json``, ``<split>_predictions.csv`` and the
+split's confusion-matrix and ROC plots (``<split>_confusion.png``, ``<split>_roc.png``) to
+``RUN/eval/`` (or ``<model>-eval/`` beside any other ``.keras`` file), and returns the result.
+The run's best checkpoint writes ``<split>-best.json``, ``<split>-best_predictions.csv``, ... so
+that its results and the last checkpoint's sit side by side; files it replaces are counted.
+
+Sensitivity and specificity are reported by name for the disease classes: the binary task's
+positive class, and every label of the three-label task except "normal".
+"""
+from __future__ import annotations
+import json
+from pathlib import Path
+import numpy as np
+from tfcovid import config
+from tfcovid.data import demo, checks
+from tfcovid.results import scores, plots
+from tfcovid.weights import metadata
+from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
+from tfcovid.data import datasets, folders as data_folders, types  # `data` is evaluate()'s argument, as in the CLI
+from tfcovid.models.outputs import probabilities
+
+
+SPLITS = ("train", "validation", "test")
+
+
+class EvaluateError(ValueError):
+    """The evaluation cannot run as asked; the message says what to pass instead."""
+
+
+def disease_classes(task: str, outputs, positive: str | None) -> list[str]:
+    """The outputs that name a disease: the binary positive class, or every label but "normal"."""
+    if task == "binary":
+        return [positive if positive in outputs else outputs[0]]
+    diseases = [o for o in outputs if o.lower() != "normal"]
+    return diseases or list(outputs)
+
+
+def disease_summary(report: dict, task: str, diseases) -> dict:
+    """{disease: {sensitivity, specificity, roc_auc, support}} from a metrics report."""
+    out = {}
+    for name in diseases:
+        if task == "binary":
+            cm = np.asarray(report["confusion_matrix"])
+            k = report["positive_index"]
+            out[name] = {"sensitivity": report["sensitivity"], "specificity": report["specificity"],
+                         "roc_auc": report["roc_auc"], "support": int(cm[k].sum())}
+        else:
+            m = report["per_label"][name]
+            out[name] = {key: m[key] for key in ("sensitivity", "specificity", "roc_auc", "support")}
+    return out
+
+
+def _run_config(run_dir: Path | None):
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    return config.from_dict(config.load_yaml(run_dir / "config.yaml"))
+
+
+def _data_root(data_dir, exp, trained) -> Path:
+    if data_dir is None:
+        if exp is None:
+            raise EvaluateError(
+                f"{trained.path} has no run directory with a config.yaml, so its data is unknown. "
+                "Pass --data DIR (an ImageFolder tree with the split to evaluate)."
+            )
+        data_dir = exp.data.dir
+    if str(data_dir) == "demo":
+        per_class = exp.data.demo_per_class if exp is not None else None
+        return demo.ensure_demo_data(trained.task, per_class=per_class, log=lambda s: None)
+    return Path(data_dir).expanduser()
+
+
+def scan_split(root: Path, split: str, trained, exp=None,
+               log=print) -> tuple[types.Manifest, types.Split]:
+    """Scan ``root`` for one labeled split whose classes match what the model predicts.
+
+    Every file of the split is checked first, as ``fit`` checks them (``tfcovid.data.checks``):
+    unusable ones stop the evaluation with their full list, or are left out when the run
+    was trained with ``data.skip_bad``. Problems in other splits do not matter here.
+    """
+    if split not in SPLITS:
+        raise EvaluateError(f"Unknown split {split!r}. Valid splits: {', '.join(SPLITS)}.")
+    label_map = exp.data.label_map if exp is not None else config.STUDY_LABEL_MAP
+    try:
+        manifest = data_folders.scan(root, trained.task, trained.outputs, label_map, required=(split,),
+                               strict=False)
+    except types.ClassCountError as err:  # its advice (--task multilabel) is fit's, not ours
+        raise EvaluateError(
+            f"{trained.path} is a binary model with outputs {list(trained.outputs)}, but "
+            f"{err.root} has {len(err.class_names)} class folders: {list(err.class_names)}. "
+            f"Evaluate it on data with the class folders {list(trained.outputs)}."
+        ) from None
+    except types.DataError as err:
+        folders = data_folders.find_splits(Path(root)) if Path(root).is_dir() else {}
+        present = [name for name in ("validation", "train") if name in folders]
+        if split in folders or not present:
+            raise
+        raise types.DataError(f"{err} Evaluate another split with --split {present[0]}.") from None
+    chosen = manifest.splits[split]
+    if not chosen.labeled:
+        raise EvaluateError(
+            f"The {split} split in {chosen.dir} has no class folders, so there are no labels to "
+            "evaluate against. Use `tfcovid predict` for unlabeled images."
+        )
+    if trained.task == "binary" and tuple(manifest.class_names) != tuple(trained.outputs):
+        raise EvaluateError(
+            f"{root} has class folders {list(manifest.class_names)} but the model predicts "
+            f"{list(trained.outputs)}. Evaluate it on data with the same class folders."
+        )
+    for problem in manifest.problems:  # ignored system files, linked folders not followed
+        log(f"note: {problem}")
+    return manifest, _usable(checks.only_split(manifest, split), exp, log)
+
+
+def _usable(manifest: types.Manifest, exp, log) -> types.Split:
+    """The manifest's one split, without unusable files if the run's data.skip_bad says so."""
+    settings = exp.data if exp is not None else config.DataConfig()
+    (name,) = manifest.splits
+    if not settings.skip_bad:
+        checks.require_usable(manifest, settings.max_pixels, log)
+        return manifest.splits[name]
+    bad = checks.check(manifest, settings.max_pixels, log)
+    if bad:
+        log(f"Left out {len(bad)} unusable file(s), as the run did (data.skip_bad):\n"
+            + checks.describe(bad, manifest.root))
+    return checks.leave_out(manifest, bad, required=(name,)).splits[name]
+
+
+def run_checkpoint(trained) -> str | None:
+    """"last" or "best" when the model is that checkpoint of its run directory, else None
+    (a bare model file, or another .keras file inside a run directory)."""
+    if trained.run_dir is None:
+        return None
+    for name in metadata.CHECKPOINTS:
+        if trained.path.resolve() == (trained.run_dir / "checkpoints" / f"{name}.keras").resolve():
+            return name
+    return None
+
+
+def default_out_dir(trained) -> Path:
+    """``RUN/eval`` for a run's checkpoint, ``<model stem>-eval`` beside any other model file."""
+    if run_checkpoint(trained) is not None:
+        return trained.run_dir / "eval"
+    return trained.path.with_name(trained.path.stem + "-eval")
+
+
+def result_stem(trained, split: str) -> str:
+    """What the result files of ``split`` start with: ``<split>``, or ``<split>-best`` for a
+    run's best checkpoint, whose results must not replace the last checkpoint's."""
+    return f"{split}-best" if run_checkpoint(trained) == "best" else split
+
+
+def predict_split(trained, split: types.Split, batch_size: int = 32) -> np.ndarray:
+    """Probabilities (n, outputs) for every image of ``split``, in file order."""
+
+    ds = datasets.dataset(split, trained.image_size, batch_size)
+    if split.labeled:
+        ds = ds.map(lambda x, y: x)
+    return probabilities(trained.model.predict(ds, verbose=0), trained.task)
+
+
+def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, outputs) -> None:
+    rows = [[p, folder, *(f"{v:.6f}" for v in row)]
+            for p, folder, row in zip(split.paths, split.folders, probs)]
+    atomic_write_csv(path, [["path", "true_folder", *outputs], *rows])
+
+
+def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint: str = "last",
+             batch_size: int = 32, task: str | None = None, labels=None, make_plots: bool = True,
+             log=print) -> dict:
+    """Recompute a trained model's metrics on one labeled split and save them with plots.
+
+    Args:
+        run_or_model: a run directory or a ``.keras`` file.
+        data: ImageFolder tree (or "demo"); default the run's own data.
+        split: "train", "validation" or "test".
+        out: output folder; default ``RUN/eval`` or ``<model>-eval/`` beside a bare model.
+        checkpoint: for a run directory, "last" (what metrics.json describes) or "best"; the
+            best checkpoint's files are named ``<split>-best*`` (a run's best.keras given as a
+            file too).
+        batch_size: images per prediction batch.
+        task, labels: for a bare model that does not carry them (see modelinfo.load).
+        make_plots: write the confusion-matrix and ROC PNGs.
+        log: where progress lines go.
+
+    Returns:
+        The JSON written to ``<out>/<split>.json``: model, checkpoint ("last", "best" or None
+        for another model file), data, split, task, outputs, ``report`` (binary_report /
+        multilabel_report), ``diseases`` (sensitivity, specificity, ROC AUC, support per
+        disease class), ``files`` and ``replaced`` (those of ``files`` that replaced a file of
+        an earlier evaluation).
+
+    Raises:
+        EvaluateError, modelinfo.ModelInfoError, data.DataError: with what to do instead.
+    """
+    trained = metadata.load(run_or_model, checkpoint, task, labels)
+    exp = _run_config(trained.run_dir)
+    root = _data_root(data, exp, trained)
+    manifest, chosen = scan_split(root, split, trained, exp, log)
+    log(f"Evaluating {trained.path} on {chosen.dir} ({len(chosen)} images, {trained.task})")
+    probs = predict_split(trained, chosen, batch_size)
+    if trained.task == "binary":
+        report = scores.binary_report(chosen.labels, probs, trained.outputs, trained.positive)
+    else:
+        report = scores.multilabel_report(chosen.labels, probs, trained.outputs, trained.threshold)
+    diseases = disease_classes(trained.task, trained.outputs, trained.positive)
+
+    out = Path(out) if out is not None else default_out_dir(trained)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(trained, split)
+    earlier = {p for p in (out / f"{stem}.json", out / f"{stem}_predictions.csv",
+                           out / f"{stem}_confusion.png", out / f"{stem}_roc.png") if p.exists()}
+    files = [out / f"{stem}.json", out / f"{stem}_predictions.csv"]
+    _write_predictions(files[1], chosen, probs, trained.outputs)
+    if make_plots:
+        title = trained.run_dir.name if trained.run_dir else trained.path.stem
+        files += plots.save_split_plots(out, stem, report, trained.task, chosen.labels, probs,
+                                        trained.outputs, trained.positive, title)
+    replaced = [f for f in files if f in earlier]
+    result = {
+        "model": str(trained.path),
+        "checkpoint": run_checkpoint(trained),
+        "data": str(root),
+        "split": split,
+        "task": trained.task,
+        "outputs": list(trained.outputs),
+        "report": report,
+        "diseases": disease_summary(report, trained.task, diseases),
+        "files": [str(f) for f in files],
+        "replaced": [str(f) for f in replaced],
+    }
+    atomic_write_text(files[0], json.dumps(result, indent=2))
+    if replaced:
+        log(f"Replaced {len(replaced)} file(s) of an earlier evaluation in {out}: "
+            + ", ".join(f.name for f in replaced) + ".")
+    return result
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def format_result(result: dict) -> str:
+    """A short text summary: headline metrics, then sensitivity/specificity per disease class."""
+    r, task = result["report"], result["task"]
+    if task == "binary":
+        head = (f"accuracy {_pct(r['accuracy'])}, F1 ({r['positive_class']}) {r['f1']:.3f}, "
+                f"study F1 ({r['f1_study_positive_class']}) {r['f1_study']:.3f}")
+    else:
+        head = (f"accuracy (sample Jaccard) {_pct(r['jaccard_samples'])}, sample F1 {r['f1']:.3f}, "
+                f"exact match {_pct(r['exact_match'])}, threshold {r['threshold']:g}")
+    lines = [f"{result['split']}: {r['n']} images; {head}",
+             f"{'disease class':<16} {'sensitivity':>12} {'specificity':>12} {'ROC AUC':>8} {'n':>6}"]
+    for name, d in result["diseases"].items():
+        auc = "–" if d["roc_auc"] is None else f"{d['roc_auc']:.3f}"
+        lines.append(f"{name:<16} {_pct(d['sensitivity']):>12} {_pct(d['specificity']):>12} "
+                     f"{auc:>8} {d['support']:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Run a trained model on image files and folders: a table, the study's CSV, and the failures.
+
+``predict`` walks folders recursively, decodes every image it can, predicts them in batches and
+reports the ones it could not read (by name, with the reason) without stopping. Rows are sorted
+by file name. Binary: softmax probabilities per class and the predicted class. Three-label: the
+study's 0/1 per label (``filename,covid-19,normal,pneumonia``), probabilities in the table.
+"""
+from __future__ import annotations
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+import numpy as np
+import tensorflow as tf
+from tfcovid.data import augment, decode, folders, checks
+from tfcovid.utils.atomic import atomic_write_csv
+from tfcovid.weights.metadata import Trained
+from tfcovid.models.outputs import probabilities
+
+
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
+               b"GIF87a": "GIF", b"GIF89a": "GIF"}
+
+
+@dataclass
+class Predictions:
+    """What ``predict`` found: one row per readable image, sorted by name, and the failures."""
+
+    task: str
+    outputs: tuple[str, ...]
+    threshold: float
+    names: list[str] = field(default_factory=list)  # file names as written in the CSV
+    paths: list[str] = field(default_factory=list)
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (n, outputs)
+    predicted: list = field(default_factory=list)  # binary: class name; multilabel: 0/1 tuple
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    skipped: list[str] = field(default_factory=list)  # files in folders that are not images
+
+
+def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]], list[str]]:
+    """Expand files and folders (recursively) into (name, path) pairs, one per file.
+
+    Names are unique. One folder and no other (existing) input: a file is named by its path
+    relative to that folder (so the study's ``Test/`` folder gives bare file names). Otherwise
+    every file is named by its path as given: a file argument as written, a file found in a
+    folder as the folder argument joined with its path inside it (``A/x.jpg``, ``B/x.jpg``),
+    so equal names in different folders stay apart. A file reached twice (given directly and inside a given
+    folder, or in two nested folders) is listed once, under the name it was first reached by.
+
+    Returns:
+        (images, missing, skipped): images to read; (name, reason) for arguments that do not
+        exist; files found in folders without an image extension.
+    """
+    unique: dict[Path, str] = {}  # "Test", "Test/" and "./Test" are one input
+    for arg in inputs:
+        unique.setdefault(Path(arg).expanduser().resolve(), str(arg))
+    roots = [(arg, Path(arg).expanduser()) for arg in unique.values()]
+    existing = [root for _, root in roots if root.exists()]  # a missing one gives no rows
+    bare = len(existing) == 1 and existing[0].is_dir()
+    images: dict[Path, str] = {}
+    missing, skipped = [], {}
+    for arg, root in roots:
+        if root.is_dir():
+            visited = {os.path.realpath(root)}  # links are followed, each folder read once
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                real = {d: os.path.realpath(os.path.join(dirpath, d)) for d in dirnames}
+                dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and real[d] not in visited]
+                visited.update(real[d] for d in dirnames)
+                for name in sorted(f for f in filenames if not f.startswith(".")):
+                    path = Path(dirpath) / name
+                    if path.suffix.lower() in folders.IMAGE_EXTENSIONS:
+                        inside = path.relative_to(root)
+                        images.setdefault(path.resolve(), (inside if bare else Path(arg) / inside).as_posix())
+                    else:
+                        skipped.setdefault(path.resolve(), str(path))
+        elif root.is_file():
+            images.setdefault(root.resolve(), arg)
+        else:
+            missing.append((arg, "no such file or folder"))
+    return [(name, path) for path, name in images.items()], missing, list(skipped.values())
+
+
+def read_file(path: Path) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, why it cannot be read): a named pipe, socket or
+    device is refused unopened (reading a pipe waits forever), as fit's file check does."""
+    reason = checks.not_regular(path)
+    if reason is not None:
+        return None, reason
+    try:
+        return path.read_bytes(), None
+    except OSError as err:
+        return None, f"cannot read the file: {err.strerror or err}"
+
+
+def read_problem(raw: bytes) -> str | None:
+    """Why these bytes are not an image we can decode, or None when they look like one."""
+    if not raw:
+        return "empty file"
+    if not any(raw.startswith(sig) for sig in _SIGNATURES):
+        return f"not a JPEG/PNG/BMP/GIF image (starts with {raw[:8]!r})"
+    return None
+
+
+def _resizer(size: int):
+    # One traced function for every image size and channel count: resize, make RGB uint8.
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8)])
+    def resize(image):
+        return decode.to_rgb_uint8(augment.resize_eval(image, size), size)
+
+    return resize
+
+
+def _decode(raw: bytes):
+    """Decode eagerly, so a damaged file's error is TensorFlow's own one-line reason."""
+    try:
+        return decode.decode_image(tf.constant(raw)), None
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
+        return None, "damaged image data: " + tf_error_reason(err)
+
+
+def tf_error_reason(err) -> str:
+    """A TensorFlow error's first line, without its op and function names."""
+    reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]|\s+name:.*$", "", getattr(err, "message", str(err)))
+    lines = reason.strip().splitlines()
+    return lines[0].strip() if lines else "cannot decode"
+
+
+def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | None = None,
+            batch_size: int = 32, log=None) -> Predictions:
+    """Predict every image under ``inputs``.
+
+    Args:
+        trained: from :func:`tfcovid.weights.metadata.load`.
+        inputs: image files and/or folders (walked recursively).
+        threshold: decision threshold; None uses the run's (``train.threshold``). Binary: the
+            disease class is predicted when its probability is at least this. Three-label: a
+            label is set when its probability is at least this.
+        batch_size: images per forward pass.
+        log: optional callable for progress lines.
+
+    Returns:
+        Predictions, rows sorted by file name. Unreadable files are in ``failed``.
+    """
+    threshold = trained.threshold if threshold is None else float(threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"Bad threshold {threshold}: use a number between 0 and 1 (exclusive).")
+    found, failed, skipped = find_images(inputs)
+    out = Predictions(trained.task, trained.outputs, threshold, failed=failed, skipped=skipped)
+    resize = _resizer(trained.image_size)
+    pixels, names, paths, probs = [], [], [], []
+
+    def flush():
+        if pixels:
+            logits = trained.model.predict_on_batch(np.stack(pixels))
+            probs.append(probabilities(logits, trained.task))
+            pixels.clear()
+
+    for i, (name, path) in enumerate(sorted(found)):
+        raw, problem = read_file(path)
+        if raw is None:
+            failed.append((name, problem))
+            continue
+        problem = read_problem(raw)
+        if problem is None:
+            image, problem = _decode(raw)
+        if problem is not None:
+            failed.append((name, problem))
+            continue
+        pixels.append(resize(image).numpy())
+        names.append(name)
+        paths.append(str(path))
+        if len(pixels) == batch_size:
+            flush()
+            if log:
+                log(f"predicted {len(names)} of {len(found)} images")
+    flush()
+    out.names, out.paths = names, paths
+    out.probs = np.concatenate(probs) if probs else np.zeros((0, len(trained.outputs)))
+    if trained.task == "binary":
+        pos = trained.outputs.index(trained.positive)
+        other = trained.outputs[1 - pos]
+        out.predicted = [trained.positive if p[pos] >= threshold else other for p in out.probs]
+    else:
+        out.predicted = [tuple(int(v) for v in row) for row in (out.probs >= threshold)]
+    out.failed.sort()
+    return out
+
+
+def write_csv(result: Predictions, path: str | Path) -> Path:
+    """Write the CSV: binary ``filename,<class>...,predicted`` (probabilities); three-label
+    the study's ``filename,<label>...`` with 0/1 per label."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if result.task == "binary":
+        rows = [["filename", *result.outputs, "predicted"]]
+        rows += [[name, *(f"{v:.6f}" for v in p), pred]
+                 for name, p, pred in zip(result.names, result.probs, result.predicted)]
+    else:
+        rows = [["filename", *result.outputs]]
+        rows += [[name, *pred] for name, pred in zip(result.names, result.predicted)]
+    atomic_write_csv(path, rows)
+    return path
+
+
+def format_table(result: Predictions) -> str:
+    """A plain-text table: file, probability per output, predicted class or labels."""
+    header = ["file", *result.outputs, "predicted"]
+    rows = []
+    for name, p, pred in zip(result.names, result.probs, result.predicted):
+        if result.task == "binary":
+            label = pred
+        else:
+            label = "+".join(o for o, v in zip(result.outputs, pred) if v) or "(none)"
+        rows.append([name, *(f"{v:.3f}" for v in p), label])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(  # noqa: E731
+        str(c).ljust(w) if i in (0, len(r) - 1) else str(c).rjust(w)
+        for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

@@ -1,0 +1,238 @@
+"""Plots of a run: training curves, confusion matrices, ROC curves, and TensorBoard images.
+
+Everything renders with matplotlib's Agg backend (no display needed, safe in threads of a
+headless server) into PNG files, or into PNG bytes that TensorBoard shows as images.
+
+* ``plot_history``: loss and accuracy/F1 (or Jaccard/F1) per epoch, train vs validation.
+* ``plot_confusion``: counts and row-normalised matrices; one row of panels per label for
+  the three-label task.
+* ``plot_roc``: ROC curve(s) with AUC: the disease class (binary) or every label.
+* ``write_run_plots``: what ``fit()`` calls once at the end to fill ``RUN/plots/``.
+* ``TensorBoardImages``: a Keras callback writing a grid of augmented training images once
+  and the validation confusion matrix every epoch.
+"""
+from __future__ import annotations
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+import matplotlib
+matplotlib.use("Agg")  # before pyplot: no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+from tfcovid.data import datasets
+from tfcovid.models.outputs import probabilities
+pass  # noqa: E402
+
+
+# Keras metric names in history.csv and how to title them.
+_TITLES = {"loss": "Loss", "accuracy": "Accuracy", "jaccard": "Accuracy (sample Jaccard)",
+           "f1": "F1"}
+
+
+def read_history(path: str | Path) -> dict[str, list[float]]:
+    """history.csv (Keras CSVLogger) -> {column: values}; empty cells become NaN."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                columns.setdefault(key, []).append(float("nan"))
+    return columns
+
+
+def plot_history(history_csv: str | Path, path: str | Path, title: str = "") -> Path:
+    """Loss and every tracked metric per epoch, train vs validation, one panel each.
+
+    Args:
+        history_csv: the run's history.csv.
+        path: PNG file to write.
+        title: figure title (e.g. the run's name).
+    """
+    hist = read_history(history_csv)
+    if not hist.get("epoch"):
+        raise ValueError(f"{history_csv} has no epochs to plot.")
+    epochs = np.asarray(hist["epoch"]) + 1  # CSVLogger counts from 0; people count from 1
+    names = [k for k in hist if k != "epoch" and not k.startswith("val_")
+             and k not in ("learning_rate", "lr")]
+    names.sort(key=lambda k: (k != "loss", k))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, name in zip(axes[0], names):
+        ax.plot(epochs, hist[name], "o-", label="train", color="#1f77b4", ms=3)
+        if f"val_{name}" in hist:
+            ax.plot(epochs, hist[f"val_{name}"], "s-", label="validation", color="#d62728", ms=3)
+        ax.set_title(_TITLES.get(name, name))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if name != "loss":
+            ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _matrix_panel(ax, matrix, names, normalised: bool, title: str) -> None:
+    matrix = np.asarray(matrix, dtype=float)
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if normalised else max(matrix.max(), 1))
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=30 if max(map(len, names)) > 6 else 0, ha="right")
+    ax.set_yticks(ticks, names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    high = 0.5 if normalised else matrix.max() / 2
+    for (i, j), v in np.ndenumerate(matrix):
+        text = f"{v:.2f}" if normalised else f"{int(v)}"
+        ax.text(j, i, text, ha="center", va="center", color="white" if v > high else "black")
+
+
+def _normalise_rows(cm) -> np.ndarray:
+    cm = np.asarray(cm, dtype=float)
+    totals = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+
+
+def confusion_figure(report: dict, task: str, title: str = ""):
+    """A matplotlib figure of a report's confusion matrices: counts | row-normalised.
+
+    Binary: one 2x2 pair over the class names. Multilabel: one pair per label, each over
+    (absent, present) of that label.
+    """
+    if task == "binary":
+        pairs = [(report["class_names"], report["confusion_matrix"], "")]
+    else:
+        pairs = [(["no", "yes"], report["per_label"][name]["confusion_matrix"], f"{name}: ")
+                 for name in report["labels"]]
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(7.4, 3.3 * len(pairs)), squeeze=False,
+                             layout="constrained")
+    for row, (names, cm, prefix) in zip(axes, pairs):
+        _matrix_panel(row[0], cm, names, False, f"{prefix}counts")
+        _matrix_panel(row[1], _normalise_rows(cm), names, True, f"{prefix}normalised by true class")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_confusion(report: dict, task: str, path: str | Path, title: str = "") -> Path:
+    """Write :func:`confusion_figure` to ``path`` (PNG)."""
+    return _save(confusion_figure(report, task, title), path)
+
+
+def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
+             positive: str | None = None, title: str = "") -> Path | None:
+    """ROC curve(s) with AUC: the positive class (binary) or one curve per label.
+
+    Args:
+        y_true: binary: (n,) class indices; multilabel: (n, L) multi-hot.
+        probs: (n, K) probabilities.
+        task: "binary" or "multilabel".
+        names: output names, column order.
+        path: PNG file to write.
+        positive: binary: the disease class (default: column 0).
+        title: figure title.
+
+    Returns:
+        The path, or None when no curve is defined (every split sample of one class).
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    if task == "binary":
+        k = list(names).index(positive) if positive in names else 0
+        curves = [(names[k], y_true.reshape(-1) == k, probs[:, k])]
+    else:
+        curves = [(name, y_true[:, i] > 0.5, probs[:, i]) for i, name in enumerate(names)]
+    curves = [c for c in curves if 0 < c[1].sum() < len(c[1])]  # ROC needs both classes
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), layout="constrained")
+    for name, truth, score in curves:
+        fpr, tpr, _ = skm.roc_curve(truth, score)
+        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {skm.roc_auc_score(truth, score):.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "ROC", fontsize=10)
+    return _save(fig, path)
+
+
+def save_split_plots(out_dir: str | Path, split: str, report: dict, task: str, y_true, probs,
+                     names: Sequence[str], positive: str | None = None,
+                     title: str = "") -> list[Path]:
+    """Confusion matrices and ROC of one evaluated split: ``<split>_confusion.png``, ``<split>_roc.png``."""
+    out_dir = Path(out_dir)
+    label = f"{title} — {split}" if title else split
+    paths = [plot_confusion(report, task, out_dir / f"{split}_confusion.png", label)]
+    roc = plot_roc(y_true, probs, task, names, out_dir / f"{split}_roc.png", positive, f"ROC — {label}")
+    return paths + ([roc] if roc else [])
+
+
+def write_run_plots(run: str | Path, model, exp, manifest, summary: dict, log=print) -> list[Path]:
+    """Fill ``RUN/plots/``: curves, confusion matrices of every evaluated split, ROC of
+    validation and test (the splits people choose models on; skipping train saves a pass).
+
+    Called once by ``fit()`` after metrics.json is written. Never fails the run: a plotting
+    problem is logged, because the model and its numbers are already saved.
+    """
+
+    out = Path(run) / "plots"
+    out.mkdir(exist_ok=True)
+    task, names = summary["task"], list(summary["outputs"])
+    title = Path(run).name
+    written: list[Path] = []
+    try:
+        written.append(plot_history(Path(run) / "history.csv", out / "curves.png", title))
+        for split, report in summary["splits"].items():
+            written.append(plot_confusion(report, task, out / f"{split}_confusion.png",
+                                          f"{title} — {split}"))
+            if split in ("validation", "test"):
+                s = manifest.splits[split]
+                ds = datasets.dataset(s, exp.data.image_size, exp.train.batch_size).map(lambda x, y: x)
+                probs = probabilities(model.predict(ds, verbose=0), task)
+                positive = report.get("positive_class")
+                roc = plot_roc(s.labels, probs, task, names, out / f"{split}_roc.png", positive,
+                               f"ROC — {title} — {split}")
+                written += [roc] if roc else []
+    except (OSError, ValueError) as err:
+        log(f"      warning: could not write every plot to {out}: {err}")
+    log(f"      Plots: {len(written)} files in {out}")
+    return written
+
+
+def figure_png(fig) -> bytes:
+    """Render a figure to PNG bytes and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def image_grid_figure(images, captions: Sequence[str], columns: int = 4):
+    """A grid of uint8 images (N, H, W, 3) with one caption each."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, caption in zip(axes.ravel(), images, captions):
+        ax.imshow(np.asarray(image, dtype=np.uint8))
+        ax.set_title(caption, fontsize=8)
+    return fig

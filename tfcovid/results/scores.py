@@ -1,0 +1,248 @@
+"""Metrics for both tasks: scikit-learn reports and matching Keras training metrics.
+
+Two halves that must agree:
+
+* ``binary_report`` / ``multilabel_report`` turn labels and predicted probabilities
+  into plain JSON-ready dicts (``metrics.json``), using scikit-learn so the numbers mean
+  exactly what the study's numbers meant.
+* ``SampleJaccard``, ``SampleF1`` and ``BinaryF1`` are stateful Keras metrics that
+  compute the same quantities over an epoch inside ``model.compile``, so the TensorBoard
+  curves and the final report agree (tests check them against scikit-learn).
+
+Conventions (see DESIGN.md):
+
+* The study's Part 1 F1 is scikit-learn's default binary F1 on ImageFolder indices, whose
+  positive class is index 1 (``normal``). The binary report gives the disease-class F1 as
+  ``f1`` and the study's one, labelled, as ``f1_study``.
+* Part 2 "accuracy" is the sample-averaged Jaccard index. A sample with no true and no
+  predicted label scores 0 (scikit-learn's ``zero_division=0``; its default ``"warn"``
+  gives the same 0, with a warning), and it still counts in the mean.
+* Everything undefined is 0 (``zero_division=0``) or ``None`` (ROC AUC with one class),
+  never a warning or NaN, so tiny or degenerate evaluation sets report cleanly.
+"""
+from __future__ import annotations
+import numpy as np
+from sklearn import metrics as skm
+
+
+__all__ = [
+    "binary_report",
+    "multilabel_report",
+    "study_row",
+]
+
+
+def _floats(values) -> list:
+    """Nested numpy array -> nested lists of plain Python floats."""
+    return np.asarray(values, dtype=np.float64).tolist()
+
+
+def _ints(values) -> list:
+    """Nested numpy array -> nested lists of plain Python ints."""
+    return np.asarray(values, dtype=np.int64).tolist()
+
+
+def _auc_or_none(y_true_binary: np.ndarray, scores: np.ndarray):
+    # roc_auc_score warns and returns NaN with one class present; None says "undefined"
+    # and is valid JSON, which NaN is not.
+    if np.unique(y_true_binary).size < 2:
+        return None
+    return float(skm.roc_auc_score(y_true_binary, scores))
+
+
+def binary_report(y_true, probs, class_names, positive: str = "infected") -> dict:
+    """Report for the binary task, from softmax probabilities.
+
+    Args:
+        y_true: (n,) integer class indices in ImageFolder order (sorted class names).
+        probs: (n, 2) class probabilities; the prediction is their argmax.
+        class_names: the two class names, index order (e.g. ``("infected", "normal")``).
+        positive: name of the disease class. If it is not in ``class_names``, class
+            index 0 is used and ``positive_class`` / ``notes`` say so.
+
+    Returns:
+        A JSON-serialisable dict: ``n``, ``accuracy``; for the disease class ``f1``,
+        ``precision``, ``recall``, ``sensitivity``, ``specificity`` (recall of the other
+        class), ``roc_auc`` (``None`` unless both classes are present); the study's F1
+        ``f1_study`` with ``f1_study_positive_class`` (class index 1);
+        ``confusion_matrix`` (rows true, columns predicted) and its row-normalised
+        ``confusion_matrix_normalized``; ``class_names``, ``positive_class``,
+        ``positive_index`` and ``notes``.
+
+    Raises:
+        ValueError: on mismatched shapes, not exactly two classes, or labels out of range.
+    """
+    class_names = [str(c) for c in class_names]
+    y_true = np.asarray(y_true).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(class_names) != 2:
+        raise ValueError(
+            f"binary_report needs exactly 2 class names. Received: class_names={class_names}"
+        )
+    if probs.ndim != 2 or probs.shape != (y_true.shape[0], 2):
+        raise ValueError(
+            "binary_report needs probs of shape (n, 2) matching y_true of shape (n,). "
+            f"Received: probs.shape={probs.shape}, y_true.shape={y_true.shape}"
+        )
+    if y_true.size == 0:
+        raise ValueError("binary_report received no samples (y_true is empty).")
+    if not np.all(np.isin(y_true, (0, 1))):
+        raise ValueError(
+            "binary_report needs y_true class indices in {0, 1}. "
+            f"Received values: {sorted(np.unique(y_true).tolist())}"
+        )
+    y_true = y_true.astype(np.int64)
+    y_pred = probs.argmax(axis=1)
+
+    notes = []
+    if positive in class_names:
+        pos = class_names.index(positive)
+    else:
+        pos = 0
+        notes.append(
+            f"positive class {positive!r} is not in class_names {class_names}; "
+            f"used class index 0 ({class_names[0]!r})"
+        )
+    neg = 1 - pos
+    for index, measure in ((pos, "sensitivity"), (neg, "specificity")):
+        if not (y_true == index).any():  # e.g. --skip-bad left a test class folder empty
+            notes.append(f"no {class_names[index]!r} images in this split: {measure} is "
+                         "undefined (reported as 0.0)")
+
+    # One call gives every per-class number; labels=[0, 1] keeps both rows even when a
+    # class is absent, and column 1 of it is exactly sklearn's default binary F1.
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=[0, 1], average=None, zero_division=0
+    )
+    # normalize="true" leaves rows of absent classes at zero rather than NaN.
+    cm = skm.confusion_matrix(y_true, y_pred, labels=[0, 1])
+    cm_norm = skm.confusion_matrix(y_true, y_pred, labels=[0, 1], normalize="true")
+
+    return {
+        "n": int(y_true.size),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "positive_class": class_names[pos],
+        "positive_index": int(pos),
+        "f1": float(f1[pos]),
+        "precision": float(precision[pos]),
+        "recall": float(recall[pos]),
+        "sensitivity": float(recall[pos]),
+        "specificity": float(recall[neg]),
+        "f1_study": float(f1[1]),
+        "f1_study_positive_class": class_names[1],
+        "roc_auc": _auc_or_none(y_true == pos, probs[:, pos]),
+        "confusion_matrix": _ints(cm),
+        "confusion_matrix_normalized": _floats(cm_norm),
+        "class_names": class_names,
+        "notes": notes,
+    }
+
+
+def multilabel_report(y_true, probs, labels, threshold: float = 0.5) -> dict:
+    """Report for the three-label task, from sigmoid probabilities.
+
+    Args:
+        y_true: (n, L) multi-hot 0/1 targets.
+        probs: (n, L) per-label probabilities; a label is predicted when
+            ``probs >= threshold``.
+        labels: the L label names, column order.
+        threshold: decision threshold on the probabilities.
+
+    Returns:
+        A JSON-serialisable dict: ``n``, ``threshold``, ``labels``, ``jaccard_samples``
+        (the study's "accuracy", also as ``accuracy``), sample-averaged ``f1``,
+        ``precision``, ``recall``, ``exact_match`` (subset accuracy), ``hamming_loss``
+        and ``per_label``: {label: {f1, precision, recall, sensitivity, specificity,
+        support, roc_auc, confusion_matrix [[tn, fp], [fn, tp]]}}.
+
+    Raises:
+        ValueError: on mismatched shapes, non-0/1 targets or a threshold outside (0, 1).
+    """
+    labels = [str(c) for c in labels]
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    if y_true.ndim != 2 or probs.shape != y_true.shape or y_true.shape[1] != len(labels):
+        raise ValueError(
+            "multilabel_report needs y_true and probs of shape (n, L) with L = len(labels). "
+            f"Received: y_true.shape={y_true.shape}, probs.shape={probs.shape}, "
+            f"labels={labels}"
+        )
+    if y_true.shape[0] == 0:
+        raise ValueError("multilabel_report received no samples (y_true is empty).")
+    if not np.all(np.isin(y_true, (0, 1))):
+        raise ValueError(
+            "multilabel_report needs multi-hot y_true with values 0/1. "
+            f"Received values: {sorted(np.unique(y_true).tolist())}"
+        )
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1). Received: threshold={threshold}")
+    y_true = y_true.astype(np.int64)
+    y_pred = (probs >= threshold).astype(np.int64)
+
+    jaccard = float(skm.jaccard_score(y_true, y_pred, average="samples", zero_division=0))
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, average="samples", zero_division=0
+    )
+    lab_p, lab_r, lab_f, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, average=None, labels=list(range(len(labels))), zero_division=0
+    )
+    mcm = skm.multilabel_confusion_matrix(y_true, y_pred)
+
+    per_label = {}
+    for i, name in enumerate(labels):
+        (tn, fp), (fn, tp) = mcm[i]
+        per_label[name] = {
+            "f1": float(lab_f[i]),
+            "precision": float(lab_p[i]),
+            "recall": float(lab_r[i]),
+            "sensitivity": float(lab_r[i]),
+            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+            "support": int(tp + fn),
+            "roc_auc": _auc_or_none(y_true[:, i], probs[:, i]),
+            "confusion_matrix": _ints(mcm[i]),
+        }
+
+    return {
+        "n": int(y_true.shape[0]),
+        "threshold": float(threshold),
+        "labels": labels,
+        "jaccard_samples": jaccard,
+        "accuracy": jaccard,
+        "f1": float(f1),
+        "precision": float(precision),
+        "recall": float(recall),
+        "exact_match": float(skm.accuracy_score(y_true, y_pred)),
+        "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
+        "per_label": per_label,
+    }
+
+
+_STUDY_COLUMNS = {
+    # task -> (metric for "acc" x 100, metric for "F1", F1 scale): the study printed
+    # Part 1 F1 as a fraction (0.955) and Part 2 F1 as a percentage (93).
+    "binary": ("accuracy", "f1_study", 1.0),
+    "multilabel": ("jaccard_samples", "f1", 100.0),
+}
+
+
+def study_row(metrics_by_split: dict, task: str) -> dict:
+    """The study's table values per split: {split: (accuracy %, F1)}.
+
+    Args:
+        metrics_by_split: {split: report dict from ``binary_report`` / ``multilabel_report``}.
+        task: ``"binary"`` -> (accuracy * 100, f1_study);
+            ``"multilabel"`` -> (jaccard_samples * 100, f1 * 100).
+
+    Returns:
+        {split: (float, float)} in the order of ``metrics_by_split``.
+
+    Raises:
+        ValueError: on an unknown task.
+    """
+    if task not in _STUDY_COLUMNS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {sorted(_STUDY_COLUMNS)}.")
+    acc_key, f1_key, f1_scale = _STUDY_COLUMNS[task]
+    return {
+        split: (float(m[acc_key]) * 100.0, float(m[f1_key]) * f1_scale)
+        for split, m in metrics_by_split.items()
+    }

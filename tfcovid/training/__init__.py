@@ -1,0 +1,9 @@
+"""Training: ``train.fit(experiment)`` reads top to bottom in phases (data, checks, model, train,
+metrics, evaluation), with the pieces it uses: ``compile`` (optimizer, loss, metrics),
+``callbacks``, ``run_state`` (what a run keeps on disk to survive a kill), ``distribute``
+(tf.distribute strategies and TF_CONFIG), ``devices`` (device line, precision, determinism),
+``preflight`` (checks that would fail an hour in), ``losses`` and ``epoch_metrics``.
+
+May import: ``results``, ``data``, ``weights``, ``models``, ``config``, ``utils``; never
+``inference`` or ``cli``.
+"""
