@@ -1,12 +1,9 @@
 """tfcovid: fine-tune ImageNet backbones to classify chest X-rays (not for clinical use)."""
 __version__ = "0.1.0"
 
-# OpenCV before TensorFlow, whichever tfcovid module comes first. TensorFlow's libraries put
-# their own zlib (and libstdc++ and OpenSSL symbols) in the process's global symbol scope, and
-# OpenCV's libpng, loaded after them, binds its inflate() to TensorFlow's copy, which is
-# ~10 % slower than the system zlib it links against: 0.42 vs 0.38 ms per 256 px PNG here,
-# 5 % of a PNG train split's first epoch. Loaded first, OpenCV binds to its own libraries.
-# (``data.opencv.images`` imports OpenCV and NumPy only, and falls back quietly where OpenCV cannot load.)
+# OpenCV before TensorFlow, whichever tfcovid module comes first: loaded after TensorFlow, OpenCV's
+# libpng binds to TensorFlow's slower zlib (docs/performance.md, "OpenCV before TensorFlow").
+# ``data.opencv.images`` imports OpenCV and NumPy only, and falls back quietly where OpenCV cannot load.
 from tfcovid.data.opencv import images as _opencv_images  # noqa: E402,F401
 
 

@@ -1,8 +1,7 @@
 """A cache of decoded images for the input pipeline: in memory within a budget, else on disk.
 
-Decoding a 1024 x 1024 JPEG costs 2-5 ms of CPU (150-270 KB files on a 2-core x86 machine),
-more than everything else the train pipeline does to it (~0.7-1.3 ms), and it gives the same
-pixels every epoch. So the first epoch
+Decoding an X-ray costs more CPU than everything else the train pipeline does to it
+(docs/performance.md), and it gives the same pixels every epoch. So the first epoch
 decodes each image once, at a bounded resolution (see ``pipeline.decode_base``), and stores
 it here; later epochs read it back instead of decoding.
 
@@ -119,8 +118,8 @@ class ArrayStore:
     train split's store when OpenCV resamples (``pipeline._batch_resampler`` fills it and
     reads from it, with Python's lock released while it copies, writes or reads).
 
-    ``ImageStore``'s memory table costs ~0.5-1 ms of CPU per 256 KB image to fill on a 2-core
-    machine (serialising, copying into the table under its lock) and two more copies to read
+    ``ImageStore``'s memory table costs CPU per image to fill (serialising, copying into the
+    table under its lock; figures in docs/performance.md) and two more copies to read
     back, all inside tf.data's per-image map; here the batch resampler keeps each new image
     (the array OpenCV decoded it into, or one copy) and reads it back in place, so a cached
     image never passes through TensorFlow again. ``state()`` tells an epoch, once, which

@@ -1,47 +1,10 @@
 """tf.data input pipelines: indices -> (cached) decode -> augment or resize -> batch -> prefetch.
 
-Train (``training=True`` with augmentation on). Once per epoch, for all images at once
-(vectorised: a few dozen ops per epoch instead of per image): the shuffle, each image's
-random draws and its augmentation plan (``augment.plan``: crop box, angle, flip as one affine
-transform), from the working-resolution sizes the files' headers give. Then per image:
-
-1. The decoded image, from the cache (``tfcovid.data.cache``) or, the first time, from the file:
-   ``decode_base`` decodes it at a bounded *working resolution* (JPEGs straight from their DCT
-   coefficients at 1/2, 1/4 or 1/8 scale, cheaper than a full decode) and the cache keeps it
-   (with OpenCV, an RGB image whose three channels are equal, a grey X-ray saved as RGB, as
-   one channel: ``augment.one_channel_if_gray``).
-   If its size is not the one its header gave, its plan is made again from its pixels (same
-   draws, so the same result as if the header had been right). With OpenCV and a memory
-   cache the store is an ``ArrayStore`` that the batch resampler reads and fills: the epoch
-   asks it once which images it holds (and their true sizes, for the plan), and only the
-   others are read and decoded here.
-2. The study's rotation, random resized crop and flip, sampled as torchvision samples them,
-   fused into one bilinear resample (box-averaged first when the crop is 2x or more larger
-   than the output, so it does not alias), rounded to uint8; grayscale is repeated to 3
-   channels only here, at the end. With OpenCV (a dependency; TensorFlow's ops where it
-   cannot be imported) the images are batched first and one call per batch decodes the
-   JPEGs and most PNGs, fills and reads the cache and resamples them all on all
-   cores (``_batch_resampler``; when every file is of those kinds, batches of plans go
-   straight to it, with no per-image map); without it, ``augment.apply_uint8`` resamples each image
-   with TensorFlow's op before batching. The two agree to one grey level.
-
-Reordering for speed (documented, and tested for its statistics): the study rotates and crops
-the full-resolution image; tfcovid first brings the image down to its working resolution
-(halved while the shorter side stays >= d * S for ``decode_scale`` d, so in [d*S, 2*d*S);
-never up) and samples the crop box in that grid. The box's area fraction, aspect ratio and
-position are relative, so their distributions are unchanged; only crops smaller than
-(S / working side)^2 of the image (scale < 0.19 with d = 2 on 1024 px images at S = 224) are
-upsampled from fewer pixels than the original had. ``decode_scale 0`` keeps full resolution.
-
-Eval: decode, antialiased resize to S x S (exactly ``data.load_image``), cached as the final
-uint8 pixels (1 channel for grayscale, and for RGB whose channels are equal), so later
-validation passes cost a table lookup.
-
-The same dataset object is iterated every epoch (Keras does), so the cache it captured fills
-on the first pass and serves the rest. The shuffle is a stateless permutation of indices
-(``index_shuffle``), a full reshuffle of the split every epoch; it and each image's
-augmentation draws are keyed on (seed, epoch, image index), so an interrupted and resumed run
-sees exactly the batches an uninterrupted one would have.
+Train: once per epoch, a stateless shuffle and every image's augmentation plan (keyed on seed,
+epoch and image, so a resumed run sees the same batches); then each image is decoded once at a
+working resolution into the cache (``tfcovid.data.cache``) and resampled per batch by OpenCV
+(``_batch_resampler``) or per image by TensorFlow. Eval: antialiased resize to S x S, cached
+as final uint8 pixels. How and why, step by step: docs/performance.md ("The input pipeline").
 """
 from __future__ import annotations
 import math
@@ -88,9 +51,9 @@ def _one_or_three(image):
 
 def _halve(x):
     """2 x 2 box average of a float (H, W, C) image, odd last row/column dropped: what
-    ``avg_pool2d(x, 2, 2, "VALID")`` gives (exactly: sums of 4 values / 4), at ~1/7 of its CPU
-    (Eigen's pooling takes ~20 ms for a 1024 px one-channel image), by adding neighbouring
-    rows, then neighbouring columns, of reshaped views."""
+    ``avg_pool2d(x, 2, 2, "VALID")`` gives (exactly: sums of 4 values / 4), at a fraction of its
+    CPU (docs/performance.md), by adding neighbouring rows, then neighbouring columns, of
+    reshaped views."""
     h, w, c = tf.shape(x)[0] // 2, tf.shape(x)[1] // 2, tf.shape(x)[2]
     rows = tf.reshape(x[: 2 * h, : 2 * w], [h, 2, 2 * w * c])
     cols = tf.reshape(rows[:, 0] + rows[:, 1], [h, w, 2, c])

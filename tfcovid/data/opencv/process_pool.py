@@ -1,9 +1,9 @@
 """Worker processes for the OpenCV train pipeline's per-image work (``data.resample_processes``).
 
 In one process, the batched call's rows run on threads that take Python's global lock back
-after every OpenCV call. On many cores those hand-overs, not the work, set the pace: on a
-16-core H100 host the cached pipeline topped out at 8,500-11,100 images/s with 4 cores busy,
-below ResNet18's 12,900 images/s training step. Here each worker process has its own lock:
+after every OpenCV call. On many cores those hand-overs, not the work, set the pace
+(measured on a GPU host: docs/performance.md, "Worker processes"). Here each worker process
+has its own lock:
 
 - ``WorkerStore`` is a train split's decoded-image cache split among N processes by image
   index (image i lives in worker i % N, in its memory or as a raw pixel file in the disk
@@ -50,9 +50,8 @@ def available() -> bool:
     return images.cv2 is not None and hasattr(os, "memfd_create")
 
 
-# ``auto`` uses worker processes from this many usable cores. Threads scale to ~4 (the bare
-# per-row resample on an H100 host: 4,500 / 18,400 / 25,000 / 22,000 images/s on 1 / 4 / 8 / 16
-# threads) and on 2 cores ran ~10 % faster than 2 processes; from 8 the lock limits them.
+# ``auto`` uses worker processes from this many usable cores: threads scale to ~4, beat
+# processes on 2 cores, and from 8 the lock limits them (figures: docs/performance.md).
 AUTO_MIN_CORES = 8
 
 
