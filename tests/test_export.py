@@ -191,8 +191,8 @@ def test_a_file_as_output_is_called_a_file(binary_run, tmp_path):
 
 
 def _readme_block(marker):
-    """The README's ```python block that contains ``marker``."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The ```python block of docs/inference.md (the pixel recipe) that contains ``marker``."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     (block,) = [b for b in blocks if marker in b]
     return block
@@ -211,7 +211,7 @@ def test_the_readme_pixel_recipe_reproduces_predict(binary_run, binary_tree, tmp
     ns = {}
     with warnings.catch_warnings():  # tf.lite.Interpreter warns that LiteRT replaces it
         warnings.simplefilter("ignore")
-        exec(code, ns)  # noqa: S102 - the README's own example, run as a user would
+        exec(code, ns)  # noqa: S102 - the docs' own example, run as a user would
     expected = predict.predict(metadata.load(binary_run), files)
     assert expected.paths == [str(f.resolve()) for f in files]
     got = np.concatenate([ns["runner"](pixels=ns["pixels"](str(f))[None])["probabilities"]
