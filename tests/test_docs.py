@@ -198,6 +198,16 @@ def test_the_readme_is_short():
     assert "Not for clinical use" in README.read_text()
 
 
+def test_the_readme_python_example_is_the_tested_one():
+    """Every line of the README's Python example is in docs/python-api.md, whose example
+    tests/test_api.py runs (comments aside)."""
+    api = (ROOT / "docs" / "python-api.md").read_text()
+    (block,) = [body for lang, body in _blocks(README.read_text()) if lang == "python"]
+    for line in block.splitlines():
+        code = line.split("  #")[0].rstrip()
+        assert code in api, f"README.md's Python example has {code!r}, not in docs/python-api.md's example"
+
+
 def _anchors(page):
     """GitHub's heading anchors of a Markdown page."""
     anchors = set()
