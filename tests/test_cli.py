@@ -1,12 +1,17 @@
 """The command line through click's test runner."""
 
 import json
+import subprocess
+import sys
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner
 
+from tfcovid import config
 from tfcovid.cli import main
+from tfcovid.config import schema
 
 
 def test_help_says_not_for_clinical_use():
@@ -51,7 +56,6 @@ def test_fit_command_on_tiny_data(binary_tree, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backbone", "vgg19"], "Valid values: vgg16, resnet18, resnet50"),
     (["--config", "nope.yaml"], "Config file not found: nope.yaml"),
     (["--data", "/no/such/dir", "--weights", "none"], "Data folder not found: /no/such/dir"),
     (["--freeze", "firstx"], "model.freeze"),
@@ -76,3 +80,122 @@ def test_weights_that_do_not_load_leave_no_run_directory(binary_tree, tmp_path):
     assert result.exit_code == 1 and "Was it saved from another backbone (--backbone)?" in result.output
     assert "Traceback" not in result.output and "stopped before training" in result.output
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def _options():
+    """Every option of every command (and of the group), --help and --version included."""
+    commands = [("tfcovid", main), *sorted(main.commands.items())]
+    return [(name, param) for name, command in commands
+            for param in command.get_params(click.Context(command)) if isinstance(param, click.Option)]
+
+
+def test_every_option_of_every_command_has_help():
+    missing = [f"{name} {param.opts[0]}" for name, param in _options() if not (param.help or "").strip()]
+    assert len(_options()) > 90 and missing == []
+
+
+# Each fixed choice is the config's own tuple: one list, so the command line and a YAML file agree.
+CHOICES = {
+    ("bench", "--backbone"): schema.BACKBONES, ("bench", "--precision"): schema.PRECISIONS,
+    ("bench", "--jit-compile"): schema.JIT_COMPILE, ("bench", "--cache"): schema.CACHES,
+    ("demo-data", "--task"): schema.TASKS, ("evaluate", "--task"): schema.TASKS,
+    ("explain", "--task"): schema.TASKS, ("export", "--task"): schema.TASKS,
+    ("fit", "--backbone"): schema.BACKBONES, ("fit", "--loss"): schema.LOSSES,
+    ("fit", "--optimizer"): schema.OPTIMIZERS, ("fit", "--precision"): schema.PRECISIONS,
+    ("fit", "--preprocessing"): schema.PREPROCESSING, ("fit", "--strategy"): schema.STRATEGIES,
+    ("fit", "--task"): schema.TASKS, ("import-torch", "--task"): schema.TASKS,
+    ("predict", "--task"): schema.TASKS,
+}
+
+
+def test_fixed_choices_are_the_configs_tuples():
+    choices = {(name, param.opts[0]): tuple(param.type.choices) for name, param in _options()
+               if isinstance(param.type, click.Choice)}
+    for key, expected in CHOICES.items():
+        assert choices[key] == expected, key
+    # The rest are not config keys: checkpoints, splits, export and shard formats, the torch subset.
+    assert sorted(set(choices) - set(CHOICES)) == [
+        ("evaluate", "--checkpoint"), ("evaluate", "--split"), ("explain", "--checkpoint"),
+        ("export", "--checkpoint"), ("export", "--format"), ("import-torch", "--backbone"),
+        ("predict", "--checkpoint"), ("prepare", "--format")]
+
+
+def test_fit_help_shows_the_demo_preset_and_defaults():
+    result = CliRunner().invoke(main, ["fit", "--help"])
+    text = " ".join(result.output.split())  # click wraps lines
+    assert result.exit_code == 0 and "the demo preset applies" in text
+    assert ("It sets data.image_size 48, data.demo_per_class 200, augment.rotation 10, augment.crop_scale "
+            "[0.5, 1.0], model.weights none, train.optimizer adam, train.lr 5e-05, train.epochs 10, "
+            "train.batch_size 32; with --task multilabel also data.demo_per_class 160, model.backbone "
+            "resnet18, train.epochs 8, train.lr 0.0005.") in text
+    assert "Learning rate. Default: from --config, else 0.001; demo preset 5e-05 (0.0005 multilabel)." in text
+    assert "--epochs INTEGER RANGE Passes over the train split. Default: from --config, else 12" in text
+    assert "[x>=1]" in text and "--seed INTEGER RANGE" in text and "[0<=x<=2147483647]" in text
+
+
+def test_help_is_fast_it_loads_no_tensorflow():
+    code = ("import sys; from click.testing import CliRunner; from tfcovid.cli import main; "
+            "assert CliRunner().invoke(main, ['fit', '--help']).exit_code == 0; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    module = subprocess.run([sys.executable, "-m", "tfcovid.cli", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert module.returncode == 0 and "Not for clinical use" in module.stdout
+
+
+def test_a_bad_choice_is_refused_by_the_command_line_and_by_a_config_file(tmp_path):
+    flag = CliRunner().invoke(main, ["fit", "--backbone", "vgg19"])
+    assert flag.exit_code == 2 and "'vgg19' is not one of 'vgg16', 'resnet18', 'resnet50'" in flag.output
+    (tmp_path / "bad.yaml").write_text("model:\n  backbone: vgg19\n")
+    file = CliRunner().invoke(main, ["fit", "--config", str(tmp_path / "bad.yaml")])
+    assert file.exit_code == 1 and "Valid values: vgg16, resnet18, resnet50" in file.output
+    assert "Traceback" not in file.output
+    low = CliRunner().invoke(main, ["fit", "--epochs", "0"])
+    assert low.exit_code == 2 and "0 is not in the range x>=1" in low.output
+
+
+def test_configs_lists_the_installed_study_configs():
+    result = CliRunner().invoke(main, ["configs"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()[2:-1]}
+    study = sorted(name for name in rows if name.startswith(("part1/", "part2/")))
+    assert len(study) == 10 and "part1/vgg16_first7.yaml" in study and "part2/resnet18_focal.yaml" in study
+    for name in study:
+        model = yaml.safe_load((config.configs_folder() / name).read_text())["model"]
+        assert rows[name][:2] == [model["backbone"], model["freeze"]], name
+    assert rows["part2/resnet18_focal.yaml"] == ["resnet18", "none", "focal", "22"]
+
+
+def _resolved_by_fit(args, monkeypatch):
+    """The Experiment that fit would train, without training it."""
+    from tfcovid.training import train
+
+    seen = []
+    monkeypatch.setattr(train, "fit", lambda exp, **kwargs: seen.append(exp) or "RUN")
+    result = CliRunner().invoke(main, ["fit", *args])
+    return result, (seen[0] if seen else None)
+
+
+def test_fit_config_by_name_from_any_folder_and_a_file_here_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    installed = config.configs_folder() / "part1" / "vgg16_first7.yaml"
+    assert config.find_config("part1/vgg16_first7.yaml") == installed
+    assert config.find_config("part1/vgg16_first7") == installed
+    assert config.find_config("configs/part1/vgg16_first7.yaml") == installed
+    result, exp = _resolved_by_fit(["--config", "part1/vgg16_first7.yaml"], monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert (exp.name, exp.model.freeze, exp.train.epochs) == ("part1-vgg16_first7", "first7", 12)
+
+    (tmp_path / "part1").mkdir()
+    (tmp_path / "part1" / "vgg16_first7.yaml").write_text("name: mine\ntrain:\n  epochs: 3\n")
+    result, exp = _resolved_by_fit(["--config", "part1/vgg16_first7.yaml"], monkeypatch)
+    assert result.exit_code == 0 and (exp.name, exp.train.epochs) == ("mine", 3)
+
+
+def test_an_unknown_config_name_lists_the_installed_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["fit", "--config", "part1/vgg16_first8"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Config file not found: part1/vgg16_first8. It is neither a file here nor an installed" in result.output
+    assert "part1/vgg16_first4.yaml, part1/vgg16_first7.yaml" in result.output

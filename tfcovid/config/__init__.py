@@ -38,6 +38,9 @@ from tfcovid.config.loading import (  # noqa: F401
     overrides_from_flags,
     parse_assignments,
     local_demo_folder,
+    configs_folder,
+    installed_configs,
+    find_config,
     resolve,
     from_dict,
 )

@@ -3,7 +3,7 @@ and a bad value is a :class:`~tfcovid.config.schema.ConfigError` naming the key 
 """
 from __future__ import annotations
 import re
-from tfcovid.config.schema import BACKBONES, CONV_LAYERS, ConfigError, Experiment, LOSSES, MAX_SEED, MIN_IMAGE_SIZE, OPTIMIZERS, PRECISIONS, PREPROCESSING, STRATEGIES, TASKS
+from tfcovid.config.schema import BACKBONES, CACHES, CONV_LAYERS, ConfigError, Experiment, JIT_COMPILE, LOSSES, MAX_SEED, MIN_IMAGE_SIZE, OPTIMIZERS, PRECISIONS, PREPROCESSING, STRATEGIES, TASKS
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -21,9 +21,9 @@ def validate(exp: Experiment) -> None:
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_choice("train.precision", t.precision, PRECISIONS)
     _check_choice("train.strategy", t.strategy, STRATEGIES)
-    _check_choice("train.jit_compile", t.jit_compile.lower(), ("auto", "true", "false"))
+    _check_choice("train.jit_compile", t.jit_compile.lower(), JIT_COMPILE)
     _check_choice("train.focal_reduction", t.focal_reduction, ("sum", "mean"))
-    _check_choice("data.cache", d.cache, ("auto", "memory", "disk", "none"))
+    _check_choice("data.cache", d.cache, CACHES)
     if d.cache_budget_mb < 0:
         raise ConfigError(f"Bad value for 'data.cache_budget_mb': {d.cache_budget_mb}. Use 0 or more MB.")
 

@@ -131,6 +131,36 @@ def parse_assignments(items: Sequence[str]) -> dict:
     return out
 
 
+def configs_folder() -> Path:
+    """The config files installed with tfcovid: ``tfcovid/configs`` in an installed package, the
+    repository's top-level ``configs/`` in a source checkout (and an editable install)."""
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def installed_configs() -> list[str]:
+    """The installed configs' names, sorted: ``demo.yaml``, ``part1/vgg16_first7.yaml``, ..."""
+    folder = configs_folder()
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file by path or by name: a file that exists wins, else the installed config of
+    that name (``part1/vgg16_first7``, with or without ``.yaml`` or a leading ``configs/``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    available = installed_configs()
+    for key in dict.fromkeys((path.as_posix(), path.as_posix().removeprefix("configs/"))):
+        for candidate in (key, f"{key}.yaml"):
+            if candidate in available:
+                return configs_folder() / candidate
+    raise ConfigError(f"Config file not found: {name}. It is neither a file here nor an installed "
+                      f"config; installed (tfcovid configs lists them): "
+                      f"{', '.join(available) or f'none (no {configs_folder()})'}.")
+
+
 def local_demo_folder() -> Path | None:
     """``./demo`` as an absolute path where it is a folder, else None: ``data.dir: demo`` is
     still the built-in set (whatever folder a run starts in; ``reproduce_tables.sh --smoke``
@@ -143,6 +173,7 @@ def resolve(config_file: str | Path | None = None, flags: Mapping[str, Any] | No
             assignments: Mapping | None = None) -> Experiment:
     """Build the final Experiment: defaults <- [demo preset] <- config file <- --set <- flags.
 
+    ``config_file`` is a path or an installed config's name (:func:`find_config`).
     The demo preset applies when no config file is given and the data is the demo set, so
     `tfcovid fit --backbone vgg16 --freeze first7` runs offline in minutes. ``assignments``
     (from :func:`parse_assignments`) may set a key to None, which flags cannot.
@@ -150,7 +181,8 @@ def resolve(config_file: str | Path | None = None, flags: Mapping[str, Any] | No
     overrides = overrides_from_flags(flags or {})
     layers: list[tuple[str, Mapping]] = []
     if config_file is not None:
-        layers.append((str(config_file), load_yaml(config_file)))
+        path = find_config(config_file)
+        layers.append((str(path), load_yaml(path)))
     if assignments:
         layers.append(("--set", assignments))
     layers.append(("command-line flags", overrides))

@@ -34,6 +34,12 @@ STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 PREPROCESSING = ("auto", "caffe", "torch", "none")
 
 
+JIT_COMPILE = ("auto", "true", "false")
+
+
+CACHES = ("auto", "memory", "disk", "none")
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they

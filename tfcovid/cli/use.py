@@ -1,0 +1,148 @@
+"""Commands that use a trained model (a run directory or a .keras file): predict, evaluate,
+export and explain. Library modules are imported inside the commands (see ``tfcovid.cli``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tfcovid.cli.common import (CHECKPOINT_HELP, checkpoint_only_for_runs, fail, model_options, names,
+                                tensorflow, trained_model_errors)
+from tfcovid.config.schema import TASKS
+
+
+@click.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True)
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), default=None,
+              help="Write the predictions here (binary: probabilities + predicted class; "
+                   "three-label: the study's 0/1 per label).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Decision threshold. Default: the run's train.threshold (0.5 unless set).")
+@click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help=CHECKPOINT_HELP)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per prediction batch.")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="Only for a .keras file that does not record its task.")
+@click.option("--labels", default=None, help="Comma-separated output names, only for a .keras file "
+                                             "that does not record them.")
+@click.option("--table/--no-table", default=True, show_default=True, help="Print the predictions.")
+def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, labels, table):
+    """Predict images and folders (walked recursively) with a run's model or a .keras file.
+
+    Unreadable images are listed with the reason and the rest are still predicted; the exit
+    status is 1 if any image failed. Not for clinical use.
+    """
+    checkpoint_only_for_runs(target)
+    tensorflow()
+    # heavy: TensorFlow
+    from tfcovid.data.folders import IMAGE_EXTENSIONS
+    from tfcovid.inference import predict as inference_predict
+    from tfcovid.weights import metadata
+
+    try:
+        trained = metadata.load(target, checkpoint, task, names(labels))
+    except metadata.ModelInfoError as err:
+        fail(err)
+    result = inference_predict.predict(trained, inputs, threshold, batch_size)
+    if result.skipped:
+        click.echo(f"note: skipped {len(result.skipped)} file(s) without an image extension "
+                   f"({', '.join(result.skipped[:3])}{', ...' if len(result.skipped) > 3 else ''})",
+                   err=True)
+    if not result.names and not result.failed:
+        kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+        fail(ValueError(f"No images ({kinds}) found in {', '.join(inputs)}."))
+    if table and result.names:
+        click.echo(inference_predict.format_table(result))
+    if csv_file and result.names:
+        path = inference_predict.write_csv(result, csv_file)
+        click.echo(f"Wrote {len(result.names)} rows to {path}")
+    if result.failed:
+        click.echo(f"Could not read {len(result.failed)} of {len(result.failed) + len(result.names)} "
+                   "image(s):", err=True)
+        for name, reason in result.failed:
+            click.echo(f"  {name}: {reason}", err=True)
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.option("--data", "data_dir", default=None,
+              help="ImageFolder tree (or 'demo'). Default: the run's own data.")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
+              show_default=True, help="The labeled split to score.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for <split>.json, predictions CSV and plots. Default: RUN/eval, or "
+                   "<model>-eval/ beside a .keras file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per prediction batch.")
+@model_options
+def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_labels):
+    """Recompute a model's metrics on one labeled split; write JSON, confusion matrices and ROC.
+
+    Reports sensitivity and specificity of each disease class by name. Not for clinical use.
+    """
+    checkpoint_only_for_runs(target)
+    tensorflow()
+    from tfcovid.inference import evaluate as inference_evaluate  # heavy: TensorFlow
+
+    try:
+        result = inference_evaluate.evaluate(target, data_dir, split, out, checkpoint, batch_size, task,
+                                             names(model_labels), log=click.echo)
+    except trained_model_errors() as err:
+        fail(err)
+    click.echo(inference_evaluate.format_result(result))
+    click.echo(f"Wrote {result['files'][0]} and {len(result['files']) - 1} more file(s).")
+
+
+@click.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.argument("out_dir", metavar="[OUT_DIR]", required=False, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["saved_model", "tflite", "onnx"]),
+              default="saved_model", show_default=True,
+              help="saved_model: TF Serving (image bytes or pixels in); tflite / onnx: float32 "
+                   "pixels of the model's size in. ONNX needs: pip install 'tfcovid[onnx]'.")
+@model_options
+def export(target, out_dir, fmt, checkpoint, task, model_labels):
+    """Export a model for serving, reload it and check it gives the model's probabilities.
+
+    OUT_DIR must be new or empty (default RUN/saved_model, RUN/tflite or RUN/onnx).
+    """
+    checkpoint_only_for_runs(target)
+    tensorflow()
+    from tfcovid.inference import export as inference_export  # heavy: TensorFlow
+
+    try:
+        inference_export.export(target, out_dir, fmt, checkpoint, task, names(model_labels),
+                                log=click.echo)
+    except trained_model_errors() as err:
+        fail(err)
+
+
+@click.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.argument("images", metavar="IMAGE_OR_DIR...", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the overlay PNGs (<image>_<label>.png; <image>_<label>_<layer>.png "
+                   "for another --layer).")
+@click.option("--label", "labels", multiple=True,
+              help="Output to explain (repeatable). Default: the predicted class / labels.")
+@click.option("--layer", default=None,
+              help="Target layer. Default: the backbone's last conv block, e.g. block5_conv3.")
+@model_options
+def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
+    """Grad-CAM heatmaps over the input images: where the model looked. Not for clinical use."""
+    checkpoint_only_for_runs(target)
+    tensorflow()
+    from tfcovid.inference import explain as inference_explain  # heavy: TensorFlow
+
+    try:
+        results = inference_explain.explain(target, images, out, list(labels) or None, layer, checkpoint,
+                                            task, names(model_labels), log=click.echo)
+    except trained_model_errors() as err:
+        fail(err)
+    for r in results:
+        click.echo(f"  {r['png']}  ({r['label']}, p = {r['probability']:.3f})")
