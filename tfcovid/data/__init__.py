@@ -1,7 +1,8 @@
 """Data: from folders on disk to batches of uint8 pixels.
 
 ``types`` (Split, Manifest, errors; no TensorFlow), ``folders`` (ImageFolder scan, labels),
-``checks`` (every file checked before training, ``--skip-bad``), ``signatures`` (file magic),
+``headers`` (a file's kind and size before decoding, the scan's quick checks), ``checks``
+(every file decoded before training, ``--skip-bad``), ``signatures`` (file magic),
 ``decode``, ``augment`` (the study's augmentation, fused), ``cache`` (decoded images in memory
 or on disk), ``pipeline`` (tf.data), ``records`` (read) and ``prepare`` (write) TFRecord
 shards, ``datasets`` (the one entry point), ``demo`` (synthetic X-rays); ``opencv/`` is the

@@ -13,13 +13,13 @@ import unicodedata
 from pathlib import Path
 from typing import Mapping, Sequence
 import numpy as np
-from tfcovid.data import checks
+from tfcovid.data import checks, headers
 from tfcovid.data import records
 from tfcovid.config import ConfigError
 from tfcovid.data.types import BadFile, ClassCountError, DataError, Manifest, Split
 
 
-IMAGE_EXTENSIONS = checks.IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = headers.IMAGE_EXTENSIONS
 
 
 SPLIT_ALIASES = {
@@ -92,15 +92,15 @@ def _list_images(folder: Path, split: str, found: _Found, above: Sequence[Path] 
             with os.scandir(directory) as scanned:
                 entries = sorted(scanned, key=lambda e: e.name)
         except OSError as err:  # os.walk would skip it without a word
-            found.bad.append(BadFile(directory, checks.unreadable_folder(err), split))
+            found.bad.append(BadFile(directory, headers.unreadable_folder(err), split))
             return
         subdirs = []
         for entry in entries:
-            if checks.is_system_file(entry.name):
+            if headers.is_system_file(entry.name):
                 found.ignored += 1
             elif entry.is_dir():  # follows links
                 subdirs.append(entry.path)
-            elif (reason := checks.quick_check(entry.path)) is not None:
+            elif (reason := headers.quick_check(entry.path)) is not None:
                 found.bad.append(BadFile(entry.path, reason, split))
             else:
                 images.append(entry.path)
@@ -120,10 +120,10 @@ def _list_images(folder: Path, split: str, found: _Found, above: Sequence[Path] 
 def _outside_classes(folder: Path, split: str, found: _Found) -> None:
     """Files lying directly in a split folder that has class folders: their class is unknown."""
     for path in sorted(p for p in folder.iterdir() if not p.is_dir()):
-        if checks.is_system_file(path.name):
+        if headers.is_system_file(path.name):
             found.ignored += 1
             continue
-        reason = checks.quick_check(path)
+        reason = headers.quick_check(path)
         found.bad.append(BadFile(str(path), reason or checks.OUTSIDE_CLASS, split))
 
 
@@ -239,7 +239,7 @@ def scan(
     class_names: tuple[str, ...] | None = None
     for name, folder in folders.items():
         subdirs = [p for p in folder.iterdir() if p.is_dir()]
-        class_dirs = sorted(p for p in subdirs if not checks.is_system_file(p.name))
+        class_dirs = sorted(p for p in subdirs if not headers.is_system_file(p.name))
         found.ignored += len(subdirs) - len(class_dirs)
         if not class_dirs:  # images directly in the split folder: an unlabeled split
             before = len(found.bad)
