@@ -640,7 +640,8 @@ def test_resample_processes_give_the_threads_batches(formats_split, mode):
     import subprocess
     import sys
 
-    light = subprocess.run([sys.executable, "-c", "import sys, tfcovid.data.opencv.process_pool; print(sorted(m for m in "
+    light = subprocess.run([sys.executable, "-c", "import sys, tfcovid.data.opencv.worker, tfcovid.data.opencv.process_pool; "
+                            "print(sorted(m for m in "
                             "('tensorflow', 'keras') if m in sys.modules))"], capture_output=True, text=True)
     assert light.stdout.strip() == "[]"  # the workers start without TensorFlow
     if mode == "disk":

@@ -52,7 +52,8 @@ from tfcovid.data.opencv import images as opencv_images
 from tfcovid.data.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
 from tfcovid.data.types import Split
 from tfcovid.data.decode import decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
-from tfcovid.data.opencv.process_pool import DECODE, PIXELS, STORED, WorkerStore
+from tfcovid.data.opencv.process_pool import WorkerStore
+from tfcovid.data.opencv.worker import DECODE, PIXELS, STORED
 
 
 # libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,

@@ -41,7 +41,8 @@ from tfcovid.data import augment, decode, folders as data_folders, types, pipeli
 from tfcovid.data.opencv import images as opencv_images
 from tfcovid.data.cache import as_cache
 from tfcovid.data.types import DataError
-from tfcovid.data.opencv.process_pool import DECODE, STORED, WorkerStore
+from tfcovid.data.opencv.process_pool import WorkerStore
+from tfcovid.data.opencv.worker import DECODE, STORED
 
 
 MANIFEST = "tfcovid-records.json"
