@@ -49,7 +49,8 @@ import numpy as np
 import tensorflow as tf
 from tfcovid.data import augment
 from tfcovid.data.opencv import images as opencv_images
-from tfcovid.data.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
+from tfcovid.data.cache import ArrayStore, as_cache
+from tfcovid.data.sizes import estimate_bytes, halvings, header, working_shape
 from tfcovid.data.types import Split
 from tfcovid.data.decode import decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
 from tfcovid.data.opencv.process_pool import WorkerStore
@@ -76,7 +77,7 @@ def working_side(image_size: int, decode_scale: float) -> int | None:
 
 def _halvings(short, min_side: int, cap: int):
     """How many times (at most ``cap``) an image can be halved and keep its shorter side >=
-    min_side; integer arithmetic, the same count as ``cache.halvings``."""
+    min_side; integer arithmetic, the same count as ``sizes.halvings``."""
     steps = tf.constant([min_side * 2**j for j in range(1, cap + 1)], tf.int64)
     return tf.reduce_sum(tf.cast(tf.cast(short, tf.int64) >= steps, tf.int32))
 
