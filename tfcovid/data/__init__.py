@@ -4,7 +4,8 @@
 ``headers`` (a file's kind and size before decoding, the scan's quick checks), ``checks``
 (every file decoded before training, ``--skip-bad``), ``signatures`` (file magic),
 ``decode``, ``augment`` (the study's augmentation, fused), ``sizes`` (header sizes, cache
-estimates), ``cache`` (decoded images in memory or on disk), ``pipeline`` (tf.data), ``records`` (read) and ``prepare`` (write) TFRecord
+estimates), ``cache`` (decoded images in memory or on disk), ``pipeline`` (tf.data),
+``batches`` (its OpenCV batch stage), ``records`` (read) and ``prepare`` (write) TFRecord
 shards, ``datasets`` (the one entry point), ``demo`` (synthetic X-rays); ``opencv/`` is the
 CPU fast path and its worker processes.
 

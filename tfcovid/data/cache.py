@@ -114,7 +114,7 @@ class ImageStore:
 
 class ArrayStore:
     """Decoded images as NumPy arrays by index, in memory or as raw pixel files on disk: the
-    train split's store when OpenCV resamples (``pipeline._batch_resampler`` fills it and
+    train split's store when OpenCV resamples (``batches.resampler`` fills it and
     reads from it, with Python's lock released while it copies, writes or reads).
 
     ``ImageStore``'s memory table costs ~0.5-1 ms of CPU per 256 KB image to fill on a 2-core
