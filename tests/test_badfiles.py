@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tfcovid import config
-from tfcovid.data import datasets, decode, folders as data_folders, checks, prepare as data_prepare
+from tfcovid.data import datasets, decode, folders as data_folders, checks, headers, prepare as data_prepare
 from tfcovid.inference import evaluate
 from tfcovid.data.types import DataError
 
@@ -135,14 +135,14 @@ def test_class_folder_with_only_bad_files_is_reported_as_those_files(tmp_path):
 def test_unreadable_files_give_the_os_reason(tmp_path, monkeypatch):
     root = _tree(tmp_path)
     locked = root / "train" / "a" / "0.png"
-    real_read = checks.read_bytes
+    real_read = headers.read_bytes
 
     def read(path, limit=-1):
         if Path(path) == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return real_read(path, limit)
 
-    monkeypatch.setattr(checks, "read_bytes", read)
+    monkeypatch.setattr(headers, "read_bytes", read)
     m = data_folders.scan(root, strict=False)
     assert _bad_by_name(m.bad) == {"0.png": "cannot be read (Permission denied); give read "
                                              "permission (chmod a+r) or remove it"}
@@ -226,15 +226,15 @@ def test_header_sizes_of_every_format():
     for fmt, picture, options in variants:
         buffer = io.BytesIO()
         picture.save(buffer, fmt, **options)
-        assert checks.image_size(buffer.getvalue(), fmt) == (13, 7), (fmt, options)
+        assert headers.image_size(buffer.getvalue(), fmt) == (13, 7), (fmt, options)
         if fmt == "JPEG":  # the same answer as TensorFlow's own header reader
             assert tf.io.extract_jpeg_shape(buffer.getvalue()).numpy()[:2].tolist() == [7, 13]
     jpeg = io.BytesIO()
     image.save(jpeg, "JPEG")
     frame = jpeg.getvalue().index(b"\xff\xc0")
     for cut in (3, 20, frame + 6):  # before and inside the frame header
-        with pytest.raises(checks.Unusable, match="damaged JPEG header|truncated header"):
-            checks.image_size(jpeg.getvalue()[:cut], "JPEG")
+        with pytest.raises(headers.Unusable, match="damaged JPEG header|truncated header"):
+            headers.image_size(jpeg.getvalue()[:cut], "JPEG")
 
 
 def _formats(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tfcovid import config
-from tfcovid.data import folders as data_folders, checks
+from tfcovid.data import folders as data_folders, checks, headers
 from tfcovid.inference import evaluate
 from tfcovid.data.types import DataError
 
@@ -119,13 +119,13 @@ def test_named_pipe_socket_and_device_are_refused_without_opening_them(tmp_path,
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(sock_path))
     opened = []
-    real_read = checks.read_bytes
+    real_read = headers.read_bytes
 
     def read(path, limit=-1):
         opened.append(Path(path).name)
         return real_read(path, limit)
 
-    monkeypatch.setattr(checks, "read_bytes", read)
+    monkeypatch.setattr(headers, "read_bytes", read)
     try:
         with pytest.raises(DataError) as raised:
             data_folders.scan(root)

@@ -8,7 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tfcovid import config
-from tfcovid.data import cache, datasets, decode as data_decode, types, pipeline
+from tfcovid.data import cache, datasets, decode as data_decode, sizes, types, pipeline
 from tfcovid.data.opencv import images
 
 AUG = config.AugmentConfig()
@@ -133,7 +133,7 @@ def test_no_cache_matches_cached_first_epoch(mixed_split):
 
 
 def test_auto_cache_uses_memory_within_budget_and_disk_beyond(mixed_split, tmp_path):
-    estimate = cache.estimate_bytes(mixed_split.paths, 32, 64, training=True)
+    estimate = sizes.estimate_bytes(mixed_split.paths, 32, 64, training=True)
     roomy = cache.Cache("auto", budget_mb=1, directory=str(tmp_path))
     ds = datasets.dataset(mixed_split, 32, 6, training=True, aug=AUG, cache=roomy)
     for _ in ds:
@@ -151,11 +151,11 @@ def test_auto_cache_uses_memory_within_budget_and_disk_beyond(mixed_split, tmp_p
 
 def test_cached_pixels_formula():
     # 1024 x 1024 gray JPEG at S = 224, decode_scale 2: 1/2 scale (512 >= 448 > 256).
-    assert cache.cached_pixels(1024, 1024, 1, True, 224, 448, True) == 512 * 512
-    assert cache.cached_pixels(1024, 1024, 1, True, 224, 448, False) == 224 * 224
-    assert cache.cached_pixels(203, 161, 3, False, 16, 40, True) == 50 * 40 * 3
-    assert cache.cached_pixels(203, 161, 3, False, 16, 50, True) == 101 * 80 * 3
-    assert cache.cached_pixels(100, 100, 1, True, 224, 448, True) == 100 * 100  # never upscaled
+    assert sizes.cached_pixels(1024, 1024, 1, True, 224, 448, True) == 512 * 512
+    assert sizes.cached_pixels(1024, 1024, 1, True, 224, 448, False) == 224 * 224
+    assert sizes.cached_pixels(203, 161, 3, False, 16, 40, True) == 50 * 40 * 3
+    assert sizes.cached_pixels(203, 161, 3, False, 16, 50, True) == 101 * 80 * 3
+    assert sizes.cached_pixels(100, 100, 1, True, 224, 448, True) == 100 * 100  # never upscaled
 
 
 def test_bad_cache_arguments():
@@ -202,10 +202,10 @@ def test_file_plan_sizes_and_decoders_match_decode_base(mixed_split, tmp_path):
         assert tuple(shape) == tuple(expected.shape[:2]) and expected.shape[0] == 250
         np.testing.assert_array_equal(decode(_bytes(path)), expected)
     # Powers of two exactly at the limit: halved while the shorter side stays >= min_side.
-    assert cache.working_shape(896, 1000, True, 448) == (448, 500)
-    assert cache.working_shape(895, 1000, True, 448) == (895, 1000)  # 447 < 448: not halved
-    assert cache.working_shape(897, 1001, True, 448) == (449, 501)  # libjpeg rounds up
-    assert cache.working_shape(897, 1001, False, 448) == (448, 500)  # pooling drops the odd row
+    assert sizes.working_shape(896, 1000, True, 448) == (448, 500)
+    assert sizes.working_shape(895, 1000, True, 448) == (895, 1000)  # 447 < 448: not halved
+    assert sizes.working_shape(897, 1001, True, 448) == (449, 501)  # libjpeg rounds up
+    assert sizes.working_shape(897, 1001, False, 448) == (448, 500)  # pooling drops the odd row
 
 
 def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
@@ -217,7 +217,7 @@ def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
         return x.numpy()[np.argsort(y.numpy())]
 
     truth = epoch()
-    real = cache.header
+    real = sizes.header
 
     def lying(path):
         head = real(path)
@@ -262,7 +262,7 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
     assert augment.resampler() == "opencv"
     copies = [shutil.copy(p, tmp_path / os.path.basename(p)) for p in mixed_split.paths]
     split = dataclasses.replace(mixed_split, dir=str(tmp_path), paths=tuple(map(str, copies)))
-    real = cache.header
+    real = sizes.header
     # The first file's header is wrong: the store's true size must replace it in later plans.
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=999) if p == split.paths[0] else real(p))
 
@@ -385,7 +385,7 @@ def test_opencv_path_wrong_header_and_broken_file(jpeg_split, monkeypatch):
     """A header that misleads OpenCV's scaled decode: the image is decoded and planned again by
     TensorFlow, same batches. A file that cannot be decoded is named in the error."""
     truth = _epochs(jpeg_split, 1, "memory")
-    real = cache.header
+    real = sizes.header
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
     shapes = []
     real_decode = images.decode_jpeg
@@ -584,7 +584,7 @@ def test_png_bit_depth_decides_the_decoder(tmp_path):
     grey4 = _raw_png(tmp_path / "g4.png", 8, 6, 4, 0, bytes([0x0F, 0xF0, 0x5A, 0xA5]))
     rgb16 = _raw_png(tmp_path / "c16.png", 5, 4, 16, 2, bytes(range(30)))
     grey8 = _write(tmp_path / "g8.png", _smooth(6, 8))
-    heads = [cache.header(p) for p in (grey4, rgb16, grey8)]
+    heads = [sizes.header(p) for p in (grey4, rgb16, grey8)]
     assert [(h.mode, h.depth) for h in heads] == [("L", 4), ("RGB", 16), ("L", 8)]
     readable = pipeline._file_plan([grey4, rgb16, grey8], 2)[2]
     assert readable[:, 0].tolist() == [0, 3, 1]
@@ -598,12 +598,12 @@ def test_cache_estimate_counts_rgb_saved_grey_as_one_channel(tmp_path):
     channel the stores keep: decoded small, a sample of the RGB files is checked."""
     grey = [_write(tmp_path / f"g{i}.jpg", np.dstack([_smooth(200, 240, seed=i)] * 3), "JPEG") for i in range(4)]
     colour = [_write(tmp_path / f"c{i}.jpg", _smooth(200, 240, 3, seed=i), "JPEG") for i in range(4)]
-    assert [cache.looks_gray(p) for p in (grey[0], colour[0])] == [True, False]
+    assert [sizes.looks_gray(p) for p in (grey[0], colour[0])] == [True, False]
     png = _write(tmp_path / "g.png", np.dstack([_smooth(50, 60)] * 3))
-    assert cache.looks_gray(png) and not cache.looks_gray(str(tmp_path / "missing.png"))
+    assert sizes.looks_gray(png) and not sizes.looks_gray(str(tmp_path / "missing.png"))
     split = types.Split("train", str(tmp_path), tuple(grey + colour), np.zeros(8, np.int64), ("x",))
-    plain = cache.estimate_bytes(split.paths, 32, 64, training=True)
-    estimate = cache.estimate_bytes(split.paths, 32, 64, training=True, gray_as_one=True)
+    plain = sizes.estimate_bytes(split.paths, 32, 64, training=True)
+    estimate = sizes.estimate_bytes(split.paths, 32, 64, training=True, gray_as_one=True)
     policy = cache.Cache("memory")
     for _ in datasets.dataset(split, 32, 4, training=True, aug=AUG, cache=policy):
         pass
@@ -640,7 +640,8 @@ def test_resample_processes_give_the_threads_batches(formats_split, mode):
     import subprocess
     import sys
 
-    light = subprocess.run([sys.executable, "-c", "import sys, tfcovid.data.opencv.process_pool; print(sorted(m for m in "
+    light = subprocess.run([sys.executable, "-c", "import sys, tfcovid.data.opencv.worker, tfcovid.data.opencv.process_pool; "
+                            "print(sorted(m for m in "
                             "('tensorflow', 'keras') if m in sys.modules))"], capture_output=True, text=True)
     assert light.stdout.strip() == "[]"  # the workers start without TensorFlow
     if mode == "disk":
@@ -658,7 +659,7 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
 
     assert process_pool.available()  # Linux with OpenCV, a dependency: what this project runs on
     truth = _epochs(jpeg_split, 2, "memory")
-    real = cache.header
+    real = sizes.header
     monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
     policy = cache.Cache("memory", processes=2)
     again = _epochs(jpeg_split, 2, policy=policy)

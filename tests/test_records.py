@@ -14,7 +14,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from tfcovid import cli, config
-from tfcovid.data import datasets, decode, folders as data_folders, prepare as data_prepare, records
+from tfcovid.data import datasets, decode, folders as data_folders, prepare as data_prepare, record_stream, records
 from tfcovid.utils import signals
 from tfcovid.training import train
 from tfcovid.data.types import DataError
@@ -85,7 +85,7 @@ def test_multilabel_labels_follow_the_label_map(multilabel_tree, tmp_path):
     assert {tuple(v) for v in got.labels.tolist()} == {(1, 0, 1), (0, 1, 0), (0, 0, 1)}
     # Re-encoded at max side 32: every stored image is a JPEG no larger than 32 px.
     for raw in tf.data.TFRecordDataset(list(got.shards)).take(5):
-        example = tf.io.parse_single_example(raw, records._FEATURES)
+        example = tf.io.parse_single_example(raw, records.FEATURES)
         assert example["image"].numpy()[:3] == b"\xff\xd8\xff"
         assert max(tf.io.decode_image(example["image"]).shape[:2]) <= 32
     with pytest.raises(DataError, match="exactly 2 classes"):
@@ -417,7 +417,7 @@ def test_encoded_shape_reads_jpeg_and_png_headers(tmp_path):
              "g.bmp": (Image.fromarray(grey), [-1, -1, 0])}
     for name, (image, expected) in cases.items():
         image.save(tmp_path / name)
-        shape = records.encoded_shape(tf.constant((tmp_path / name).read_bytes()))
+        shape = record_stream.encoded_shape(tf.constant((tmp_path / name).read_bytes()))
         assert shape.numpy().tolist() == expected, name
 
 
@@ -440,14 +440,14 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
         (image.convert("CMYK") if name == "e.jpg" else image).save(tmp_path / name, quality=90)
         files.append((tmp_path / name).read_bytes())
     encoded = tf.constant(files)
-    shapes = tf.stack([records.encoded_shape(e) for e in files])
+    shapes = tf.stack([record_stream.encoded_shape(e) for e in files])
     assert shapes[:, 2].numpy().tolist() == [1, 3, 1, 3, 0]
     shapes = tf.tensor_scatter_nd_update(shapes, [[2, 0]], [45])  # a wrong header
     draws = augment.draws(tf.constant([7, 1], tf.int64), len(files))
     args = (config.AugmentConfig().crop_scale, config.AugmentConfig().crop_ratio, 30.0, True)
     transforms, k = augment.plan(tf.maximum(shapes[:, :2], 1), draws, 32, *args)
     item = (encoded, shapes, transforms, k, draws, tf.range(5, dtype=tf.int64))
-    batch = records._batch_decoder(32, args)(item).numpy()
+    batch = record_stream._batch_decoder(32, args)(item).numpy()
     assert batch.shape == (5, 32, 32, 3)
     # With a store: the first call keeps what OpenCV decoded (not the wrong header's image,
     # nor the CMYK one: those are planned from TensorFlow's pixels each time); the second
@@ -455,13 +455,13 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
     from tfcovid.data.cache import ArrayStore
 
     store = ArrayStore(5, "train")
-    np.testing.assert_array_equal(records._batch_decoder(32, args, store)(item).numpy(), batch)
+    np.testing.assert_array_equal(record_stream._batch_decoder(32, args, store)(item).numpy(), batch)
     assert store.state()[0].tolist() == [True, True, False, True, False]
     decoded = []
     real = opencv_images.decode_file
     try:
         opencv_images.decode_file = lambda data_, c, h: decoded.append(data_) or real(data_, c, h)
-        np.testing.assert_array_equal(records._batch_decoder(32, args, store)(item).numpy(), batch)
+        np.testing.assert_array_equal(record_stream._batch_decoder(32, args, store)(item).numpy(), batch)
     finally:
         opencv_images.decode_file = real
     assert decoded == [files[2]]  # the wrong header's file (CMYK's header says no channels)
@@ -471,11 +471,11 @@ def test_batch_decoder_is_the_per_image_path(tmp_path):
 
     in_workers = process_pool.WorkerStore(5, "train", processes=2)
     for _ in range(2):
-        np.testing.assert_array_equal(records._batch_decoder(32, args, in_workers)(item).numpy(), batch)
+        np.testing.assert_array_equal(record_stream._batch_decoder(32, args, in_workers)(item).numpy(), batch)
     assert in_workers.stored(list(range(5))).tolist() == [True] * 5
     in_workers.close()
     for i, data_ in enumerate(files):
-        image = records.train_decode(tf.constant(data_))
+        image = record_stream.train_decode(tf.constant(data_))
         t, kk = augment.plan(tf.shape(image)[None, :2], draws[i:i + 1], 32, *args)
         ours = opencv_images._warp(image.numpy(), t[0].numpy(), int(kk[0]), 32)
         np.testing.assert_array_equal(batch[i], np.broadcast_to(ours, (32, 32, 3)))
@@ -523,4 +523,4 @@ def test_decoded_records_are_cached(prepared):
     np.testing.assert_array_equal(first, plain)
     np.testing.assert_array_equal(again, plain)
     assert policy.stores[0].count() == len(val)
-    assert records.cache_estimate(val, 32, False) == 32 * 32 * (val.grayscale + 3 * (len(val) - val.grayscale))
+    assert record_stream.cache_estimate(val, 32, False) == 32 * 32 * (val.grayscale + 3 * (len(val) - val.grayscale))

@@ -1,11 +1,11 @@
 """The one entry point from a split to its tf.data pipeline: ImageFolder images go through
-``pipeline``, prepared TFRecord shards through ``records``.
+``pipeline``, prepared TFRecord shards through ``record_stream``.
 """
 from __future__ import annotations
 import tensorflow as tf
 pass
 from tfcovid.data.types import Split
-from tfcovid.data import records
+from tfcovid.data import record_stream
 from tfcovid.data import pipeline
 
 
@@ -47,7 +47,7 @@ def dataset(
     """
     if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
 
-        return records.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache, readers)
+        return record_stream.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache, readers)
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
                             cache, decode_scale, epoch, deterministic)

@@ -13,13 +13,13 @@ import unicodedata
 from pathlib import Path
 from typing import Mapping, Sequence
 import numpy as np
-from tfcovid.data import checks
+from tfcovid.data import checks, headers
 from tfcovid.data import records
 from tfcovid.config import ConfigError
 from tfcovid.data.types import BadFile, ClassCountError, DataError, Manifest, Split
 
 
-IMAGE_EXTENSIONS = checks.IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = headers.IMAGE_EXTENSIONS
 
 
 SPLIT_ALIASES = {
@@ -92,15 +92,15 @@ def _list_images(folder: Path, split: str, found: _Found, above: Sequence[Path] 
             with os.scandir(directory) as scanned:
                 entries = sorted(scanned, key=lambda e: e.name)
         except OSError as err:  # os.walk would skip it without a word
-            found.bad.append(BadFile(directory, checks.unreadable_folder(err), split))
+            found.bad.append(BadFile(directory, headers.unreadable_folder(err), split))
             return
         subdirs = []
         for entry in entries:
-            if checks.is_system_file(entry.name):
+            if headers.is_system_file(entry.name):
                 found.ignored += 1
             elif entry.is_dir():  # follows links
                 subdirs.append(entry.path)
-            elif (reason := checks.quick_check(entry.path)) is not None:
+            elif (reason := headers.quick_check(entry.path)) is not None:
                 found.bad.append(BadFile(entry.path, reason, split))
             else:
                 images.append(entry.path)
@@ -120,10 +120,10 @@ def _list_images(folder: Path, split: str, found: _Found, above: Sequence[Path] 
 def _outside_classes(folder: Path, split: str, found: _Found) -> None:
     """Files lying directly in a split folder that has class folders: their class is unknown."""
     for path in sorted(p for p in folder.iterdir() if not p.is_dir()):
-        if checks.is_system_file(path.name):
+        if headers.is_system_file(path.name):
             found.ignored += 1
             continue
-        reason = checks.quick_check(path)
+        reason = headers.quick_check(path)
         found.bad.append(BadFile(str(path), reason or checks.OUTSIDE_CLASS, split))
 
 
@@ -213,7 +213,7 @@ def scan(
         label_map: multilabel folder -> labels mapping.
         required: splits that must exist (and be labeled).
         strict: raise one DataError listing every unusable file. False returns them in
-            ``Manifest.bad`` for ``filecheck.verify`` (which can leave them out).
+            ``Manifest.bad`` for ``checks.verify`` (which can leave them out).
 
     Raises:
         DataError: a split is missing, a folder has no images, class folders differ between
@@ -223,6 +223,42 @@ def scan(
     if records.is_prepared(root):  # a `tfcovid prepare` output (local or gs://): its manifest
         return records.load(root, task, labels, label_map, required)
     root = Path(root).expanduser()
+    folders = _split_folders(root, required)
+    found = _Found(root)
+    splits: dict[str, Split] = {}
+    labeled: list[str] = []
+    class_names: tuple[str, ...] | None = None
+    for name, folder in folders.items():
+        subdirs = [p for p in folder.iterdir() if p.is_dir()]
+        class_dirs = sorted(p for p in subdirs if not headers.is_system_file(p.name))
+        found.ignored += len(subdirs) - len(class_dirs)
+        if not class_dirs:  # images directly in the split folder: an unlabeled split
+            splits[name] = _unlabeled_split(name, folder, root, required, found)
+            continue
+        names = tuple(p.name for p in class_dirs)
+        if class_names is None:
+            class_names, first_folder = names, folder
+        elif names != class_names:
+            raise _class_mismatch(folder, names, first_folder, class_names)
+        splits[name] = _class_split(name, folder, class_dirs, root, found)
+        labeled.append(name)
+    if class_names is None:
+        raise DataError(f"No split under {root} has class folders.")
+
+    label_map = {k: tuple(v) for k, v in (label_map or {}).items()}
+    output_names = _output_names(task, labels, class_names, root)
+    for name in labeled:
+        split = splits[name]
+        vectors = label_vectors(split.folders, task, class_names, output_names, label_map)
+        splits[name] = Split(name, split.dir, split.paths, vectors, split.folders)
+    if strict and found.bad:
+        raise checks.problems_error(found.bad, root, "Fix or remove these files.")
+    return Manifest(str(root), task, class_names, output_names, splits, label_map,
+                    tuple(found.note()), tuple(found.bad))
+
+
+def _split_folders(root: Path, required: Sequence[str]) -> dict[str, Path]:
+    """The split folders under ``root``; a DataError when it or a required split is missing."""
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. Pass --data DIR (an ImageFolder tree) or --data demo.")
     folders = find_splits(root)
@@ -233,65 +269,49 @@ def scan(
             f"{root} has no {' or '.join(missing)} split folder (found: {have}). Expected "
             f"train/, validation/ (or val/) and optionally test/, each with one folder per class."
         )
-    found = _Found(root)
-    splits: dict[str, Split] = {}
-    labeled: list[str] = []
-    class_names: tuple[str, ...] | None = None
-    for name, folder in folders.items():
-        subdirs = [p for p in folder.iterdir() if p.is_dir()]
-        class_dirs = sorted(p for p in subdirs if not checks.is_system_file(p.name))
-        found.ignored += len(subdirs) - len(class_dirs)
-        if not class_dirs:  # images directly in the split folder: an unlabeled split
-            before = len(found.bad)
-            paths = _list_images(folder, name, found, above=(root,))
-            if not paths and len(found.bad) == before:
-                raise DataError(f"{folder} holds no images and no class folders.")
-            if name in required:
-                raise DataError(
-                    f"{folder} has no class folders, so its images have no labels; the {name} "
-                    f"split needs one folder per class."
-                )
-            splits[name] = Split(name, str(folder), tuple(paths), None, ("",) * len(paths))
-            continue
-        names = tuple(p.name for p in class_dirs)
-        if class_names is None:
-            class_names, first_folder = names, folder
-        elif names != class_names:
-            raise _class_mismatch(folder, names, first_folder, class_names)
-        _outside_classes(folder, name, found)
-        paths, owners = [], []
-        for class_dir in class_dirs:
-            before = len(found.bad)
-            images = _list_images(class_dir, name, found, above=(root, folder))
-            if not images and len(found.bad) == before:  # unusable files are reported instead
-                raise DataError(f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            paths += images
-            owners += [class_dir.name] * len(images)
-        splits[name] = Split(name, str(folder), tuple(paths), None, tuple(owners))
-        labeled.append(name)
-    if class_names is None:
-        raise DataError(f"No split under {root} has class folders.")
+    return folders
 
-    label_map = {k: tuple(v) for k, v in (label_map or {}).items()}
+
+def _unlabeled_split(name: str, folder: Path, root: Path, required: Sequence[str], found: _Found) -> Split:
+    """A split folder with its images directly in it (no class folders, so no labels)."""
+    before = len(found.bad)
+    paths = _list_images(folder, name, found, above=(root,))
+    if not paths and len(found.bad) == before:
+        raise DataError(f"{folder} holds no images and no class folders.")
+    if name in required:
+        raise DataError(
+            f"{folder} has no class folders, so its images have no labels; the {name} "
+            f"split needs one folder per class."
+        )
+    return Split(name, str(folder), tuple(paths), None, ("",) * len(paths))
+
+
+def _class_split(name: str, folder: Path, class_dirs: list[Path], root: Path, found: _Found) -> Split:
+    """A split folder's images, class folder by class folder (labels are added for the task)."""
+    _outside_classes(folder, name, found)
+    paths, owners = [], []
+    for class_dir in class_dirs:
+        before = len(found.bad)
+        images = _list_images(class_dir, name, found, above=(root, folder))
+        if not images and len(found.bad) == before:  # unusable files are reported instead
+            raise DataError(f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        paths += images
+        owners += [class_dir.name] * len(images)
+    return Split(name, str(folder), tuple(paths), None, tuple(owners))
+
+
+def _output_names(task: str, labels: Sequence[str], class_names: tuple[str, ...], root: Path) -> tuple[str, ...]:
+    """The model's outputs: the two class folders (binary) or ``labels`` (multilabel)."""
     if task == "binary":
         if len(class_names) != 2:
             raise ClassCountError(
                 f"The binary task needs exactly 2 class folders; {root} has {len(class_names)}: "
                 f"{list(class_names)}. Use --task multilabel for more labels.", root, class_names
             )
-        output_names = class_names
-    elif task == "multilabel":
-        output_names = tuple(labels)
-    else:
-        raise DataError(f"Unknown task {task!r}. Valid tasks: binary, multilabel.")
-    for name in labeled:
-        split = splits[name]
-        vectors = label_vectors(split.folders, task, class_names, output_names, label_map)
-        splits[name] = Split(name, split.dir, split.paths, vectors, split.folders)
-    if strict and found.bad:
-        raise checks.problems_error(found.bad, root, "Fix or remove these files.")
-    return Manifest(str(root), task, class_names, output_names, splits, label_map,
-                    tuple(found.note()), tuple(found.bad))
+        return class_names
+    if task == "multilabel":
+        return tuple(labels)
+    raise DataError(f"Unknown task {task!r}. Valid tasks: binary, multilabel.")
 
 
 def disease_class(positive: str, class_names) -> tuple[str, str | None]:

@@ -3,30 +3,29 @@
 Train: once per epoch, a stateless shuffle and every image's augmentation plan (keyed on seed,
 epoch and image, so a resumed run sees the same batches); then each image is decoded once at a
 working resolution into the cache (``tfcovid.data.cache``) and resampled per batch by OpenCV
-(``_batch_resampler``) or per image by TensorFlow. Eval: antialiased resize to S x S, cached
+(``batches.resampler``) or per image by TensorFlow. Eval: antialiased resize to S x S, cached
 as final uint8 pixels. How and why, step by step: docs/performance.md ("The input pipeline").
 """
 from __future__ import annotations
+import functools
 import math
+from dataclasses import dataclass
+from typing import Callable
 import numpy as np
 import tensorflow as tf
-from tfcovid.data import augment
+from tfcovid.data import augment, batches
+from tfcovid.data.batches import FROM_OPENCV, FROM_STORE, FROM_TENSORFLOW
 from tfcovid.data.opencv import images as opencv_images
-from tfcovid.data.cache import ArrayStore, as_cache, estimate_bytes, halvings, header, working_shape
+from tfcovid.data.cache import ArrayStore, as_cache
+from tfcovid.data.sizes import estimate_bytes, halvings, header, working_shape
 from tfcovid.data.types import Split
 from tfcovid.data.decode import decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
-from tfcovid.data.opencv.process_pool import DECODE, PIXELS, STORED, WorkerStore
+from tfcovid.data.opencv.process_pool import WorkerStore
 
 
 # libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,
 # so a JPEG decoded by either library has the same pixels (see ``augment.decode_jpeg``).
 _DCT = "INTEGER_ACCURATE"
-
-
-# Where the batch resampler gets each train image (OpenCV path): from the ArrayStore, from the
-# file's bytes with OpenCV's JPEG decoder, or decoded by TensorFlow in the per-image map. The
-# same codes as the worker processes' request kinds, so a batch's sources go to them as they are.
-_STORED, _OPENCV, _TENSORFLOW = STORED, DECODE, PIXELS
 
 
 def working_side(image_size: int, decode_scale: float) -> int | None:
@@ -38,7 +37,7 @@ def working_side(image_size: int, decode_scale: float) -> int | None:
 
 def _halvings(short, min_side: int, cap: int):
     """How many times (at most ``cap``) an image can be halved and keep its shorter side >=
-    min_side; integer arithmetic, the same count as ``cache.halvings``."""
+    min_side; integer arithmetic, the same count as ``sizes.halvings``."""
     steps = tf.constant([min_side * 2**j for j in range(1, cap + 1)], tf.int64)
     return tf.reduce_sum(tf.cast(tf.cast(short, tf.int64) >= steps, tf.int32))
 
@@ -137,6 +136,30 @@ def eval_pixels(data, size: int):
     """uint8 (S, S, C) eval pixels, C = 1 or 3: exactly what ``data.load_image`` rounds to."""
     return one_channel_if_gray(round_uint8(augment.resize_eval(decode_image(data), size)))
 
+# The plan row of one train image, as ``_one_epoch`` lays it out: augmentation draws, affine
+# transform (8), pre-shrink halvings, planned (height, width), source, OpenCV's (channels, halvings).
+_PLAN = [augment.DRAWS, 8, 1, 2, 1, 2]
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """What the stages of one split's pipeline share, decided once by ``_stages``."""
+
+    split: Split
+    image_size: int
+    paths: tf.Tensor  # the split's files, by image index
+    labels: tf.Tensor | None
+    augmenting: bool
+    min_side: int | None  # the working resolution's shorter side (None: full size)
+    warp_batches: bool  # OpenCV resamples whole batches, after batching
+    store: object = None  # the split's ImageStore, ArrayStore or WorkerStore (None: no cache)
+    arrays: bool = False  # ``store`` is read and filled by the batch resampler
+    opencv_decodes: bool = False  # the batch resampler also decodes the JPEGs and PNGs
+    aug_args: tuple = ()  # crop scale, crop ratio, rotation, flip
+    shapes: np.ndarray | None = None  # ``_file_plan``'s: header sizes, decoder, OpenCV's kinds
+    decode: Callable | None = None
+    readable: np.ndarray | None = None
+
 
 def dataset(
     split: Split,
@@ -171,21 +194,41 @@ def dataset(
             pass draws a fresh key from a stream seeded with ``seed`` (standalone use).
         deterministic: keep the map's output order fixed in training too (a little slower).
     """
+    s = _stages(split, image_size, batch_size, training, aug, cache, decode_scale)
+    if training:
+        ds = _epoch_keys(seed, epoch).flat_map(functools.partial(_one_epoch, s))
+    else:
+        ds = tf.data.Dataset.range(len(split)).map(lambda index: (index, tf.zeros([0])))
+    ds = _batched(s, ds, batch_size, drop_remainder, in_order=deterministic or not training)
+    if training:  # flat_map hides the length; Keras's progress bar and step count want it
+        n = len(split)
+        batches = n // batch_size if drop_remainder else -(-n // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    # Prefetching overlaps decoding of the next batches with the training step on this one.
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug, cache,
+            decode_scale: float) -> _Stages:
+    """How this split's images are planned, decoded, cached and resampled; starts the cache's
+    worker processes, if it has them."""
     augmenting = training and aug is not None and aug.enabled
     min_side = working_side(image_size, decode_scale) if augmenting else None
     # With OpenCV a whole batch is resampled in one call after batching.
     warp_batches = augmenting and augment.resampler() == "opencv"
+    planned = {}
     if augmenting:
         shapes, decode, readable = _file_plan(split.paths, min_side)
-        aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
-    n, m = len(split), max(len(split), 1)
+        planned = dict(shapes=shapes, decode=decode, readable=readable,
+                       aug_args=(aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip))
     policy = as_cache(cache)
     store = None
     if policy is not None:
         # RGB-saved grey is kept as one channel by the eval cache and by OpenCV's train store.
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting,
                                    gray_as_one=warp_batches or not augmenting)
-        store = policy.store_for(split.name, estimated, arrays=m if warp_batches else None, workers=True)
+        arrays = max(len(split), 1) if warp_batches else None
+        store = policy.store_for(split.name, estimated, arrays=arrays, workers=True)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
     if policy is not None:  # worker processes started now (threads where they cannot start)
@@ -194,185 +237,132 @@ def dataset(
     # The batch resampler also decodes the JPEGs and PNGs (OpenCV, same pixels) unless a
     # TensorFlow table must be filled inside the per-image map.
     opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)
+    return _Stages(split, image_size, paths, labels, augmenting, min_side, warp_batches, store,
+                   arrays, opencv_decodes, **planned)
 
-    if training:
-        # Randomness is keyed on (seed, epoch, image), never on hidden generator state, so a
-        # resumed run sees exactly the batches an uninterrupted one would have. The epoch is
-        # read once per pass: from ``epoch`` (set by fit's callback before each epoch) or, for
-        # a standalone dataset, drawn fresh per pass from a seeded stream.
-        if epoch is not None:
-            keys = tf.data.Dataset.range(1).map(
-                lambda _: tf.random.experimental.stateless_fold_in(
-                    tf.constant([seed, 0], tf.int64), tf.cast(epoch.read_value(), tf.int32)))
-        else:
-            keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(
-                2, drop_remainder=True).take(1)
 
-        def one_epoch(key):
-            # One epoch at once, vectorised (far cheaper than per-image ops): a stateless
-            # permutation of the split (a full reshuffle) and each image's augmentation draws
-            # and plan, from the sizes its header gave.
-            key = tf.reshape(tf.cast(key, tf.int64), [2])
-            order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), key, max(n - 1, 0))
-            if not augmenting:
-                return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
-            draws = augment.draws(key, m)
-            known, source = shapes, tf.fill([m], _TENSORFLOW)
-            if opencv_decodes:
-                source = tf.where(readable[:, 0] > 0, _OPENCV, source)
-            if arrays:  # what the cache holds now, once per epoch: those are not decoded
-                stored, held = tf.numpy_function(store.state, [], [tf.bool, tf.int32], stateful=True)
-                stored = tf.reshape(stored, [m])
-                known = tf.where(stored[:, None], tf.reshape(held, [m, 2]), shapes)
-                source = tf.where(stored, _STORED, source)
-            transforms, shrink = augment.plan(known, draws, image_size, *aug_args)
-            plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
-                               tf.cast(known, tf.float32), tf.cast(source, tf.float32)[:, None],
-                               tf.cast(readable, tf.float32)], axis=1)
-            return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
+def _epoch_keys(seed: int, epoch: tf.Variable | None) -> tf.data.Dataset:
+    """One random key per pass over the data.
 
-        ds = keys.flat_map(one_epoch)
-    else:
-        ds = tf.data.Dataset.range(n).map(lambda index: (index, tf.zeros([0])))
+    Randomness is keyed on (seed, epoch, image), never on hidden generator state, so a
+    resumed run sees exactly the batches an uninterrupted one would have. The epoch is read
+    once per pass: from ``epoch`` (set by fit's callback before each epoch) or, for a
+    standalone dataset, drawn fresh per pass from a seeded stream.
+    """
+    if epoch is not None:
+        return tf.data.Dataset.range(1).map(
+            lambda _: tf.random.experimental.stateless_fold_in(
+                tf.constant([seed, 0], tf.int64), tf.cast(epoch.read_value(), tf.int32)))
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(
+        2, drop_remainder=True).take(1)
 
-    def decoded(index, make):
-        """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
-        if store is None or arrays:  # an ArrayStore is read and filled by the batch resampler
-            return make()
-        return store.through(index, make)
 
-    def train_image(index, plan):
-        """TensorFlow resampler: the augmented image. OpenCV: what the batch resampler needs
-        (the decoded image, or an empty placeholder when it reads the store or decodes the
-        file's bytes itself)."""
-        draws, transform, shrink, expected, source, coded = tf.split(plan, [augment.DRAWS, 8, 1, 2, 1, 2])
-        source = tf.cast(source[0], tf.int32)
-        here = tf.equal(source, _TENSORFLOW)
-        base = tf.cond(here, lambda: decoded(index, lambda: decode(tf.io.read_file(paths[index]))),
-                       lambda: tf.zeros([0, 0, 1], tf.uint8))
-        base.set_shape([None, None, None])
-        hw = tf.shape(base)[:2]
+def _one_epoch(s: _Stages, key) -> tf.data.Dataset:
+    """One epoch's (index, plan) elements, planned at once, vectorised (far cheaper than
+    per-image ops): a stateless permutation of the split (a full reshuffle) and each image's
+    augmentation draws and plan, from the sizes its header gave."""
+    n, m = len(s.split), max(len(s.split), 1)
+    key = tf.reshape(tf.cast(key, tf.int64), [2])
+    order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), key, max(n - 1, 0))
+    if not s.augmenting:
+        return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
+    draws = augment.draws(key, m)
+    known, source = s.shapes, tf.fill([m], FROM_TENSORFLOW)
+    if s.opencv_decodes:
+        source = tf.where(s.readable[:, 0] > 0, FROM_OPENCV, source)
+    if s.arrays:  # what the cache holds now, once per epoch: those are not decoded
+        stored, held = tf.numpy_function(s.store.state, [], [tf.bool, tf.int32], stateful=True)
+        stored = tf.reshape(stored, [m])
+        known = tf.where(stored[:, None], tf.reshape(held, [m, 2]), s.shapes)
+        source = tf.where(stored, FROM_STORE, source)
+    transforms, shrink = augment.plan(known, draws, s.image_size, *s.aug_args)
+    plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
+                       tf.cast(known, tf.float32), tf.cast(source, tf.float32)[:, None],
+                       tf.cast(s.readable, tf.float32)], axis=1)
+    return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
 
-        same = ~here | tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
-        # Where the header's size was not the decoded one, the image is planned from its pixels.
-        transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)),
-                               lambda: augment.plan_one(hw, draws, image_size, *aug_args))
-        if not warp_batches:
-            return gray_to_rgb(augment.apply_uint8(base, transform, k, image_size), image_size)
-        coded = tf.cast(coded, tf.int32)
-        opencv = tf.equal(source, _OPENCV)
-        data = tf.cond(opencv, lambda: tf.io.read_file(paths[index]), lambda: tf.constant(""))
-        # The size the plan assumed (the header's, or the stored image's), else the decoded one.
-        shape = tf.where(here, tf.shape(base), tf.concat([tf.cast(expected, tf.int32), coded[:1]], 0))
-        return base, shape, transform, k, index, source, data, coded[1], draws
 
-    def fallback(index, data, draws):
-        """For the batch resampler, in eager TensorFlow: an image whose header misled OpenCV's
-        decode (another size than planned), decoded by ``decode_base`` and planned from it."""
-        try:
-            image = decode_base(tf.constant(data), min_side)
-        except tf.errors.OpError as error:
-            raise ValueError(f"{split.paths[index]}: cannot be decoded ({error.message}). "
-                             "Replace or remove the file.") from None
-        transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), image_size, *aug_args)
-        return image.numpy(), transform.numpy(), int(k)
+def _decoded(s: _Stages, index, make):
+    """``make()``'s image for ``index``, from the cache when it is there (and put there)."""
+    if s.store is None or s.arrays:  # an ArrayStore is read and filled by the batch resampler
+        return make()
+    return s.store.through(index, make)
 
-    def eval_image(index):
-        return gray_to_rgb(decoded(index, lambda: eval_pixels(tf.io.read_file(paths[index]), image_size)),
-                    image_size)
 
-    def load(index, plan):
-        image = train_image(index, plan) if augmenting else eval_image(index)
-        return image if labels is None else (image, tf.gather(labels, index))
+def _train_image(s: _Stages, index, plan):
+    """TensorFlow resampler: the augmented image. OpenCV: what the batch resampler needs
+    (the decoded image, or an empty placeholder when it reads the store or decodes the
+    file's bytes itself)."""
+    draws, transform, shrink, expected, source, coded = tf.split(plan, _PLAN)
+    source = tf.cast(source[0], tf.int32)
+    here = tf.equal(source, FROM_TENSORFLOW)
+    base = tf.cond(here, lambda: _decoded(s, index, lambda: s.decode(tf.io.read_file(s.paths[index]))),
+                   lambda: tf.zeros([0, 0, 1], tf.uint8))
+    base.set_shape([None, None, None])
+    hw = tf.shape(base)[:2]
 
-    in_order = deterministic or not training
-    if opencv_decodes and (readable[:, 0] > 0).all():
+    same = ~here | tf.reduce_all(tf.equal(tf.cast(expected, tf.int32), hw))
+    # Where the header's size was not the decoded one, the image is planned from its pixels.
+    transform, k = tf.cond(same, lambda: (transform, tf.cast(shrink[0], tf.int32)),
+                           lambda: augment.plan_one(hw, draws, s.image_size, *s.aug_args))
+    if not s.warp_batches:
+        return gray_to_rgb(augment.apply_uint8(base, transform, k, s.image_size), s.image_size)
+    coded = tf.cast(coded, tf.int32)
+    opencv = tf.equal(source, FROM_OPENCV)
+    data = tf.cond(opencv, lambda: tf.io.read_file(s.paths[index]), lambda: tf.constant(""))
+    # The size the plan assumed (the header's, or the stored image's), else the decoded one.
+    shape = tf.where(here, tf.shape(base), tf.concat([tf.cast(expected, tf.int32), coded[:1]], 0))
+    return base, shape, transform, k, index, source, data, coded[1], draws
+
+
+def _eval_image(s: _Stages, index):
+    pixels = _decoded(s, index, lambda: eval_pixels(tf.io.read_file(s.paths[index]), s.image_size))
+    return gray_to_rgb(pixels, s.image_size)
+
+
+def _load(s: _Stages, index, plan):
+    image = _train_image(s, index, plan) if s.augmenting else _eval_image(s, index)
+    return image if s.labels is None else (image, tf.gather(s.labels, index))
+
+
+def _fallback(s: _Stages, index, data, draws):
+    """For the batch resampler, in eager TensorFlow: an image whose header misled OpenCV's
+    decode (another size than planned), decoded by ``decode_base`` and planned from it."""
+    try:
+        image = decode_base(tf.constant(data), s.min_side)
+    except tf.errors.OpError as error:
+        raise ValueError(f"{s.split.paths[index]}: cannot be decoded ({error.message}). "
+                         "Replace or remove the file.") from None
+    transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), s.image_size, *s.aug_args)
+    return image.numpy(), transform.numpy(), int(k)
+
+
+def _batch_of_plans(s: _Stages, indices, plans):
+    """A batch of (index, plan) as the batch resampler's element, with no pixels: it reads
+    every file itself."""
+    _, transforms, shrink, known, source, coded = tf.split(plans, _PLAN, axis=1)
+    coded = tf.cast(coded, tf.int32)
+    item = (tf.zeros([0, 0, 0, 1], tf.uint8), tf.concat([tf.cast(known, tf.int32), coded[:, :1]], 1),
+            transforms, tf.cast(shrink[:, 0], tf.int32), indices, tf.cast(source[:, 0], tf.int32),
+            tf.zeros([0], tf.string), coded[:, 1], plans[:, :augment.DRAWS])
+    return item if s.labels is None else (item, tf.gather(s.labels, indices))
+
+
+def _batched(s: _Stages, ds: tf.data.Dataset, batch_size: int, drop_remainder: bool,
+             in_order: bool) -> tf.data.Dataset:
+    """(index, plan) elements to batches of images: per-image map then batch, or with OpenCV
+    batch then resample (``batches.resampler``)."""
+    store = s.store if s.arrays else None
+    fallback = functools.partial(_fallback, s)
+    if s.opencv_decodes and (s.readable[:, 0] > 0).all():
         # Every file is one OpenCV decodes: no per-image TensorFlow work at all. Batches of
         # (index, plan) go straight to the batch resampler, which reads the files itself.
-        def batch_of_plans(indices, plans):
-            _, transforms, shrink, known, source, coded = tf.split(plans, [augment.DRAWS, 8, 1, 2, 1, 2], axis=1)
-            coded = tf.cast(coded, tf.int32)
-            item = (tf.zeros([0, 0, 0, 1], tf.uint8), tf.concat([tf.cast(known, tf.int32), coded[:, :1]], 1),
-                    transforms, tf.cast(shrink[:, 0], tf.int32), indices, tf.cast(source[:, 0], tf.int32),
-                    tf.zeros([0], tf.string), coded[:, 1], plans[:, :augment.DRAWS])
-            return item if labels is None else (item, tf.gather(labels, indices))
-
-        warp = _batch_resampler(image_size, store if arrays else None, fallback, split.paths)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(batch_of_plans).map(
-            warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
-    elif warp_batches:
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
-        ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
-        warp = _batch_resampler(image_size, store if arrays else None, fallback)
-        ds = ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
-    else:
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if training:  # flat_map hides the length; Keras's progress bar and step count want it
-        batches = n // batch_size if drop_remainder else -(-n // batch_size)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
-    # Prefetching overlaps decoding of the next batches with the training step on this one.
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _read(path: str) -> bytes:
-    if "://" in path:  # a URL-like path (gs://, s3://, ...): TensorFlow's file systems
-        with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _batch_resampler(size: int, store: ArrayStore | WorkerStore | None, fallback, paths=None):
-    """A tf.data map function for padded batches of ``train_image``'s OpenCV elements[, labels]:
-    one ``tf.numpy_function`` per batch (see ``augment.warp_rows`` for why per batch) that
-    gets each image from the store, from its file's bytes (``augment.decode_file``) or from the
-    batch, keeps the new ones in ``store``, and resamples them all on all cores: on threads,
-    or with a ``WorkerStore`` in its worker processes, which hold the cache. With ``paths``
-    the files are read here (or by the workers), from ``paths[index]``, not from the batch."""
-    def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
-        # Python ints, once per batch: each row's few microseconds under the Python lock count
-        # on many cores (see augment.warp_rows).
-        indices_, ks_, sources_ = indices.tolist(), ks.tolist(), sources.tolist()
-        if isinstance(store, WorkerStore):
-            return in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws)
-
-        def source(i):
-            index, transform, k, kind = indices_[i], transforms[i], ks_[i], sources_[i]
-            if kind == _STORED:
-                return store.get(index), transform, k
-            h, w, c = shapes[i].tolist()
-            if kind == _OPENCV:
-                data = files[i] if paths is None else _read(paths[index])
-                image = opencv_images.decode_file(data, c, int(halvings[i]))
-                if image is None or image.shape[:2] != (h, w):  # its header was wrong
-                    image, transform, k = fallback(index, data, draws[i])
-            else:  # decoded by TensorFlow's per-image map (decode_file did this for its decodes)
-                image = opencv_images.one_channel_if_gray(images[i, :h, :w, :c])
-            if store is not None:
-                image = store.put(index, image, copy=kind == _TENSORFLOW)
-            return image, transform, k
-
-        return augment.warp_rows(len(indices), size, source)
-
-    def in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws):
-        def data(i):
-            return files[i] if paths is None else _read(paths[indices_[i]])
-
-        def payload(i):
-            if sources_[i] == _TENSORFLOW:
-                h, w, c = shapes[i].tolist()
-                return np.ascontiguousarray(images[i, :h, :w, :c])
-            if paths is not None and "://" not in paths[indices_[i]]:
-                return paths[indices_[i]]  # the worker reads it
-            return data(i)
-
-        return store.resample(size, indices_, sources_, shapes, halvings, transforms,
-                              ks_, payload, lambda i: fallback(indices_[i], data(i), draws[i]))
-
-    def warp(item, label=None):
-        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None or paths is not None)
-        images.set_shape([item[4].shape[0], size, size, 3])
-        return images if label is None else (images, label)
-
-    return warp
+        warp = batches.resampler(s.image_size, store, fallback, s.split.paths)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(functools.partial(_batch_of_plans, s))
+        return ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+    ds = ds.map(functools.partial(_load, s), num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
+    if not s.warp_batches:
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
+    warp = batches.resampler(s.image_size, store, fallback)
+    return ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)

@@ -124,31 +124,9 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
             partial output of another prepare is in the way.
         runstate.Interrupted: SIGTERM or Ctrl-C; nothing is left in out_dir.
     """
-    if shards < 1:
-        raise DataError(f"--shards must be at least 1, got {shards}.")
-    if max_side and max_side < 16:
-        raise DataError(f"--max-side must be 0 (keep sizes) or at least 16 px, got {max_side}.")
-    if encoding not in ENCODINGS:
-        raise DataError(f"Unknown encoding {encoding!r}. Valid encodings: {', '.join(ENCODINGS)}.")
-    if max_pixels < 1:
-        raise DataError(f"--max-pixels must be at least 1, got {max_pixels}.")
-    if is_prepared(data_dir):
-        if _is_incomplete(data_dir):
-            raise _incomplete_error(data_dir)
-        raise DataError(f"{data_dir} is already a prepared dataset; pass it to fit --data directly.")
+    _check_arguments(data_dir, shards, max_side, encoding, max_pixels)
     out = str(out_dir).rstrip("/") or "/"
-    if tf.io.gfile.exists(out) and tf.io.gfile.listdir(out):
-        if _is_incomplete(out):
-            raise _incomplete_error(out)
-        raise FileExistsError(f"{out} exists and is not empty; tfcovid prepare never overwrites. "
-                              "Choose a new OUT_DIR or empty this one.")
-    # A local folder is renamed into place whole; a URL's folder (gs://) cannot be, so it is
-    # written in place with the manifest last.
-    work = out + PARTIAL if "://" not in out else out
-    if work != out and os.path.lexists(work):
-        raise FileExistsError(f"{work} exists: a tfcovid prepare into {out} is running, or one was "
-                              f"killed (SIGKILL, power loss). If none is running, delete {work} and "
-                              "run tfcovid prepare again.")
+    work = _work_folder(out)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. tfcovid prepare reads a local ImageFolder "
@@ -179,6 +157,40 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
         if work != out:
             _move_into_place(work, out)
     return manifest
+
+
+def _check_arguments(data_dir, shards: int, max_side: int, encoding: str, max_pixels: int) -> None:
+    """A DataError for an option out of range, or for a ``data_dir`` that is already prepared."""
+    if shards < 1:
+        raise DataError(f"--shards must be at least 1, got {shards}.")
+    if max_side and max_side < 16:
+        raise DataError(f"--max-side must be 0 (keep sizes) or at least 16 px, got {max_side}.")
+    if encoding not in ENCODINGS:
+        raise DataError(f"Unknown encoding {encoding!r}. Valid encodings: {', '.join(ENCODINGS)}.")
+    if max_pixels < 1:
+        raise DataError(f"--max-pixels must be at least 1, got {max_pixels}.")
+    if is_prepared(data_dir):
+        if _is_incomplete(data_dir):
+            raise _incomplete_error(data_dir)
+        raise DataError(f"{data_dir} is already a prepared dataset; pass it to fit --data directly.")
+
+
+def _work_folder(out: str) -> str:
+    """Where the shards are written: ``out.partial`` for a local ``out``, else ``out`` itself;
+    a FileExistsError when ``out`` is not empty or another prepare's partial output is there."""
+    if tf.io.gfile.exists(out) and tf.io.gfile.listdir(out):
+        if _is_incomplete(out):
+            raise _incomplete_error(out)
+        raise FileExistsError(f"{out} exists and is not empty; tfcovid prepare never overwrites. "
+                              "Choose a new OUT_DIR or empty this one.")
+    # A local folder is renamed into place whole; a URL's folder (gs://) cannot be, so it is
+    # written in place with the manifest last.
+    work = out + PARTIAL if "://" not in out else out
+    if work != out and os.path.lexists(work):
+        raise FileExistsError(f"{work} exists: a tfcovid prepare into {out} is running, or one was "
+                              f"killed (SIGKILL, power loss). If none is running, delete {work} and "
+                              "run tfcovid prepare again.")
+    return work
 
 
 def _usable(scanned: types.Manifest, max_pixels: int, skip_bad: bool, log):

@@ -27,7 +27,8 @@ folder of shards without a manifest is named as an incomplete ``prepare`` output
 Reading checks that every shard and index file is there and each shard's size against the
 manifest at start, and each shard's record count as it is read; a read failure is explained
 by re-checking the sha256 checksums, so the error names the damaged shard. Training reads shards in parallel (interleaved) and shards them
-across workers by file (``AutoShardPolicy.FILE``); evaluation reads them in order.
+across workers by file (``AutoShardPolicy.FILE``); evaluation reads them in order
+(``record_stream.dataset``).
 """
 from __future__ import annotations
 import hashlib
@@ -37,11 +38,8 @@ import re
 from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
-from tfcovid.data import augment, decode, folders as data_folders, types, pipeline
-from tfcovid.data.opencv import images as opencv_images
-from tfcovid.data.cache import as_cache
+from tfcovid.data import folders as data_folders, types
 from tfcovid.data.types import DataError
-from tfcovid.data.opencv.process_pool import DECODE, STORED, WorkerStore
 
 
 MANIFEST = "tfcovid-records.json"
@@ -67,14 +65,11 @@ READ_ERRORS = (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
                tf.errors.InvalidArgumentError, tf.errors.NotFoundError)
 
 
-_FEATURES = {
+FEATURES = {  # what each record holds
     "image": tf.io.FixedLenFeature([], tf.string),
     "class": tf.io.FixedLenFeature([], tf.int64),
     "name": tf.io.FixedLenFeature([], tf.string),
 }
-
-
-_SHUFFLE_BYTES = 256 << 20  # memory for the record shuffle buffer (encoded images)
 
 
 @dataclass(frozen=True)
@@ -231,179 +226,6 @@ def upsampling_note(manifest: types.Manifest, image_size: int) -> str | None:
     return (f"the records in {manifest.root} were prepared at most {max_side} px on the longer side; "
             f"training at {image_size} px upsamples them (prepare with --max-side {2 * image_size} "
             f"or more for {image_size} px: the random crops zoom in)")
-
-
-def cache_estimate(split: RecordSplit, image_size: int, training: bool) -> int:
-    """Bytes a split's decoded-image cache will take: records at their prepared size (at most
-    ``max_side`` on the longest side; with sizes kept, ~8x the encoded bytes) for training,
-    S x S for evaluation; grey records one channel."""
-    n, grey = len(split), min(split.grayscale, len(split))
-    if training:
-        per_channel = split.max_side ** 2 if split.max_side else 8 * split.mean_bytes
-    else:
-        per_channel = image_size ** 2
-    return int(per_channel * (grey + 3 * (n - grey)))
-
-
-def dataset(split: RecordSplit, image_size: int, batch_size: int, training: bool = False,
-            aug=None, seed: int = 0, drop_remainder: bool = False, cache=None,
-            readers: int = 1) -> tf.data.Dataset:
-    """Stream a prepared split: (uint8 images (N, S, S, 3), labels), as ``data.dataset`` does.
-
-    Training: shard order reshuffled each epoch, shards read interleaved in parallel, records
-    shuffled in a buffer, augmented; split across workers by file. Otherwise: shards in order,
-    so outputs line up with ``split.labels``; split across workers by element.
-
-    ``cache`` (as ``data.dataset``'s): decoded records are kept by their position in the
-    split, so later epochs still read the shards but decode nothing: training keeps each
-    record's pixels for OpenCV's batched resample (not with TensorFlow's resampler), evaluation
-    its resized S x S image.
-    """
-    augmenting = training and aug is not None and aug.enabled
-    warp_batches = augmenting and augment.resampler() == "opencv"
-    table = None if split.class_labels is None else tf.constant(split.class_labels)
-    firsts = np.concatenate([[0], np.cumsum(split.shard_counts)[:-1]]).astype(np.int64)
-    files = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(split.shards), tf.constant(split.shard_counts, tf.int64), tf.constant(firsts)))
-    policy = as_cache(cache)
-    store = None
-    if policy is not None and (warp_batches or not training):
-        store = policy.store_for(split.name, cache_estimate(split, image_size, training),
-                                 arrays=len(split) if warp_batches else None, workers=warp_batches)
-        store = policy.started(store, batch_size, image_size)  # threads where workers cannot start
-
-    def read(path, count, first):
-        # A shard holding more or fewer records than the manifest says fails here. Each
-        # record is numbered by its position in the split (the cache's key).
-        return tf.data.TFRecordDataset(path, buffer_size=8 << 20).apply(
-            tf.data.experimental.assert_cardinality(count)).enumerate(first)
-
-    if training:
-        files = files.shuffle(len(split.shards), seed=seed, reshuffle_each_iteration=True)
-        records = files.interleave(read, cycle_length=min(len(split.shards), 16),
-                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-        buffer = int(min(len(split), max(64, _SHUFFLE_BYTES // max(split.mean_bytes, 1))))
-        records = records.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    else:
-        records = files.flat_map(read).apply(tf.data.experimental.assert_cardinality(len(split)))
-
-    def load(index, serialized):
-        example = tf.io.parse_single_example(serialized, _FEATURES)
-        encoded = example["image"]
-        if augmenting:
-            # Stateless seeds per image: its name, and a draw that changes with its position
-            # in the shuffled stream (so every epoch differs). A tf.data.Dataset.random source
-            # zipped in would stop TensorFlow from sharding the files across workers.
-            draw = tf.random.uniform([], maxval=2**62, dtype=tf.int64, seed=seed)
-            pair = tf.stack([tf.strings.to_hash_bucket_fast(example["name"], 2**62), draw])
-            draws = augment.draws(pair)
-            if warp_batches:
-                # Planned from the header's size; decoded (or taken from the cache) and
-                # resampled after batching, by OpenCV (``_batch_decoder``), which plans again
-                # where the header misled.
-                shape = encoded_shape(encoded)
-                transform, k = augment.plan_one(tf.maximum(shape[:2], 1), draws, image_size, *aug_args)
-                image = (encoded, shape, transform, k, draws, index)
-            else:
-                image = train_decode(encoded)
-                transform, k = augment.plan_one(tf.shape(image)[:2], draws, image_size, *aug_args)
-                image = decode.gray_to_rgb(augment.apply_uint8(image, transform, k, image_size), image_size)
-        elif store is not None:
-            image = decode.gray_to_rgb(store.through(index, lambda: pipeline.eval_pixels(encoded, image_size)),
-                                     image_size)
-        else:
-            image = decode.to_rgb_uint8(augment.resize_eval(decode.decode_image(encoded), image_size), image_size)
-        return image if table is None else (image, tf.gather(table, example["class"]))
-
-    if augmenting:
-        aug_args = (aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip)
-    ds = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    if warp_batches:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(_batch_decoder(image_size, aug_args, store), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=not training)
-    else:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if training and readers == 1:  # the interleave hides the length; Keras wants it per epoch
-        n = len(split)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n // batch_size if drop_remainder else -(-n // batch_size)))
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.FILE if training else tf.data.experimental.AutoShardPolicy.DATA)
-    return ds.with_options(options)
-
-
-def train_decode(encoded):
-    """``data.decode_image`` with libjpeg's exact IDCT for JPEGs, as the train side decodes
-    them everywhere (``pipeline.decode_base``): OpenCV's pixels, so both resamplers' paths
-    start from the same image."""
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), opencv_images.JPEG_MAGIC)
-    return tf.cond(is_jpeg, lambda: pipeline.exact_jpeg(encoded), lambda: decode.decode_image(encoded))
-
-
-def encoded_shape(encoded):
-    """(height, width, channels) int32 of a JPEG or PNG from its header, without decoding it;
-    channels 1 (grey, grey + alpha) or 3 (colour), 0 where OpenCV's ``augment.decode_file``
-    is not to be tried (not a JPEG or PNG, a CMYK JPEG)."""
-    def jpeg():
-        size = tf.io.extract_jpeg_shape(encoded, tf.int32)
-        channels = tf.where(size[2] == 1, 1, tf.where(size[2] == 3, 3, 0))
-        return tf.stack([size[0], size[1], channels])
-
-    def png():  # IHDR: width and height (big-endian) at bytes 16 and 20, colour type at 25
-        head = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 10), tf.uint8), tf.int32)
-        width = head[0] * 2**24 + head[1] * 2**16 + head[2] * 2**8 + head[3]
-        height = head[4] * 2**24 + head[5] * 2**16 + head[6] * 2**8 + head[7]
-        colour = head[9]
-        channels = tf.where((colour == 0) | (colour == 4), 1, tf.where((colour == 2) | (colour == 6), 3, 0))
-        return tf.stack([height, width, channels])
-
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), opencv_images.JPEG_MAGIC)
-    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), opencv_images.PNG_MAGIC) & (tf.strings.length(encoded) >= 26)
-    return tf.cond(is_jpeg, jpeg, lambda: tf.cond(is_png, png, lambda: tf.constant([-1, -1, 0])))
-
-
-def _batch_decoder(image_size: int, aug_args, store=None):
-    """A tf.data map function for batches of (encoded image, header shape, transform, k,
-    draws, index)[, labels]: one ``tf.numpy_function`` per batch takes each image from
-    ``store`` (an ``ArrayStore`` by record index, a ``WorkerStore`` whose worker processes do
-    all this, or None) or decodes it with OpenCV
-    (``augment.decode_file``: the same pixels as ``train_decode``) and keeps it there, and
-    resamples them all on all cores (``augment.warp_rows``). An image whose header's size or
-    kind was not what OpenCV decoded is decoded by TensorFlow and planned from its pixels,
-    with its draws (and is not cached: it is planned again each epoch)."""
-    def replan(encoded, draws):
-        image = train_decode(tf.constant(encoded))
-        transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), image_size, *aug_args)
-        return image.numpy(), transform.numpy(), int(k)
-
-    def run(files, shapes, transforms, ks, draws, indices):
-        indices_ = indices.tolist()
-        if isinstance(store, WorkerStore):  # stored or not: what the workers reported keeping
-            return store.resample(image_size, indices_, np.where(store.stored(indices_), STORED, DECODE), shapes,
-                                  np.zeros(len(indices_), np.int32), transforms, ks.tolist(),
-                                  lambda i: files[i], lambda i: replan(files[i], draws[i]))
-
-        def source(i):
-            height, width, channels = shapes[i].tolist()
-            image = None if store is None else store.get(indices_[i])
-            if image is None:
-                image = opencv_images.decode_file(files[i], channels, 0) if channels else None
-                if image is None or image.shape[:2] != (height, width):
-                    return replan(files[i], draws[i])
-                if store is not None:
-                    image = store.put(indices_[i], image, copy=False)
-            return image, transforms[i], int(ks[i])
-
-        return augment.warp_rows(len(files), image_size, source)
-
-    def warp(item, label=None):
-        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None)
-        images.set_shape([item[0].shape[0], image_size, image_size, 3])
-        return images if label is None else (images, label)
-
-    return warp
 
 
 def check_workers(manifest: types.Manifest, workers: int) -> list[str]:

@@ -15,31 +15,19 @@ has its own lock:
   planned come back as failed: the parent decodes them with TensorFlow (``fallback``, which
   names an undecodable file) and sends the pixels to their worker.
 
-Same pixels as the threads (the same ``tfcovid.data.opencv.images`` functions; tested). This module's
-worker side (``python -m tfcovid.data.opencv.process_pool``) imports NumPy and OpenCV only.
+Same pixels as the threads (the same ``tfcovid.data.opencv.images`` functions; tested). The
+processes and pipes are ``processes.WorkerProcesses``; what runs in each worker (``python -m
+tfcovid.data.opencv.worker``, NumPy and OpenCV only) is ``worker``.
 """
 from __future__ import annotations
-import atexit
-import itertools
-import mmap
 import os
-from pathlib import Path
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import weakref
-from multiprocessing.connection import Connection, wait
 import numpy as np
 from tfcovid.config.checks import resample_processes
-from tfcovid.data.opencv import images, pixel_files
-
-
-STORED, DECODE, PIXELS = 0, 1, 2  # how a row's image is had (request "kinds")
-
-
-READY = -1  # the request id of a worker's first message: started, imports done
+from tfcovid.data.opencv import images
+from tfcovid.data.opencv.processes import WorkerProcesses
+from tfcovid.data.opencv.worker import PIXELS, STORED
 
 
 START_SECONDS = 120.0  # how long ``WorkerStore.start`` waits for every worker to be ready
@@ -130,7 +118,7 @@ class WorkerStore:
         self._shapes = np.full((size, 3), -1, np.int32)  # (h, w, c) of each stored image
         self._bytes = 0
         self._lock = threading.Lock()
-        self._pool: _Pool | None = None
+        self._pool: WorkerProcesses | None = None
         self._pool_lock = threading.Lock()
 
     # ----------------------------------------------------------------- reporting (parent side)
@@ -159,7 +147,7 @@ class WorkerStore:
     def cpu_seconds(self) -> float:
         """CPU time (user + system) its worker processes have used so far; 0 before they start."""
         pool = self._pool
-        return pool.cpu_seconds() if pool is not None else 0.0
+        return sum(map(process_cpu_seconds, pool.pids())) if pool is not None else 0.0
 
     def start(self, count: int, size: int, timeout: float = START_SECONDS) -> None:
         """Start the workers for batches of ``count`` S x S views now (the pipeline does, when
@@ -243,245 +231,12 @@ class WorkerStore:
                     self._bytes += added
         return sorted(failed)
 
-    def _pool_for(self, count: int, size: int) -> _Pool:
+    def _pool_for(self, count: int, size: int) -> WorkerProcesses:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = _Pool(self.processes, size, count, self.mode, self.directory)
+                self._pool = WorkerProcesses(self.processes, size, count, self.mode, self.directory)
                 weakref.finalize(self, self._pool.close)
             elif count > self._pool.slot_images or size != self._pool.size:  # one dataset, one shape
                 raise ValueError(f"{self.name}: batches of {count} x {size} px, but the workers were "
                                  f"started for {self._pool.slot_images} x {self._pool.size} px.")
             return self._pool
-
-
-class _Pool:
-    """The worker processes of one ``WorkerStore`` and its shared batch buffers."""
-
-    def __init__(self, processes: int, size: int, slot_images: int, mode: str, directory: str | None):
-        self.size, self.slot_images = size, slot_images
-        self.slot_bytes = slot_images * size * size * 3
-        slots = min(max(processes, 2), 8)  # batches in flight at once
-        self._fd = os.memfd_create("tfcovid-batches", os.MFD_CLOEXEC)
-        os.ftruncate(self._fd, self.slot_bytes * slots)
-        self._map = mmap.mmap(self._fd, self.slot_bytes * slots)
-        self._free: queue.Queue = queue.Queue()
-        for s in range(slots):
-            self._free.put(s)
-        self._ids = itertools.count()
-        self._pending: dict[int, list] = {}
-        self._pending_lock = threading.Lock()
-        self._send_locks = [threading.Lock() for _ in range(processes)]
-        self._error: str | None = None
-        self._closed = False
-        self._ready, self._all_ready = 0, threading.Event()
-        # The folder holding the tfcovid package (this file is tfcovid/data/opencv/process_pool.py).
-        root = str(Path(__file__).resolve().parents[3])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        self._procs, self._to, self._from = [], [], []
-        try:
-            for _ in range(processes):
-                self._start_one(size, mode, directory, slots, env)
-        except BaseException:  # e.g. a process limit: those started end with their task pipes
-            self.close()
-            raise
-        self._reader = threading.Thread(target=self._read, name="tfcovid-workers", daemon=True)
-        self._reader.start()
-        atexit.register(self.close)
-
-    def _start_one(self, size: int, mode: str, directory: str | None, slots: int, env: dict) -> None:
-        task_r, task_w = os.pipe()
-        done_r, done_w = os.pipe()
-        try:
-            args = [sys.executable, "-m", "tfcovid.data.opencv.process_pool", str(task_r), str(done_w), str(self._fd),
-                    str(self.slot_bytes * slots), str(size), mode, directory or ""]
-            self._procs.append(subprocess.Popen(args, pass_fds=(task_r, done_w, self._fd), env=env,
-                                                stdin=subprocess.DEVNULL))
-        except BaseException:
-            os.close(task_w)
-            os.close(done_r)
-            raise
-        finally:
-            os.close(task_r)
-            os.close(done_w)
-        self._to.append(Connection(task_w, readable=False))
-        self._from.append(Connection(done_r, writable=False))
-
-    def wait_ready(self, timeout: float) -> None:
-        """Return once every worker has said it is ready; raise RuntimeError when one ended
-        first or ``timeout`` seconds passed."""
-        if not self._all_ready.wait(timeout):
-            raise RuntimeError(f"{len(self._procs) - self._ready} of {len(self._procs)} resample worker "
-                               f"processes had not started after {timeout:.0f} s")
-        if self._error:
-            raise RuntimeError(self._error)
-
-    def take_slot(self) -> int:
-        return self._free.get()
-
-    def give_back(self, slot: int) -> None:
-        self._free.put(slot)
-
-    def send(self, worker: int, slot: int, rows: dict, extra: list):
-        if self._error:
-            raise RuntimeError(self._error)
-        request, done = next(self._ids), threading.Event()
-        holder = [done, None]
-        with self._pending_lock:
-            self._pending[request] = holder
-        with self._send_locks[worker]:
-            self._to[worker].send((request, slot * self.slot_bytes, rows, extra))
-        return request
-
-    def result(self, request):
-        holder = self._pending[request]
-        while not holder[0].wait(1.0):
-            if self._error:
-                raise RuntimeError(self._error)
-        with self._pending_lock:
-            del self._pending[request]
-        if isinstance(holder[1], str):
-            raise RuntimeError(holder[1])
-        return holder[1]
-
-    def cpu_seconds(self) -> float:
-        return sum(process_cpu_seconds(proc.pid) for proc in self._procs)
-
-    def copy_out(self, slot: int, count: int, size: int) -> np.ndarray:
-        view = np.frombuffer(self._map, np.uint8, count * size * size * 3, slot * self.slot_bytes)
-        out = images.batch_buffer((count, size, size, 3))  # tf.data takes it as it is, no copy
-        np.copyto(out, view.reshape(count, size, size, 3))
-        return out
-
-    def _read(self) -> None:
-        """Route the workers' replies to the waiting batches; a worker's death fails them all."""
-        conns = list(self._from)
-        while conns and not self._closed:
-            try:
-                ready = wait(conns)
-            except (OSError, ValueError):  # closed under us
-                return
-            for conn in ready:
-                try:
-                    request, result = conn.recv()
-                except (EOFError, OSError):
-                    conns.remove(conn)
-                    if not self._closed:
-                        try:
-                            code = self._procs[self._from.index(conn)].wait(timeout=2)
-                        except subprocess.TimeoutExpired:
-                            code = None
-                        self._error = (f"A resample worker process stopped (exit code {code}); "
-                                       "set data.resample_processes to 0 to resample in threads.")
-                        self._all_ready.set()  # wakes wait_ready, which reports the error
-                        with self._pending_lock:
-                            for holder in self._pending.values():
-                                holder[1] = self._error
-                                holder[0].set()
-                    continue
-                if request == READY:
-                    self._ready += 1
-                    if self._ready == len(self._procs):
-                        self._all_ready.set()
-                    continue
-                with self._pending_lock:
-                    holder = self._pending.get(request)
-                if holder is not None:
-                    holder[1] = result
-                    holder[0].set()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for conn in self._to:
-            conn.close()  # a worker exits when its task pipe ends
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for conn in self._from:
-            conn.close()
-        try:
-            self._map.close()
-        except BufferError:  # a batch view still exported: freed with the process
-            pass
-        os.close(self._fd)
-
-
-class _Cache:
-    """One worker's share of the cache: images in memory, or raw pixel files on disk."""
-
-    def __init__(self, mode: str, directory: str):
-        self.mode, self.directory = mode, directory
-        self.entries: dict[int, object] = {}
-
-    def get(self, index: int):
-        entry = self.entries.get(index)
-        if entry is None or self.mode == "memory":
-            return entry
-        return pixel_files.read(self.directory, index, entry)
-
-    def put(self, index: int, image: np.ndarray) -> int:
-        """Keep ``image``; the bytes it adds (0 if it was there)."""
-        if index in self.entries:
-            return 0
-        image = np.ascontiguousarray(image, np.uint8)
-        if self.mode == "disk":
-            pixel_files.write(self.directory, index, image)
-            self.entries[index] = image.shape
-        else:
-            self.entries[index] = image
-        return image.nbytes + pixel_files.OVERHEAD
-
-
-def _serve(task_fd: int, done_fd: int, buffer_fd: int, buffer_bytes: int, size: int, mode: str,
-           directory: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C; EOF stops us
-    tasks, done = Connection(task_fd, writable=False), Connection(done_fd, readable=False)
-    shared = mmap.mmap(buffer_fd, buffer_bytes)
-    out = np.frombuffer(shared, np.uint8)
-    cache = _Cache(mode, directory)
-    done.send((READY, os.getpid()))
-    while True:
-        try:
-            request, offset, rows, extra = tasks.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            failed, stored, added = [], [], 0
-            for j, row in enumerate(rows["row"].tolist()):
-                index, kind = int(rows["index"][j]), int(rows["kind"][j])
-                h, w, c = rows["shape"][j].tolist()
-                if kind == STORED:  # planned from its stored size, which must be the one kept
-                    image = cache.get(index)
-                    if image is None or image.shape[:2] != (h, w):
-                        failed.append(row)
-                        continue
-                elif kind == DECODE:
-                    data = extra[j]
-                    if isinstance(data, str):
-                        with open(data, "rb") as f:
-                            data = f.read()
-                    image = images.decode_file(data, c, int(rows["halvings"][j])) if c in (1, 3) else None
-                    if image is None or image.shape[:2] != (h, w):  # the header misled
-                        failed.append(row)
-                        continue
-                else:  # PIXELS: decoded by TensorFlow (and planned from them) in the parent
-                    image = images.one_channel_if_gray(extra[j])
-                new = cache.put(index, image)
-                if new:
-                    added += new
-                    stored.append((index, *image.shape))
-                start = offset + row * size * size * 3
-                view = out[start:start + size * size * 3].reshape(size, size, 3)
-                images.warp_rgb_into(view, image, rows["transform"][j], int(rows["k"][j]), size)
-            result = (failed, np.asarray(stored, np.int64).reshape(-1, 4), added)
-        except Exception as error:  # noqa: BLE001  (reported to the parent, which raises it)
-            result = f"Resample worker: {type(error).__name__}: {error}"
-        done.send((request, result))
-
-
-if __name__ == "__main__":
-    task, done_, buffer_, total, side, store_mode, folder = sys.argv[1:8]
-    _serve(int(task), int(done_), int(buffer_), int(total), int(side), store_mode, folder)

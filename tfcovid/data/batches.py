@@ -1,0 +1,83 @@
+"""The OpenCV batch stage of the train pipeline: one ``tf.numpy_function`` per batch gets each
+image (from the cache, from its file's bytes, or decoded by TensorFlow in the per-image map)
+and resamples them all on all cores, on threads or in the worker processes of a
+``WorkerStore``. ``pipeline.dataset`` puts it after batching when OpenCV resamples.
+"""
+from __future__ import annotations
+import numpy as np
+import tensorflow as tf
+from tfcovid.data import augment
+from tfcovid.data.cache import ArrayStore
+from tfcovid.data.opencv import images as opencv_images
+from tfcovid.data.opencv.process_pool import WorkerStore
+from tfcovid.data.opencv.worker import DECODE, PIXELS, STORED
+
+
+# Where the batch resampler gets each train image (OpenCV path): from the ArrayStore, from the
+# file's bytes with OpenCV's JPEG decoder, or decoded by TensorFlow in the per-image map. The
+# same codes as the worker processes' request kinds, so a batch's sources go to them as they are.
+FROM_STORE, FROM_OPENCV, FROM_TENSORFLOW = STORED, DECODE, PIXELS
+
+
+def _read(path: str) -> bytes:
+    if "://" in path:  # a URL-like path (gs://, s3://, ...): TensorFlow's file systems
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def resampler(size: int, store: ArrayStore | WorkerStore | None, fallback, paths=None):
+    """A tf.data map function for padded batches of OpenCV train elements[, labels] (what
+    ``pipeline._train_image`` gives): one ``tf.numpy_function`` per batch (see
+    ``augment.warp_rows`` for why per batch) that
+    gets each image from the store, from its file's bytes (``augment.decode_file``) or from the
+    batch, keeps the new ones in ``store``, and resamples them all on all cores: on threads,
+    or with a ``WorkerStore`` in its worker processes, which hold the cache. With ``paths``
+    the files are read here (or by the workers), from ``paths[index]``, not from the batch."""
+    def run(images, shapes, transforms, ks, indices, sources, files, halvings, draws):
+        # Python ints, once per batch: each row's few microseconds under the Python lock count
+        # on many cores (see augment.warp_rows).
+        indices_, ks_, sources_ = indices.tolist(), ks.tolist(), sources.tolist()
+        if isinstance(store, WorkerStore):
+            return in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws)
+
+        def source(i):
+            index, transform, k, kind = indices_[i], transforms[i], ks_[i], sources_[i]
+            if kind == FROM_STORE:
+                return store.get(index), transform, k
+            h, w, c = shapes[i].tolist()
+            if kind == FROM_OPENCV:
+                data = files[i] if paths is None else _read(paths[index])
+                image = opencv_images.decode_file(data, c, int(halvings[i]))
+                if image is None or image.shape[:2] != (h, w):  # its header was wrong
+                    image, transform, k = fallback(index, data, draws[i])
+            else:  # decoded by TensorFlow's per-image map (decode_file did this for its decodes)
+                image = opencv_images.one_channel_if_gray(images[i, :h, :w, :c])
+            if store is not None:
+                image = store.put(index, image, copy=kind == FROM_TENSORFLOW)
+            return image, transform, k
+
+        return augment.warp_rows(len(indices), size, source)
+
+    def in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws):
+        def data(i):
+            return files[i] if paths is None else _read(paths[indices_[i]])
+
+        def payload(i):
+            if sources_[i] == FROM_TENSORFLOW:
+                h, w, c = shapes[i].tolist()
+                return np.ascontiguousarray(images[i, :h, :w, :c])
+            if paths is not None and "://" not in paths[indices_[i]]:
+                return paths[indices_[i]]  # the worker reads it
+            return data(i)
+
+        return store.resample(size, indices_, sources_, shapes, halvings, transforms,
+                              ks_, payload, lambda i: fallback(indices_[i], data(i), draws[i]))
+
+    def warp(item, label=None):
+        images = tf.numpy_function(run, list(item), tf.uint8, stateful=store is not None or paths is not None)
+        images.set_shape([item[4].shape[0], size, size, 3])
+        return images if label is None else (images, label)
+
+    return warp
