@@ -263,13 +263,10 @@ def warp_rows(count: int, size: int, source) -> np.ndarray:
     """A uint8 batch (count, S, S, 3) of OpenCV views: ``source(i)`` gives row i's (image,
     transform, k); the rows are fetched and resampled on all cores (``on_all_cores``).
 
-    The pipelines call this once per batch, inside one ``tf.numpy_function``: a call costs
-    ~0.2 ms of CPU under Python's global lock whatever it does, more than OpenCV's resample of
-    a 224 px view, so one call per image would cap every machine at ~5,000 images/s. Per
-    batch, each row holds the lock a few microseconds between OpenCV calls, which release it.
-    On many cores the lock's hand-overs are what limits (16 cores of an H100 host: the rows
-    topped out at ~8,000 images/s with 3-4 cores busy), so a grey row is one OpenCV call,
-    straight into a grey batch that one call per batch repeats to RGB at the end.
+    One call per batch, inside one ``tf.numpy_function``: each call costs a fixed slice of
+    Python's global lock, so one per image would cap throughput. Each row holds the lock only
+    between OpenCV calls (which release it); a grey row is one OpenCV call into a grey batch,
+    repeated to RGB once per batch. The measurements: docs/performance.md.
     """
     grey = batch_buffer((count, size, size))
     colour = {}
