@@ -131,7 +131,7 @@ def test_worker_processes_cpu_is_counted():
         class Policy:
             stores = [store]
 
-        with_workers, alone = timing._cpu_seconds(Policy), timing._cpu_seconds()
+        with_workers, alone = timing.cpu_seconds(Policy), timing.cpu_seconds()
         assert with_workers - alone >= started - 0.02
     finally:
         store.close()

@@ -739,7 +739,7 @@ def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_pat
     from tfcovid import bench
     from tfcovid.bench import pipeline as bench_pipeline
 
-    fields = bench_pipeline._processes_fields(policy)
+    fields = bench_pipeline.processes_fields(policy)
     assert fields["resample_processes"] == 0 and "Function not implemented" in fields["resample_processes_error"]
     assert "in threads: the worker processes could not start" in bench._processes(fields)
     log = inputs._where_resampled(exp, policy)

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfcovid import config
 from tfcovid.bench.files import as_split
-from tfcovid.bench.timing import _median_rate, _timed_pass, machine
+from tfcovid.bench.timing import median_rate, timed_pass, machine
 from tfcovid.data import cache as data_cache, datasets, decode as data_decode
 from tfcovid.data.opencv.process_pool import WorkerStore, usable_cores
 
@@ -37,14 +37,14 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
     for path in paths:  # page cache: time decoding, not the disk
         Path(path).read_bytes()
     ceiling = decode_only(paths)
-    _timed_pass(ceiling)  # warm-up: tracing, thread pools
+    timed_pass(ceiling)  # warm-up: tracing, thread pools
     decode_s, first_s, startup_s, decode_cpu, first_cpu, later_cpu = [], [], [], [], [], []
     for r in range(repeats):
-        decode_s.append(_timed_pass(ceiling, cpu=decode_cpu))
+        decode_s.append(timed_pass(ceiling, cpu=decode_cpu))
         policy = data_cache.Cache(cache, budget_mb, processes=processes)
         ds = datasets.dataset(split, image_size, batch_size, training=True, aug=aug, seed=r,
                           cache=policy, decode_scale=decode_scale)
-        first_s.append(_timed_pass(ds, startup_s, first_cpu, policy))
+        first_s.append(timed_pass(ds, startup_s, first_cpu, policy))
         log(f"  repeat {r + 1}/{repeats}: decode-only {len(paths) / decode_s[-1]:.0f} img/s, "
             f"first epoch {len(paths) / first_s[-1]:.0f} img/s")
     n = len(paths)
@@ -53,19 +53,19 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
     # thousands of images run at, not each pass's start-up and ramp-up.
     per_pass = max(1, math.ceil(3000 / max(n, 1)))
     later = ds.repeat(per_pass)
-    _timed_pass(later)  # warm-up of the cached path
-    later_s = [_timed_pass(later, cpu=later_cpu, policy=policy) / per_pass for _ in range(repeats)]
+    timed_pass(later)  # warm-up of the cached path
+    later_s = [timed_pass(later, cpu=later_cpu, policy=policy) / per_pass for _ in range(repeats)]
     result = {
         "kind": "pipeline", **machine(), "images": n,
         "mean_file_kb": round(sum(os.path.getsize(p) for p in paths) / n / 1024, 1),
         "image_size": image_size,
         "batch_size": batch_size, "repeats": repeats,
-        "images_per_s": round(_median_rate(n, later_s), 1),
-        "decode_only_images_per_s": round(_median_rate(n, decode_s), 1),
-        "first_epoch_images_per_s": round(_median_rate(n, first_s), 1),
-        "later_epochs_images_per_s": round(_median_rate(n, later_s), 1),
+        "images_per_s": round(median_rate(n, later_s), 1),
+        "decode_only_images_per_s": round(median_rate(n, decode_s), 1),
+        "first_epoch_images_per_s": round(median_rate(n, first_s), 1),
+        "later_epochs_images_per_s": round(median_rate(n, later_s), 1),
         "startup_s": round(statistics.median(startup_s), 2), "later_epochs_per_pass": per_pass,
-        "decode_scale": decode_scale, **_processes_fields(policy),
+        "decode_scale": decode_scale, **processes_fields(policy),
         "cache": {"mode": cache, "bytes": policy.nbytes(), "stored": policy.usage(),
                   "budget_mb": budget_mb},
     }
@@ -80,7 +80,7 @@ def bench_pipeline(paths: list[str], image_size: int = 224, batch_size: int = 60
     return result
 
 
-def _processes_fields(policy: data_cache.Cache) -> dict:
+def processes_fields(policy: data_cache.Cache) -> dict:
     """The worker processes that ran the rows (0: threads) and the setting that chose them."""
     ran = any(isinstance(s, WorkerStore) for s in policy.stores)
     fields = {"resample_processes": policy.processes if ran else 0,

@@ -31,18 +31,18 @@ def _backend() -> dict:
     return {"keras_backend": backend, "jax": jax.__version__}
 
 
-def _median_rate(images: int, seconds: list[float]) -> float:
+def median_rate(images: int, seconds: list[float]) -> float:
     return images / statistics.median(seconds)
 
 
-def _cpu_seconds(policy: data_cache.Cache | None = None) -> float:
+def cpu_seconds(policy: data_cache.Cache | None = None) -> float:
     """CPU time used so far by this process (all its threads) and ``policy``'s resample worker
     processes."""
     stores = policy.stores if policy is not None else []
     return time.process_time() + sum(s.cpu_seconds() for s in stores if isinstance(s, WorkerStore))
 
 
-def _timed_pass(ds, startup: list | None = None, cpu: list | None = None, policy=None) -> float:
+def timed_pass(ds, startup: list | None = None, cpu: list | None = None, policy=None) -> float:
     """Seconds to read one full pass, from a ready iterator; its CPU seconds go into ``cpu``
     (this process and ``policy``'s worker processes).
 
@@ -52,12 +52,12 @@ def _timed_pass(ds, startup: list | None = None, cpu: list | None = None, policy
     """
     start = time.perf_counter()
     iterator = iter(ds)
-    ready, cpu_start = time.perf_counter(), _cpu_seconds(policy)
+    ready, cpu_start = time.perf_counter(), cpu_seconds(policy)
     if startup is not None:
         startup.append(ready - start)
     for _ in iterator:
         pass
     seconds = time.perf_counter() - ready
     if cpu is not None:
-        cpu.append(_cpu_seconds(policy) - cpu_start)
+        cpu.append(cpu_seconds(policy) - cpu_start)
     return seconds

@@ -10,8 +10,8 @@ import tensorflow as tf
 from tfcovid import config
 from tfcovid.bench.files import as_split
 from tfcovid.bench.flops import model_flops
-from tfcovid.bench.pipeline import _processes_fields
-from tfcovid.bench.timing import _median_rate, _timed_pass, machine
+from tfcovid.bench.pipeline import processes_fields
+from tfcovid.bench.timing import median_rate, timed_pass, machine
 from tfcovid.data import cache as data_cache, datasets
 from tfcovid.models import apply_freeze, build_model, is_head_layer
 from tfcovid.training import compile, devices
@@ -105,7 +105,7 @@ def bench_model(exp: config.Experiment, steps: int = 10, repeats: int = 3, log=p
     log(f"  {exp.model.backbone} at {exp.data.image_size} px, batch {exp.train.batch_size}, "
         f"{precision}, XLA {'on' if model.jit_compile else 'off'}: {repeats} x {steps} steps after a warm-up")
     seconds = time_training(model, random_batches(exp.data.image_size, exp.train.batch_size), steps, repeats)
-    rate = _median_rate(steps * exp.train.batch_size, seconds)
+    rate = median_rate(steps * exp.train.batch_size, seconds)
     return {"kind": "model", **machine(), "repeats": repeats, "steps": steps,
             "images_per_s": round(rate, 2), **_model_fields(exp, model, precision, rate)}
 
@@ -119,13 +119,13 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
     policy = data_cache.Cache(cache, budget_mb, processes=processes)
     pipe = datasets.dataset(as_split(paths), size, batch, training=True, aug=exp.augment,
                         cache=policy, decode_scale=decode_scale, drop_remainder=True)
-    fill_s = _timed_pass(pipe)
+    fill_s = timed_pass(pipe)
     log(f"  cache filled in {fill_s:.1f} s ({policy.usage()})")
     log(f"  model alone and fed by the pipeline, alternating: {repeats} x {steps} steps each after a warm-up")
     alone, fed = time_alternating(model, random_batches(size, batch), pipe.repeat(), steps, repeats)
-    alone_rate, fed_rate = _median_rate(steps * batch, alone), _median_rate(steps * batch, fed)
+    alone_rate, fed_rate = median_rate(steps * batch, alone), median_rate(steps * batch, fed)
     return {"kind": "fit", **machine(), "images": len(paths), "repeats": repeats, "steps": steps,
             "images_per_s": round(fed_rate, 2), "model_only_images_per_s": round(alone_rate, 2),
             "ratio_to_model_only": round(fed_rate / alone_rate, 3),
             "cache": {"mode": cache, "bytes": policy.nbytes(), "budget_mb": budget_mb},
-            **_processes_fields(policy), **_model_fields(exp, model, precision, fed_rate)}
+            **processes_fields(policy), **_model_fields(exp, model, precision, fed_rate)}
