@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tfcovid import bench
+from tfcovid.bench import timing
 from tfcovid.cli import main
 from tfcovid.models import apply_freeze, build_model, is_head_layer
 
@@ -130,7 +131,7 @@ def test_worker_processes_cpu_is_counted():
         class Policy:
             stores = [store]
 
-        with_workers, alone = bench._cpu_seconds(Policy), bench._cpu_seconds()
+        with_workers, alone = timing.cpu_seconds(Policy), timing.cpu_seconds()
         assert with_workers - alone >= started - 0.02
     finally:
         store.close()

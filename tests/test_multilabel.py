@@ -11,7 +11,7 @@ import pytest
 from tfcovid import config
 from tfcovid.data import folders as data_folders, types
 from tfcovid.weights import metadata
-from tfcovid.training import compile, train
+from tfcovid.training import compile, inputs, train
 from tfcovid.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "part2"
@@ -60,7 +60,7 @@ def test_user_defined_fourth_label_end_to_end(multilabel_tree, tmp_path):
         "  label_map:\n    covid-19: [covid-19, pneumonia]\n    normal: [normal]\n"
         "    pneumonia: [pneumonia]\n    tb: [tuberculosis]\n")
     exp = config.resolve(cfg, {})
-    manifest = train.load_manifest(exp)
+    manifest = inputs.load_manifest(exp)
     split = manifest.splits["train"]
     assert manifest.output_names == ("covid-19", "normal", "pneumonia", "tuberculosis")
     assert split.labels.shape == (16, 4)
@@ -69,7 +69,7 @@ def test_user_defined_fourth_label_end_to_end(multilabel_tree, tmp_path):
     # Without the mapping for the new folder, the error names it and shows the fix.
     cfg.write_text(cfg.read_text().replace("    tb: [tuberculosis]\n", ""))
     with pytest.raises(types.DataError, match=r"\['tb'\] have no entry in data.label_map"):
-        train.load_manifest(config.resolve(cfg, {}))
+        inputs.load_manifest(config.resolve(cfg, {}))
 
 
 def test_focal_reduction_setting():

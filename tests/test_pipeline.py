@@ -689,23 +689,23 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
 def test_fit_log_says_where_the_rows_are_resampled(formats_split):
     import dataclasses
 
-    from tfcovid.training import train
+    from tfcovid.training import inputs
 
     def exp(**data_):
         return dataclasses.replace(config.Experiment(), data=dataclasses.replace(config.DataConfig(), **data_))
 
-    assert train._where_resampled(exp(), cache.Cache()) == ""
+    assert inputs._where_resampled(exp(), cache.Cache()) == ""
     policy = cache.Cache("memory", processes=2)
     datasets.dataset(formats_split, 32, 2, training=True, aug=AUG, cache=policy)
-    assert ", in 2 worker processes" in train._where_resampled(exp(resample_processes=2), policy)
-    off = train._where_resampled(exp(resample_processes=2, cache="none"), cache.Cache("none", processes=2))
+    assert ", in 2 worker processes" in inputs._where_resampled(exp(resample_processes=2), policy)
+    off = inputs._where_resampled(exp(resample_processes=2, cache="none"), cache.Cache("none", processes=2))
     assert "needs the decoded-image cache" in off and "threads instead" in off
     # auto: threads below 8 cores (nothing to say), else one process per core but one.
     cores = len(os.sched_getaffinity(0))
     auto = cache.Cache("memory", processes="auto")
     assert auto.processes == (cores - 1 if cores >= 8 else 0)
     if cores < 8:
-        assert train._where_resampled(exp(resample_processes="auto"), auto) == ""
+        assert inputs._where_resampled(exp(resample_processes="auto"), auto) == ""
 
 
 def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_path, monkeypatch):
@@ -715,7 +715,7 @@ def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_pat
     import dataclasses
     import sys
 
-    from tfcovid.training import train
+    from tfcovid.training import inputs
     from tfcovid.data.opencv import process_pool
 
     truth = _epochs(jpeg_split, 2, "disk")
@@ -738,11 +738,12 @@ def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_pat
     for (x, y), (x2, y2) in zip(again, truth):
         np.testing.assert_array_equal(x, x2)
     from tfcovid import bench
+    from tfcovid.bench import pipeline as bench_pipeline
 
-    fields = bench._processes_fields(policy)
+    fields = bench_pipeline.processes_fields(policy)
     assert fields["resample_processes"] == 0 and "Function not implemented" in fields["resample_processes_error"]
     assert "in threads: the worker processes could not start" in bench._processes(fields)
-    log = train._where_resampled(exp, policy)
+    log = inputs._where_resampled(exp, policy)
     assert "the 2 worker processes of data.resample_processes auto could not start" in log
     assert "threads instead" in log
     with monkeypatch.context() as m:

@@ -3,7 +3,9 @@ and a bad value is a :class:`~tfcovid.config.schema.ConfigError` naming the key 
 """
 from __future__ import annotations
 import re
-from tfcovid.config.schema import BACKBONES, CACHES, CONV_LAYERS, ConfigError, Experiment, JIT_COMPILE, LOSSES, MAX_SEED, MIN_IMAGE_SIZE, OPTIMIZERS, PRECISIONS, PREPROCESSING, STRATEGIES, TASKS
+from tfcovid.config.schema import (BACKBONES, CACHES, CONV_LAYERS, JIT_COMPILE, LOSSES, MAX_SEED, MIN_IMAGE_SIZE,
+                                   OPTIMIZERS, PRECISIONS, PREPROCESSING, STRATEGIES, TASKS, ConfigError,
+                                   DataConfig, Experiment, ModelConfig)
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -13,7 +15,17 @@ def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 def validate(exp: Experiment) -> None:
     """Check values that depend on each other; raise ConfigError naming the key."""
-    d, a, m, t = exp.data, exp.augment, exp.model, exp.train
+    _check_choices(exp)
+    _check_data(exp.data)
+    _check_freeze(exp.model)
+    _check_names(exp)
+    _check_ranges(exp)
+    _check_task(exp)
+
+
+def _check_choices(exp: Experiment) -> None:
+    """Every setting that is one of a fixed list of names."""
+    d, m, t = exp.data, exp.model, exp.train
     _check_choice("data.task", d.task, TASKS)
     _check_choice("model.backbone", m.backbone, BACKBONES)
     _check_choice("model.preprocessing", m.preprocessing, PREPROCESSING)
@@ -24,9 +36,12 @@ def validate(exp: Experiment) -> None:
     _check_choice("train.jit_compile", t.jit_compile.lower(), JIT_COMPILE)
     _check_choice("train.focal_reduction", t.focal_reduction, ("sum", "mean"))
     _check_choice("data.cache", d.cache, CACHES)
+
+
+def _check_data(d: DataConfig) -> None:
+    """How the images are cached, resampled and decoded."""
     if d.cache_budget_mb < 0:
         raise ConfigError(f"Bad value for 'data.cache_budget_mb': {d.cache_budget_mb}. Use 0 or more MB.")
-
     try:
         resample_processes(d.resample_processes)
     except ValueError:
@@ -36,6 +51,10 @@ def validate(exp: Experiment) -> None:
     if d.decode_scale != 0 and d.decode_scale < 1:
         raise ConfigError(f"Bad value for 'data.decode_scale': {d.decode_scale}. Use 0 (full resolution) "
                           "or at least 1 (shorter side >= decode_scale x image_size).")
+
+
+def _check_freeze(m: ModelConfig) -> None:
+    """The freeze policy, against the backbone's number of conv layers."""
     if not re.fullmatch(r"all|none|first[1-9][0-9]*", m.freeze):
         raise ConfigError(
             f"Bad value for 'model.freeze': {m.freeze!r}. Valid values: all, none, firstN "
@@ -45,7 +64,11 @@ def validate(exp: Experiment) -> None:
     if m.freeze.startswith("first") and int(m.freeze[len("first"):]) > n:
         raise ConfigError(f"Bad value for 'model.freeze': {m.freeze!r}. {m.backbone} has {n} conv layers: "
                           f"use first1 ... first{n}, all (the head only) or none.")
-    _check_names(exp)
+
+
+def _check_ranges(exp: Experiment) -> None:
+    """Numbers with a lower bound or a range: sizes, counts, seed, learning rate, augmentation."""
+    d, a, m, t = exp.data, exp.augment, exp.model, exp.train
     if d.image_size < MIN_IMAGE_SIZE[m.backbone]:
         raise ConfigError(f"Bad value for 'data.image_size': {d.image_size}. {m.backbone} needs at "
                           f"least {MIN_IMAGE_SIZE[m.backbone]} px.")
@@ -71,6 +94,11 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"Bad value for 'augment.rotation': {a.rotation}. Use 0..180 degrees.")
     if a.crop_scale[1] > 1:
         raise ConfigError(f"Bad value for 'augment.crop_scale': {list(a.crop_scale)}. The high end is at most 1.")
+
+
+def _check_task(exp: Experiment) -> None:
+    """The loss and its settings against the task; the task's class and label names."""
+    d, t = exp.data, exp.train
     if t.focal_alpha is not None and not 0 <= t.focal_alpha <= 1:
         raise ConfigError(f"Bad value for 'train.focal_alpha': {t.focal_alpha}. Use 0..1 or null.")
     if t.focal_gamma is not None and t.focal_gamma < 0:

@@ -72,42 +72,10 @@ def binary_report(y_true, probs, class_names, positive: str = "infected") -> dic
     Raises:
         ValueError: on mismatched shapes, not exactly two classes, or labels out of range.
     """
-    class_names = [str(c) for c in class_names]
-    y_true = np.asarray(y_true).reshape(-1)
-    probs = np.asarray(probs, dtype=np.float64)
-    if len(class_names) != 2:
-        raise ValueError(
-            f"binary_report needs exactly 2 class names. Received: class_names={class_names}"
-        )
-    if probs.ndim != 2 or probs.shape != (y_true.shape[0], 2):
-        raise ValueError(
-            "binary_report needs probs of shape (n, 2) matching y_true of shape (n,). "
-            f"Received: probs.shape={probs.shape}, y_true.shape={y_true.shape}"
-        )
-    if y_true.size == 0:
-        raise ValueError("binary_report received no samples (y_true is empty).")
-    if not np.all(np.isin(y_true, (0, 1))):
-        raise ValueError(
-            "binary_report needs y_true class indices in {0, 1}. "
-            f"Received values: {sorted(np.unique(y_true).tolist())}"
-        )
-    y_true = y_true.astype(np.int64)
+    y_true, probs, class_names = _binary_inputs(y_true, probs, class_names)
     y_pred = probs.argmax(axis=1)
-
-    notes = []
-    if positive in class_names:
-        pos = class_names.index(positive)
-    else:
-        pos = 0
-        notes.append(
-            f"positive class {positive!r} is not in class_names {class_names}; "
-            f"used class index 0 ({class_names[0]!r})"
-        )
+    pos, notes = _binary_positive(y_true, class_names, positive)
     neg = 1 - pos
-    for index, measure in ((pos, "sensitivity"), (neg, "specificity")):
-        if not (y_true == index).any():  # e.g. --skip-bad left a test class folder empty
-            notes.append(f"no {class_names[index]!r} images in this split: {measure} is "
-                         "undefined (reported as 0.0)")
 
     # One call gives every per-class number; labels=[0, 1] keeps both rows even when a
     # class is absent, and column 1 of it is exactly sklearn's default binary F1.
@@ -136,6 +104,51 @@ def binary_report(y_true, probs, class_names, positive: str = "infected") -> dic
         "class_names": class_names,
         "notes": notes,
     }
+
+
+def _binary_inputs(y_true, probs, class_names) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``binary_report``'s arguments checked: (n,) int64 labels, (n, 2) float64 probabilities,
+    two class names as strings."""
+    class_names = [str(c) for c in class_names]
+    y_true = np.asarray(y_true).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(class_names) != 2:
+        raise ValueError(
+            f"binary_report needs exactly 2 class names. Received: class_names={class_names}"
+        )
+    if probs.ndim != 2 or probs.shape != (y_true.shape[0], 2):
+        raise ValueError(
+            "binary_report needs probs of shape (n, 2) matching y_true of shape (n,). "
+            f"Received: probs.shape={probs.shape}, y_true.shape={y_true.shape}"
+        )
+    if y_true.size == 0:
+        raise ValueError("binary_report received no samples (y_true is empty).")
+    if not np.all(np.isin(y_true, (0, 1))):
+        raise ValueError(
+            "binary_report needs y_true class indices in {0, 1}. "
+            f"Received values: {sorted(np.unique(y_true).tolist())}"
+        )
+    return y_true.astype(np.int64), probs, class_names
+
+
+def _binary_positive(y_true: np.ndarray, class_names: list[str], positive: str) -> tuple[int, list[str]]:
+    """The disease class's index (0 when ``positive`` is not a class) and notes on what is
+    undefined."""
+    notes = []
+    if positive in class_names:
+        pos = class_names.index(positive)
+    else:
+        pos = 0
+        notes.append(
+            f"positive class {positive!r} is not in class_names {class_names}; "
+            f"used class index 0 ({class_names[0]!r})"
+        )
+    neg = 1 - pos
+    for index, measure in ((pos, "sensitivity"), (neg, "specificity")):
+        if not (y_true == index).any():  # e.g. --skip-bad left a test class folder empty
+            notes.append(f"no {class_names[index]!r} images in this split: {measure} is "
+                         "undefined (reported as 0.0)")
+    return pos, notes
 
 
 def multilabel_report(y_true, probs, labels, threshold: float = 0.5) -> dict:

@@ -8,23 +8,19 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 import keras
 import tensorflow as tf
-import yaml
 from tfcovid.utils import atomic, signals
-from tfcovid.data import augment, datasets, folders as data_folders, types, demo, checks, records
+from tfcovid.data import datasets, folders as data_folders, types, records
 from tfcovid.results import scores, plots, tables
 from tfcovid.weights import metadata, loading
-from tfcovid.training import callbacks as training_callbacks, preflight, run_state, devices, distribute
-from tfcovid.data.cache import Cache
+from tfcovid.training import callbacks as training_callbacks, inputs, preflight, run_state, devices, distribute
 from tfcovid.config import Experiment
-from tfcovid.models import apply_freeze, is_head_layer
-from tfcovid.data.opencv.process_pool import WorkerStore, available as can_use_workers, usable_cores
-from tfcovid.data.folders import disease_class
+from tfcovid.models import FreezeSummary, apply_freeze, is_head_layer
 from tfcovid.models.outputs import probabilities
 from tfcovid.training.callbacks import NaNGuard
 from tfcovid.training.compile import compile_model
-
 
 NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
 
@@ -59,16 +55,6 @@ def new_run_dir(exp: Experiment) -> Path:
     raise RuntimeError(f"Could not create a new run directory under {out}.")
 
 
-def load_manifest(exp: Experiment, log=print) -> types.Manifest:
-    """Scan the experiment's data (generating the demo set once, when asked for)."""
-    d = exp.data
-    root = d.dir
-    if root == "demo":
-        root = demo.ensure_demo_data(d.task, per_class=d.demo_per_class, log=log)
-    # Unusable files come back in manifest.bad; fit() checks every file (filecheck.verify).
-    return data_folders.scan(root, d.task, d.labels, d.label_map, strict=False)
-
-
 def evaluate_split(model, split: types.Split, exp: Experiment, manifest: types.Manifest,
                    batch_size: int | None = None) -> dict:
     """Predict one labeled split and return its scikit-learn report."""
@@ -77,6 +63,30 @@ def evaluate_split(model, split: types.Split, exp: Experiment, manifest: types.M
     if exp.data.task == "binary":
         return scores.binary_report(split.labels, probs, manifest.class_names, exp.data.positive)
     return scores.multilabel_report(split.labels, probs, manifest.output_names, exp.train.threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every phase of one fit needs: the experiment, where its files go and how it runs."""
+    exp: Experiment
+    dir: Path  # the run directory; a non-chief worker's scratch copy of it
+    resume: str | Path | None  # the run directory given to resume, as given; None for a new run
+    scratch: Path | None  # set on the non-chief workers of a multi-worker run
+    strategy: tf.distribute.Strategy
+    strategy_desc: str
+    t0: float  # time.perf_counter() when fit started: metrics.json's total_seconds
+    log: Callable[[str], None]
+    precision: str = ""  # phase 2 sets these three
+    replicas: int = 1
+    workers: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """Phase 4's compiled model."""
+    model: keras.Model
+    preprocessing: str  # the preprocessing mode inside the model
+    frozen: FreezeSummary
 
 
 def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path | None:
@@ -97,7 +107,30 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     log(NOT_CLINICAL)
     if exp.data.dir == "demo":
         log("Data: the built-in synthetic demo set (chest-X-ray-like pictures, not patient data).")
-    # Phase 1: run directory and the resolved config, before anything can fail halfway.
+    run = _run_directory(exp, run_dir, t0, log)  # [1/6]
+    keras.utils.set_random_seed(run.exp.train.seed)
+    try:
+        # A signal before training (the file check, building the model) stops at once; phase 5
+        # stops at a batch boundary instead, and a second signal there stops at once.
+        with devices.op_determinism(run.exp.train.deterministic), distribute.forget_traced_gradients(), \
+                signals.RaiseOnSignal():
+            run = _where_it_runs(run)  # [2/6]
+            exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log)  # [3/6]
+            run = dataclasses.replace(run, exp=exp)
+            built = _build_model(run, data)  # [4/6]
+            train_seconds = _train(run, data, built)  # [5/6]
+            results = _evaluate(run, data, built.model)  # [6/6]
+            return _write_results(run, data, built, train_seconds, results)
+    except Exception as err:
+        _clean_up_after(run, err)
+        raise
+    finally:  # a disk cache of decoded images is only worth keeping while the run trains
+        shutil.rmtree(run.dir / "cache", ignore_errors=True)
+
+
+def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
+    """Phase 1: the strategy, the run directory and the resolved config, before anything can fail
+    halfway."""
     if run_dir and (Path(run_dir) / "metrics.json").exists():
         raise TrainingError(f"{run_dir} has finished (it has metrics.json); nothing to resume. "
                             "Start a new run instead.")
@@ -117,96 +150,56 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
     if not scratch:
         preflight.check_output_dir(run_dir or exp.out)
     run = scratch or (Path(run_dir) if run_dir else new_run_dir(exp))
-    atomic.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    inputs.write_config(run, exp)
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
-    keras.utils.set_random_seed(exp.train.seed)
-    try:
-        # A signal before training (the file check, building the model) stops at once; phase 5
-        # stops at a batch boundary instead, and a second signal there stops at once.
-        with devices.op_determinism(exp.train.deterministic), distribute.forget_traced_gradients(), \
-                signals.RaiseOnSignal():
-            return _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log)
-    except Exception as err:
-        # Anything found before training started (data, free disk, the weights file; phase 5
-        # makes backup/): leave no half-made run behind. A stop in training keeps its run.
-        before = not run_dir and not scratch and not (run / "backup").exists()
-        if isinstance(err, signals.Interrupted):  # not one of training's own stops
-            if before:
-                shutil.rmtree(run, ignore_errors=True)
-            raise Interrupted(
-                f"Stopped by {err.name} before training started"
-                + (f"; nothing to keep: removed {run}." if before else
-                   f". Resume with:\n  tfcovid fit --resume {run_dir or run}"), err.exit_code) from None
-        if not isinstance(err, Interrupted) and before:
-            shutil.rmtree(run, ignore_errors=True)
-            log(f"      removed {run}: stopped before training")
-        raise
-    finally:  # a disk cache of decoded images is only worth keeping while the run trains
-        shutil.rmtree(run / "cache", ignore_errors=True)
+    return _Run(exp, run, run_dir, scratch, strategy, strategy_desc, t0, log)
 
 
-def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
-    # Phase 2: where it runs.
+def _clean_up_after(run: _Run, err: Exception) -> None:
+    """Leave no half-made run behind when fit stopped before training started (data, free disk,
+    the weights file; phase 5 makes backup/); a stop in training keeps its run. A signal (not one
+    of training's own stops) becomes :class:`Interrupted`, saying what was kept."""
+    before = not run.resume and not run.scratch and not (run.dir / "backup").exists()
+    if isinstance(err, signals.Interrupted):
+        if before:
+            shutil.rmtree(run.dir, ignore_errors=True)
+        raise Interrupted(
+            f"Stopped by {err.name} before training started"
+            + (f"; nothing to keep: removed {run.dir}." if before else
+               f". Resume with:\n  tfcovid fit --resume {run.resume or run.dir}"), err.exit_code) from None
+    if not isinstance(err, Interrupted) and before:
+        shutil.rmtree(run.dir, ignore_errors=True)
+        run.log(f"      removed {run.dir}: stopped before training")
+
+
+def _where_it_runs(run: _Run) -> _Run:
+    """Phase 2: precision, replicas and workers; the global batch must cover every replica."""
+    exp = run.exp
     precision = devices.resolve_precision(exp.train.precision)
-    replicas, workers = strategy.num_replicas_in_sync, distribute.worker_info(strategy)[1]
+    replicas, workers = run.strategy.num_replicas_in_sync, distribute.worker_info(run.strategy)[1]
     if exp.train.batch_size < replicas:
         raise TrainingError(f"--batch-size {exp.train.batch_size} is the global batch; it must be at "
                             f"least the number of replicas ({replicas}).")
-    log(f"[2/6] Device: {devices.describe_device()}; precision {precision}; strategy {strategy_desc}"
-        + ("; deterministic ops" if exp.train.deterministic else ""))
+    run.log(f"[2/6] Device: {devices.describe_device()}; precision {precision}; strategy {run.strategy_desc}"
+            + ("; deterministic ops" if exp.train.deterministic else ""))
+    return dataclasses.replace(run, precision=precision, replicas=replicas, workers=workers)
 
-    # Phase 3: input pipeline.
-    manifest = checks.verify(load_manifest(exp, log), exp.data, run, lambda line: log(f"      {line}"))
-    upsampled = records.upsampling_note(manifest, exp.data.image_size)
-    for problem in manifest.problems + tuple(records.check_workers(manifest, workers)) + ((upsampled,) if upsampled else ()):
-        log(f"      note: {problem}")
-    counts = {name: len(split) for name, split in manifest.splits.items()}
-    log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
-        f"images {counts})")
-    preflight.check_batch_size(counts, exp.train.batch_size)
-    if exp.data.task == "binary":
-        positive, why = disease_class(exp.data.positive, manifest.class_names)
-        if positive != exp.data.positive:  # recorded, so resume, evaluate and the model agree
-            exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, positive=positive))
-            atomic.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
-        if why:
-            log(f"      note: {why}")
-    positive_index = (manifest.class_names.index(exp.data.positive)
-                      if exp.data.positive in manifest.class_names else 0)
-    # One memory budget for both splits' decoded-image caches; a disk cache goes in the run
-    # (a killed process's disk cache is stale: it is removed).
-    shutil.rmtree(run / "cache", ignore_errors=True)
-    # auto: worker processes from 8 cores, the host's cores shared by its training processes.
-    cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"),
-                  processes=exp.data.resample_processes,
-                  share=distribute.tasks_on_this_host(distribute.tf_config_cluster()))
-    # The epoch about to run, set before each epoch: the train pipeline keys its shuffle and
-    # augmentation on it, so a resumed run continues with the batches it would have seen.
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
-    train_ds = datasets.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
-                            training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
-                            decode_scale=exp.data.decode_scale, epoch=epoch,
-                            deterministic=exp.train.deterministic, readers=workers)
-    val_ds = datasets.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
-                          cache=cache)
-    log(f"      {cache.describe()}")
-    if exp.augment.enabled:
-        log(f"      augmentation resampled with {augment.describe_resampler()}{_where_resampled(exp, cache)}")
 
-    # Phase 4: model, weights, freeze policy, compile — inside the strategy scope.
-    with devices.dtype_policy(precision), strategy.scope():
-        m = exp.model
+def _build_model(run: _Run, data: inputs.Inputs) -> _Model:
+    """Phase 4: model, weights, freeze policy, compile — inside the strategy scope."""
+    exp, m, log = run.exp, run.exp.model, run.log
+    with devices.dtype_policy(run.precision), run.strategy.scope():
         model, mode, origin = loading.initial_model(
-            m.backbone, len(manifest.output_names), exp.data.image_size, m.weights,
+            m.backbone, len(data.manifest.output_names), exp.data.image_size, m.weights,
             m.preprocessing, m.head_units, name=f"tfcovid_{m.backbone}_{exp.data.task}")
         frozen = apply_freeze(model, m.freeze, is_head_layer)
-        compile_model(model, exp, positive_index)
-        synced = distribute.synchronize_batchnorm(model) if replicas > 1 else 0
-        distribute.keras_multiworker_fixes(model, strategy)
-        xla_note = distribute.fit_xla_to_strategy(model, strategy)
-    preflight.check_free_disk(run, preflight.checkpoint_bytes(
+        compile_model(model, exp, data.positive_index)
+        synced = distribute.synchronize_batchnorm(model) if run.replicas > 1 else 0
+        distribute.keras_multiworker_fixes(model, run.strategy)
+        xla_note = distribute.fit_xla_to_strategy(model, run.strategy)
+    preflight.check_free_disk(run.dir, preflight.checkpoint_bytes(
         frozen.total_params, frozen.trainable_params, exp.train.optimizer, exp.train.momentum))
-    if run_dir:  # the starting weights are replaced by the backup's at phase 5
+    if run.resume:  # the starting weights are replaced by the backup's at phase 5
         origin = f"the backup's weights (the run started from {origin})"
     log(f"[4/6] Model: {m.backbone}, {origin}; preprocessing '{mode}'")
     log(f"      {frozen.describe()}")
@@ -215,33 +208,30 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
         log(f"      {synced} BatchNorm layers use global-batch statistics (synchronised across replicas)")
     if xla_note:
         log(f"      note: {xla_note}")
+    return _Model(model, mode, frozen)
 
-    # Phase 5: train.
-    info = metadata.info_for(exp, manifest)
-    signature = run_state.data_signature(manifest)
-    state = run_state.RunState(run, embed=lambda path: metadata.embed(path, info), data=signature)
-    with strategy.scope():
+
+def _train(run: _Run, data: inputs.Inputs, built: _Model) -> list[float]:
+    """Phase 5: restore the backup when resuming, then Keras's fit, checkpointing each epoch.
+
+    Returns each completed epoch's seconds, across resumes.
+    """
+    exp, log, model = run.exp, run.log, built.model
+    info = metadata.info_for(exp, data.manifest)
+    signature = run_state.data_signature(data.manifest)
+    state = run_state.RunState(run.dir, embed=lambda path: metadata.embed(path, info), data=signature)
+    with run.strategy.scope():
         first = state.restore(model)
     changes = run_state.data_changes(state.state.get("data"), signature)
     if changes:  # --resume --data is for the same data in a new place, not for other data
         raise TrainingError(
-            f"The data at {manifest.root} is not what {run} trained on: {'; '.join(changes)}. "
+            f"The data at {data.manifest.root} is not what {run.dir} trained on: {'; '.join(changes)}. "
             "Resume with the run's own data (--data where it is now), or start a new run for "
             "this data."
         )
     guard, stop = NaNGuard(), run_state.StopOnSignal()
-    callbacks = [
-        keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e)),
-        keras.callbacks.TensorBoard(str(run / "tensorboard"), update_freq="epoch", write_graph=False),
-        training_callbacks.TensorBoardImages(run / "tensorboard", exp, manifest, val_ds),
-        guard,
-        state,  # checkpoints, backup, history.csv: atomically, at each epoch's end
-        # Keras's own progress bar, placed before the stop so that an epoch committed just as a
-        # signal came still prints its line (Keras would append it after every callback).
-        keras.callbacks.ProgbarLogger(),
-        stop,
-    ]
-    batch = distribute.per_replica_batches(exp.train.batch_size, replicas)
+    callbacks = _callbacks(run, data, state, guard, stop)
+    batch = distribute.per_replica_batches(exp.train.batch_size, run.replicas)
     resuming = f", resuming after epoch {first}" if first else ""
     epochs = f"{exp.train.epochs} epoch{'s' if exp.train.epochs != 1 else ''}"
     if first >= exp.train.epochs:  # resumed after training ended (e.g. stopped in [6/6])
@@ -249,90 +239,103 @@ def _fit(exp, run, run_dir, strategy, strategy_desc, scratch, t0, log):
     else:
         log(f"[5/6] Training {epochs}, batch {batch}, {exp.train.optimizer} lr {exp.train.lr:g}, "
             f"loss {exp.train.loss}{resuming}")
-    if not scratch and first < exp.train.epochs:
-        log(f"      if interrupted, resume with: tfcovid fit --resume {run}")
+    if not run.scratch and first < exp.train.epochs:
+        log(f"      if interrupted, resume with: tfcovid fit --resume {run.dir}")
     try:
         with stop:
-            model.fit(train_ds, validation_data=val_ds, epochs=exp.train.epochs, initial_epoch=first,
-                      callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+            model.fit(data.train, validation_data=data.validation, epochs=exp.train.epochs,
+                      initial_epoch=first, callbacks=callbacks,
+                      shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     except records.READ_ERRORS as err:
-        records.raise_if_damaged(manifest, err)  # names the damaged shard of a prepared dataset
+        records.raise_if_damaged(data.manifest, err)  # names the damaged shard of a prepared dataset
         raise
     except signals.Interrupted as err:
-        done = state.state["epochs_done"]
-        raise Interrupted(
-            f"Training {err} during epoch {done + 1} of {exp.train.epochs}. "
-            + ("Epoch 1 is" if done == 1 else f"Epochs 1-{done} are")
-            + f" saved in {run} (checkpoints/, backup/); the partial epoch is discarded. Resume with:\n"
-            f"  tfcovid fit --resume {run}" if done else
-            f"Training {err} during epoch 1 of {exp.train.epochs}; no epoch was completed. "
-            f"Start again with:\n  tfcovid fit --resume {run}", err.exit_code) from None
-    if workers > 1:
+        raise _stopped_in_training(run, err, state.state["epochs_done"]) from None
+    if run.workers > 1:
         log(f"      weights fingerprint {distribute.weights_fingerprint(model)} (equal on every worker)")
     if guard.bad is not None:
-        batch, value = guard.bad
+        bad_batch, value = guard.bad
         raise TrainingError(
-            f"The training loss became {value} at batch {batch}; training stopped. Try a lower "
-            f"--lr (now {exp.train.lr:g}) or --precision float32. Checkpoints so far are in {run}."
+            f"The training loss became {value} at batch {bad_batch}; training stopped. Try a lower "
+            f"--lr (now {exp.train.lr:g}) or --precision float32. Checkpoints so far are in {run.dir}."
         )
+    return state.seconds
 
-    # Phase 6: evaluate every labeled split with scikit-learn and write metrics.json.
+
+def _callbacks(run: _Run, data: inputs.Inputs, state, guard, stop) -> list[keras.callbacks.Callback]:
+    """Phase 5's callbacks, in the order Keras runs them at each epoch's end."""
+    return [
+        keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: data.epoch.assign(e)),
+        keras.callbacks.TensorBoard(str(run.dir / "tensorboard"), update_freq="epoch", write_graph=False),
+        training_callbacks.TensorBoardImages(run.dir / "tensorboard", run.exp, data.manifest, data.validation),
+        guard,
+        state,  # checkpoints, backup, history.csv: atomically, at each epoch's end
+        # Keras's own progress bar, placed before the stop so that an epoch committed just as a
+        # signal came still prints its line (Keras would append it after every callback).
+        keras.callbacks.ProgbarLogger(),
+        stop,
+    ]
+
+
+def _stopped_in_training(run: _Run, err: signals.Interrupted, done: int) -> Interrupted:
+    """What a signal during training kept (``done`` epochs) and the command that resumes it."""
+    epochs = run.exp.train.epochs
+    return Interrupted(
+        f"Training {err} during epoch {done + 1} of {epochs}. "
+        + ("Epoch 1 is" if done == 1 else f"Epochs 1-{done} are")
+        + f" saved in {run.dir} (checkpoints/, backup/); the partial epoch is discarded. Resume with:\n"
+        f"  tfcovid fit --resume {run.dir}" if done else
+        f"Training {err} during epoch 1 of {epochs}; no epoch was completed. "
+        f"Start again with:\n  tfcovid fit --resume {run.dir}", err.exit_code)
+
+
+def _evaluate(run: _Run, data: inputs.Inputs, model) -> dict:
+    """Phase 6: evaluate every labeled split with scikit-learn; return the reports by split."""
+    exp, manifest = run.exp, data.manifest
     labeled = [name for name in data_folders.SPLIT_ALIASES if name in manifest.splits and manifest.splits[name].labeled]
     unlabeled = [name for name in data_folders.SPLIT_ALIASES if name in manifest.splits and name not in labeled]
-    log("[6/6] Evaluating " + ", ".join(labeled) + "".join(
-        f" ({name} has no class folders, so no labels: not evaluated; `tfcovid predict {run} "
+    run.log("[6/6] Evaluating " + ", ".join(labeled) + "".join(
+        f" ({name} has no class folders, so no labels: not evaluated; `tfcovid predict {run.dir} "
         f"{manifest.splits[name].dir}` predicts it)" for name in unlabeled))
     try:
         with signals.RaiseOnSignal():
-            results = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
+            return {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
     except records.READ_ERRORS as err:
         records.raise_if_damaged(manifest, err)
         raise
     except signals.Interrupted as err:
         raise Interrupted(
             f"Evaluation {err}. Training has finished ({exp.train.epochs} epoch"
-            f"{'s' if exp.train.epochs != 1 else ''}, saved in {run}: checkpoints/, backup/), but "
+            f"{'s' if exp.train.epochs != 1 else ''}, saved in {run.dir}: checkpoints/, backup/), but "
             f"metrics.json is not written. Finish the "
-            f"evaluation with:\n  tfcovid fit --resume {run}", err.exit_code) from None
+            f"evaluation with:\n  tfcovid fit --resume {run.dir}", err.exit_code) from None
+
+
+def _write_results(run: _Run, data: inputs.Inputs, built: _Model, train_seconds: list[float],
+                   results: dict) -> Path | None:
+    """metrics.json, the plots and the results table; a non-chief worker's scratch copy is
+    released instead of returned."""
+    exp, manifest = run.exp, data.manifest
     summary = {
         "task": exp.data.task,
         "outputs": list(manifest.output_names),
         "class_names": list(manifest.class_names),
         "epochs": exp.train.epochs,
-        "train_seconds": round(sum(state.seconds), 2),
-        "total_seconds": round(time.perf_counter() - t0, 2),
-        "images": counts,
-        "trainable_params": frozen.trainable_params,
-        "total_params": frozen.total_params,
-        "preprocessing": mode,
-        "precision": precision,
-        "replicas": replicas,
-        "workers": workers,
+        "train_seconds": round(sum(train_seconds), 2),
+        "total_seconds": round(time.perf_counter() - run.t0, 2),
+        "images": data.counts,
+        "trainable_params": built.frozen.trainable_params,
+        "total_params": built.frozen.total_params,
+        "preprocessing": built.preprocessing,
+        "precision": run.precision,
+        "replicas": run.replicas,
+        "workers": run.workers,
         "splits": results,
     }
-    atomic.atomic_write_text(run / "metrics.json", json.dumps(summary, indent=2))
-    plots.write_run_plots(run, model, exp, manifest, summary, log)
-    log(tables.format_run(exp.to_dict(), summary))
-    if scratch:  # a non-chief worker: its copy of the run is not needed
-        distribute.release(scratch)
+    atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
+    plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
+    run.log(tables.format_run(exp.to_dict(), summary))
+    if run.scratch:  # a non-chief worker: its copy of the run is not needed
+        distribute.release(run.scratch)
         return None
-    return run
-
-
-def _where_resampled(exp, cache) -> str:
-    """", in N worker processes" when data.resample_processes took effect; why not, when not
-    (``auto`` on fewer than 8 cores means threads: nothing to say)."""
-    n, setting = cache.processes, str(exp.data.resample_processes).strip().lower()
-    if not n:
-        return ""
-    share = f" shared by {cache.share} training processes" if cache.share > 1 else ""
-    how = f" (data.resample_processes auto: {usable_cores()} cores{share})" if setting == "auto" else ""
-    if any(isinstance(s, WorkerStore) for s in cache.stores):
-        return f", in {n} worker processes{how}"
-    if cache.worker_error:
-        return f" (the {n} worker processes of data.resample_processes {setting} could not start: " \
-               f"{cache.worker_error}; threads instead)"
-    why = ("needs the decoded-image cache (data.cache)" if exp.data.cache == "none"
-           else "needs Linux and OpenCV" if not can_use_workers()
-           else "needs OpenCV's resampler")
-    return f" (data.resample_processes {setting} not used: it {why}; threads instead)"
+    return run.dir

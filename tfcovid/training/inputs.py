@@ -1,0 +1,121 @@
+"""Phase 3 of ``fit``: the data scanned and every file checked, then the train and validation
+datasets over one decoded-image cache."""
+from __future__ import annotations
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Callable
+import tensorflow as tf
+import yaml
+from tfcovid.config import Experiment
+from tfcovid.data import augment, checks, datasets, demo, folders as data_folders, records, types
+from tfcovid.data.cache import Cache
+from tfcovid.data.folders import disease_class
+from tfcovid.data.opencv.process_pool import WorkerStore, available as can_use_workers, usable_cores
+from tfcovid.training import distribute, preflight
+from tfcovid.utils import atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The checked data and the datasets fit trains on."""
+    manifest: types.Manifest
+    counts: dict[str, int]  # images per split
+    positive_index: int  # the disease class's index (binary task; 0 otherwise)
+    epoch: tf.Variable  # the epoch about to run: the train pipeline keys its randomness on it
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+
+
+def load_manifest(exp: Experiment, log=print) -> types.Manifest:
+    """Scan the experiment's data (generating the demo set once, when asked for)."""
+    d = exp.data
+    root = d.dir
+    if root == "demo":
+        root = demo.ensure_demo_data(d.task, per_class=d.demo_per_class, log=log)
+    # Unusable files come back in manifest.bad; fit() checks every file (filecheck.verify).
+    return data_folders.scan(root, d.task, d.labels, d.label_map, strict=False)
+
+
+def write_config(run: Path, exp: Experiment) -> None:
+    """The resolved experiment as the run's config.yaml (atomically)."""
+    atomic.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
+
+
+def input_pipeline(exp: Experiment, run: Path, workers: int,
+                   log: Callable[[str], None]) -> tuple[Experiment, Inputs]:
+    """Phase 3: every file checked, the disease class settled, the train and validation datasets.
+
+    Args:
+        exp: the experiment.
+        run: the run directory (its config.yaml is rewritten when the disease class changes; a
+            disk cache goes in its cache/).
+        workers: training processes of a multi-worker run (1 otherwise).
+        log: where progress lines go.
+
+    Returns:
+        The experiment with the disease class the data has, and the inputs.
+    """
+    exp, manifest, counts = _checked_data(exp, run, workers, log)
+    positive_index = (manifest.class_names.index(exp.data.positive)
+                      if exp.data.positive in manifest.class_names else 0)
+    # One memory budget for both splits' decoded-image caches; a disk cache goes in the run
+    # (a killed process's disk cache is stale: it is removed).
+    shutil.rmtree(run / "cache", ignore_errors=True)
+    # auto: worker processes from 8 cores, the host's cores shared by its training processes.
+    cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"),
+                  processes=exp.data.resample_processes,
+                  share=distribute.tasks_on_this_host(distribute.tf_config_cluster()))
+    # The epoch about to run, set before each epoch: the train pipeline keys its shuffle and
+    # augmentation on it, so a resumed run continues with the batches it would have seen.
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
+    train_ds = datasets.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
+                                training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
+                                decode_scale=exp.data.decode_scale, epoch=epoch,
+                                deterministic=exp.train.deterministic, readers=workers)
+    val_ds = datasets.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
+                              cache=cache)
+    log(f"      {cache.describe()}")
+    if exp.augment.enabled:
+        log(f"      augmentation resampled with {augment.describe_resampler()}{_where_resampled(exp, cache)}")
+    return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds)
+
+
+def _checked_data(exp: Experiment, run: Path, workers: int, log) -> tuple[Experiment, types.Manifest, dict]:
+    """The manifest with every file checked and its notes logged; the binary task's disease class
+    as the data names it."""
+    manifest = checks.verify(load_manifest(exp, log), exp.data, run, lambda line: log(f"      {line}"))
+    upsampled = records.upsampling_note(manifest, exp.data.image_size)
+    for problem in manifest.problems + tuple(records.check_workers(manifest, workers)) + ((upsampled,) if upsampled else ()):
+        log(f"      note: {problem}")
+    counts = {name: len(split) for name, split in manifest.splits.items()}
+    log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
+        f"images {counts})")
+    preflight.check_batch_size(counts, exp.train.batch_size)
+    if exp.data.task == "binary":
+        positive, why = disease_class(exp.data.positive, manifest.class_names)
+        if positive != exp.data.positive:  # recorded, so resume, evaluate and the model agree
+            exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, positive=positive))
+            write_config(run, exp)
+        if why:
+            log(f"      note: {why}")
+    return exp, manifest, counts
+
+
+def _where_resampled(exp, cache) -> str:
+    """", in N worker processes" when data.resample_processes took effect; why not, when not
+    (``auto`` on fewer than 8 cores means threads: nothing to say)."""
+    n, setting = cache.processes, str(exp.data.resample_processes).strip().lower()
+    if not n:
+        return ""
+    share = f" shared by {cache.share} training processes" if cache.share > 1 else ""
+    how = f" (data.resample_processes auto: {usable_cores()} cores{share})" if setting == "auto" else ""
+    if any(isinstance(s, WorkerStore) for s in cache.stores):
+        return f", in {n} worker processes{how}"
+    if cache.worker_error:
+        return f" (the {n} worker processes of data.resample_processes {setting} could not start: " \
+               f"{cache.worker_error}; threads instead)"
+    why = ("needs the decoded-image cache (data.cache)" if exp.data.cache == "none"
+           else "needs Linux and OpenCV" if not can_use_workers()
+           else "needs OpenCV's resampler")
+    return f" (data.resample_processes {setting} not used: it {why}; threads instead)"
