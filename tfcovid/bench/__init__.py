@@ -17,6 +17,8 @@ everything down, and the load average says whether they were there).
 
 The pieces: ``files`` (the images), ``timing`` (timed passes, the machine), ``pipeline``,
 ``flops`` and ``training`` (``model`` and ``fit``); ``run`` and ``summary`` are here.
+
+May import: ``training``, ``data``, ``models``, ``config``, ``utils``; never ``inference`` or ``cli``.
 """
 
 from __future__ import annotations

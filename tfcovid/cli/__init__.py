@@ -2,6 +2,8 @@
 
 ``train`` holds demo-data, fit, prepare and configs; ``use`` predict, evaluate, export and
 explain; ``tools`` report, import-torch and bench; ``common`` the helpers they share.
+
+May import: everything in tfcovid (the top layer), inside the command functions.
 """
 # Commands import their library modules (and so TensorFlow, seconds to load) inside the command
 # functions, never at the top of a module here: `tfcovid --help` and a usage error stay instant.
