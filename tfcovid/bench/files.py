@@ -58,7 +58,7 @@ def as_split(paths: list[str]) -> types.Split:
 def require_usable(paths: list[str], root: str | Path, max_pixels: int, log=print) -> None:
     """Check every file the benchmark will read, as ``fit`` does, before anything is timed.
 
-    Each file is read and decoded once (``filecheck.check``), so a damaged one stops the
+    Each file is read and decoded once (``checks.check``), so a damaged one stops the
     benchmark here with every problem listed, instead of a TensorFlow error mid-pass that names
     no file. The check is not part of any timing.
 

@@ -228,7 +228,7 @@ class Cache:
         budget_mb: memory budget for all splits together, in MiB.
         directory: parent folder for disk caches (default: the system's temporary folder).
         processes: ``data.resample_processes``: worker processes for an OpenCV train split's
-            rows and cache (``workers.processes_for``: "auto" or a number; 0: threads).
+            rows and cache (``process_pool.processes_for``: "auto" or a number; 0: threads).
         share: training processes on this host, whose cores ``auto`` divides among them.
     """
 
@@ -254,7 +254,7 @@ class Cache:
         then an ``ArrayStore`` (NumPy arrays or raw pixel files) instead of an ``ImageStore``
         (a TensorFlow table, or files it writes inside tf.data). ``workers``: the pipeline can
         run its rows in worker processes; with ``processes`` > 0 (and Linux) the store is then
-        a ``workers.WorkerStore``, the cache split among them.
+        a ``process_pool.WorkerStore``, the cache split among them.
         """
         if self.mode == "none":
             return None
@@ -277,7 +277,7 @@ class Cache:
 
     def started(self, store, count: int, size: int):
         """``store`` with its worker processes started for batches of ``count`` S x S views, when
-        it is a ``workers.WorkerStore`` (else as it is). Where they cannot start, an
+        it is a ``process_pool.WorkerStore`` (else as it is). Where they cannot start, an
         ``ArrayStore`` takes its place (the rows run on threads) and ``worker_error`` says why:
         a default of ``auto`` must not stop a fit that threads can run."""
         if not isinstance(store, process_pool.WorkerStore):

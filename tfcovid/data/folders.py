@@ -1,4 +1,4 @@
-"""Datasets: scan ImageFolder trees into manifests, and turn manifests into tf.data pipelines.
+"""ImageFolder trees -> manifests: split and class folders, label vectors, the positive class.
 
 ``scan`` reads ``DATA_DIR/{train,validation,test}/<class>/<image>`` (split names are matched
 case-insensitively, ``val``/``valid`` mean validation), checks its structure, and returns a

@@ -122,7 +122,7 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
         DataError: bad arguments, a bad tree, or images that cannot be used (all listed).
         FileExistsError: out_dir exists and is not empty (nothing is ever overwritten), or a
             partial output of another prepare is in the way.
-        runstate.Interrupted: SIGTERM or Ctrl-C; nothing is left in out_dir.
+        signals.Interrupted: SIGTERM or Ctrl-C; nothing is left in out_dir.
     """
     _check_arguments(data_dir, shards, max_side, encoding, max_pixels)
     out = str(out_dir).rstrip("/") or "/"
@@ -131,7 +131,7 @@ def prepare(data_dir, out_dir, shards: int = 16, max_side: int = 512, encoding: 
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. tfcovid prepare reads a local ImageFolder "
                         "tree (train/, validation/, optionally test/, one folder per class).")
-    # SIGTERM / Ctrl-C are recorded, and raise runstate.Interrupted at the next record so that
+    # SIGTERM / Ctrl-C are recorded, and raise signals.Interrupted at the next record so that
     # the cleanup below runs: raised from the signal handler itself, the exception can land in
     # one of TensorFlow's finalizers (__del__), where Python prints it and carries on. A second
     # signal gets the usual handler (stops at once).

@@ -58,7 +58,7 @@ class Manifest:
     splits: Mapping[str, Split]
     label_map: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     problems: tuple[str, ...] = ()  # things ignored on the way, reported to the user
-    # Files that cannot be used, left out of the splits (scan(strict=False); see filecheck).
+    # Files that cannot be used, left out of the splits (scan(strict=False); see checks.verify).
     bad: tuple[BadFile, ...] = ()
 
     def counts(self) -> dict:

@@ -184,7 +184,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
             best checkpoint's files are named ``<split>-best*`` (a run's best.keras given as a
             file too).
         batch_size: images per prediction batch.
-        task, labels: for a bare model that does not carry them (see modelinfo.load).
+        task, labels: for a bare model that does not carry them (see weights.metadata.load).
         make_plots: write the confusion-matrix and ROC PNGs.
         log: where progress lines go.
 
@@ -196,7 +196,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         an earlier evaluation).
 
     Raises:
-        EvaluateError, modelinfo.ModelInfoError, data.DataError: with what to do instead.
+        EvaluateError, metadata.ModelInfoError, data.DataError: with what to do instead.
     """
     trained = metadata.load(run_or_model, checkpoint, task, labels)
     exp = _run_config(trained.run_dir)

@@ -206,7 +206,7 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
         labels: output names to explain for every image; default the predicted ones.
         layer: target layer; default the backbone's last conv block.
         checkpoint: "last" or "best" for a run directory.
-        task, model_labels: for a bare model that does not carry them (see modelinfo.load).
+        task, model_labels: for a bare model that does not carry them (see weights.metadata.load).
         log: where progress lines go.
 
     Returns:

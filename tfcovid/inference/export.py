@@ -299,14 +299,14 @@ def export(run_or_model, out=None, format: str = "saved_model", checkpoint: str 
             ``RUN/tflite``, ``RUN/onnx``) for a run, ``<model>-<format>/`` beside a bare model.
         format: "saved_model", "tflite" or "onnx".
         checkpoint: "last" or "best" for a run directory.
-        task, labels: for a bare model that does not carry them (see modelinfo.load).
+        task, labels: for a bare model that does not carry them (see weights.metadata.load).
         log: where progress lines go.
 
     Returns:
         The SavedModel folder, or the .tflite / .onnx file.
 
     Raises:
-        ExportError, FileExistsError, modelinfo.ModelInfoError.
+        ExportError, FileExistsError, metadata.ModelInfoError.
     """
     if format not in FORMATS:
         raise ExportError(f"Unknown export format {format!r}. Valid formats: {', '.join(FORMATS)}.")

@@ -1,4 +1,4 @@
-"""Where and how the model runs: device description, precision policy, tf.distribute strategy."""
+"""tf.distribute: TF_CONFIG clusters, the strategy for `--strategy`, and what multi-worker training needs.
 from __future__ import annotations
 import atexit
 import contextlib
@@ -47,10 +47,10 @@ def tf_config_cluster() -> dict | None:
     try:
         spec = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"TF_CONFIG is not valid JSON: {err}. See the README's multi-worker section.") from None
+        raise ConfigError(f"TF_CONFIG is not valid JSON: {err}. See docs/distributed.md (several machines: TF_CONFIG).") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"TF_CONFIG must be a JSON object with 'cluster' and 'task', got {raw!r}. "
-                          "See the README's multi-worker section.")
+                          "See docs/distributed.md (several machines: TF_CONFIG).")
     cluster = spec.get("cluster") or {}
     if not isinstance(cluster, dict):
         raise ConfigError(f"TF_CONFIG's 'cluster' must map task types to address lists, got {cluster!r}.")

@@ -33,7 +33,7 @@ def load_manifest(exp: Experiment, log=print) -> types.Manifest:
     root = d.dir
     if root == "demo":
         root = demo.ensure_demo_data(d.task, per_class=d.demo_per_class, log=log)
-    # Unusable files come back in manifest.bad; fit() checks every file (filecheck.verify).
+    # Unusable files come back in manifest.bad; fit() checks every file (checks.verify).
     return data_folders.scan(root, d.task, d.labels, d.label_map, strict=False)
 
 

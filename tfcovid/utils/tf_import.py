@@ -10,7 +10,7 @@ machine without a working CUDA driver, the first GPU listing writes an ERROR lin
 ``import_tensorflow()`` imports TensorFlow and lists its GPUs with the process's stderr
 (file descriptor 2, where C++ writes) going through a pipe: a thread passes every line on as
 it comes, except those the level filters, and keeps the cuInit failure for
-``runtime.describe_device``. Nothing else is held back, so a crash during the import still
+``devices.describe_device``. Nothing else is held back, so a crash during the import still
 shows its output.
 """
 from __future__ import annotations

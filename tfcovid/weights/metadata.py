@@ -2,7 +2,7 @@
 
 A ``.keras`` file is a zip archive and Keras ignores members it does not know, so tfcovid
 writes this as a small JSON member, ``tfcovid.json``, into every checkpoint it saves (see
-``runstate.RunState``). A model file copied away from its run directory therefore still knows its
+``run_state.RunState``). A model file copied away from its run directory therefore still knows its
 labels. For files without it (older runs, foreign models) :func:`load` falls back to the run
 directory's ``config.yaml`` + ``metrics.json`` beside the file, then to names given by the user.
 
