@@ -1,4 +1,4 @@
-"""tf.distribute: TF_CONFIG clusters, the strategy for `--strategy`, and what multi-worker training needs.
+"""tf.distribute: TF_CONFIG clusters, the strategy for `--strategy`, and what multi-worker training needs."""
 from __future__ import annotations
 import atexit
 import contextlib
