@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import tfcovid
-from tfcovid import api, config
+from tfcovid import config
+from tfcovid.utils import post_import
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +191,7 @@ def test_predict_takes_a_run_a_loaded_model_or_a_file_and_refuses_a_bare_model(e
     by_trained = tfcovid.predict(tfcovid.load(run_dir), one)
     assert by_dir.probs.shape == by_trained.probs.shape == (1, 2)
     np.testing.assert_allclose(by_dir.probs, ns["preds"].probs[ns["preds"].paths.index(str(one))][None], atol=1e-6)
-    with pytest.raises(ValueError, match="a bare keras.Model does not say what it predicts"):
+    with pytest.raises(ValueError, match="Cannot use a Functional here: .* does not say what it predicts"):
         tfcovid.predict(ns["result"].model, one)
     with pytest.raises(ValueError, match=re.escape(f"found in {tmp_path}")):
         tfcovid.predict(run_dir, tmp_path)
@@ -278,7 +279,7 @@ def test_the_post_import_hook_fires_once_after_the_module_and_never_breaks_its_i
     (tmp_path / "api_hook_target.py").write_text("VALUE = 42\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     calls = []
-    hook = api.PostImportHook("api_hook_target", lambda: calls.append(sys.modules["api_hook_target"].VALUE))
+    hook = post_import.PostImportHook("api_hook_target", lambda: calls.append(sys.modules["api_hook_target"].VALUE))
     sys.meta_path.insert(0, hook)
     try:
         assert importlib.util.find_spec("api_hook_target") is not None and calls == []  # found, not run
@@ -293,7 +294,7 @@ def test_the_post_import_hook_fires_once_after_the_module_and_never_breaks_its_i
         assert calls == [42]
 
         del sys.modules["api_hook_target"]
-        failing = api.PostImportHook("api_hook_target", lambda: 1 / 0)
+        failing = post_import.PostImportHook("api_hook_target", lambda: 1 / 0)
         sys.meta_path.insert(0, failing)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -303,7 +304,7 @@ def test_the_post_import_hook_fires_once_after_the_module_and_never_breaks_its_i
         assert [str(w.message) for w in caught] == ["After importing api_hook_target: ZeroDivisionError: "
                                                     "division by zero"]
     finally:
-        for finder in [f for f in sys.meta_path if isinstance(f, api.PostImportHook)]:
+        for finder in [f for f in sys.meta_path if isinstance(f, post_import.PostImportHook)]:
             if finder.name == "api_hook_target":
                 sys.meta_path.remove(finder)
         sys.modules.pop("api_hook_target", None)

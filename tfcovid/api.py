@@ -11,7 +11,6 @@ May import: every tfcovid package (this is the top layer, beside ``cli``).
 """
 from __future__ import annotations
 import csv
-import importlib.abc
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 from tfcovid import config
+from tfcovid.utils import post_import, tf_import
 
 if TYPE_CHECKING:  # annotations only: importing these at run time would load Keras
     import keras
@@ -166,7 +166,7 @@ def build_classifier(backbone: str = "vgg16", task: str = "binary", freeze: str 
     outputs = 2 if task == "binary" else len(labels if labels is not None else config.STUDY_LABELS)
     _import_tensorflow()
     from tfcovid.models import apply_freeze, is_head_layer  # heavy: Keras
-    from tfcovid.weights import loading
+    from tfcovid.weights import loading  # heavy: Keras
 
     model, _, _ = loading.initial_model(backbone, outputs, image_size, weights, preprocessing,
                                         head_units, name=f"tfcovid_{backbone}_{task}")
@@ -255,7 +255,7 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
         ((12, 2), 'infected')
     """
     _import_tensorflow()
-    from tfcovid.data.folders import IMAGE_EXTENSIONS
+    from tfcovid.data.folders import IMAGE_EXTENSIONS  # heavy: TensorFlow
     from tfcovid.inference import predict as inference_predict  # heavy: TensorFlow
 
     inputs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
@@ -347,7 +347,7 @@ def _trained(model_or_run, checkpoint: str) -> Trained:
     if isinstance(model_or_run, (str, os.PathLike)):
         return metadata.load(model_or_run, checkpoint)
     raise ValueError(
-        f"Cannot predict with a {type(model_or_run).__name__}: pass what tfcovid.fit or tfcovid.load "
+        f"Cannot use a {type(model_or_run).__name__} here: pass what tfcovid.fit or tfcovid.load "
         "returns, a run directory or a .keras file (a bare keras.Model does not say what it predicts)."
     )
 
@@ -365,15 +365,14 @@ def _target(run, checkpoint: str) -> tuple[Any, str, str | None, tuple[str, ...]
 def _import_tensorflow() -> None:
     # TensorFlow first, through tf_import: it filters TensorFlow's start-up lines and keeps the
     # CUDA note that fit's device line shows.
-    from tfcovid.utils import tf_import
-
     tf_import.import_tensorflow()
 
 
 # --- keras.saving.load_model after `import tfcovid` -------------------------------------------
 # Keras finds a "tfcovid>Preprocess" (or focal loss, F1 metric) in a .keras file only once the
 # module defining it has run. Importing them with tfcovid would load Keras (and TensorFlow) on
-# every `import tfcovid`, so when Keras is not loaded yet they are imported right after it is.
+# every `import tfcovid`, so when Keras is not loaded yet they are imported right after it is
+# (utils.post_import).
 
 
 def _register_keras_classes() -> None:
@@ -388,63 +387,13 @@ def _register_or_warn() -> None:
         _register_keras_classes()
     except Exception as err:  # never break the user's `import keras` over it
         warnings.warn(f"tfcovid could not register its Keras classes ({type(err).__name__}: {err}); "
-                      "load tfcovid models with tfcovid.load_model instead.", RuntimeWarning, stacklevel=2)
-
-
-class PostImportHook(importlib.abc.MetaPathFinder):
-    """A one-shot finder: right after the module ``name`` has executed, remove itself and call
-    ``callback`` (its exceptions become a warning; the import itself always goes on)."""
-
-    def __init__(self, name: str, callback: Callable[[], None]):
-        self.name, self.callback = name, callback
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None  # a namespace package or a legacy loader: leave it alone
-        spec.loader = _CallbackLoader(spec.loader, self)
-        return spec
-
-    def done(self) -> None:
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        try:
-            self.callback()
-        except Exception as err:
-            warnings.warn(f"After importing {self.name}: {type(err).__name__}: {err}", RuntimeWarning,
-                          stacklevel=2)
-
-
-class _CallbackLoader(importlib.abc.Loader):
-    """Wraps the module's own loader: runs it, then the hook. The module keeps its own loader."""
-
-    def __init__(self, loader, hook: PostImportHook):
-        self.loader, self.hook = loader, hook
-
-    def __getattr__(self, name):  # get_code, is_package, get_resource_reader, ...
-        return getattr(self.loader, name)
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        module.__loader__ = module.__spec__.loader = self.loader
-        self.loader.exec_module(module)  # an error here stays keras's own, and the hook stays
-        self.hook.done()
+                      "keras.saving.load_model will not find them in tfcovid's .keras files.", RuntimeWarning,
+                      stacklevel=2)
 
 
 def register_keras_classes_on_import() -> None:
     """Make tfcovid's Keras classes known to Keras now if it is loaded, else as soon as it is."""
     if "keras" in sys.modules:
         _register_or_warn()
-    elif not any(isinstance(f, PostImportHook) and f.name == "keras" for f in sys.meta_path):
-        sys.meta_path.insert(0, PostImportHook("keras", _register_or_warn))
+    else:
+        post_import.install("keras", _register_or_warn)
