@@ -62,6 +62,7 @@ def test_the_docs_example_trains_predicts_evaluates_and_exports(example):
     assert {"loss", "val_loss", "accuracy", "f1", "val_f1"} <= set(result.history)
     assert set(result.metrics["splits"]) == {"train", "validation", "test"}
     assert result.metrics["outputs"] == ["infected", "normal"] and result.model.output_shape == (None, 2)
+    assert result.model is result.trained.model and not result.model.compiled
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.metrics = {}
     # freeze first4: VGG16's first four convolutions stay frozen in the checkpoint, the head trains

@@ -69,7 +69,8 @@ class FitResult:
 
     Attributes:
         run_dir: the run directory, absolute (``config.yaml``, ``checkpoints/``, ``plots/``, ...).
-        model: the trained keras.Model (``checkpoints/last.keras``, compiled as in training).
+        model: the trained keras.Model (``checkpoints/last.keras``), uncompiled: for inference;
+            ``tfcovid.load_model(path)`` gives it compiled as in training.
         history: ``history.csv`` as {column: one value per epoch}, e.g. ``history["val_loss"]``.
         metrics: ``metrics.json``: per-split scores under ``metrics["splits"]``.
         trained: the model with what it predicts (task, outputs, threshold), as :func:`load` gives.
@@ -101,7 +102,7 @@ def fit(config_or_path: config.Experiment | str | Path | None = None, *, log: Ca
         tfcovid.weights.assign.WeightsError: with what to do.
 
     Example:
-        >>> result = tfcovid.fit(train={"epochs": 1}, data={"image_size": 32, "demo_per_class": 8})
+        >>> result = tfcovid.fit(train={"epochs": 1, "batch_size": 8}, data={"image_size": 32, "demo_per_class": 8})
         >>> len(result.history["loss"]), sorted(result.metrics["splits"])
         (1, ['test', 'train', 'validation'])
     """
