@@ -1,4 +1,8 @@
-"""tfcovid: fine-tune ImageNet backbones to classify chest X-rays (not for clinical use)."""
+"""tfcovid: fine-tune ImageNet backbones to classify chest X-rays (not for clinical use).
+
+Python API (``tfcovid.api``, docs/python-api.md): ``load_config``, ``fit``, ``build_classifier``,
+``load``, ``predict``, ``evaluate``, ``export``, ``load_model``.
+"""
 __version__ = "0.1.0"
 
 # OpenCV before TensorFlow, whichever tfcovid module comes first: loaded after TensorFlow, OpenCV's
@@ -7,18 +11,12 @@ __version__ = "0.1.0"
 from tfcovid.data.opencv import images as _opencv_images  # noqa: E402,F401
 
 
-def load_model(path, compile: bool = True):
-    """Load a tfcovid ``.keras`` model (a run's ``checkpoints/last.keras`` or ``best.keras``, an
-    ``import-torch`` output) as a Keras model, in your own code.
+# The Python API (docs/python-api.md). Cheap to import: TensorFlow loads when a function needs it.
+from tfcovid.api import (FitResult, build_classifier, evaluate, export, fit, load, load_config,  # noqa: E402
+                         load_model, predict, register_keras_classes_on_import as _register)
 
-    ``keras.models.load_model`` alone cannot: the files name tfcovid's preprocessing layer,
-    F1 metrics and focal loss, which Keras finds only once their modules are imported. This
-    imports them, then loads with Keras's safe mode (no code from the file runs; a file with a
-    ``Lambda`` layer, a missing or a damaged file is a ValueError that names it). ``compile=True`` restores the optimizer, loss and metrics
-    (``model.evaluate`` reports accuracy and F1 as training did); False gives the bare model.
-    """
-    from tfcovid import models  # noqa: F401  (registers the classes)
-    from tfcovid.training import epoch_metrics, losses  # noqa: F401
-    from tfcovid.weights import keras_files
+# `import tfcovid` then `keras.saving.load_model(...)` finds tfcovid's layer, loss and metrics.
+_register()
 
-    return keras_files.load_model(path, ValueError, compile=compile)
+__all__ = ["FitResult", "build_classifier", "evaluate", "export", "fit", "load", "load_config",
+           "load_model", "predict"]
