@@ -1,6 +1,7 @@
 """Small shared helpers with no tfcovid imports: atomic file writes (``atomic``), signals as
-exceptions (``signals``) and TensorFlow's import with its start-up lines filtered
-(``tf_import``).
+exceptions (``signals``), TensorFlow's import with its start-up lines filtered
+(``tf_import``) and a one-shot hook that runs code after a module is first imported
+(``post_import``: tfcovid's Keras classes are registered when Keras loads).
 
 May import: the standard library (and TensorFlow in ``tf_import`` only).
 """
