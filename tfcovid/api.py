@@ -10,6 +10,7 @@ serializable classes once tfcovid is imported, whichever of keras and tfcovid co
 May import: every tfcovid package (this is the top layer, beside ``cli``).
 """
 from __future__ import annotations
+
 import csv
 import json
 import os
@@ -18,11 +19,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
+
 from tfcovid import config
 from tfcovid.utils import post_import, tf_import
 
 if TYPE_CHECKING:  # annotations only: importing these at run time would load Keras
     import keras
+
     from tfcovid.inference.predict import Predictions
     from tfcovid.weights.metadata import Trained
 

@@ -29,7 +29,15 @@ from tfcovid.bench.files import as_split, image_files, require_usable, synthetic
 from tfcovid.bench.flops import model_flops
 from tfcovid.bench.pipeline import bench_pipeline, decode_only
 from tfcovid.bench.timing import machine
-from tfcovid.bench.training import bench_fit, bench_model, build, experiment, random_batches, time_alternating, time_training
+from tfcovid.bench.training import (
+    bench_fit,
+    bench_model,
+    build,
+    experiment,
+    random_batches,
+    time_alternating,
+    time_training,
+)
 from tfcovid.data import augment, types
 
 __all__ = [

@@ -10,8 +10,10 @@ import tensorflow as tf
 
 from tfcovid import config
 from tfcovid.bench.files import as_split
-from tfcovid.bench.timing import median_rate, timed_pass, machine
-from tfcovid.data import cache as data_cache, datasets, decode as data_decode
+from tfcovid.bench.timing import machine, median_rate, timed_pass
+from tfcovid.data import cache as data_cache
+from tfcovid.data import datasets
+from tfcovid.data import decode as data_decode
 from tfcovid.data.opencv.process_pool import WorkerStore, usable_cores
 
 

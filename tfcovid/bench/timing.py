@@ -8,7 +8,8 @@ import time
 import keras
 import tensorflow as tf
 
-from tfcovid.data import augment, cache as data_cache
+from tfcovid.data import augment
+from tfcovid.data import cache as data_cache
 from tfcovid.data.opencv.process_pool import WorkerStore
 from tfcovid.training import devices
 

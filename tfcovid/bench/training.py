@@ -11,8 +11,9 @@ from tfcovid import config
 from tfcovid.bench.files import as_split
 from tfcovid.bench.flops import model_flops
 from tfcovid.bench.pipeline import processes_fields
-from tfcovid.bench.timing import median_rate, timed_pass, machine
-from tfcovid.data import cache as data_cache, datasets
+from tfcovid.bench.timing import machine, median_rate, timed_pass
+from tfcovid.data import cache as data_cache
+from tfcovid.data import datasets
 from tfcovid.models import apply_freeze, build_model, is_head_layer
 from tfcovid.training import compile, devices
 

@@ -12,9 +12,20 @@ import click
 
 from tfcovid import config
 from tfcovid.cli.common import fail, tensorflow, user_errors
-from tfcovid.config.schema import (BACKBONES, DEMO_MULTILABEL, DEMO_PRESET, LOSSES, MAX_SEED,
-                                   MIN_IMAGE_SIZE, OPTIMIZERS, PRECISIONS, PREPROCESSING, STRATEGIES,
-                                   TASKS, Experiment)
+from tfcovid.config.schema import (
+    BACKBONES,
+    DEMO_MULTILABEL,
+    DEMO_PRESET,
+    LOSSES,
+    MAX_SEED,
+    MIN_IMAGE_SIZE,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREPROCESSING,
+    STRATEGIES,
+    TASKS,
+    Experiment,
+)
 
 
 def _show(value) -> str:
@@ -198,7 +209,8 @@ def prepare(data_dir, out_dir, shards, max_side, encoding, seed, max_pixels, ski
     complete; SIGTERM or Ctrl-C removes the partial output.
     """
     tensorflow()
-    from tfcovid.data import prepare as data_prepare, records  # heavy: TensorFlow
+    from tfcovid.data import prepare as data_prepare  # heavy: TensorFlow
+    from tfcovid.data import records
     from tfcovid.utils import signals
 
     limits = {} if max_pixels is None else {"max_pixels": max_pixels}

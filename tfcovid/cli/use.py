@@ -8,8 +8,15 @@ import sys
 
 import click
 
-from tfcovid.cli.common import (CHECKPOINT_HELP, checkpoint_only_for_runs, fail, model_options, names,
-                                tensorflow, trained_model_errors)
+from tfcovid.cli.common import (
+    CHECKPOINT_HELP,
+    checkpoint_only_for_runs,
+    fail,
+    model_options,
+    names,
+    tensorflow,
+    trained_model_errors,
+)
 from tfcovid.config.schema import TASKS
 
 

@@ -2,10 +2,27 @@
 and a bad value is a :class:`~tfcovid.config.schema.ConfigError` naming the key and what to use.
 """
 from __future__ import annotations
+
 import re
-from tfcovid.config.schema import (BACKBONES, CACHES, CONV_LAYERS, JIT_COMPILE, LOSSES, MAX_SEED, MIN_IMAGE_SIZE,
-                                   OPTIMIZERS, PRECISIONS, PREPROCESSING, STRATEGIES, TASKS, ConfigError,
-                                   DataConfig, Experiment, ModelConfig)
+
+from tfcovid.config.schema import (
+    BACKBONES,
+    CACHES,
+    CONV_LAYERS,
+    JIT_COMPILE,
+    LOSSES,
+    MAX_SEED,
+    MIN_IMAGE_SIZE,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREPROCESSING,
+    STRATEGIES,
+    TASKS,
+    ConfigError,
+    DataConfig,
+    Experiment,
+    ModelConfig,
+)
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:

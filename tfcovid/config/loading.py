@@ -3,14 +3,17 @@ assignments and command-line flags merged over the defaults, the offline demo pr
 typed and validated into an :class:`~tfcovid.config.schema.Experiment`.
 """
 from __future__ import annotations
+
 import dataclasses
 import difflib
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
 import yaml
+
 from tfcovid.config.checks import validate
-from tfcovid.config.schema import ConfigError, DEMO_MULTILABEL, DEMO_PRESET, Experiment, NULLABLE, SECTIONS, TOP_LEVEL
+from tfcovid.config.schema import DEMO_MULTILABEL, DEMO_PRESET, NULLABLE, SECTIONS, TOP_LEVEL, ConfigError, Experiment
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -6,12 +6,13 @@ top-level keys ``name`` and ``out``. Command-line flags override single keys by 
 :class:`ConfigError` naming the key, the value received and what is allowed.
 """
 from __future__ import annotations
+
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-import yaml
 
+import yaml
 
 TASKS = ("binary", "multilabel")
 

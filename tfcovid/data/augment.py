@@ -22,16 +22,20 @@ Augmentation runs in the tf.data pipeline, not in the model, so the model can be
 XLA (Keras augmentation layers inside a model disable it).
 """
 from __future__ import annotations
+
 import functools
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import tensorflow as tf
+
 # The OpenCV side (decoders, resample) lives in tfcovid.data.opencv.images, which imports no TensorFlow, so
 # that the resample worker processes (tfcovid.data.opencv.process_pool) can run it.
 from tfcovid.data.opencv.images import _affine, _rescaled, _warp, batch_buffer, cv2
+
 """Uniform draws per image: 10 area fractions, 10 log aspect ratios (torchvision's ten tries),
 the box's top and left, the angle and the flip."""
 

@@ -4,14 +4,15 @@ and resamples them all on all cores, on threads or in the worker processes of a
 ``WorkerStore``. ``pipeline.dataset`` puts it after batching when OpenCV resamples.
 """
 from __future__ import annotations
+
 import numpy as np
 import tensorflow as tf
+
 from tfcovid.data import augment
 from tfcovid.data.cache import ArrayStore
 from tfcovid.data.opencv import images as opencv_images
 from tfcovid.data.opencv.process_pool import WorkerStore
 from tfcovid.data.opencv.worker import DECODE, PIXELS, STORED
-
 
 # Where the batch resampler gets each train image (OpenCV path): from the ArrayStore, from the
 # file's bytes with OpenCV's JPEG decoder, or decoded by TensorFlow in the per-image map. The

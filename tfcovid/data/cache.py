@@ -17,16 +17,17 @@ A disk cache lives in a fresh temporary folder (under ``directory`` or ``$TMPDIR
 deleted when the process exits; caches are never shared between processes.
 """
 from __future__ import annotations
+
 import atexit
 import os
 import shutil
 import tempfile
 import threading
+
 import numpy as np
 import tensorflow as tf
-from tfcovid.data.opencv import pixel_files
-from tfcovid.data.opencv import process_pool
 
+from tfcovid.data.opencv import pixel_files, process_pool
 
 MODES = ("auto", "memory", "disk", "none")
 

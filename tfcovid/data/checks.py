@@ -10,17 +10,19 @@ list of every problem, or, with ``data.skip_bad``, leaves those files out and li
 run directory's ``skipped.txt``.
 """
 from __future__ import annotations
+
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+
 import tensorflow as tf
-from tfcovid.utils.atomic import atomic_write_text
+
 from tfcovid.data import headers
 from tfcovid.data.headers import not_regular  # noqa: F401  (also read as checks.not_regular)
 from tfcovid.data.types import BadFile, DataError
-
+from tfcovid.utils.atomic import atomic_write_text
 
 OUTSIDE_CLASS = "outside any class folder: its class is unknown; move it into a class folder"
 

@@ -2,11 +2,11 @@
 ``pipeline``, prepared TFRecord shards through ``record_stream``.
 """
 from __future__ import annotations
+
 import tensorflow as tf
-pass
+
+from tfcovid.data import pipeline, record_stream
 from tfcovid.data.types import Split
-from tfcovid.data import record_stream
-from tfcovid.data import pipeline
 
 
 def dataset(

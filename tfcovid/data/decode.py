@@ -1,7 +1,9 @@
 """Decoding with TensorFlow's ops: JPEG/PNG/BMP/GIF, grey/RGB/RGBA, 8 or 16 bit -> uint8 RGB.
 """
 from __future__ import annotations
+
 import tensorflow as tf
+
 from tfcovid.data import augment
 
 

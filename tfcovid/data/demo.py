@@ -11,15 +11,16 @@ Image size, colour mode and file format are drawn from the per-image random gene
 the same distribution for every class, so none of them can leak the label.
 """
 from __future__ import annotations
+
 import json
 import operator
 import os
 import pathlib
 import shutil
 import tempfile
+
 import numpy as np
 from PIL import Image
-
 
 DEMO_CLASSES = {"binary": ("infected", "normal"), "multilabel": ("covid-19", "normal", "pneumonia")}
 

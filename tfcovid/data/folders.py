@@ -8,16 +8,17 @@ set is. Files that cannot be used are collected, never guessed at (``tfcovid.dat
 checks their content before training). ``dataset`` decodes, augments or resizes, batches and prefetches.
 """
 from __future__ import annotations
+
 import os
 import unicodedata
 from pathlib import Path
 from typing import Mapping, Sequence
-import numpy as np
-from tfcovid.data import checks, headers
-from tfcovid.data import records
-from tfcovid.config import ConfigError
-from tfcovid.data.types import BadFile, ClassCountError, DataError, Manifest, Split
 
+import numpy as np
+
+from tfcovid.config import ConfigError
+from tfcovid.data import checks, headers, records
+from tfcovid.data.types import BadFile, ClassCountError, DataError, Manifest, Split
 
 IMAGE_EXTENSIONS = headers.IMAGE_EXTENSIONS
 

@@ -7,12 +7,13 @@ header gives a reason instead of a decoder's own lines on stderr, and a huge ima
 before anything allocates its pixels.
 """
 from __future__ import annotations
+
 import os
 import stat
 import struct
 from pathlib import Path
-from tfcovid.data.signatures import SIGNATURES
 
+from tfcovid.data.signatures import SIGNATURES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 

@@ -7,21 +7,23 @@ working resolution into the cache (``tfcovid.data.cache``) and resampled per bat
 as final uint8 pixels. How and why, step by step: docs/performance.md ("The input pipeline").
 """
 from __future__ import annotations
+
 import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
+
 import numpy as np
 import tensorflow as tf
+
 from tfcovid.data import augment, batches
 from tfcovid.data.batches import FROM_OPENCV, FROM_STORE, FROM_TENSORFLOW
-from tfcovid.data.opencv import images as opencv_images
 from tfcovid.data.cache import ArrayStore, as_cache
+from tfcovid.data.decode import decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
+from tfcovid.data.opencv import images as opencv_images
+from tfcovid.data.opencv.process_pool import WorkerStore
 from tfcovid.data.sizes import estimate_bytes, halvings, header, working_shape
 from tfcovid.data.types import Split
-from tfcovid.data.decode import decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
-from tfcovid.data.opencv.process_pool import WorkerStore
-
 
 # libjpeg's exact integer IDCT (TensorFlow's default is the fast one). It is OpenCV's default,
 # so a JPEG decoded by either library has the same pixels (see ``augment.decode_jpeg``).

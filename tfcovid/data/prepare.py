@@ -2,6 +2,7 @@
 ``--max-side``), written to ``OUT.partial`` and renamed when complete; a signal removes it.
 """
 from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -9,13 +10,27 @@ import shutil
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+
 import numpy as np
 import tensorflow as tf
-from tfcovid.data import decode, folders as data_folders, types, checks
-from tfcovid.utils import signals
+
 from tfcovid.config import DataConfig
+from tfcovid.data import checks, decode, types
+from tfcovid.data import folders as data_folders
+from tfcovid.data.records import (
+    ENCODINGS,
+    FORMAT,
+    MANIFEST,
+    PARTIAL,
+    VERSION,
+    _incomplete_error,
+    _is_incomplete,
+    _join,
+    _sha256,
+    is_prepared,
+)
 from tfcovid.data.types import DataError
-from tfcovid.data.records import ENCODINGS, FORMAT, MANIFEST, PARTIAL, VERSION, _incomplete_error, _is_incomplete, _join, _sha256, is_prepared
+from tfcovid.utils import signals
 
 
 def _write_json(path: str, value) -> str:

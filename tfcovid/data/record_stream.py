@@ -4,17 +4,19 @@ augmented with the TensorFlow resampler per record, or planned per record and de
 resampled per batch by OpenCV.
 """
 from __future__ import annotations
+
 import functools
 from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
+
 from tfcovid.data import augment, decode, pipeline
 from tfcovid.data.cache import as_cache
 from tfcovid.data.opencv import images as opencv_images
 from tfcovid.data.opencv.process_pool import WorkerStore
 from tfcovid.data.opencv.worker import DECODE, STORED
 from tfcovid.data.records import FEATURES, RecordSplit
-
 
 _SHUFFLE_BYTES = 256 << 20  # memory for the record shuffle buffer (encoded images)
 

@@ -31,16 +31,19 @@ across workers by file (``AutoShardPolicy.FILE``); evaluation reads them in orde
 (``record_stream.dataset``).
 """
 from __future__ import annotations
+
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
-from tfcovid.data import folders as data_folders, types
-from tfcovid.data.types import DataError
 
+from tfcovid.data import folders as data_folders
+from tfcovid.data import types
+from tfcovid.data.types import DataError
 
 MANIFEST = "tfcovid-records.json"
 

@@ -5,11 +5,13 @@ The pipeline plans a whole epoch's augmentation from these sizes before any pixe
 (``pipeline._file_plan``); the cache policy picks memory or disk from the estimate.
 """
 from __future__ import annotations
+
 from typing import NamedTuple, Sequence
+
 import numpy as np
 from PIL import Image
-from tfcovid.data.opencv import pixel_files
 
+from tfcovid.data.opencv import pixel_files
 
 _OVERHEAD = pixel_files.OVERHEAD  # bytes per cached image beyond its pixels: serialisation, table entry
 

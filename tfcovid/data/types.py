@@ -3,8 +3,10 @@
 errors a user can fix.
 """
 from __future__ import annotations
+
 from dataclasses import dataclass, field
 from typing import Mapping
+
 import numpy as np
 
 

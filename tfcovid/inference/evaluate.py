@@ -13,17 +13,19 @@ Sensitivity and specificity are reported by name for the disease classes: the bi
 positive class, and every label of the three-label task except "normal".
 """
 from __future__ import annotations
+
 import json
 from pathlib import Path
-import numpy as np
-from tfcovid import config
-from tfcovid.data import demo, checks
-from tfcovid.results import scores, plots
-from tfcovid.weights import metadata
-from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
-from tfcovid.data import datasets, folders as data_folders, types  # `data` is evaluate()'s argument, as in the CLI
-from tfcovid.models.outputs import probabilities
 
+import numpy as np
+
+from tfcovid import config
+from tfcovid.data import checks, datasets, demo, types  # `data` is evaluate()'s argument, as in the CLI
+from tfcovid.data import folders as data_folders
+from tfcovid.models.outputs import probabilities
+from tfcovid.results import plots, scores
+from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
+from tfcovid.weights import metadata
 
 SPLITS = ("train", "validation", "test")
 

@@ -12,16 +12,19 @@ The heatmap is computed on the model's input (the image resized to S x S, as in 
 and stretched back over the original image for the overlay.
 """
 from __future__ import annotations
+
 from pathlib import Path
 from typing import Sequence
+
 import keras
 import numpy as np
 import tensorflow as tf
+
 from tfcovid.data import decode
-from tfcovid.weights import metadata
+from tfcovid.inference.predict import find_images, read_file, read_problem, tf_error_reason
 from tfcovid.models import BACKBONES
 from tfcovid.models.outputs import probabilities
-from tfcovid.inference.predict import find_images, read_file, read_problem, tf_error_reason
+from tfcovid.weights import metadata
 
 
 class ExplainError(ValueError):

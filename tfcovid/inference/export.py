@@ -25,19 +25,22 @@ with antialiasing and rounded to whole values::
     x = np.clip(np.round(x.numpy()), 0, 255)          # whole values, as uint8 pixels hold them
 """
 from __future__ import annotations
+
 import importlib.util
 import json
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
-from tfcovid.data import augment, decode as data_decode
-from tfcovid.weights import metadata
-from tfcovid.models.outputs import probabilities
 
+from tfcovid.data import augment
+from tfcovid.data import decode as data_decode
+from tfcovid.models.outputs import probabilities
+from tfcovid.weights import metadata
 
 FORMATS = ("saved_model", "tflite", "onnx")
 

@@ -6,18 +6,20 @@ by file name. Binary: softmax probabilities per class and the predicted class. T
 study's 0/1 per label (``filename,covid-19,normal,pneumonia``), probabilities in the table.
 """
 from __future__ import annotations
+
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
 import tensorflow as tf
-from tfcovid.data import augment, decode, folders, checks
+
+from tfcovid.data import augment, checks, decode, folders
+from tfcovid.models.outputs import probabilities
 from tfcovid.utils.atomic import atomic_write_csv
 from tfcovid.weights.metadata import Trained
-from tfcovid.models.outputs import probabilities
-
 
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
                b"GIF87a": "GIF", b"GIF89a": "GIF"}

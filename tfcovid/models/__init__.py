@@ -8,8 +8,7 @@ The registry's names are re-exported here: ``from tfcovid.models import build_mo
 """
 from tfcovid.models.freeze import FreezeSummary, apply_freeze, count_parameters
 from tfcovid.models.preprocess import Preprocess
-from tfcovid.models.registry import (BACKBONES, Backbone, build_model, get_backbone, init_like_torchvision,
-                                     is_head_layer)
+from tfcovid.models.registry import BACKBONES, Backbone, build_model, get_backbone, init_like_torchvision, is_head_layer
 
 __all__ = [
     "BACKBONES", "Backbone", "FreezeSummary", "Preprocess", "apply_freeze", "build_model",

@@ -2,9 +2,9 @@
 column), sigmoids for the three-label task.
 """
 from __future__ import annotations
+
 import numpy as np
 import scipy.special
-pass
 
 
 def probabilities(logits: np.ndarray, task: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from tfcovid.models.preprocess import Preprocess
 from tfcovid.models.resnet import resnet18_features
 from tfcovid.models.vgg import resnet50_features, vgg16_features
 
+
 @dataclass(frozen=True)
 class Backbone:
     """How to build one backbone and what its weights and head need."""

@@ -12,19 +12,21 @@ headless server) into PNG files, or into PNG bytes that TensorBoard shows as ima
   and the validation confusion matrix every epoch.
 """
 from __future__ import annotations
+
 import csv
 import io
 from pathlib import Path
 from typing import Sequence
+
 import matplotlib
+
 matplotlib.use("Agg")  # before pyplot: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
+
 from tfcovid.data import datasets
 from tfcovid.models.outputs import probabilities
-pass  # noqa: E402
-
 
 # Keras metric names in history.csv and how to title them.
 _TITLES = {"loss": "Loss", "accuracy": "Accuracy", "jaccard": "Accuracy (sample Jaccard)",

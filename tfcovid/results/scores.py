@@ -21,9 +21,9 @@ Conventions (see DESIGN.md):
   never a warning or NaN, so tiny or degenerate evaluation sets report cleanly.
 """
 from __future__ import annotations
+
 import numpy as np
 from sklearn import metrics as skm
-
 
 __all__ = [
     "binary_report",

@@ -1,12 +1,14 @@
 """The study's results tables, from run directories (config.yaml + metrics.json)."""
 from __future__ import annotations
+
 import json
 import re
 from pathlib import Path
 from typing import Sequence
-import yaml
-from tfcovid.results import scores
 
+import yaml
+
+from tfcovid.results import scores
 
 _BACKBONE_NAMES = {"vgg16": "VGG16", "resnet18": "ResNet18", "resnet50": "ResNet50"}
 

@@ -2,17 +2,21 @@
 (augmented training batch, validation confusion matrices).
 """
 from __future__ import annotations
+
 import math
 from pathlib import Path
+
 import keras
+import matplotlib
 import numpy as np
 import tensorflow as tf
+
 from tfcovid.data import datasets
 from tfcovid.results import scores
-import matplotlib
+
 matplotlib.use("Agg")  # before pyplot: no display on servers and in CI
-from tfcovid.results.plots import confusion_figure, figure_png, image_grid_figure
 from tfcovid.models.outputs import probabilities
+from tfcovid.results.plots import confusion_figure, figure_png, image_grid_figure
 
 
 class NaNGuard(keras.callbacks.Callback):

@@ -1,9 +1,11 @@
 """Compile a model for its experiment: optimizer, the task's loss and the report's metrics.
 """
 from __future__ import annotations
+
 import keras
-from tfcovid.training import losses, epoch_metrics
+
 from tfcovid.config import Experiment
+from tfcovid.training import epoch_metrics, losses
 
 
 def compile_model(model: keras.Model, exp: Experiment, positive_index: int) -> None:

@@ -2,12 +2,15 @@
 GPUs of compute capability >= 8, float16 on 7.x, float32 on CPU) and deterministic ops.
 """
 from __future__ import annotations
+
 import contextlib
 import os
+
 import keras
 import tensorflow as tf
-from tfcovid.utils import tf_import
+
 from tfcovid.config import ConfigError
+from tfcovid.utils import tf_import
 
 
 def _jax_gpus() -> list:

@@ -1,5 +1,6 @@
 """tf.distribute: TF_CONFIG clusters, the strategy for `--strategy`, and what multi-worker training needs."""
 from __future__ import annotations
+
 import atexit
 import contextlib
 import hashlib
@@ -12,12 +13,12 @@ import tempfile
 import threading
 import types
 from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
-pass
-from tfcovid.config import STRATEGIES, ConfigError
 
+from tfcovid.config import STRATEGIES, ConfigError
 
 _TASK_TYPES = ("chief", "worker")
 

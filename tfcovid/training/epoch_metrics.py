@@ -2,6 +2,7 @@
 the sample-averaged Jaccard and F1 of the three-label task, and the binary task's disease F1.
 """
 from __future__ import annotations
+
 import keras
 from keras import ops
 

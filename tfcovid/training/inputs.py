@@ -1,17 +1,22 @@
 """Phase 3 of ``fit``: the data scanned and every file checked, then the train and validation
 datasets over one decoded-image cache."""
 from __future__ import annotations
+
 import dataclasses
 import shutil
 from pathlib import Path
 from typing import Callable
+
 import tensorflow as tf
 import yaml
+
 from tfcovid.config import Experiment
-from tfcovid.data import augment, checks, datasets, demo, folders as data_folders, records, types
+from tfcovid.data import augment, checks, datasets, demo, records, types
+from tfcovid.data import folders as data_folders
 from tfcovid.data.cache import Cache
 from tfcovid.data.folders import disease_class
-from tfcovid.data.opencv.process_pool import WorkerStore, available as can_use_workers, usable_cores
+from tfcovid.data.opencv.process_pool import WorkerStore, usable_cores
+from tfcovid.data.opencv.process_pool import available as can_use_workers
 from tfcovid.training import distribute, preflight
 from tfcovid.utils import atomic
 

@@ -6,12 +6,13 @@ end-of-life package. `get_loss` resolves the `--loss` name; `check_loss_for_task
 rejects a loss that does not fit a task's outputs.
 """
 from __future__ import annotations
+
 import math
 import numbers
 from collections.abc import Callable
+
 import keras
 from keras import ops
-
 
 __all__ = [
     "LOSSES",

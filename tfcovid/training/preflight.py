@@ -7,12 +7,12 @@ naming the path or value and what to do. (An image size below the backbone's min
 config error; see ``tfcovid.config.MIN_IMAGE_SIZE``.)
 """
 from __future__ import annotations
+
 import errno
 import os
 import shutil
 from pathlib import Path
 from typing import Mapping
-
 
 BYTES_PER_VALUE = 4  # checkpoints hold float32 weights and optimizer slots, whatever the precision
 

@@ -20,6 +20,7 @@ SIGTERM and Ctrl-C (:class:`StopOnSignal`) stop training at the next batch bound
 committing the partial epoch, and ``fit`` prints the command that resumes the run.
 """
 from __future__ import annotations
+
 import csv
 import hashlib
 import io
@@ -30,10 +31,11 @@ import shutil
 import time
 from pathlib import Path
 from typing import Callable
+
 import keras
+
 from tfcovid.utils.atomic import atomic_save, atomic_write_text, remove_partials
 from tfcovid.utils.signals import DeferSignals
-
 
 STATE_FILE = "state.json"
 

@@ -1,5 +1,6 @@
 """Training: ``fit(experiment)`` reads top to bottom in phases, each announced in one log line."""
 from __future__ import annotations
+
 import dataclasses
 import json
 import os
@@ -9,18 +10,22 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
+
 import keras
 import tensorflow as tf
-from tfcovid.utils import atomic, signals
-from tfcovid.data import datasets, folders as data_folders, types, records
-from tfcovid.results import scores, plots, tables
-from tfcovid.weights import metadata, loading
-from tfcovid.training import callbacks as training_callbacks, inputs, preflight, run_state, devices, distribute
+
 from tfcovid.config import Experiment
+from tfcovid.data import datasets, records, types
+from tfcovid.data import folders as data_folders
 from tfcovid.models import FreezeSummary, apply_freeze, is_head_layer
 from tfcovid.models.outputs import probabilities
+from tfcovid.results import plots, scores, tables
+from tfcovid.training import callbacks as training_callbacks
+from tfcovid.training import devices, distribute, inputs, preflight, run_state
 from tfcovid.training.callbacks import NaNGuard
 from tfcovid.training.compile import compile_model
+from tfcovid.utils import atomic, signals
+from tfcovid.weights import loading, metadata
 
 NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
 

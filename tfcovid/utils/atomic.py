@@ -5,12 +5,12 @@ The new content goes to a temporary file in the same folder (a rename across fil
 not atomic), is flushed to disk, and is renamed over the old file with ``os.replace``.
 """
 from __future__ import annotations
+
 import csv
 import io
 import os
 from pathlib import Path
 from typing import Callable, Iterable
-
 
 PARTIAL_PREFIX = ".partial-"
 

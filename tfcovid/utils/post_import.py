@@ -5,6 +5,7 @@ as Keras loads, so that ``import tfcovid`` itself never loads Keras.
 May import: the standard library only.
 """
 from __future__ import annotations
+
 import importlib.abc
 import sys
 import warnings

@@ -14,12 +14,12 @@ it comes, except those the level filters, and keeps the cuInit failure for
 shows its output.
 """
 from __future__ import annotations
+
 import contextlib
 import os
 import re
 import sys
 import threading
-
 
 _PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 

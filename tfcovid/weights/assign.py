@@ -1,7 +1,9 @@
 """Arrays onto Keras layers: the shape checks and the error every weights reader shares.
 """
 from __future__ import annotations
+
 import numpy as np
+
 from tfcovid.models.heads import HEAD_PREFIX
 
 

@@ -2,6 +2,7 @@
 never deleted), torchvision's ResNet18 converted; a missing file names what to fetch and where.
 """
 from __future__ import annotations
+
 import contextlib
 import hashlib
 import os
@@ -9,9 +10,10 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-import keras
-from tfcovid.weights.assign import WeightsError
 
+import keras
+
+from tfcovid.weights.assign import WeightsError
 
 KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 

@@ -2,14 +2,16 @@
 head) -> a tfcovid ``.keras`` model with the same logits, checked by a reload.
 """
 from __future__ import annotations
+
 from pathlib import Path
+
 import keras
 import numpy as np
+
 from tfcovid.models import build_model
+from tfcovid.weights import metadata, torch_files
 from tfcovid.weights.assign import WeightsError, assign
 from tfcovid.weights.loading import STUDY_OUTPUTS, _existing
-from tfcovid.weights import torch_files
-from tfcovid.weights import metadata
 
 
 def import_torch(checkpoint: str | Path, backbone: str, task: str, out: str | Path,

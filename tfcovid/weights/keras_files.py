@@ -10,14 +10,16 @@ that off for every later load. So :func:`load_model` reads the config itself fir
 any Lambda layer, then loads with ``safe_mode=True``.
 """
 from __future__ import annotations
+
 import json
 import re
 import zipfile
 from pathlib import Path
+
 import keras
 import numpy as np
-from tfcovid.weights.assign import WeightsError, format_shape, weighted_layers
 
+from tfcovid.weights.assign import WeightsError, format_shape, weighted_layers
 
 # Config entries that carry Python code: a Lambda layer, and the marshalled bytecode of a lambda.
 CODE_CLASSES = ("Lambda", "__lambda__")

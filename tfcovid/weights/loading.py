@@ -17,15 +17,15 @@ the import of the study's fine-tuned PyTorch checkpoints.
   (1000 classes) are dropped.
 """
 from __future__ import annotations
+
 from pathlib import Path
+
 from tfcovid.models import build_model, get_backbone, init_like_torchvision
-from tfcovid.weights.assign import WeightsError, assign
-from tfcovid.weights.imagenet import IMAGENET, fetch_imagenet
-from tfcovid.weights.torch_files import _require_torch_for
-from tfcovid.weights.torch_files import TORCH_SUFFIXES
 from tfcovid.weights import keras_files
 from tfcovid.weights import torch_files as weights_torch_files
-
+from tfcovid.weights.assign import WeightsError, assign
+from tfcovid.weights.imagenet import IMAGENET, fetch_imagenet
+from tfcovid.weights.torch_files import TORCH_SUFFIXES, _require_torch_for
 
 # Layers of keras.applications' ImageNet tops, dropped when a file with the top is used.
 KERAS_IMAGENET_TOP = ("fc1", "fc2", "predictions", "fc1000")

@@ -9,17 +9,19 @@ directory's ``config.yaml`` + ``metrics.json`` beside the file, then to names gi
 Used by ``predict`` and by every command that takes ``RUN_DIR|MODEL``.
 """
 from __future__ import annotations
+
 import json
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
 import keras
 import yaml
+
 import tfcovid.models  # noqa: F401  (registers the Preprocess layer that load_model needs)
 from tfcovid.weights import keras_files
-
 
 INFO_MEMBER = "tfcovid.json"
 

@@ -20,14 +20,16 @@ layers under that module in order are accepted, so a Flatten or Dropout in betwe
 A 1000-output ImageNet classifier is recognised and dropped.
 """
 from __future__ import annotations
+
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
+
 from tfcovid.weights.assign import WeightsError, format_shape
 from tfcovid.weights.imagenet import ImagenetFile
-
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 

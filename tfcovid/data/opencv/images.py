@@ -7,13 +7,17 @@ No TensorFlow here: ``tfcovid.data.opencv.process_pool`` runs these in processes
 ``tests/test_augment.py`` check that both sides give the same pixels.
 """
 from __future__ import annotations
+
 import collections
 import functools
 import math
 import mmap
 import weakref
+
 import numpy as np
+
 from tfcovid.data.signatures import SIGNATURES
+
 try:  # a dependency. Where it cannot be imported (no wheel for the platform, or a broken install
     # such as opencv-python and opencv-python-headless side by side) the pipelines use
     # TensorFlow's ops, and fit's log says so.

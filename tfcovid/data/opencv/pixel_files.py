@@ -5,10 +5,11 @@ memory by whoever wrote it. Written under a temporary name and renamed, so a fil
 is whole.
 """
 from __future__ import annotations
+
 import os
 import threading
-import numpy as np
 
+import numpy as np
 
 OVERHEAD = 200  # bytes counted per cached image beyond its pixels: bookkeeping
 

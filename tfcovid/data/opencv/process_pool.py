@@ -20,15 +20,17 @@ processes and pipes are ``processes.WorkerProcesses``; what runs in each worker 
 tfcovid.data.opencv.worker``, NumPy and OpenCV only) is ``worker``.
 """
 from __future__ import annotations
+
 import os
 import threading
 import weakref
+
 import numpy as np
+
 from tfcovid.config.checks import resample_processes
 from tfcovid.data.opencv import images
 from tfcovid.data.opencv.processes import WorkerProcesses
 from tfcovid.data.opencv.worker import PIXELS, STORED
-
 
 START_SECONDS = 120.0  # how long ``WorkerStore.start`` waits for every worker to be ready
 

@@ -3,17 +3,20 @@
 the shared batch buffers they write into; ``process_pool.WorkerStore`` drives it.
 """
 from __future__ import annotations
+
 import atexit
 import itertools
 import mmap
 import os
-from pathlib import Path
 import queue
 import subprocess
 import sys
 import threading
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
 import numpy as np
+
 from tfcovid.data.opencv import images
 from tfcovid.data.opencv.worker import READY
 

@@ -4,14 +4,16 @@ TensorFlow). It holds its share of the cache and answers the parent's batches of
 its task pipe ends.
 """
 from __future__ import annotations
+
 import mmap
 import os
 import signal
 import sys
 from multiprocessing.connection import Connection
-import numpy as np
-from tfcovid.data.opencv import images, pixel_files
 
+import numpy as np
+
+from tfcovid.data.opencv import images, pixel_files
 
 STORED, DECODE, PIXELS = 0, 1, 2  # how a row's image is had (request "kinds")
 
