@@ -13,7 +13,8 @@ from tfcovid.data.opencv import images as _opencv_images  # noqa: E402,F401
 
 # The Python API (docs/python-api.md). Cheap to import: TensorFlow loads when a function needs it.
 from tfcovid.api import (FitResult, build_classifier, evaluate, export, fit, load, load_config,  # noqa: E402
-                         load_model, predict, register_keras_classes_on_import as _register)
+                         load_model, predict)
+from tfcovid.training.keras_classes import register_on_import as _register  # noqa: E402
 
 # `import tfcovid` then `keras.saving.load_model(...)` finds tfcovid's layer, loss and metrics.
 _register()

@@ -5,7 +5,7 @@ re-exports it: ``import tfcovid; tfcovid.fit(...)``.
 Importing this module is cheap: each function imports the TensorFlow/Keras modules it needs
 when it runs, as ``cli`` does. It also makes ``keras.saving.load_model`` find tfcovid's
 serializable classes once tfcovid is imported, whichever of keras and tfcovid comes first
-(:func:`register_keras_classes_on_import`).
+(:func:`tfcovid.training.keras_classes.register_on_import`).
 
 May import: every tfcovid package (this is the top layer, beside ``cli``).
 """
@@ -14,14 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tfcovid import config
-from tfcovid.utils import post_import, tf_import
+from tfcovid.training import keras_classes
+from tfcovid.utils import tf_import
 
 if TYPE_CHECKING:  # annotations only: importing these at run time would load Keras
     import keras
@@ -228,7 +227,7 @@ def load_model(path: str | Path, compile: bool = True) -> keras.Model:
     _import_tensorflow()
     from tfcovid.weights import keras_files  # heavy: Keras
 
-    _register_keras_classes()
+    keras_classes.register()
     return keras_files.load_model(path, ValueError, compile=compile)
 
 
@@ -370,34 +369,3 @@ def _import_tensorflow() -> None:
     # TensorFlow first, through tf_import: it filters TensorFlow's start-up lines and keeps the
     # CUDA note that fit's device line shows.
     tf_import.import_tensorflow()
-
-
-# --- keras.saving.load_model after `import tfcovid` -------------------------------------------
-# Keras finds a "tfcovid>Preprocess" (or focal loss, F1 metric) in a .keras file only once the
-# module defining it has run. Importing them with tfcovid would load Keras (and TensorFlow) on
-# every `import tfcovid`, so when Keras is not loaded yet they are imported right after it is
-# (utils.post_import).
-
-
-def _register_keras_classes() -> None:
-    """Import the modules that register tfcovid's Keras classes (package "tfcovid")."""
-    import tfcovid.models.preprocess  # noqa: F401  heavy: Keras (the Preprocess layer)
-    import tfcovid.training.epoch_metrics  # noqa: F401  (F1, Jaccard)
-    import tfcovid.training.losses  # noqa: F401  (focal loss)
-
-
-def _register_or_warn() -> None:
-    try:
-        _register_keras_classes()
-    except Exception as err:  # never break the user's `import keras` over it
-        warnings.warn(f"tfcovid could not register its Keras classes ({type(err).__name__}: {err}); "
-                      "keras.saving.load_model will not find them in tfcovid's .keras files.", RuntimeWarning,
-                      stacklevel=2)
-
-
-def register_keras_classes_on_import() -> None:
-    """Make tfcovid's Keras classes known to Keras now if it is loaded, else as soon as it is."""
-    if "keras" in sys.modules:
-        _register_or_warn()
-    else:
-        post_import.install("keras", _register_or_warn)
