@@ -11,7 +11,6 @@ May import: every tfcovid package (this is the top layer, beside ``cli``).
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
@@ -123,10 +122,11 @@ def fit(config_or_path: config.Experiment | str | Path | None = None, *, log: Ca
 
 def _read_run(run: Path) -> FitResult:
     """A finished run directory as a FitResult (its last checkpoint loaded)."""
-    with open(run / "history.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    history = {key: [int(r[key]) if key == "epoch" else float(r[key]) for r in rows]
-               for key in (rows[0] if rows else {})}
+    from tfcovid.results import plots  # heavy: matplotlib and TensorFlow
+
+    history = plots.read_history(run / "history.csv")
+    if "epoch" in history:
+        history["epoch"] = [int(e) for e in history["epoch"]]
     trained = load(run)
     return FitResult(run_dir=run, model=trained.model, history=history,
                      metrics=json.loads((run / "metrics.json").read_text()), trained=trained)
