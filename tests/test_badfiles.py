@@ -202,8 +202,8 @@ def test_very_large_image_is_checked_from_its_header(tmp_path, monkeypatch):
     decoded = []
     monkeypatch.setattr(checks, "_decode", lambda data, kind: decoded.append(kind))
     assert checks.check_file(big, 1_000_000) == (
-        "8000×8000 = 64,000,000 pixels is over data.max_pixels (1,000,000); downscale it or "
-        "raise data.max_pixels")
+        "8000×8000 = 64,000,000 pixels: larger than the limit of 1,000,000 pixels "
+        "(data.max_pixels); downscale it or raise data.max_pixels")
     assert decoded == []  # refused before any decode
     # A tiny file whose header claims 40000 x 40000 (a decompression bomb) never reaches a decode.
     small = io.BytesIO()
@@ -212,7 +212,8 @@ def test_very_large_image_is_checked_from_its_header(tmp_path, monkeypatch):
     bomb[16:24] = (40000).to_bytes(4, "big") * 2
     (tmp_path / "bomb.png").write_bytes(bytes(bomb))
     reason = checks.check_file(tmp_path / "bomb.png", 150_000_000)
-    assert reason.startswith("40000×40000 = 1,600,000,000 pixels is over data.max_pixels")
+    assert reason.startswith("40000×40000 = 1,600,000,000 pixels: larger than the limit of "
+                             "150,000,000 pixels (data.max_pixels)")
     assert decoded == []
 
 

@@ -1,6 +1,7 @@
 """Grad-CAM: the math on a model whose answer is known, overlays for both tasks and every
 backbone, clear errors, and for real: a trained model looks at the known lesions."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -105,20 +106,26 @@ def test_bad_layer_label_or_image_is_named(binary_tree, tmp_path):
         explain.explain(run, [image], tmp_path / "o", layer="head_fc1", log=lambda s: None)
     with pytest.raises(explain.ExplainError, match="Unknown label.*covid"):
         explain.explain(run, [image], tmp_path / "o", labels=["covid"], log=lambda s: None)
+    # A bad image is listed with its reason and the others are explained, as predict does
+    # (issue 27.4: explain stopped at the first one).
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(explain.ExplainError, match="broken.png"):
-        explain.explain(run, [image, broken], tmp_path / "o", log=lambda s: None)
+    results = explain.explain(run, [image, broken], tmp_path / "o", log=lambda s: None)
+    assert [r["image"] for r in results] == [str(image)]
+    assert results.failed == [(str(broken), "damaged PNG header (no IHDR chunk first)")]
     result = CliRunner().invoke(cli.main, ["explain", str(run), str(tmp_path / "nope.png"),
                                            "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "nope.png: no such file or folder" in result.output
     assert "Traceback" not in result.output
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    with pytest.raises(explain.ExplainError, match=r"^Cannot read image .*empty.png: empty file$"):
-        explain.explain(run, [empty], tmp_path / "o", log=lambda s: None)
-    with pytest.raises(explain.ExplainError, match=r"broken.png: damaged image data: [^{\[]*$"):
-        explain.explain(run, [broken], tmp_path / "o", log=lambda s: None)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(image.read_bytes()[:200] if image.suffix == ".png" else
+                          next((binary_tree / "test").rglob("*.png")).read_bytes()[:200])
+    results = explain.explain(run, [empty, truncated], tmp_path / "o", log=lambda s: None)
+    assert list(results) == [] and [name for name, _ in results.failed] == [str(empty), str(truncated)]
+    assert results.failed[0][1] == "empty file (0 bytes)"
+    assert re.fullmatch(r"damaged image data: [^{\[]+", results.failed[1][1]), results.failed[1][1]
 
 
 def test_a_folder_is_searched_for_images_as_predict_does(binary_tree, tmp_path):

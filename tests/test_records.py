@@ -315,7 +315,8 @@ def test_max_pixels_and_skip_bad(binary_tree, tmp_path):
     shutil.copytree(binary_tree, tree, ignore=shutil.ignore_patterns("masks"))
     Image.fromarray(np.full((100, 120), 99, np.uint8)).save(tree / "train" / "normal" / "big.png")
     (tree / "validation" / "infected" / "notes.png").write_text("not an image")
-    too_big = "120×100 = 12,000 pixels is over --max-pixels (6,000); downscale it or raise --max-pixels"
+    too_big = ("120×100 = 12,000 pixels: larger than the limit of 6,000 pixels (--max-pixels); "
+               "downscale it or raise --max-pixels")
     not_image = "not a JPEG/PNG/BMP/GIF image (it is text)"  # after filecheck's words on the name
     with pytest.raises(DataError) as caught:
         data_prepare.prepare(tree, tmp_path / "out", max_side=32, max_pixels=6000, log=lambda s: None)
@@ -327,7 +328,7 @@ def test_max_pixels_and_skip_bad(binary_tree, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     runner = CliRunner()
     result = runner.invoke(cli.main, ["prepare", str(tree), str(tmp_path / "out"), "--max-pixels", "6000"])
-    assert result.exit_code == 1 and "is over --max-pixels (6,000)" in result.output, result.output
+    assert result.exit_code == 1 and "larger than the limit of 6,000 pixels (--max-pixels)" in result.output, result.output
     result = runner.invoke(cli.main, ["prepare", str(tree), str(tmp_path / "out"), "--max-pixels", "6000",
                                       "--skip-bad", "--max-side", "32", "--shards", "2"])
     assert result.exit_code == 0, result.output

@@ -54,7 +54,8 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
     """Run one benchmark (``tfcovid bench KIND``); images are generated when data_dir is None.
 
     ``options``: image_size, batch_size, backbone, precision, jit_compile, steps_per_execution,
-    freeze, steps, repeats, cache, budget_mb, decode_scale, processes.
+    freeze, steps, repeats, cache, budget_mb, decode_scale, processes, max_pixels (the
+    limit a --data folder's images are checked against; default fit's data.max_pixels).
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown benchmark {kind!r}. Valid benchmarks: {', '.join(KINDS)}.")
@@ -72,7 +73,8 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
             paths, source = synthetic_xrays(tmp, images), f"generated: {images} grayscale 1024x1024 JPEGs"
         else:
             paths, source = image_files(data_dir), str(data_dir)
-            require_usable(paths, data_dir, exp.data.max_pixels, log)  # before any timing
+            limit = o.get("max_pixels") or exp.data.max_pixels
+            require_usable(paths, data_dir, limit, log)  # before any timing
         if kind == "pipeline":
             result = bench_pipeline(paths, o["image_size"], o["batch_size"], exp.augment, o["cache"],
                                     o["budget_mb"], o["decode_scale"], o["repeats"], log, o["processes"])

@@ -67,7 +67,7 @@ def require_usable(paths: list[str], root: str | Path, max_pixels: int, log=prin
     """
     root = Path(root).expanduser()
     manifest = types.Manifest(str(root), "binary", ("a", "b"), ("a", "b"), {"train": as_split(paths)})
-    bad = checks.check(manifest, max_pixels, lambda line: log(f"  {line}"))
+    bad = checks.check(manifest, max_pixels, lambda line: log(f"  {line}"), setting="--max-pixels")
     if bad:
         raise checks.problems_error(bad, root, "Fix or remove these files: the benchmark reads "
                                        "every image it finds there.")

@@ -69,6 +69,17 @@ def model_options(command):
                         show_default=True, help=CHECKPOINT_HELP)(command)
 
 
+MAX_PIXELS_HELP = ("Refuse images larger than this many pixels (or whose decode would take "
+                   "more bytes than as many RGB pixels), before decoding them. Default: the "
+                   "run's data.max_pixels, 150,000,000 unless set.")
+
+
+def max_pixels_option(command):
+    """--max-pixels, shared by predict, explain and evaluate: the limit fit applies."""
+    return click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+                        help=MAX_PIXELS_HELP)(command)
+
+
 def checkpoint_only_for_runs(target) -> None:
     """--checkpoint picks a file in a run directory; given with a model file it was ignored."""
     ctx = click.get_current_context()

@@ -103,6 +103,8 @@ _DATA = Experiment().data
               help="Decode and resample train images in this many worker processes (Linux; "
                    "data.resample_processes); 0: threads; auto: one per core but one on hosts "
                    "with 8 or more cores, else threads.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=_DATA.max_pixels, show_default=True,
+              help="Refuse --data images larger than this (data.max_pixels), before decoding them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 def bench(kind, data_dir, images, as_json, **options):
     """Measure throughput: the input pipeline, the model's training step, or both (fit)."""

@@ -12,6 +12,7 @@ from tfcovid.cli.common import (
     CHECKPOINT_HELP,
     checkpoint_only_for_runs,
     fail,
+    max_pixels_option,
     model_options,
     names,
     tensorflow,
@@ -37,7 +38,8 @@ from tfcovid.config.schema import TASKS
 @click.option("--labels", default=None, help="Comma-separated output names, only for a .keras file "
                                              "that does not record them.")
 @click.option("--table/--no-table", default=True, show_default=True, help="Print the predictions.")
-def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, labels, table):
+@max_pixels_option
+def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, labels, table, max_pixels):
     """Predict images and folders (walked recursively) with a run's model or a .keras file.
 
     Unreadable images are listed with the reason and the rest are still predicted; the exit
@@ -54,7 +56,7 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
         trained = metadata.load(target, checkpoint, task, names(labels))
     except metadata.ModelInfoError as err:
         fail(err)
-    result = inference_predict.predict(trained, inputs, threshold, batch_size)
+    result = inference_predict.predict(trained, inputs, threshold, batch_size, max_pixels=max_pixels)
     if result.skipped:
         click.echo(f"note: skipped {len(result.skipped)} file(s) without an image extension "
                    f"({', '.join(result.skipped[:3])}{', ...' if len(result.skipped) > 3 else ''})",
@@ -87,7 +89,8 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per prediction batch.")
 @model_options
-def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_labels):
+@max_pixels_option
+def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_labels, max_pixels):
     """Recompute a model's metrics on one labeled split; write JSON, confusion matrices and ROC.
 
     Reports sensitivity and specificity of each disease class by name. Not for clinical use.
@@ -98,7 +101,7 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
 
     try:
         result = inference_evaluate.evaluate(target, data_dir, split, out, checkpoint, batch_size, task,
-                                             names(model_labels), log=click.echo)
+                                             names(model_labels), log=click.echo, max_pixels=max_pixels)
     except trained_model_errors() as err:
         fail(err)
     click.echo(inference_evaluate.format_result(result))
@@ -140,16 +143,33 @@ def export(target, out_dir, fmt, checkpoint, task, model_labels):
 @click.option("--layer", default=None,
               help="Target layer. Default: the backbone's last conv block, e.g. block5_conv3.")
 @model_options
-def explain(target, images, out, labels, layer, checkpoint, task, model_labels):
-    """Grad-CAM heatmaps over the input images: where the model looked. Not for clinical use."""
+@max_pixels_option
+def explain(target, images, out, labels, layer, checkpoint, task, model_labels, max_pixels):
+    """Grad-CAM heatmaps over the input images: where the model looked. Not for clinical use.
+
+    Unreadable images are listed with the reason and the rest are still explained; the exit
+    status is 1 if any image failed, as for predict.
+    """
     checkpoint_only_for_runs(target)
     tensorflow()
     from tfcovid.inference import explain as inference_explain  # heavy: TensorFlow
 
     try:
         results = inference_explain.explain(target, images, out, list(labels) or None, layer, checkpoint,
-                                            task, names(model_labels), log=click.echo)
+                                            task, names(model_labels), log=click.echo,
+                                            max_pixels=max_pixels)
     except trained_model_errors() as err:
         fail(err)
     for r in results:
         click.echo(f"  {r['png']}  ({r['label']}, p = {r['probability']:.3f})")
+    if results.failed:
+        explained = len({r["image"] for r in results})
+        _list_failures(results.failed, explained + len(results.failed))
+        sys.exit(1)
+
+
+def _list_failures(failed, total: int) -> None:
+    """The images that could not be read, one "name: reason" line each, on stderr."""
+    click.echo(f"Could not read {len(failed)} of {total} image(s):", err=True)
+    for name, reason in failed:
+        click.echo(f"  {name}: {reason}", err=True)

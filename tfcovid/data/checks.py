@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfcovid.data import headers
+from tfcovid.data import bounds, headers
 from tfcovid.data.headers import not_regular  # noqa: F401  (also read as checks.not_regular)
 from tfcovid.data.types import BadFile, DataError
 from tfcovid.utils.atomic import atomic_write_text
@@ -44,28 +44,20 @@ def _decode(data: bytes, kind: str) -> None:
         tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
 
 
-def check_file(path, max_pixels: int) -> str | None:
-    """Why ``path`` cannot be used (one line), or None when it decodes as the pipeline will."""
+def check_file(path, max_pixels: int, setting: str = "data.max_pixels") -> str | None:
+    """Why ``path`` cannot be used (one line), or None when it decodes as the pipeline will.
+
+    The size is bounded before any decode (``bounds.problem``: pixels, and what decoding
+    allocates); ``setting`` names what raises ``max_pixels`` in the message."""
     if (reason := headers.not_regular(path)) is not None:  # it may have changed since the scan
         return reason
     try:
         data = headers.read_bytes(path)
     except OSError as err:
         return headers.unreadable(path, err)
-    if not data:
-        return "empty file (0 bytes)"
+    if (reason := bounds.problem(data, max_pixels, setting)) is not None:
+        return reason
     kind = headers.sniff(data[:headers.HEAD_BYTES])
-    if kind is None:
-        return f"not a JPEG/PNG/BMP/GIF image ({headers.what_it_is(data[:headers.HEAD_BYTES])})"
-    try:
-        width, height = headers.image_size(data, kind)
-    except headers.Unusable as err:
-        return str(err)
-    if width <= 0 or height <= 0:
-        return f"{kind} header says {width}×{height} pixels: damaged file"
-    if width * height > max_pixels:
-        return (f"{width}×{height} = {width * height:,} pixels is over data.max_pixels "
-                f"({max_pixels:,}); downscale it or raise data.max_pixels")
     try:
         _decode(data, kind)
     except tf.errors.OpError as err:
@@ -83,12 +75,14 @@ def _files(manifest) -> list[tuple[str, str]]:
     return out
 
 
-def check(manifest, max_pixels: int, log=print, threads: int | None = None) -> list[BadFile]:
+def check(manifest, max_pixels: int, log=print, threads: int | None = None,
+          setting: str = "data.max_pixels") -> list[BadFile]:
     """Every problem with the manifest's files: ``manifest.bad`` plus a full check of each file.
 
     Args:
         manifest: a ``data.Manifest`` (from ``data.scan(..., strict=False)``).
         max_pixels: larger images are refused from their header, before any decode.
+        setting: what raises ``max_pixels``, named in the reason (a key or an option).
         log: gets one summary line (and a progress line every ~10 s on large datasets).
         threads: parallel checks; None: one per CPU core (TensorFlow's decode ops release
             the GIL, so threads scale).
@@ -101,7 +95,7 @@ def check(manifest, max_pixels: int, log=print, threads: int | None = None) -> l
     start = last = time.perf_counter()
     found = list(getattr(manifest, "bad", ()))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        reasons = pool.map(lambda item: check_file(item[0], max_pixels), files)
+        reasons = pool.map(lambda item: check_file(item[0], max_pixels, setting), files)
         for n, ((path, split), reason) in enumerate(zip(files, reasons), 1):
             if reason is not None:
                 found.append(BadFile(path, reason, split))
@@ -142,9 +136,9 @@ def only_split(manifest, name: str):
                    bad=tuple(b for b in getattr(manifest, "bad", ()) if b.split == name))
 
 
-def require_usable(manifest, max_pixels: int, log=print) -> None:
+def require_usable(manifest, max_pixels: int, log=print, setting: str = "data.max_pixels") -> None:
     """Raise one DataError listing every unusable file (for commands without ``--skip-bad``)."""
-    bad = check(manifest, max_pixels, log)
+    bad = check(manifest, max_pixels, log, setting=setting)
     if bad:
         raise problems_error(bad, manifest.root, "Fix or remove these files.")
 

@@ -155,7 +155,13 @@ _JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """Width and height from a JPEG's frame header, found by walking its marker segments.
+    """Width and height from a JPEG's frame header (see :func:`jpeg_frame`)."""
+    at = jpeg_frame(data)
+    return _field(data, at + 7, ">H"), _field(data, at + 5, ">H")
+
+
+def jpeg_frame(data: bytes) -> int:
+    """Where a JPEG's frame header (its SOF marker) starts, found by walking its marker segments.
 
     Done in Python rather than with ``tf.io.extract_jpeg_shape``: as fast, and a damaged
     header gives a reason instead of libjpeg's own lines on stderr.
@@ -170,7 +176,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             at += 2
         elif marker in _JPEG_FRAMES:
-            return _field(data, at + 7, ">H"), _field(data, at + 5, ">H")
+            return at
         elif marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
             break
         else:

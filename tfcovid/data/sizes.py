@@ -44,7 +44,9 @@ def header(path: str) -> Header | None:
                 im.fp.seek(24)  # IHDR: bit depth at byte 24
                 depth = im.fp.read(1)[0]
             return Header(height, width, 1 if gray else 3, im.mode, im.format or "", depth)
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, Image.DecompressionBombError):
+        # PIL's own size guard (a GIF frame past its canvas counts): plan from the pixels, which
+        # the file check bounded (data.bounds)
         return None
 
 

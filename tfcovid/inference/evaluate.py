@@ -78,12 +78,13 @@ def _data_root(data_dir, exp, trained) -> Path:
 
 
 def scan_split(root: Path, split: str, trained, exp=None,
-               log=print) -> tuple[types.Manifest, types.Split]:
+               log=print, max_pixels: int | None = None) -> tuple[types.Manifest, types.Split]:
     """Scan ``root`` for one labeled split whose classes match what the model predicts.
 
     Every file of the split is checked first, as ``fit`` checks them (``tfcovid.data.checks``):
     unusable ones stop the evaluation with their full list, or are left out when the run
     was trained with ``data.skip_bad``. Problems in other splits do not matter here.
+    ``max_pixels``: the limit (``--max-pixels``); None: the run's ``data.max_pixels``.
     """
     if split not in SPLITS:
         raise EvaluateError(f"Unknown split {split!r}. Valid splits: {', '.join(SPLITS)}.")
@@ -116,17 +117,18 @@ def scan_split(root: Path, split: str, trained, exp=None,
         )
     for problem in manifest.problems:  # ignored system files, linked folders not followed
         log(f"note: {problem}")
-    return manifest, _usable(checks.only_split(manifest, split), exp, log)
+    return manifest, _usable(checks.only_split(manifest, split), exp, log, max_pixels)
 
 
-def _usable(manifest: types.Manifest, exp, log) -> types.Split:
+def _usable(manifest: types.Manifest, exp, log, max_pixels: int | None = None) -> types.Split:
     """The manifest's one split, without unusable files if the run's data.skip_bad says so."""
     settings = exp.data if exp is not None else config.DataConfig()
+    limit = settings.max_pixels if max_pixels is None else max_pixels
     (name,) = manifest.splits
     if not settings.skip_bad:
-        checks.require_usable(manifest, settings.max_pixels, log)
+        checks.require_usable(manifest, limit, log, setting="--max-pixels")
         return manifest.splits[name]
-    bad = checks.check(manifest, settings.max_pixels, log)
+    bad = checks.check(manifest, limit, log, setting="--max-pixels")
     if bad:
         log(f"Left out {len(bad)} unusable file(s), as the run did (data.skip_bad):\n"
             + checks.describe(bad, manifest.root))
@@ -174,7 +176,7 @@ def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, output
 
 def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint: str = "last",
              batch_size: int = 32, task: str | None = None, labels=None, make_plots: bool = True,
-             log=print) -> dict:
+             log=print, max_pixels: int | None = None) -> dict:
     """Recompute a trained model's metrics on one labeled split and save them with plots.
 
     Args:
@@ -189,6 +191,8 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         task, labels: for a bare model that does not carry them (see weights.metadata.load).
         make_plots: write the confusion-matrix and ROC PNGs.
         log: where progress lines go.
+        max_pixels: larger images are refused before decoding; None: the run's
+            ``data.max_pixels`` (the default for a bare model).
 
     Returns:
         The JSON written to ``<out>/<split>.json``: model, checkpoint ("last", "best" or None
@@ -203,7 +207,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     trained = metadata.load(run_or_model, checkpoint, task, labels)
     exp = _run_config(trained.run_dir)
     root = _data_root(data, exp, trained)
-    manifest, chosen = scan_split(root, split, trained, exp, log)
+    manifest, chosen = scan_split(root, split, trained, exp, log, max_pixels)
     log(f"Evaluating {trained.path} on {chosen.dir} ({len(chosen)} images, {trained.task})")
     probs = predict_split(trained, chosen, batch_size)
     if trained.task == "binary":

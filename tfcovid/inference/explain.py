@@ -20,15 +20,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcovid.data import decode
-from tfcovid.inference.predict import find_images, read_file, read_problem, tf_error_reason
+from tfcovid.inference.predict import find_images, load, pixel_limit, resizer
 from tfcovid.models import BACKBONES
 from tfcovid.models.outputs import probabilities
 from tfcovid.weights import metadata
 
 
 class ExplainError(ValueError):
-    """Grad-CAM cannot run as asked (unknown layer or label, unreadable image)."""
+    """Grad-CAM cannot run as asked (unknown layer or label, no image given)."""
+
+
+class Explanations(list):
+    """One dict per overlay written (see :func:`explain`), and ``failed``: (name, reason) of
+    every image that could not be read, sorted, as ``predict`` lists them."""
+
+    def __init__(self, results=(), failed=()):
+        super().__init__(results)
+        self.failed = sorted(failed)
 
 
 def conv_layers(model: keras.Model) -> list[str]:
@@ -138,9 +146,9 @@ def choose_targets(probs: np.ndarray, task: str, outputs, threshold: float,
     return [[int(i) for i in np.flatnonzero(p >= threshold)] or [int(p.argmax())] for p in probs]
 
 
-def _original_rgb(path: str, max_side: int = 512) -> np.ndarray:
-    """The file as uint8 RGB, scaled down so its longer side is at most ``max_side``."""
-    image = decode.decode_image(tf.io.read_file(path))
+def _original_rgb(image, max_side: int = 512) -> np.ndarray:
+    """A decoded image (``decode.decode_image``'s) as uint8 RGB, scaled down so its longer side
+    is at most ``max_side``."""
     h, w = int(image.shape[0]), int(image.shape[1])
     scale = min(1.0, max_side / max(h, w))
     if scale < 1.0:
@@ -196,10 +204,25 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def _read_all(found, size: int, max_pixels: int):
+    """Decode every image once, within the limit: (paths, model pixels, small originals for
+    the overlays) of the readable ones, and (name, reason) of the others."""
+    resize, paths, pixels, originals, failed = resizer(size), [], [], [], []
+    for name, path in found:
+        _, image, problem = load(path, max_pixels)
+        if problem is not None:
+            failed.append((name, problem))
+            continue
+        paths.append(path)
+        pixels.append(resize(image).numpy())
+        originals.append(_original_rgb(image))
+    return paths, pixels, originals, failed
+
+
 def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=None,
             layer: str | None = None, checkpoint: str = "last", task: str | None = None,
-            model_labels=None, log=print) -> list[dict]:
-    """Write one Grad-CAM overlay PNG per image and explained output.
+            model_labels=None, log=print, max_pixels: int | None = None) -> Explanations:
+    """Write one Grad-CAM overlay PNG per readable image and explained output.
 
     Args:
         run_or_model: a run directory or a ``.keras`` file.
@@ -211,40 +234,37 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
         checkpoint: "last" or "best" for a run directory.
         task, model_labels: for a bare model that does not carry them (see weights.metadata.load).
         log: where progress lines go.
+        max_pixels: larger images are refused before decoding, as ``predict`` refuses them;
+            None: the run's ``data.max_pixels``.
 
     Returns:
-        One dict per PNG: image, label, probability, layer, png.
+        :class:`Explanations`: one dict per PNG (image, label, probability, layer, png), and
+        ``.failed``, the images that could not be read (missing, not an image, damaged, too
+        large) with the reason; the others are explained all the same.
 
     Raises:
-        ExplainError: unknown layer or label, or an image that cannot be read.
+        ExplainError: unknown layer or label, or no image given at all.
     """
 
     trained = metadata.load(run_or_model, checkpoint, task, model_labels)
     layer = layer or default_layer(trained.model)
-    _grad_model(trained.model, layer)  # fail on a bad layer before reading any image
+    _grad_model(trained.model, layer)  # fail on a bad layer or label before reading any image
+    choose_targets(np.zeros((0, len(trained.outputs))), trained.task, trained.outputs,
+                   trained.threshold, labels)
     note = coarse_note(trained.model, layer)
     if note:
         log(note)
 
     found, missing, skipped = find_images(images)  # files, and image files in folders, as predict
-    if missing:
-        raise ExplainError(f"Cannot read image {missing[0][0]}: {missing[0][1]}")
     if skipped:
         log(f"Skipped {len(skipped)} file(s) without an image extension (e.g. {skipped[0]}).")
-    paths = [path for _, path in found]
-    pixels = []
-    for name, p in found:
-        raw, problem = read_file(p)
-        problem = problem or read_problem(raw)
-        try:
-            if problem is None:
-                pixels.append(decode.load_image(str(p), trained.image_size, raw).numpy())
-        except (tf.errors.OpError, ValueError) as err:
-            problem = "damaged image data: " + tf_error_reason(err)[:200]
-        if problem:
-            raise ExplainError(f"Cannot read image {name}: {problem}")
-    if not pixels:
+    paths, pixels, originals, failed = _read_all(found, trained.image_size,
+                                                 pixel_limit(trained, max_pixels))
+    failed += missing
+    if not pixels and not failed:
         raise ExplainError("No images given to explain" + (" (the folders hold none)." if images else "."))
+    if not pixels:
+        return Explanations(failed=failed)
     pixels = np.stack(pixels)
     probs = probabilities(trained.model.predict(pixels, verbose=0), trained.task)
     targets = choose_targets(probs, trained.task, trained.outputs, trained.threshold, labels)
@@ -263,9 +283,9 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
         used.add(png)
         replaced += png.exists()
         title = f"{paths[i].name}: {name} (p = {probs[i, t]:.3f}); Grad-CAM on {layer}"
-        overlay_png(png, _original_rgb(str(paths[i])), h, title)
+        overlay_png(png, originals[i], h, title)
         results.append({"image": str(paths[i]), "label": name, "probability": float(probs[i, t]),
                         "layer": layer, "png": str(png)})
     log(f"Wrote {len(results)} Grad-CAM overlay(s) to {out} (layer {layer})"
         + (f"; {replaced} replaced an earlier overlay of the same image, label and layer." if replaced else "."))
-    return results
+    return Explanations(results, failed)

@@ -16,13 +16,11 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfcovid.data import augment, checks, decode, folders
+from tfcovid import config
+from tfcovid.data import augment, bounds, checks, decode, folders
 from tfcovid.models.outputs import probabilities
 from tfcovid.utils.atomic import atomic_write_csv
 from tfcovid.weights.metadata import Trained
-
-_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
-               b"GIF87a": "GIF", b"GIF89a": "GIF"}
 
 
 @dataclass
@@ -95,16 +93,34 @@ def read_file(path: Path) -> tuple[bytes | None, str | None]:
         return None, f"cannot read the file: {err.strerror or err}"
 
 
-def read_problem(raw: bytes) -> str | None:
-    """Why these bytes are not an image we can decode, or None when they look like one."""
-    if not raw:
-        return "empty file"
-    if not any(raw.startswith(sig) for sig in _SIGNATURES):
-        return f"not a JPEG/PNG/BMP/GIF image (starts with {raw[:8]!r})"
-    return None
+def pixel_limit(trained: Trained, max_pixels: int | None = None) -> int:
+    """``max_pixels`` when given, else the run's ``data.max_pixels`` (its config.yaml), else
+    the default: the limit ``fit`` applied, so what trained is predicted too."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    saved = trained.run_dir / "config.yaml" if trained.run_dir is not None else None
+    try:
+        if saved is not None and saved.is_file():
+            return config.from_dict(config.load_yaml(saved)).data.max_pixels
+    except (config.ConfigError, OSError):  # the model loaded without it: the default limit
+        pass
+    return config.DataConfig().max_pixels
 
 
-def _resizer(size: int):
+def load(path: Path, max_pixels: int, setting: str = "--max-pixels"):
+    """(the file's bytes, its decoded pixels, None) or (bytes or None, None, why it cannot be
+    used): the one bounded way predict and explain read an image. The bytes read are the
+    bytes decoded, and only after ``bounds.problem`` found them within ``max_pixels``."""
+    raw, problem = read_file(path)
+    if raw is not None:
+        problem = bounds.problem(raw, max_pixels, setting)
+    if problem is not None:
+        return raw, None, problem
+    image, problem = _decode(raw)
+    return raw, image, problem
+
+
+def resizer(size: int):
     # One traced function for every image size and channel count: resize, make RGB uint8.
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8)])
     def resize(image):
@@ -129,7 +145,7 @@ def tf_error_reason(err) -> str:
 
 
 def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | None = None,
-            batch_size: int = 32, log=None) -> Predictions:
+            batch_size: int = 32, log=None, max_pixels: int | None = None) -> Predictions:
     """Predict every image under ``inputs``.
 
     Args:
@@ -140,6 +156,8 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
             label is set when its probability is at least this.
         batch_size: images per forward pass.
         log: optional callable for progress lines.
+        max_pixels: larger images are refused before decoding (``tfcovid.data.bounds``); None:
+            the run's ``data.max_pixels`` (see :func:`pixel_limit`).
 
     Returns:
         Predictions, rows sorted by file name. Unreadable files are in ``failed``.
@@ -149,7 +167,8 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
         raise ValueError(f"Bad threshold {threshold}: use a number between 0 and 1 (exclusive).")
     found, failed, skipped = find_images(inputs)
     out = Predictions(trained.task, trained.outputs, threshold, failed=failed, skipped=skipped)
-    resize = _resizer(trained.image_size)
+    resize = resizer(trained.image_size)
+    limit = pixel_limit(trained, max_pixels)
     pixels, names, paths, probs = [], [], [], []
 
     def flush():
@@ -159,13 +178,7 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
             pixels.clear()
 
     for i, (name, path) in enumerate(sorted(found)):
-        raw, problem = read_file(path)
-        if raw is None:
-            failed.append((name, problem))
-            continue
-        problem = read_problem(raw)
-        if problem is None:
-            image, problem = _decode(raw)
+        _, image, problem = load(path, limit)
         if problem is not None:
             failed.append((name, problem))
             continue
