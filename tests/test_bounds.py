@@ -213,6 +213,7 @@ _PEAK = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], 
          ".ru_maxrss); sys.stdout.write(done.stdout); sys.stderr.write(done.stderr)")
 
 
+@pytest.mark.slow
 def test_predict_refuses_bombs_in_bounded_memory_and_predicts_the_rest(binary_tree, tmp_path):
     run = make_run(tmp_path, binary_tree, "binary")
     good = _bomb_folder(tmp_path / "in", binary_tree)
@@ -279,3 +280,23 @@ def test_evaluate_and_bench_take_max_pixels(binary_tree, tmp_path):
     result = CliRunner().invoke(cli.main, ["bench", "pipeline", "--data", str(binary_tree / "train"),
                                            "--max-pixels", "100"])
     assert result.exit_code == 1 and "larger than the limit of 100 pixels (--max-pixels)" in result.output
+
+
+@pytest.mark.slow
+def test_fit_leaves_out_gifs_that_decode_past_the_limit(binary_tree, tmp_path):
+    # Before: both passed the check (their screens are 30,000 and 256 pixels) and were decoded
+    # whole in every epoch: 60 frames, and a frame 3,000 times its canvas.
+    from tfcovid.training import train
+
+    tree = tmp_path / "data"
+    shutil.copytree(binary_tree, tree)
+    _write(tree / "train" / "infected" / "anim.gif", _gif((200, 150), [(200, 150)] * 60))
+    _write(tree / "train" / "normal" / "wide.gif", _gif((16, 16), [(1000, 800)]))
+    exp = config.resolve(None, {
+        "data.dir": str(tree), "data.image_size": 16, "data.max_pixels": 500_000,
+        "data.skip_bad": True, "model.backbone": "resnet18", "model.weights": "none",
+        "train.epochs": 1, "train.batch_size": 4, "out": str(tmp_path / "runs")})
+    run = train.fit(exp, log=lambda line: None)
+    skipped = (run / "skipped.txt").read_text().splitlines()[1:]
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in skipped) == ["anim.gif", "wide.gif"]
+    assert all("larger than the limit" in line and "data.max_pixels" in line for line in skipped)
