@@ -294,7 +294,7 @@ def test_yaml_aliases_are_refused_fast_with_a_short_message(tmp_path, where):
         if where == "file":
             config.resolve(path, {})
         else:
-            config.parse_assignments([f"train.lr=[&a [1, 1], *a]"])
+            config.parse_assignments(["train.lr=[&a [1, 1], *a]"])
     assert time.perf_counter() - start < 1.0
     message = str(raised.value)
     assert len(message) < 300 and "alias *a refused" in message and "write the value out" in message

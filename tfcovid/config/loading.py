@@ -7,13 +7,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from tfcovid.config.checks import validate
-from tfcovid.config.schema import DEMO_MULTILABEL, DEMO_PRESET, NULLABLE, SECTIONS, TOP_LEVEL, ConfigError, Experiment
+from tfcovid.config.schema import (
+    DEMO_MULTILABEL,
+    DEMO_PRESET,
+    NULLABLE,
+    SECTIONS,
+    TOP_LEVEL,
+    ConfigError,
+    Experiment,
+)
 from tfcovid.utils.text import clip, escape, shown
 
 # Configs are a few hundred bytes; a larger file is a mistake (or an attack), refused unread.
