@@ -34,6 +34,12 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
+def one_line(message: str) -> str:
+    """A message of tfcovid's own that may quote a name (a link's target): left as it is when
+    printable (its backslashes are its own), else escaped."""
+    return message if message.isprintable() else escape(message)
+
+
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 6
