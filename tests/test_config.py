@@ -277,8 +277,10 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
 
 # ------------------------------------------------------------- hostile configs (issue 22.5, 22.8)
 
-BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+# Under a valid key: the old code read it in no time, then spent minutes and gigabytes
+# printing the value back in "Bad value for 'train.optimizer': [[['lol', ...".
+BILLION_LAUGHS = "train:\n  optimizer:\n    - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
 
 
 @pytest.mark.parametrize("where", ["file", "--set"])
@@ -286,7 +288,7 @@ def test_yaml_aliases_are_refused_fast_with_a_short_message(tmp_path, where):
     """1.2 KB of nested aliases expand to 9**9 values: 60 s, 9.7 GB and a 2 GB message before."""
     import time
 
-    assert len(BILLION_LAUGHS) < 1300
+    assert len(BILLION_LAUGHS) < 500
     path = tmp_path / "laughs.yaml"
     path.write_text(BILLION_LAUGHS)
     start = time.perf_counter()
@@ -299,7 +301,7 @@ def test_yaml_aliases_are_refused_fast_with_a_short_message(tmp_path, where):
     message = str(raised.value)
     assert len(message) < 300 and "alias *a refused" in message and "write the value out" in message
     if where == "file":
-        assert message.startswith(f"{path} (line 2, column 8): ")
+        assert message.startswith(f"{path} (line 4, column 11): ")
     # One alias is enough to be refused (merge keys too); anchors alone are harmless.
     path.write_text("train: &t {lr: 0.01}\nmodel: {<<: *t}\n")
     with pytest.raises(ConfigError, match=r"\(line 2, column 13\): alias \*t refused"):

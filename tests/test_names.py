@@ -20,7 +20,7 @@ from tfcovid.cli import CLOSED_PIPE_STATUS, main
 from tfcovid.data import checks
 from tfcovid.data import folders as data_folders
 from tfcovid.data.types import DataError
-from tfcovid.inference import evaluate, predict
+from tfcovid.inference import evaluate, explain, predict
 from tfcovid.models import build_model
 from tfcovid.training import train
 from tfcovid.utils.text import csv_text, escape, not_utf8, shown
@@ -177,6 +177,8 @@ def test_study_csv_is_the_studys_file_byte_for_byte(tmp_path):
                                  b"a.png,1,0,1\nb 2.jpg,0,1,0\n\"c,d.png\",1,1,1\n")
     labels = predict.write_csv(result, tmp_path / "labels.csv").read_bytes()  # the default
     assert labels.startswith(b"filename,covid-19,normal,pneumonia\r\na.png,1,0,1\r\n")
+    assert predict.CSV_FORMATS == tuple(next(p for p in main.commands["predict"].params
+                                             if p.name == "csv_format").type.choices)
     binary = predict.Predictions("binary", ("infected", "normal"), 0.5)
     for task, outputs in (("binary", ("infected", "normal")), ("multilabel", ("covid", "normal", "pneumonia")),
                           ("multilabel", ("normal", "covid-19", "pneumonia"))):
@@ -226,3 +228,10 @@ def test_a_closed_pipe_still_gets_predicts_csv(tmp_path, model_file, multilabel_
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 141 and done.stderr == ""
     assert out.read_text().splitlines()[1].startswith("a.png,")
+
+
+def test_explain_refuses_a_name_that_is_not_utf8_and_names_it_escaped(tmp_path, model_file, multilabel_tree):
+    _write(tmp_path, NOT_UTF8, _png(multilabel_tree))
+    with pytest.raises(explain.ExplainError) as raised:
+        explain.explain(model_file, [tmp_path], tmp_path / "out")
+    assert str(raised.value).startswith("Cannot read image bad\\xff\\xfe.png: its name is not valid UTF-8")

@@ -24,6 +24,7 @@ from tfcovid.data import decode
 from tfcovid.inference.predict import find_images, read_file, read_problem, tf_error_reason
 from tfcovid.models import BACKBONES
 from tfcovid.models.outputs import probabilities
+from tfcovid.utils.text import escape
 from tfcovid.weights import metadata
 
 
@@ -228,7 +229,7 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
 
     found, missing, skipped = find_images(images)  # files, and image files in folders, as predict
     if missing:
-        raise ExplainError(f"Cannot read image {missing[0][0]}: {missing[0][1]}")
+        raise ExplainError(f"Cannot read image {escape(missing[0][0])}: {missing[0][1]}")
     if skipped:
         log(f"Skipped {len(skipped)} file(s) without an image extension (e.g. {skipped[0]}).")
     paths = [path for _, path in found]
@@ -242,7 +243,7 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
         except (tf.errors.OpError, ValueError) as err:
             problem = "damaged image data: " + tf_error_reason(err)[:200]
         if problem:
-            raise ExplainError(f"Cannot read image {name}: {problem}")
+            raise ExplainError(f"Cannot read image {escape(name)}: {problem}")
     if not pixels:
         raise ExplainError("No images given to explain" + (" (the folders hold none)." if images else "."))
     pixels = np.stack(pixels)
