@@ -345,6 +345,16 @@ def test_values_quoted_back_in_errors_are_bounded(tmp_path, text):
     assert "\u202e" not in message and "\x7f" not in message
 
 
+@pytest.mark.parametrize("freeze, message", [
+    ("first999999", "resnet18 has 20 conv layers"), ("first1000000", "Valid values: all, none, firstN"),
+    ("first" + "1" * 5000, "Valid values: all, none, firstN"),  # int() of 5000 digits raised ValueError
+])
+def test_freeze_with_a_huge_count_is_a_short_config_error(freeze, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        config.resolve(None, {"model.backbone": "resnet18", "model.freeze": freeze})
+    assert len(str(raised.value)) < 300
+
+
 @pytest.mark.parametrize("name, ok", [
     ("run-1_b.2", True), ("ablation", True), ("répétition", True), ("x" * 128, True),
     ("a\u202eb", False), ("a\x7fb", False), ("a b", False), ("a\nb", False), ("bad\udcffname", False),

@@ -73,14 +73,14 @@ def _check_data(d: DataConfig) -> None:
 
 def _check_freeze(m: ModelConfig) -> None:
     """The freeze policy, against the backbone's number of conv layers."""
-    if not re.fullmatch(r"all|none|first[1-9][0-9]*", m.freeze):
+    if not re.fullmatch(r"all|none|first[1-9][0-9]{0,5}", m.freeze):  # int() of 5000 digits raises
         raise ConfigError(
             f"Bad value for 'model.freeze': {shown(m.freeze)}. Valid values: all, none, firstN "
             "(N >= 1 Conv2D layers in forward order, e.g. first7)."
         )
     n = CONV_LAYERS[m.backbone]
     if m.freeze.startswith("first") and int(m.freeze[len("first"):]) > n:
-        raise ConfigError(f"Bad value for 'model.freeze': {m.freeze!r}. {m.backbone} has {n} conv layers: "
+        raise ConfigError(f"Bad value for 'model.freeze': {shown(m.freeze)}. {m.backbone} has {n} conv layers: "
                           f"use first1 ... first{n}, all (the head only) or none.")
 
 
