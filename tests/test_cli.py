@@ -113,11 +113,11 @@ def test_fixed_choices_are_the_configs_tuples():
                if isinstance(param.type, click.Choice)}
     for key, expected in CHOICES.items():
         assert choices[key] == expected, key
-    # The rest are not config keys: checkpoints, splits, export and shard formats, the torch subset.
+    # The rest are not config keys: checkpoints, splits, export, CSV and shard formats, the torch subset.
     assert sorted(set(choices) - set(CHOICES)) == [
         ("evaluate", "--checkpoint"), ("evaluate", "--split"), ("explain", "--checkpoint"),
         ("export", "--checkpoint"), ("export", "--format"), ("import-torch", "--backbone"),
-        ("predict", "--checkpoint"), ("prepare", "--format")]
+        ("predict", "--checkpoint"), ("predict", "--csv-format"), ("prepare", "--format")]
 
 
 def test_fit_help_shows_the_demo_preset_and_defaults():

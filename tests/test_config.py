@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tfcovid import config
-from tfcovid.config import ConfigError
+from tfcovid.config import ConfigError, loading
 
 
 def test_round_trip_through_yaml(tmp_path):
@@ -273,3 +273,98 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
     path.write_text("a: !!python/object/apply:os.system ['true']\n")  # still safe_load's tags only
     with pytest.raises(config.ConfigError, match="never runs code"):
         config.load_yaml(path)
+
+
+# ------------------------------------------------------------- hostile configs (issue 22.5, 22.8)
+
+# Under a valid key: the old code read it in no time, then spent minutes and gigabytes
+# printing the value back in "Bad value for 'train.optimizer': [[['lol', ...".
+BILLION_LAUGHS = "train:\n  optimizer:\n    - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_yaml_aliases_are_refused_fast_with_a_short_message(tmp_path, where):
+    """1.2 KB of nested aliases expand to 9**9 values: 60 s, 9.7 GB and a 2 GB message before."""
+    import time
+
+    assert len(BILLION_LAUGHS) < 500
+    path = tmp_path / "laughs.yaml"
+    path.write_text(BILLION_LAUGHS)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as raised:
+        if where == "file":
+            config.resolve(path, {})
+        else:
+            config.parse_assignments(["train.lr=[&a [1, 1], *a]"])
+    assert time.perf_counter() - start < 1.0
+    message = str(raised.value)
+    assert len(message) < 300 and "alias *a refused" in message and "write the value out" in message
+    if where == "file":
+        assert message.startswith(f"{path} (line 4, column 11): ")
+    # One alias is enough to be refused (merge keys too); anchors alone are harmless.
+    path.write_text("train: &t {lr: 0.01}\nmodel: {<<: *t}\n")
+    with pytest.raises(ConfigError, match=r"\(line 2, column 13\): alias \*t refused"):
+        config.load_yaml(path)
+    path.write_text("train: &t {lr: 0.01}\n")
+    assert config.load_yaml(path) == {"train": {"lr": 0.01}}
+
+
+def test_config_file_size_is_bounded(tmp_path):
+    path = tmp_path / "big.yaml"
+    line = "# padding\n"
+    path.write_text("train: {lr: 0.01}\n" + line * ((loading.MAX_CONFIG_BYTES - 18) // len(line)))
+    assert path.stat().st_size <= loading.MAX_CONFIG_BYTES
+    assert config.load_yaml(path) == {"train": {"lr": 0.01}}  # at the limit: read
+    with open(path, "a") as fh:
+        fh.write("#" * (loading.MAX_CONFIG_BYTES + 1 - path.stat().st_size))
+    assert path.stat().st_size == loading.MAX_CONFIG_BYTES + 1
+    with pytest.raises(ConfigError, match=r"big.yaml is larger than 1,048,576 bytes"):
+        config.load_yaml(path)
+
+
+@pytest.mark.parametrize("text", [
+    'train: {optimizer: "HUGE"}',            # a bad value
+    'train: {optimizer: ["HUGE", "HUGE"]}',  # a bad value of the wrong type
+    '"HUGE": 1',                             # an unknown top-level key
+    'train: {"HUGE": 1}',                    # an unknown key in a section
+    'train: "HUGE"',                         # a section that is not a mapping
+    'name: "HUGE"',                          # a run name
+    'model: {freeze: "HUGE"}',
+    '"HUGE": 1\n"HUGE": 2',                  # a key given twice
+])
+def test_values_quoted_back_in_errors_are_bounded(tmp_path, text):
+    # 400 KB, ending in characters that must not be echoed raw (YAML escapes in double quotes)
+    huge = "x" * 400_000 + "\\n=\\u202e\\x7f"
+    path = tmp_path / "c.yaml"
+    path.write_text(text.replace("HUGE", huge), encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        config.resolve(path, {})
+    message = str(raised.value)
+    assert len(message) < 600 and "xxxx" in message, message
+    assert "\u202e" not in message and "\x7f" not in message
+
+
+@pytest.mark.parametrize("freeze, message", [
+    ("first999999", "resnet18 has 20 conv layers"), ("first1000000", "Valid values: all, none, firstN"),
+    ("first" + "1" * 5000, "Valid values: all, none, firstN"),  # int() of 5000 digits raised ValueError
+])
+def test_freeze_with_a_huge_count_is_a_short_config_error(freeze, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        config.resolve(None, {"model.backbone": "resnet18", "model.freeze": freeze})
+    assert len(str(raised.value)) < 300
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("run-1_b.2", True), ("ablation", True), ("répétition", True), ("x" * 128, True),
+    ("a\u202eb", False), ("a\x7fb", False), ("a b", False), ("a\nb", False), ("bad\udcffname", False),
+    ("a/b", False), (".hidden", False), ("a:b", False), ("x" * 129, False),
+])
+def test_run_names_are_letters_digits_dash_underscore_dot(name, ok):
+    flags = {"name": name}
+    if ok:
+        assert config.resolve(None, flags).name == name
+        return
+    with pytest.raises(ConfigError, match=r"^Bad value for 'name': ") as raised:
+        config.resolve(None, flags)
+    assert raised.value.args[0].isprintable() and len(raised.value.args[0]) < 300

@@ -230,7 +230,8 @@ def test_skipped_txt_escapes_tabs_newlines_and_backslashes(tmp_path):
     lines = (run / "skipped.txt").read_text().split("\n")
     assert lines[0] == ("# files left out of this run (data.skip_bad): path<TAB>reason, with "
                         "backslash, tab, newline and carriage return in them written as \\\\, "
-                        "\\t, \\n and \\r")
+                        "\\t, \\n and \\r, other unprintable characters as \\uXXXX and bytes "
+                        "that are not UTF-8 as \\xNN")
     assert lines[-1] == "" and len(lines) == 1 + len(names) + 1  # one line per file
     rows = [line.split("\t") for line in lines[1:-1]]
     assert all(len(row) == 2 for row in rows)

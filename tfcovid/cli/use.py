@@ -19,6 +19,7 @@ from tfcovid.cli.common import (
     trained_model_errors,
 )
 from tfcovid.config.schema import TASKS
+from tfcovid.utils.text import escape, one_line
 
 
 @click.command()
@@ -27,6 +28,9 @@ from tfcovid.config.schema import TASKS
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False), default=None,
               help="Write the predictions here (binary: probabilities + predicted class; "
                    "three-label: the study's 0/1 per label).")
+@click.option("--csv-format", type=click.Choice(["labels", "study"]), default="labels", show_default=True,
+              help="labels: the model's label names as columns; study: the study's three-label file "
+                   "(filename,covid,normal,pneumonia).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Decision threshold. Default: the run's train.threshold (0.5 unless set).")
 @click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last", show_default=True,
@@ -39,7 +43,8 @@ from tfcovid.config.schema import TASKS
                                              "that does not record them.")
 @click.option("--table/--no-table", default=True, show_default=True, help="Print the predictions.")
 @max_pixels_option
-def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, labels, table, max_pixels):
+def predict(target, inputs, csv_file, csv_format, threshold, checkpoint, batch_size, task, labels, table,
+            max_pixels):
     """Predict images and folders (walked recursively) with a run's model or a .keras file.
 
     Unreadable images are listed with the reason and the rest are still predicted; the exit
@@ -56,24 +61,26 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
         trained = metadata.load(target, checkpoint, task, names(labels))
     except metadata.ModelInfoError as err:
         fail(err)
+    if csv_file and (problem := inference_predict.csv_format_problem(trained.task, trained.outputs,
+                                                                      csv_format)):
+        fail(ValueError(problem))
     result = inference_predict.predict(trained, inputs, threshold, batch_size, max_pixels=max_pixels)
     if result.skipped:
         click.echo(f"note: skipped {len(result.skipped)} file(s) without an image extension "
-                   f"({', '.join(result.skipped[:3])}{', ...' if len(result.skipped) > 3 else ''})",
+                   f"({', '.join(map(escape, result.skipped[:3]))}{', ...' if len(result.skipped) > 3 else ''})",
                    err=True)
     if not result.names and not result.failed:
         kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
-        fail(ValueError(f"No images ({kinds}) found in {', '.join(inputs)}."))
+        fail(ValueError(f"No images ({kinds}) found in {', '.join(map(escape, inputs))}."))
+    path = None
+    if csv_file and result.names:  # first: a closed pipe (`| head`) must not cost the file
+        path = inference_predict.write_csv(result, csv_file, csv_format)
     if table and result.names:
         click.echo(inference_predict.format_table(result))
-    if csv_file and result.names:
-        path = inference_predict.write_csv(result, csv_file)
+    if path is not None:
         click.echo(f"Wrote {len(result.names)} rows to {path}")
     if result.failed:
-        click.echo(f"Could not read {len(result.failed)} of {len(result.failed) + len(result.names)} "
-                   "image(s):", err=True)
-        for name, reason in result.failed:
-            click.echo(f"  {name}: {reason}", err=True)
+        _list_failures(result.failed, len(result.failed) + len(result.names))
         sys.exit(1)
 
 
@@ -172,4 +179,4 @@ def _list_failures(failed, total: int) -> None:
     """The images that could not be read, one "name: reason" line each, on stderr."""
     click.echo(f"Could not read {len(failed)} of {total} image(s):", err=True)
     for name, reason in failed:
-        click.echo(f"  {name}: {reason}", err=True)
+        click.echo(f"  {escape(name)}: {one_line(reason)}", err=True)

@@ -23,11 +23,12 @@ from tfcovid.config.schema import (
     Experiment,
     ModelConfig,
 )
+from tfcovid.utils.text import shown
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"Bad value for '{key}': {value!r}. Valid values: {', '.join(valid)}.")
+        raise ConfigError(f"Bad value for '{key}': {shown(value)}. Valid values: {', '.join(valid)}.")
 
 
 def validate(exp: Experiment) -> None:
@@ -62,7 +63,7 @@ def _check_data(d: DataConfig) -> None:
     try:
         resample_processes(d.resample_processes)
     except ValueError:
-        raise ConfigError(f"Bad value for 'data.resample_processes': {d.resample_processes!r}. Use auto "
+        raise ConfigError(f"Bad value for 'data.resample_processes': {shown(d.resample_processes)}. Use auto "
                           "(worker processes on hosts with 8 or more cores, threads below), 0 (threads) "
                           "or a number of worker processes.") from None
     if d.decode_scale != 0 and d.decode_scale < 1:
@@ -72,14 +73,14 @@ def _check_data(d: DataConfig) -> None:
 
 def _check_freeze(m: ModelConfig) -> None:
     """The freeze policy, against the backbone's number of conv layers."""
-    if not re.fullmatch(r"all|none|first[1-9][0-9]*", m.freeze):
+    if not re.fullmatch(r"all|none|first[1-9][0-9]{0,5}", m.freeze):  # int() of 5000 digits raises
         raise ConfigError(
-            f"Bad value for 'model.freeze': {m.freeze!r}. Valid values: all, none, firstN "
+            f"Bad value for 'model.freeze': {shown(m.freeze)}. Valid values: all, none, firstN "
             "(N >= 1 Conv2D layers in forward order, e.g. first7)."
         )
     n = CONV_LAYERS[m.backbone]
     if m.freeze.startswith("first") and int(m.freeze[len("first"):]) > n:
-        raise ConfigError(f"Bad value for 'model.freeze': {m.freeze!r}. {m.backbone} has {n} conv layers: "
+        raise ConfigError(f"Bad value for 'model.freeze': {shown(m.freeze)}. {m.backbone} has {n} conv layers: "
                           f"use first1 ... first{n}, all (the head only) or none.")
 
 
@@ -126,7 +127,7 @@ def _check_task(exp: Experiment) -> None:
             "trains 2 logits with cross-entropy: use --loss ce (or --task multilabel for bce/focal)."
         )
     if d.task == "binary" and not d.positive.strip():
-        raise ConfigError(f"Bad value for 'data.positive': {d.positive!r}. The binary task needs the "
+        raise ConfigError(f"Bad value for 'data.positive': {shown(d.positive)}. The binary task needs the "
                           "disease class's folder name, e.g. infected.")
     if d.task == "multilabel":
         if t.loss == "ce":
@@ -138,7 +139,7 @@ def _check_task(exp: Experiment) -> None:
             unknown = [lab for lab in labels if lab not in d.labels]
             if unknown:
                 raise ConfigError(
-                    f"Bad value for 'data.label_map': folder '{folder}' maps to {unknown}, which "
+                    f"Bad value for 'data.label_map': folder {shown(folder)} maps to {shown(unknown)}, which "
                     f"are not in data.labels ({', '.join(d.labels)}). Add them to data.labels."
                 )
 
@@ -146,18 +147,20 @@ def _check_task(exp: Experiment) -> None:
 def _check_names(exp: Experiment) -> None:
     """Names that become paths: the run folder's suffix, the output folder, data and weights."""
     name = exp.name
-    if "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 for c in name):
-        raise ConfigError(f"Bad value for 'name': {name!r}. It becomes part of the run folder's name: "
-                          "use letters, digits, '-' or '_' (no '/', '\\', control characters or "
-                          "leading '.').")
+    # Exactly what the message says: str.isalnum is letters and digits of any script, never a
+    # control character, DEL, U+202E (right-to-left override) or a byte that is not UTF-8.
+    if name.startswith(".") or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"Bad value for 'name': {shown(name)}. It becomes part of the run folder's name: "
+                          "use letters, digits, '-', '_' or '.' (any script; no '/', '\\', spaces, "
+                          "control or formatting characters, and no leading '.').")
     if len(name.encode()) > 128:
-        raise ConfigError(f"Bad value for 'name': {name[:40]!r}... ({len(name.encode())} bytes). "
+        raise ConfigError(f"Bad value for 'name': {shown(name[:40])}... ({len(name.encode())} bytes). "
                           "Use at most 128 bytes; folder names are limited to 255.")
     for key, value, what in (("out", exp.out, "a folder for the run directories, e.g. runs"),
                              ("data.dir", exp.data.dir, "an ImageFolder tree, a prepared folder or demo"),
                              ("model.weights", exp.model.weights, "imagenet, none or a weights file")):
         if not value.strip():
-            raise ConfigError(f"Bad value for '{key}': {value!r}. Expected {what}.")
+            raise ConfigError(f"Bad value for '{key}': {shown(value)}. Expected {what}.")
 
 
 def resample_processes(setting: int | str) -> int | None:
@@ -168,5 +171,5 @@ def resample_processes(setting: int | str) -> int | None:
     whole = isinstance(setting, int) or (isinstance(setting, str) and setting.strip().isdigit())
     if isinstance(setting, bool) or not whole or int(setting) < 0:
         raise ValueError(f"data.resample_processes must be auto, 0 (threads) or a number of worker "
-                         f"processes. Received: {setting!r}")
+                         f"processes. Received: {shown(setting)}")
     return int(setting)

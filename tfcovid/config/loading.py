@@ -7,13 +7,26 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
 from tfcovid.config.checks import validate
-from tfcovid.config.schema import DEMO_MULTILABEL, DEMO_PRESET, NULLABLE, SECTIONS, TOP_LEVEL, ConfigError, Experiment
+from tfcovid.config.schema import (
+    DEMO_MULTILABEL,
+    DEMO_PRESET,
+    NULLABLE,
+    SECTIONS,
+    TOP_LEVEL,
+    ConfigError,
+    Experiment,
+)
+from tfcovid.utils.text import clip, escape, shown
+
+# Configs are a few hundred bytes; a larger file is a mistake (or an attack), refused unread.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -31,19 +44,19 @@ def merge(base: dict, update: Mapping, where: str = "config") -> dict:
             if value is None:
                 continue
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}: section '{key}' must be a mapping, got {value!r}.")
+                raise ConfigError(f"{where}: section '{key}' must be a mapping, got {shown(value)}.")
             names = [f.name for f in dataclasses.fields(SECTIONS[key])]
             for sub, subvalue in value.items():
                 if sub not in names:
                     raise ConfigError(
-                        f"{where}: unknown key '{key}.{sub}'.{_suggest(sub, names)} "
+                        f"{where}: unknown key {shown(f'{key}.{sub}')}.{_suggest(str(sub), names)} "
                         f"Valid keys in '{key}': {', '.join(names)}."
                     )
                 out.setdefault(key, {})[sub] = subvalue
         else:
             valid = list(TOP_LEVEL) + list(SECTIONS)
             raise ConfigError(
-                f"{where}: unknown key '{key}'.{_suggest(key, valid)} Valid top-level keys: "
+                f"{where}: unknown key {shown(str(key))}.{_suggest(str(key), valid)} Valid top-level keys: "
                 f"{', '.join(valid)}."
             )
     return out
@@ -53,18 +66,32 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
     pass
 
 
+class _AliasRefused(yaml.composer.ComposerError):
+    pass
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
-    without a word: `lr: 0.01` then `lr: 0.02` trained at 0.02)."""
+    without a word: `lr: 0.01` then `lr: 0.02` trained at 0.02) and every alias (``*name``):
+    nine nested aliases in 1 KB ("billion laughs") expand to 10**9 values, and configs are
+    small enough to write out."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(None, None, f"alias *{escape(clip(event.anchor, 40))} refused: tfcovid "
+                                "does not expand YAML aliases (*name, <<: *name) in configs; write "
+                                "the value out", event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            if isinstance(key, Hashable) and key in seen:  # unhashable: PyYAML's own error
                 raise _DuplicateKey(
                     "while reading a mapping", node.start_mark,
-                    f"key {key!r} is given twice (also on line {seen[key] + 1}); keep one",
+                    f"key {shown(key)} is given twice (also on line {seen[key] + 1}); keep one",
                     key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
@@ -75,19 +102,26 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}")
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES:,} bytes: not a tfcovid config "
+                          "(they are a few hundred bytes).")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # safe: SafeLoader's tags only
-    except _DuplicateKey as err:
+        data = yaml.load(raw.decode("utf-8-sig"), Loader=_UniqueKeyLoader) or {}  # safe: SafeLoader's tags only
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    except (_DuplicateKey, _AliasRefused) as err:
         mark = err.problem_mark
         raise ConfigError(f"{path} (line {mark.line + 1}, column {mark.column + 1}): {err.problem}.") from None
     except yaml.constructor.ConstructorError as err:  # e.g. !!python/object/apply:os.system
         mark = err.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}{where}: {err.problem}. tfcovid reads plain YAML "
+        raise ConfigError(f"{path}{where}: {clip(str(err.problem), 300)}. tfcovid reads plain YAML "
                           "only (yaml.safe_load) and never runs code from config files; remove "
                           "the tag.") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {clip(str(err), 1000)}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}.")
     return dict(data)
@@ -118,9 +152,11 @@ def parse_assignments(items: Sequence[str]) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or key.startswith(".") or key.endswith("."):
-            raise ConfigError(f"Bad --set {item!r}: expected KEY=VALUE, e.g. train.lr=0.01 or data.demo_per_class=8.")
+            raise ConfigError(f"Bad --set {shown(item)}: expected KEY=VALUE, e.g. train.lr=0.01 or data.demo_per_class=8.")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else ""  # safe: SafeLoader
+        except _AliasRefused as err:
+            raise ConfigError(f"Bad --set {shown(item)}: {err.problem}.") from None
         except yaml.YAMLError:
             value = text
         section, dot, sub = key.partition(".")
@@ -209,7 +245,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
     def bad(msg: str) -> ConfigError:
-        return ConfigError(f"Bad value for '{key}': {value!r}. {msg}")
+        return ConfigError(f"Bad value for '{key}': {shown(value)}. {msg}")
 
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -255,7 +291,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             if isinstance(labels, str):
                 labels = [labels]
             if not isinstance(labels, (list, tuple)) or not all(isinstance(v, str) for v in labels):
-                raise bad(f"Folder '{folder}' must map to a list of label names.")
+                raise bad(f"Folder {shown(folder)} must map to a list of label names.")
             out[str(folder)] = tuple(labels)
         return out
     if isinstance(default, str):

@@ -23,6 +23,7 @@ from tfcovid.data import bounds, headers
 from tfcovid.data.headers import not_regular  # noqa: F401  (also read as checks.not_regular)
 from tfcovid.data.types import BadFile, DataError
 from tfcovid.utils.atomic import atomic_write_text
+from tfcovid.utils.text import escape, one_line
 
 OUTSIDE_CLASS = "outside any class folder: its class is unknown; move it into a class folder"
 
@@ -116,11 +117,12 @@ def check(manifest, max_pixels: int, log=print, threads: int | None = None,
 
 
 def describe(bad, root=None) -> str:
-    """One line per problem, "path: reason" (paths relative to ``root`` when under it)."""
+    """One line per problem, "path: reason" (paths relative to ``root`` when under it), both
+    escaped (:func:`escape_field`): a name may hold a newline, or bytes that are not UTF-8."""
     def shown(path):
         prefix = str(root).rstrip(os.sep) + os.sep if root is not None else None
         return path[len(prefix):] if prefix and path.startswith(prefix) else path
-    return "\n".join(f"  {shown(b.path)}: {b.reason}" for b in bad)
+    return "\n".join(f"  {escape(shown(b.path))}: {one_line(b.reason)}" for b in bad)
 
 
 def problems_error(bad, root, advice: str):
@@ -143,21 +145,17 @@ def require_usable(manifest, max_pixels: int, log=print, setting: str = "data.ma
         raise problems_error(bad, manifest.root, "Fix or remove these files.")
 
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def escape_field(text: str) -> str:
-    r"""``text`` for one field of a tab-separated line: backslash, tab, newline and carriage
-    return become ``\\``, ``\t``, ``\n`` and ``\r`` (file names may hold any of them)."""
-    return text.translate(_ESCAPES)
+# One escaping for every file name tfcovid prints or writes to a line-based file (utils.text).
+escape_field = escape
 
 
 def write_skipped(run_dir, bad) -> Path:
     """Write ``run_dir/skipped.txt`` ("path<TAB>reason" lines, fields escaped with
     :func:`escape_field`) atomically; return its path."""
     target = Path(run_dir) / "skipped.txt"
-    lines = ["# files left out of this run (data.skip_bad): path<TAB>reason, with backslash, "
-             "tab, newline and carriage return in them written as \\\\, \\t, \\n and \\r"]
+    lines = [("# files left out of this run (data.skip_bad): path<TAB>reason, with backslash, "
+              "tab, newline and carriage return in them written as \\\\, \\t, \\n and \\r, "
+              "other unprintable characters as \\uXXXX and bytes that are not UTF-8 as \\xNN")]
     lines += [f"{escape_field(b.path)}\t{escape_field(b.reason)}" for b in bad]
     return atomic_write_text(target, "\n".join(lines) + "\n")
 

@@ -110,7 +110,7 @@ def _list_images(folder: Path, split: str, found: _Found, above: Sequence[Path] 
             # A target holding a folder of the chain would walk into itself: a loop.
             inside = target.rstrip(os.sep) + os.sep
             if target in seen or any(c == target or c.startswith(inside) for c in chain):
-                found.repeated.append(f"{found.shown(path)} -> {target}")
+                found.repeated.append(checks.escape_field(f"{found.shown(path)} -> {target}"))
             else:
                 walk(path, chain)
 

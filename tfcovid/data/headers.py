@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from tfcovid.data.signatures import SIGNATURES
+from tfcovid.utils.text import not_utf8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -128,6 +129,8 @@ def quick_check(path) -> str | None:
     signature), done while scanning; ``checks.check_file`` does the full check.
     """
     if (reason := not_regular(path)) is not None:  # before the name: a broken link says so
+        return reason
+    if (reason := not_utf8(path)) is not None:  # TensorFlow, CSV and JSON need UTF-8 (issue 22.7)
         return reason
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:

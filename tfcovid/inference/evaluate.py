@@ -25,6 +25,7 @@ from tfcovid.data import folders as data_folders
 from tfcovid.models.outputs import probabilities
 from tfcovid.results import plots, scores
 from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
+from tfcovid.utils.text import csv_text
 from tfcovid.weights import metadata
 
 SPLITS = ("train", "validation", "test")
@@ -169,9 +170,10 @@ def predict_split(trained, split: types.Split, batch_size: int = 32) -> np.ndarr
 
 
 def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, outputs) -> None:
-    rows = [[p, folder, *(f"{v:.6f}" for v in row)]
+    # Names are data: a cell a spreadsheet would run as a formula gets a leading ' (OWASP).
+    rows = [[csv_text(p), csv_text(folder), *(f"{v:.6f}" for v in row)]
             for p, folder, row in zip(split.paths, split.folders, probs)]
-    atomic_write_csv(path, [["path", "true_folder", *outputs], *rows])
+    atomic_write_csv(path, [["path", "true_folder", *map(csv_text, outputs)], *rows])
 
 
 def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint: str = "last",

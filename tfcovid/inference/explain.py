@@ -23,6 +23,7 @@ import tensorflow as tf
 from tfcovid.inference.predict import find_images, load, pixel_limit, resizer
 from tfcovid.models import BACKBONES
 from tfcovid.models.outputs import probabilities
+from tfcovid.utils.text import escape
 from tfcovid.weights import metadata
 
 
@@ -257,7 +258,7 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
 
     found, missing, skipped = find_images(images)  # files, and image files in folders, as predict
     if skipped:
-        log(f"Skipped {len(skipped)} file(s) without an image extension (e.g. {skipped[0]}).")
+        log(f"Skipped {len(skipped)} file(s) without an image extension (e.g. {escape(skipped[0])}).")
     paths, pixels, originals, failed = _read_all(found, trained.image_size,
                                                  pixel_limit(trained, max_pixels))
     failed += missing

@@ -3,10 +3,14 @@
 ``predict`` walks folders recursively, decodes every image it can, predicts them in batches and
 reports the ones it could not read (by name, with the reason) without stopping. Rows are sorted
 by file name. Binary: softmax probabilities per class and the predicted class. Three-label: the
-study's 0/1 per label (``filename,covid-19,normal,pneumonia``), probabilities in the table.
+0/1 per label (``filename,covid-19,normal,pneumonia``; ``csv_format="study"``: the study's own
+file, ``filename,covid,normal,pneumonia``), probabilities in the table. Names are shown escaped
+in the table and written to the CSV with formula-like cells neutralised (``tfcovid.utils.text``).
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +23,8 @@ import tensorflow as tf
 from tfcovid import config
 from tfcovid.data import augment, bounds, checks, decode, folders
 from tfcovid.models.outputs import probabilities
-from tfcovid.utils.atomic import atomic_write_csv
+from tfcovid.utils.atomic import atomic_write_text
+from tfcovid.utils.text import csv_text, escape, not_utf8
 from tfcovid.weights.metadata import Trained
 
 
@@ -83,8 +88,9 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], l
 
 def read_file(path: Path) -> tuple[bytes | None, str | None]:
     """(the file's bytes, None), or (None, why it cannot be read): a named pipe, socket or
-    device is refused unopened (reading a pipe waits forever), as fit's file check does."""
-    reason = checks.not_regular(path)
+    device is refused unopened (reading a pipe waits forever), as fit's file check does; so is a
+    name that is not UTF-8 (issue 22.7)."""
+    reason = checks.not_regular(path) or not_utf8(path)
     if reason is not None:
         return None, reason
     try:
@@ -202,19 +208,42 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     return out
 
 
-def write_csv(result: Predictions, path: str | Path) -> Path:
+# The study's three-label CSV: its own column names, in this order, for tfcovid's labels.
+STUDY_COLUMNS = {"covid-19": "covid", "normal": "normal", "pneumonia": "pneumonia"}
+CSV_FORMATS = ("labels", "study")
+
+
+def csv_format_problem(task: str, outputs: Sequence[str], csv_format: str) -> str | None:
+    """Why a model's predictions cannot be written in ``csv_format`` (None: they can)."""
+    if csv_format == "study" and (task != "multilabel" or tuple(outputs) != tuple(STUDY_COLUMNS)):
+        return (f"--csv-format study writes the study's three-label file (filename,"
+                f"{','.join(STUDY_COLUMNS.values())}) and needs a three-label model with the labels "
+                f"{', '.join(STUDY_COLUMNS)}; this is a {task} model with outputs "
+                f"{', '.join(map(escape, outputs))}. Use --csv-format labels.")
+    return None
+
+
+def write_csv(result: Predictions, path: str | Path, csv_format: str = "labels") -> Path:
     """Write the CSV: binary ``filename,<class>...,predicted`` (probabilities); three-label
-    the study's ``filename,<label>...`` with 0/1 per label."""
+    ``filename,<label>...`` with 0/1 per label, or (``csv_format="study"``) the study's file,
+    ``filename,covid,normal,pneumonia`` with ``\n`` line ends. Text cells that a spreadsheet
+    would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR first) get a leading ``'``."""
+    if (problem := csv_format_problem(result.task, result.outputs, csv_format)) is not None:
+        raise ValueError(problem)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = [csv_text(name) for name in result.names]
     if result.task == "binary":
-        rows = [["filename", *result.outputs, "predicted"]]
-        rows += [[name, *(f"{v:.6f}" for v in p), pred]
-                 for name, p, pred in zip(result.names, result.probs, result.predicted)]
+        rows = [["filename", *map(csv_text, result.outputs), "predicted"]]
+        rows += [[name, *(f"{v:.6f}" for v in p), csv_text(pred)]
+                 for name, p, pred in zip(names, result.probs, result.predicted)]
     else:
-        rows = [["filename", *result.outputs]]
-        rows += [[name, *pred] for name, pred in zip(result.names, result.predicted)]
-    atomic_write_csv(path, rows)
+        header = STUDY_COLUMNS.values() if csv_format == "study" else map(csv_text, result.outputs)
+        rows = [["filename", *header]]
+        rows += [[name, *pred] for name, pred in zip(names, result.predicted)]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n" if csv_format == "study" else "\r\n").writerows(rows)
+    atomic_write_text(path, text.getvalue())
     return path
 
 
@@ -227,7 +256,8 @@ def format_table(result: Predictions) -> str:
             label = pred
         else:
             label = "+".join(o for o, v in zip(result.outputs, pred) if v) or "(none)"
-        rows.append([name, *(f"{v:.3f}" for v in p), label])
+        rows.append([escape(name), *(f"{v:.3f}" for v in p), escape(label)])
+    header = [escape(h) for h in header]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(  # noqa: E731
         str(c).ljust(w) if i in (0, len(r) - 1) else str(c).rjust(w)
