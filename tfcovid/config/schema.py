@@ -145,9 +145,9 @@ class TrainConfig:
     jit_compile: str = "auto"  # auto | true | false
     steps_per_execution: int = 1
     seed: int = 0
-    # Same seed, same machine -> same weights: TensorFlow's deterministic ops and an ordered
-    # input pipeline (slower). Shuffling and augmentation are keyed on (seed, epoch, image)
-    # either way, so a resumed run sees the batches an uninterrupted one would have.
+    # Same seed, same machine -> same weights: TensorFlow's deterministic ops (slower). The
+    # input pipeline is ordered either way, its shuffle and augmentation keyed on (seed, epoch,
+    # image), so a resumed or repeated run sees the same batches in the same order.
     deterministic: bool = False
 
 

@@ -20,7 +20,7 @@ def dataset(
     cache=None,
     decode_scale: float = 2.0,
     epoch=None,
-    deterministic: bool = False,
+    deterministic: bool = True,
     readers: int = 1,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
@@ -40,7 +40,8 @@ def dataset(
         decode_scale: train images are decoded to a shorter side >= decode_scale * S; 0: full.
         epoch: training: a tf.Variable holding the coming epoch; shuffle and augmentation are
             keyed on (seed, epoch, image) (see tfcovid.data.pipeline).
-        deterministic: fixed element order in training too.
+        deterministic: fixed batch order in training too (the default: same seed, same batches
+            in the same order); False hands batches over as they finish.
         readers: processes that each read a share of the split (multi-worker training of a
             prepared TFRecord split gives each whole shards); with one, a prepared split's
             training stream states its length, which Keras's epochs and progress bar use.

@@ -76,8 +76,7 @@ def input_pipeline(exp: Experiment, run: Path, workers: int,
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
     train_ds = datasets.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
                                 training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
-                                decode_scale=exp.data.decode_scale, epoch=epoch,
-                                deterministic=exp.train.deterministic, readers=workers)
+                                decode_scale=exp.data.decode_scale, epoch=epoch, readers=workers)
     val_ds = datasets.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
                               cache=cache)
     log(f"      {cache.describe()}")
