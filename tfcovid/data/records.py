@@ -25,8 +25,10 @@ where a folder cannot be renamed whole, it is written in place with the manifest
 folder of shards without a manifest is named as an incomplete ``prepare`` output.
 
 Reading checks that every shard and index file is there and each shard's size against the
-manifest at start, and each shard's record count as it is read; a read failure is explained
-by re-checking the sha256 checksums, so the error names the damaged shard. Training reads shards in parallel (interleaved) and shards them
+manifest at start (``fit`` also their sha256: :func:`check_digests`), and each shard's record
+count as it is read; a read failure is explained by re-checking the sha256 checksums and
+decoding the damaged shards' records, so the error names the shard and the records whose
+image does not decode (:func:`explain_read_error`). Training reads shards in parallel (interleaved) and shards them
 across workers by file (``AutoShardPolicy.FILE``); evaluation reads them in order
 (``record_stream.dataset``).
 """
