@@ -85,6 +85,27 @@ def test_tensorflow_addons_docstring_example():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_keras_binary_focal_crossentropy_is_the_mean_and_balances_only_when_asked(from_logits):
+    """Keras's own focal loss (docs/training.md names it): the same terms, but a MEAN over the
+    labels, and alpha applied only with apply_class_balancing=True."""
+    y_true = np.array([[1, 0, 0], [0, 1, 1]], np.float32)
+    probs = np.array([[0.9, 0.2, 0.4], [0.3, 0.6, 0.05]], np.float32)
+    y_pred = np.log(probs / (1 - probs)) if from_logits else probs
+    ours = SigmoidFocalCrossEntropy(from_logits=from_logits, reduction="none")(y_true, y_pred)
+    balanced = keras.losses.BinaryFocalCrossentropy(
+        apply_class_balancing=True, alpha=0.25, gamma=2.0, from_logits=from_logits, reduction="none")
+    np.testing.assert_allclose(ours, 3 * balanced(y_true, y_pred), rtol=1e-5)  # sum = 3 x mean
+    first = (0.25 * 0.1**2 * -np.log(0.9) + 0.75 * 0.2**2 * -np.log(0.8)  # alpha_t (1 - p_t)^2 bce,
+             + 0.75 * 0.4**2 * -np.log(0.6))  # summed over the first image's three labels
+    np.testing.assert_allclose(ours[0], first, rtol=1e-5)
+    default = keras.losses.BinaryFocalCrossentropy(from_logits=from_logits, reduction="none")
+    unbalanced = SigmoidFocalCrossEntropy(from_logits=from_logits, alpha=None, reduction="none")
+    np.testing.assert_allclose(unbalanced(y_true, y_pred), 3 * default(y_true, y_pred), rtol=1e-5)
+    # Keras's default leaves alpha out: 0.74 and 0.26 of its 3 x mean here, not the same loss.
+    np.testing.assert_allclose(ours / (3 * default(y_true, y_pred)), [0.744256, 0.255697], rtol=1e-4)
+
+
 @pytest.mark.parametrize("gamma", [0.0, None])
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_bce_limit(from_logits, gamma):

@@ -1,11 +1,15 @@
 """TensorFlow's start-up lines filtered at TF_CPP_MIN_LOG_LEVEL (tfcovid.utils.tf_import)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
-from tfcovid.utils import tf_import
+import fake_run
+import pytest
+
 from tfcovid.training import devices
+from tfcovid.utils import tf_import
 
 # Lines as TensorFlow 2.21 writes them before its logging starts.
 PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
@@ -75,3 +79,88 @@ def test_device_line_says_why_there_is_no_gpu(monkeypatch):
     assert devices.describe_device() == f"CPU ({os.cpu_count()} cores)"
     monkeypatch.setattr(tf_import, "_cuda_problem", "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)")
     assert devices.describe_device() == f"CPU ({os.cpu_count()} cores; no CUDA GPU: cuInit failed, UNKNOWN ERROR (303))"
+
+
+# What the image libraries and TensorFlow Lite write (issue 27.3), as they write it.
+LIBJPEG_E = "E0000 00:00:1796648500.719017    2403 jpeg_mem.cc:331] Premature end of JPEG data. Stopped at line 4/9\n"
+LIBJPEG_RAW = ["Improper call to JPEG library in state 201\n", "Bogus Huffman table definition\n",
+               "Corrupt JPEG data: premature end of data segment\n"]
+LIBPNG = "libpng error: bad adaptive filter value\n"
+OPENCV = ("[ERROR:0@5.945] global loadsave.cpp:1377 imdecode_ imdecode_(''): can't read header: OpenCV(5.1.0) "
+          "/io/opencv/modules/imgcodecs/src/bitstrm.cpp:59: error: (-2:Unspecified error) Unexpected end of "
+          "input stream in function 'readBlock'\n")
+XNNPACK = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+
+
+def test_image_library_notes_are_warnings_and_tflite_info_is_info():
+    notes = [LIBJPEG_E, *LIBJPEG_RAW, LIBPNG, OPENCV]
+    for line in notes:
+        assert [tf_import.dropped(line, level) for level in range(4)] == [False, False, True, True], line
+    assert [tf_import.dropped(XNNPACK, level) for level in range(4)] == [False, True, True, True]
+    # Not notes: an ERROR from elsewhere stays until level 3; tfcovid's own lines and near misses stay.
+    assert [tf_import.dropped(ERROR, level) for level in range(4)] == [False, False, False, True]
+    for line in ["Error: 1 file under d cannot be used:\n", "Bogus\n", "Traceback (most recent call last):\n",
+                 "  train/x.jpg: cannot be decoded as JPEG, truncated or corrupt\n", "INFO:root:python logging\n"]:
+        assert not any(tf_import.dropped(line, level) for level in range(4)), line
+
+
+def test_filtered_command_drops_notes_keeps_the_rest_and_the_last_lines_of_an_abort():
+    lines = [LIBJPEG_E, "keep 1\n", LIBJPEG_RAW[0], OPENCV, "\n", "keep 2\n", "\n", XNNPACK, "last words\n"]
+    code = ("import os\n"
+            "from tfcovid.utils import tf_import\n"
+            "with tf_import.filtered_command():\n"
+            f"    os.write(2, {''.join(lines).encode()!r})\n"
+            "    os.abort()  # a crash right after writing: the forwarding process still passes it on\n")
+    quiet_run, everything = _run(code, TF_CPP_MIN_LOG_LEVEL="2"), _run(code, TF_CPP_MIN_LOG_LEVEL="0")
+    assert quiet_run.returncode == everything.returncode == -6  # SIGABRT
+    assert quiet_run.stderr == "keep 1\nkeep 2\n\nlast words\n"  # OpenCV's blank line after its note goes
+    assert everything.stderr == "".join(lines)
+
+
+def _file_check_output(data, tmp_path, level):
+    args = [sys.executable, "-m", "tfcovid.cli", "fit", "--data", str(data), "--weights", "none", "--epochs",
+            "1", "--out", str(tmp_path / f"runs{level}")]
+    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if level is not None:
+        environ["TF_CPP_MIN_LOG_LEVEL"] = level
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=environ, check=False)
+
+
+@pytest.mark.slow
+def test_fit_file_check_shows_damaged_jpegs_once_not_libjpegs_lines(binary_tree, tmp_path):
+    """A truncated JPEG and one with a broken Huffman table: fit's file check lists them (and
+    stops); libjpeg's lines are shown only at TF_CPP_MIN_LOG_LEVEL=0."""
+    data = tmp_path / "data"
+    shutil.copytree(binary_tree, data)
+    jpegs = sorted((data / "train").rglob("*.jpg"))
+    raw = jpegs[0].read_bytes()
+    jpegs[0].write_bytes(raw[:len(raw) * 2 // 3])  # truncated
+    raw = bytearray(jpegs[1].read_bytes())
+    start = raw.index(b"\xff\xc4") + 5  # the first Huffman table's 16 code counts
+    raw[start:start + 16] = b"\xff" * 16
+    jpegs[1].write_bytes(bytes(raw))
+    quiet_run, everything = _file_check_output(data, tmp_path, None), _file_check_output(data, tmp_path, "0")
+    for out in (quiet_run, everything):
+        assert out.returncode == 1 and "Error: 2 files under" in out.stderr, out.stderr
+        assert f"train/{jpegs[0].parent.name}/{jpegs[0].name}: cannot be decoded as JPEG" in out.stderr
+    notes = [line for line in everything.stderr.splitlines(keepends=True)
+             if tf_import.dropped(line, 2) and not tf_import.dropped(line, 1)]
+    assert any("jpeg_mem.cc" in line and "Premature end of JPEG data" in line for line in notes), everything.stderr
+    assert "Bogus Huffman table definition\n" in notes  # libjpeg's own, raw
+    assert not [line for line in notes if line in quiet_run.stderr], quiet_run.stderr
+    assert "jpeg_mem.cc" not in quiet_run.stderr and "JPEG library" not in quiet_run.stderr
+
+
+@pytest.mark.slow
+def test_tflite_export_does_not_print_the_xnnpack_line(binary_tree, tmp_path):
+    run = fake_run.make_run(tmp_path, binary_tree)
+    outs = {}
+    for level in ("2", "0"):
+        environ = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": level}
+        outs[level] = subprocess.run(
+            [sys.executable, "-m", "tfcovid.cli", "export", str(run), str(tmp_path / f"tfl{level}"), "--format",
+             "tflite"], capture_output=True, text=True, timeout=600, env=environ, check=False)
+        assert outs[level].returncode == 0, outs[level].stderr
+        assert "reloaded and checked" in outs[level].stdout
+    assert "XNNPACK" not in outs["2"].stderr, outs["2"].stderr
+    assert XNNPACK in outs["0"].stderr

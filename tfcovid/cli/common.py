@@ -21,9 +21,14 @@ def quiet_tensorflow() -> None:
 
 def tensorflow() -> None:
     """Import TensorFlow before the modules that need it, with the lines it writes before its
-    logging starts filtered at that level too (``tfcovid.utils.tf_import``)."""
+    logging starts filtered at that level too, and for the rest of the command the image
+    libraries' notes on damaged files and TensorFlow Lite's (``tfcovid.utils.tf_import``)."""
     from tfcovid.utils import tf_import  # heavy: TensorFlow
 
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and not ctx.meta.get("tfcovid.filtered"):
+        ctx.meta["tfcovid.filtered"] = True  # meta is shared with the parent context
+        ctx.with_resource(tf_import.filtered_command())  # until the command ends, errors included
     tf_import.import_tensorflow()
 
 

@@ -100,6 +100,9 @@ class DataConfig:
     skip_bad: bool = False
     # Images with more pixels than this are refused (decompression-bomb guard; 8000x8000 = 64e6).
     max_pixels: int = 150_000_000
+    # A `tfcovid prepare` output: check every shard's sha256 against its manifest before training
+    # (~0.7 GB/s locally, docs/performance.md); false checks only their sizes.
+    verify_records: bool = True
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tfcovid import config
-from tfcovid.data import checks, datasets, demo, types  # `data` is evaluate()'s argument, as in the CLI
+from tfcovid.data import checks, datasets, demo, records, types  # `data` is evaluate()'s argument, as in the CLI
 from tfcovid.data import folders as data_folders
 from tfcovid.models.outputs import probabilities
 from tfcovid.results import plots, scores
@@ -166,7 +166,11 @@ def predict_split(trained, split: types.Split, batch_size: int = 32) -> np.ndarr
     ds = datasets.dataset(split, trained.image_size, batch_size)
     if split.labeled:
         ds = ds.map(lambda x, y: x)
-    return probabilities(trained.model.predict(ds, verbose=0), trained.task)
+    try:
+        return probabilities(trained.model.predict(ds, verbose=0), trained.task)
+    except records.READ_ERRORS as err:
+        records.explain_read_error(split.dir, err)  # a damaged prepared shard, named
+        raise
 
 
 def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, outputs) -> None:

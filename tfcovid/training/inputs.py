@@ -89,6 +89,8 @@ def _checked_data(exp: Experiment, run: Path, workers: int, log) -> tuple[Experi
     """The manifest with every file checked and its notes logged; the binary task's disease class
     as the data names it."""
     manifest = checks.verify(load_manifest(exp, log), exp.data, run, lambda line: log(f"      {line}"))
+    if exp.data.verify_records:  # a damaged shard named now, not at the end of epoch 1 or in [6/6]
+        records.check_digests(manifest, lambda line: log(f"      {line}"))
     upsampled = records.upsampling_note(manifest, exp.data.image_size)
     for problem in manifest.problems + tuple(records.check_workers(manifest, workers)) + ((upsampled,) if upsampled else ()):
         log(f"      note: {problem}")
