@@ -18,6 +18,7 @@ from tfcovid.cli.common import (
     trained_model_errors,
 )
 from tfcovid.config.schema import TASKS
+from tfcovid.utils.text import plural
 
 
 @click.command()
@@ -66,7 +67,7 @@ def predict(target, inputs, csv_file, threshold, checkpoint, batch_size, task, l
         click.echo(inference_predict.format_table(result))
     if csv_file and result.names:
         path = inference_predict.write_csv(result, csv_file)
-        click.echo(f"Wrote {len(result.names)} rows to {path}")
+        click.echo(f"Wrote {plural(len(result.names), 'row')} to {path}")
     if result.failed:
         click.echo(f"Could not read {len(result.failed)} of {len(result.failed) + len(result.names)} "
                    "image(s):", err=True)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from tfcovid.data import augment, checks, decode, folders
 from tfcovid.models.outputs import probabilities
 from tfcovid.utils.atomic import atomic_write_csv
+from tfcovid.utils.text import plural
 from tfcovid.weights.metadata import Trained
 
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
@@ -175,7 +176,7 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
         if len(pixels) == batch_size:
             flush()
             if log:
-                log(f"predicted {len(names)} of {len(found)} images")
+                log(f"predicted {len(names)} of {plural(len(found), 'image')}")
     flush()
     out.names, out.paths = names, paths
     out.probs = np.concatenate(probs) if probs else np.zeros((0, len(trained.outputs)))
