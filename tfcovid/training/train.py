@@ -146,17 +146,18 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
     devices.check_determinism(exp.train.deterministic)
     if not scratch:
         preflight.check_output_dir(run_dir or exp.out)
+    # Resolving the weights (preprocessing mode, absolute file path) here records them in
+    # config.yaml, and a missing weights file fails before a run directory exists.
+    exp = loading.resolve_experiment_weights(exp, fetch=False)
     lock = _lock(run_dir) if run_dir and not scratch else None  # a run being resumed
     made = None
     try:
         # The cheap checks of the data (the folder, its splits, a batch that the train split can
-        # fill) before the weights, which may be a download; every file is checked in [3/6].
+        # fill) before ImageNet weights are fetched (a download); every file is checked in [3/6].
         manifest = inputs.load_manifest(exp, log)
         preflight.check_batch_size(inputs.split_sizes(manifest), exp.train.batch_size)
-        # Resolving the weights (preprocessing mode, absolute file path) here records them in
-        # config.yaml; a missing weights file, or ImageNet weights that cannot be downloaded,
-        # fail before a run directory exists.
-        exp = loading.resolve_experiment_weights(exp)
+        if exp.model.weights == "imagenet":  # ... and before a run directory exists
+            loading.fetch_imagenet(exp.model.backbone)
         made = None if scratch or run_dir else new_run_dir(exp)  # removed again if phase 1 fails
         run = scratch or made or Path(run_dir)
         lock = lock or (None if scratch else _lock(run))
