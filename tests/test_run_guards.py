@@ -135,6 +135,7 @@ def test_fit_holds_the_lock_while_training_and_readers_are_not_blocked(binary_tr
     (PermissionError(errno.EACCES, "Permission denied"), False),
     (OSError(errno.EIO, "Input/output error"), False),
     (ValueError("no space here"), False),
+    (DataError("Could not write the list: [Errno 28] No space left on device"), False),  # tfcovid's own
 ])
 def test_disk_full_is_told_from_other_errors(err, full):
     assert atomic.disk_full(err) is full
@@ -145,6 +146,16 @@ def test_disk_full_is_told_from_other_errors(err, full):
             raise RuntimeError("saving failed") from inner
     except RuntimeError as outer:
         assert atomic.disk_full(outer) is full
+
+
+def test_an_error_raised_from_none_hides_the_full_disk_it_handled():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise DataError("3 files cannot be used: ... Could not write the list") from None
+    except DataError as err:
+        assert atomic.disk_full(err) is False  # its own message (the file list) is what counts
 
 
 def test_a_full_disk_mid_run_keeps_the_last_epoch_and_says_how_to_resume(binary_tree, tmp_path, monkeypatch):
@@ -187,10 +198,25 @@ def test_a_full_disk_before_training_leaves_nothing_and_says_so(binary_tree, tmp
     monkeypatch.setattr(inputs, "write_config", full)
     with pytest.raises(train.TrainingError) as caught:
         train.fit(_exp(binary_tree, tmp_path / "runs"), log=lambda line: None)
-    assert str(caught.value) == (f"No space left on the device holding {tmp_path / 'runs'}: could not "
-                                 "write the run's config. Free space there (or choose another --out) "
-                                 "and start again.")
+    assert str(caught.value) == (f"No space left on the device holding {tmp_path / 'runs'}, before "
+                                 "training started; nothing was written. Free space there (or choose "
+                                 "another --out) and start again.")
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_ctrl_c_while_the_data_is_scanned_is_a_message(binary_tree, tmp_path, monkeypatch):
+    import signal
+    import time
+
+    def interrupted_scan(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # not reached
+
+    monkeypatch.setattr(inputs, "load_manifest", interrupted_scan)
+    with pytest.raises(train.Interrupted) as caught:
+        train.fit(_exp(binary_tree, tmp_path / "runs"), log=lambda line: None)
+    assert str(caught.value) == "Stopped by SIGINT before training started; nothing was written."
+    assert caught.value.exit_code == 130 and not (tmp_path / "runs").exists()
 
 
 Usage = namedtuple("Usage", "total used free")

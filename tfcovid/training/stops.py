@@ -59,6 +59,9 @@ def disk_full(run: Path, err: Exception, epochs: int, removed: bool) -> Training
     except (ValueError, OSError):
         done = 0
     resume = f"\n  tfcovid fit --resume {run}"
+    if (run / "metrics.json").is_file():  # the plots and the table come after it
+        return TrainingError(f"{head}. Training and evaluation are saved in {run} (metrics.json); "
+                             "plots written after it may be missing. Free space there.")
     if done >= epochs:
         return TrainingError(
             f"{head}. Training has finished ({plural(epochs, 'epoch')}, saved in {run}: "
@@ -70,6 +73,15 @@ def disk_full(run: Path, err: Exception, epochs: int, removed: bool) -> Training
             f"being written is discarded. Free space there, then resume with:{resume}")
     return TrainingError(f"{head}; no epoch was completed. Free space there, then start again "
                          f"with:{resume}")
+
+
+def disk_full_at_start(where, resume) -> TrainingError:
+    """A full disk before the run directory was complete (the demo set, a download, config.yaml):
+    nothing was kept; ``resume`` is the run directory being resumed, or None."""
+    return TrainingError(
+        f"No space left on the device holding {where}, before training started; nothing was "
+        "written. Free space there" + (f", then resume with:\n  tfcovid fit --resume {resume}" if resume
+                                       else " (or choose another --out) and start again."))
 
 
 def stopped_in_training(run: Path, err: signals.Interrupted, done: int, epochs: int) -> Interrupted:

@@ -152,26 +152,30 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
     lock = _lock(run_dir) if run_dir and not scratch else None  # a run being resumed
     made = None
     try:
-        # The cheap checks of the data (the folder, its splits, a batch that the train split can
-        # fill) before ImageNet weights are fetched (a download); every file is checked in [3/6].
-        manifest = inputs.load_manifest(exp, log)
-        preflight.check_batch_size(inputs.split_sizes(manifest), exp.train.batch_size)
-        if exp.model.weights == "imagenet":  # ... and before a run directory exists
-            loading.fetch_imagenet(exp.model.backbone)
-        made = None if scratch or run_dir else new_run_dir(exp)  # removed again if phase 1 fails
-        run = scratch or made or Path(run_dir)
-        lock = lock or (None if scratch else _lock(run))
-        inputs.write_config(run, exp)
+        with signals.RaiseOnSignal():  # Ctrl-C in a long scan or download: a message, not a traceback
+            # The cheap checks of the data (the folder, its splits, a batch that the train split
+            # can fill) before ImageNet weights are fetched (a download); every file is checked
+            # in [3/6].
+            manifest = inputs.load_manifest(exp, log)
+            preflight.check_batch_size(inputs.split_sizes(manifest), exp.train.batch_size)
+            if exp.model.weights == "imagenet":  # ... and before a run directory exists
+                loading.fetch_imagenet(exp.model.backbone)
+            made = None if scratch or run_dir else new_run_dir(exp)  # removed if phase 1 fails
+            run = scratch or made or Path(run_dir)
+            lock = lock or (None if scratch else _lock(run))
+            inputs.write_config(run, exp)
     except BaseException as err:
         if lock:
             lock.release()
         if made:
             shutil.rmtree(made, ignore_errors=True)
+        if isinstance(err, signals.Interrupted):
+            raise Interrupted(f"Stopped by {err.name} before training started; nothing was written"
+                              + (f". Resume with:\n  tfcovid fit --resume {run_dir}" if run_dir else "."),
+                              err.exit_code) from None
         if atomic.disk_full(err):
-            raise TrainingError(f"No space left on the device holding {run_dir or exp.out}: could not "
-                                "write the run's config. Free space there"
-                                + (f", then resume with:\n  tfcovid fit --resume {run_dir}" if run_dir
-                                   else " (or choose another --out) and start again.")) from None
+            raise stops.disk_full_at_start(getattr(err, "filename", None) or run_dir or exp.out,
+                                           run_dir) from None
         raise
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     return _Run(exp, run, run_dir, scratch, strategy, strategy_desc, t0, log, manifest, lock)

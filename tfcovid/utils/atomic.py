@@ -19,6 +19,7 @@ PARTIAL_PREFIX = ".partial-"
 # leave the previous file). h5py and TensorFlow say it only in their messages.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "errno = 28")
+DISK_FULL_RAISERS = ("tensorflow", "h5py", "keras")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -83,7 +84,11 @@ def disk_full(err: BaseException | None) -> bool:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             return True
-        if any(text in str(err)[:10_000] for text in DISK_FULL_TEXTS):
+        # Only file-writing libraries' errors: tfcovid's own messages may quote an OSError.
+        writer = isinstance(err, OSError) or type(err).__module__.split(".")[0] in DISK_FULL_RAISERS
+        if writer and any(text in str(err)[:10_000] for text in DISK_FULL_TEXTS):
             return True
-        err = err.__cause__ or err.__context__
+        # What it was raised from; not what it was raised while handling with "from None"
+        err = err.__cause__ if err.__cause__ is not None else (
+            None if err.__suppress_context__ else err.__context__)
     return False
