@@ -85,45 +85,6 @@ def test_a_second_trainer_is_refused_with_the_holders_pid_until_it_is_killed(bin
     assert not (run / ".lock").exists()  # released: the file goes with it
 
 
-def test_fit_holds_the_lock_while_training_and_readers_are_not_blocked(binary_tree, tmp_path, monkeypatch):
-    real, seen = train.evaluate_split, []
-
-    def evaluate_while_locked(*args, **kwargs):
-        with pytest.raises(run_lock.RunLocked, match=f"process {os.getpid()} is training"):
-            run_lock.RunLock(next((tmp_path / "runs").iterdir())).acquire()
-        seen.append(args[1].name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate_split", evaluate_while_locked)
-    lines = []
-    run = train.fit(_exp(binary_tree, tmp_path / "runs"), log=lines.append)
-    monkeypatch.setattr(train, "evaluate_split", real)
-    assert seen == ["train", "validation", "test"] and not (run / ".lock").exists()
-    # issue 27.6: the split sizes in words, "1 epoch"
-    assert any(line.endswith("images: train 8, validation 4, test 4)") for line in lines), lines
-    assert any(line.startswith("[5/6] Training 1 epoch, batch 2,") for line in lines), lines
-
-    holder = _hold(run)  # a trainer in the run: readers still read it
-    try:
-        image = next((binary_tree / "test" / "normal").iterdir())
-        predicted = CliRunner().invoke(main, ["predict", str(run), str(image), "--csv", str(tmp_path / "p.csv")])
-        assert predicted.exit_code == 0, predicted.output
-        assert f"Wrote 1 row to {tmp_path / 'p.csv'}" in predicted.output  # not "1 rows"
-        evaluated = CliRunner().invoke(main, ["evaluate", str(run), "--split", "test"])
-        assert evaluated.exit_code == 0 and "test: 4 images;" in evaluated.output, evaluated.output
-        exported = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "export")])
-        assert exported.exit_code == 0, exported.output
-        # A run stopped in [6/6] (no metrics.json) cannot be resumed while the holder lives ...
-        (run / "metrics.json").unlink()
-        with pytest.raises(train.TrainingError, match=f"process {holder.pid} is training in it"):
-            train.fit(config.resolve(run / "config.yaml"), run_dir=run, log=lambda line: None)
-    finally:
-        _kill(holder)
-    # ... and can once it is killed.
-    assert train.fit(config.resolve(run / "config.yaml"), run_dir=run, log=lambda line: None) == run
-    assert (run / "metrics.json").is_file()
-
-
 # ----------------------------------------------------------------------------- 22.6 full disk
 
 
@@ -158,9 +119,18 @@ def test_an_error_raised_from_none_hides_the_full_disk_it_handled():
         assert atomic.disk_full(err) is False  # its own message (the file list) is what counts
 
 
-def test_a_full_disk_mid_run_keeps_the_last_epoch_and_says_how_to_resume(binary_tree, tmp_path, monkeypatch):
-    """ENOSPC while epoch 2's last.keras is written: the message (not a traceback) names what
-    happened, the epochs kept and the resume command; the run resumes to the end."""
+@pytest.mark.slow
+def test_a_full_disk_keeps_epoch_1_and_a_locked_run_is_read_but_not_resumed(binary_tree, tmp_path,
+                                                                              monkeypatch):
+    """One run, three guards (one fit and one resume, to keep the suite short):
+
+    1. ENOSPC while epoch 2's last.keras is written: a message, not a traceback, naming what
+       happened, the epoch kept and the resume command (issue 22.6);
+    2. another process holding the run: predict, evaluate and export read it; a resume is
+       refused with the holder's PID (22.3);
+    3. the holder SIGKILLed: the resume takes the lock, holds it while it trains and
+       evaluates, finishes the run and lets the lock go.
+    """
     real_save, calls = keras.Model.save, []
 
     def save_until_full(model, filepath, *args, **kwargs):
@@ -171,24 +141,50 @@ def test_a_full_disk_mid_run_keeps_the_last_epoch_and_says_how_to_resume(binary_
         return real_save(model, filepath, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "save", save_until_full)
-    inputs.write_config(tmp_path, _exp(binary_tree, tmp_path / "runs", **{"train.epochs": 3}))
+    inputs.write_config(tmp_path, _exp(binary_tree, tmp_path / "runs", **{"train.epochs": 2}))
     result = CliRunner().invoke(main, ["fit", "--config", str(tmp_path / "config.yaml")])
+    monkeypatch.setattr(keras.Model, "save", real_save)
     run = next((tmp_path / "runs").iterdir())
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    message = result.output[result.output.index("Error: "):]
-    assert message == (
+    assert result.output[result.output.index("Error: "):] == (
         f"Error: No space left on the device holding {run} (writing {run / 'checkpoints' / 'last.keras'}). "
-        f"Epoch 1 of 3 is saved in {run} (checkpoints/, backup/); the epoch being written is discarded. "
+        f"Epoch 1 of 2 is saved in {run} (checkpoints/, backup/); the epoch being written is discarded. "
         f"Free space there, then resume with:\n  tfcovid fit --resume {run}\n")
+    assert "images: train 8, validation 4, test 4)" in result.output  # issue 27.6: not a dict
     assert run_state.load_state(run)["epochs_done"] == 1
     assert not list(run.rglob(atomic.PARTIAL_PREFIX + "*"))  # the half-written file is gone
-    keras.models.load_model(run / "checkpoints" / "last.keras", compile=False)  # epoch 1's, whole
+    assert not (run / ".lock").exists()  # the lock went with the process's fit
 
-    monkeypatch.setattr(keras.Model, "save", real_save)
+    holder = _hold(run)
+    try:
+        image = next((binary_tree / "test" / "normal").iterdir())
+        predicted = CliRunner().invoke(main, ["predict", str(run), str(image), "--csv", str(tmp_path / "p.csv")])
+        assert predicted.exit_code == 0, predicted.output
+        assert f"Wrote 1 row to {tmp_path / 'p.csv'}" in predicted.output  # issue 27.6: not "1 rows"
+        evaluated = CliRunner().invoke(main, ["evaluate", str(run), "--split", "test"])
+        assert evaluated.exit_code == 0 and "test: 4 images;" in evaluated.output, evaluated.output
+        exported = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "export")])
+        assert exported.exit_code == 0, exported.output
+        with pytest.raises(train.TrainingError, match=f"process {holder.pid} is training in it"):
+            train.fit(config.resolve(run / "config.yaml"), run_dir=run, log=lambda line: None)
+    finally:
+        _kill(holder)
+
+    real_evaluate, evaluated_splits = train.evaluate_split, []
+
+    def evaluate_while_locked(*args, **kwargs):
+        with pytest.raises(run_lock.RunLocked, match=f"process {os.getpid()} is training in it"):
+            run_lock.RunLock(run).acquire()
+        evaluated_splits.append(args[1].name)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_split", evaluate_while_locked)
     resumed = CliRunner().invoke(main, ["fit", "--resume", str(run)])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming after epoch 1" in resumed.output and (run / "metrics.json").is_file()
-    assert [row["epoch"] for row in run_state.load_state(run)["history"]] == [0, 1, 2]
+    assert evaluated_splits == ["train", "validation", "test"] and not (run / ".lock").exists()
+    assert [row["epoch"] for row in run_state.load_state(run)["history"]] == [0, 1]
+    keras.models.load_model(run / "checkpoints" / "last.keras", compile=False)
 
 
 def test_a_full_disk_before_training_leaves_nothing_and_says_so(binary_tree, tmp_path, monkeypatch):
