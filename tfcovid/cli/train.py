@@ -26,6 +26,7 @@ from tfcovid.config.schema import (
     TASKS,
     Experiment,
 )
+from tfcovid.utils.text import plural
 
 
 def _show(value) -> str:
@@ -223,7 +224,7 @@ def prepare(data_dir, out_dir, shards, max_side, encoding, seed, max_pixels, ski
     except user_errors() as err:
         fail(err)
     total = sum(split["images"] for split in manifest["splits"].values())
-    click.echo(f"Wrote {total} images to {out_dir} (manifest {records.MANIFEST}).")
+    click.echo(f"Wrote {plural(total, 'image')} to {out_dir} (manifest {records.MANIFEST}).")
 
 
 @click.command()

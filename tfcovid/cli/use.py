@@ -19,7 +19,7 @@ from tfcovid.cli.common import (
     trained_model_errors,
 )
 from tfcovid.config.schema import TASKS
-from tfcovid.utils.text import escape, one_line
+from tfcovid.utils.text import escape, one_line, plural
 
 
 @click.command()
@@ -78,7 +78,7 @@ def predict(target, inputs, csv_file, csv_format, threshold, checkpoint, batch_s
     if table and result.names:
         click.echo(inference_predict.format_table(result))
     if path is not None:
-        click.echo(f"Wrote {len(result.names)} rows to {path}")
+        click.echo(f"Wrote {plural(len(result.names), 'row')} to {path}")
     if result.failed:
         _list_failures(result.failed, len(result.failed) + len(result.names))
         sys.exit(1)

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from tfcovid.utils.text import plural
+
 TASKS = ("binary", "multilabel")
 
 
@@ -210,7 +212,7 @@ def describe_demo_preset(exp: Experiment) -> str:
     t, a = exp.train, exp.augment
     part = "part1" if exp.data.task == "binary" else "part2"
     return (f"Demo preset (not the study's recipe): {exp.model.backbone} at {exp.data.image_size} px, "
-            f"--weights {exp.model.weights}, {t.optimizer} lr {t.lr:g}, {t.epochs} epochs, batch "
+            f"--weights {exp.model.weights}, {t.optimizer} lr {t.lr:g}, {plural(t.epochs, 'epoch')}, batch "
             f"{t.batch_size}, crop scale {a.crop_scale[0]:g}-{a.crop_scale[1]:g}, rotation "
             f"{a.rotation:g} deg. For the study: --config configs/{part}/<row>.yaml --data DIR.")
 

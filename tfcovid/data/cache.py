@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcovid.data.opencv import pixel_files, process_pool
+from tfcovid.utils.text import plural
 
 MODES = ("auto", "memory", "disk", "none")
 
@@ -195,7 +196,7 @@ class ArrayStore:
 
 def _describe(store) -> str:
     where = "memory" if store.mode == "memory" else f"disk ({store.directory})"
-    return f"{store.name or 'cache'}: {store.count()} images, {store.nbytes() / 2**20:.1f} MB in {where}"
+    return f"{store.name or 'cache'}: {plural(store.count(), 'image')}, {store.nbytes() / 2**20:.1f} MB in {where}"
 
 
 def _temporary_folder(parent: str | None, name: str) -> str:

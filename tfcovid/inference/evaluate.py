@@ -25,7 +25,7 @@ from tfcovid.data import folders as data_folders
 from tfcovid.models.outputs import probabilities
 from tfcovid.results import plots, scores
 from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
-from tfcovid.utils.text import csv_text
+from tfcovid.utils.text import csv_text, plural
 from tfcovid.weights import metadata
 
 SPLITS = ("train", "validation", "test")
@@ -214,7 +214,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     exp = _run_config(trained.run_dir)
     root = _data_root(data, exp, trained)
     manifest, chosen = scan_split(root, split, trained, exp, log, max_pixels)
-    log(f"Evaluating {trained.path} on {chosen.dir} ({len(chosen)} images, {trained.task})")
+    log(f"Evaluating {trained.path} on {chosen.dir} ({plural(len(chosen), 'image')}, {trained.task})")
     probs = predict_split(trained, chosen, batch_size)
     if trained.task == "binary":
         report = scores.binary_report(chosen.labels, probs, trained.outputs, trained.positive)
@@ -266,7 +266,7 @@ def format_result(result: dict) -> str:
     else:
         head = (f"accuracy (sample Jaccard) {_pct(r['jaccard_samples'])}, sample F1 {r['f1']:.3f}, "
                 f"exact match {_pct(r['exact_match'])}, threshold {r['threshold']:g}")
-    lines = [f"{result['split']}: {r['n']} images; {head}",
+    lines = [f"{result['split']}: {plural(r['n'], 'image')}; {head}",
              f"{'disease class':<16} {'sensitivity':>12} {'specificity':>12} {'ROC AUC':>8} {'n':>6}"]
     for name, d in result["diseases"].items():
         auc = "–" if d["roc_auc"] is None else f"{d['roc_auc']:.3f}"

@@ -24,7 +24,7 @@ from tfcovid import config
 from tfcovid.data import augment, bounds, checks, decode, folders
 from tfcovid.models.outputs import probabilities
 from tfcovid.utils.atomic import atomic_write_text
-from tfcovid.utils.text import csv_text, escape, not_utf8
+from tfcovid.utils.text import csv_text, escape, not_utf8, plural
 from tfcovid.weights.metadata import Trained
 
 
@@ -194,7 +194,7 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
         if len(pixels) == batch_size:
             flush()
             if log:
-                log(f"predicted {len(names)} of {len(found)} images")
+                log(f"predicted {len(names)} of {plural(len(found), 'image')}")
     flush()
     out.names, out.paths = names, paths
     out.probs = np.concatenate(probs) if probs else np.zeros((0, len(trained.outputs)))

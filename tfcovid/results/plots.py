@@ -27,6 +27,7 @@ from sklearn import metrics as skm  # noqa: E402
 
 from tfcovid.data import datasets
 from tfcovid.models.outputs import probabilities
+from tfcovid.utils.text import plural
 
 # Keras metric names in history.csv and how to title them.
 _TITLES = {"loss": "Loss", "accuracy": "Accuracy", "jaccard": "Accuracy (sample Jaccard)",
@@ -206,7 +207,7 @@ def write_run_plots(run: str | Path, model, exp, manifest, summary: dict, log=pr
                 written += [roc] if roc else []
     except (OSError, ValueError) as err:
         log(f"      warning: could not write every plot to {out}: {err}")
-    log(f"      Plots: {len(written)} files in {out}")
+    log(f"      Plots: {plural(len(written), 'file')} in {out}")
     return written
 
 

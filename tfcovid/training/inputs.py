@@ -42,13 +42,25 @@ def load_manifest(exp: Experiment, log=print) -> types.Manifest:
     return data_folders.scan(root, d.task, d.labels, d.label_map, strict=False)
 
 
+def split_sizes(manifest: types.Manifest) -> dict[str, int]:
+    """Images per split, in the order train, validation, test."""
+    order = list(data_folders.SPLIT_ALIASES)
+    names = sorted(manifest.splits, key=lambda n: order.index(n) if n in order else len(order))
+    return {name: len(manifest.splits[name]) for name in names}
+
+
+def describe_sizes(counts: dict[str, int]) -> str:
+    """"train 400, validation 100, test 100"."""
+    return ", ".join(f"{name} {n:,}" for name, n in counts.items())
+
+
 def write_config(run: Path, exp: Experiment) -> None:
     """The resolved experiment as the run's config.yaml (atomically)."""
     atomic.atomic_write_text(run / "config.yaml", yaml.safe_dump(exp.to_dict(), sort_keys=False))
 
 
-def input_pipeline(exp: Experiment, run: Path, workers: int,
-                   log: Callable[[str], None]) -> tuple[Experiment, Inputs]:
+def input_pipeline(exp: Experiment, run: Path, workers: int, log: Callable[[str], None],
+                   manifest: types.Manifest) -> tuple[Experiment, Inputs]:
     """Phase 3: every file checked, the disease class settled, the train and validation datasets.
 
     Args:
@@ -57,11 +69,13 @@ def input_pipeline(exp: Experiment, run: Path, workers: int,
             disk cache goes in its cache/).
         workers: training processes of a multi-worker run (1 otherwise).
         log: where progress lines go.
+        manifest: the data as ``load_manifest`` scanned it (fit scans it, and checks that a
+            batch fits the train split, before the weights: they may be a download).
 
     Returns:
         The experiment with the disease class the data has, and the inputs.
     """
-    exp, manifest, counts = _checked_data(exp, run, workers, log)
+    exp, manifest, counts = _checked_data(exp, run, workers, log, manifest)
     positive_index = (manifest.class_names.index(exp.data.positive)
                       if exp.data.positive in manifest.class_names else 0)
     # One memory budget for both splits' decoded-image caches; a disk cache goes in the run
@@ -85,19 +99,20 @@ def input_pipeline(exp: Experiment, run: Path, workers: int,
     return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds)
 
 
-def _checked_data(exp: Experiment, run: Path, workers: int, log) -> tuple[Experiment, types.Manifest, dict]:
+def _checked_data(exp: Experiment, run: Path, workers: int, log,
+                  scanned: types.Manifest) -> tuple[Experiment, types.Manifest, dict]:
     """The manifest with every file checked and its notes logged; the binary task's disease class
     as the data names it."""
-    manifest = checks.verify(load_manifest(exp, log), exp.data, run, lambda line: log(f"      {line}"))
+    manifest = checks.verify(scanned, exp.data, run, lambda line: log(f"      {line}"))
     if exp.data.verify_records:  # a damaged shard named now, not at the end of epoch 1 or in [6/6]
         records.check_digests(manifest, lambda line: log(f"      {line}"))
     upsampled = records.upsampling_note(manifest, exp.data.image_size)
     for problem in manifest.problems + tuple(records.check_workers(manifest, workers)) + ((upsampled,) if upsampled else ()):
         log(f"      note: {problem}")
-    counts = {name: len(split) for name, split in manifest.splits.items()}
+    counts = split_sizes(manifest)
     log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
-        f"images {counts})")
-    preflight.check_batch_size(counts, exp.train.batch_size)
+        f"images: {describe_sizes(counts)})")
+    preflight.check_batch_size(counts, exp.train.batch_size)  # again: --skip-bad may leave fewer
     if exp.data.task == "binary":
         positive, why = disease_class(exp.data.positive, manifest.class_names)
         if positive != exp.data.positive:  # recorded, so resume, evaluate and the model agree

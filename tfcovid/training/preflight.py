@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Mapping
 
+from tfcovid.utils.text import plural
+
 BYTES_PER_VALUE = 4  # checkpoints hold float32 weights and optimizer slots, whatever the precision
 
 
@@ -113,6 +115,12 @@ def check_output_dir(out: str | Path) -> Path:
 
 
 def _unwritable(out: Path, where: Path, err: OSError) -> PreflightError:
+    if err.errno == errno.ENOENT and where.is_dir():  # it exists, yet says "no such file": /proc, /sys
+        missing = Path(err.filename) if err.filename else out
+        return PreflightError(
+            f"--out {out}: cannot create the folder {missing}: {where} takes no new folders "
+            f"({err.strerror}; a virtual file system such as /proc or /sys). Choose another --out, "
+            "a folder on a disk (e.g. --out runs).")
     return PreflightError(f"--out {out}: cannot write in {where}: {_why(err)}. Choose another "
                           "--out, or make that folder writable.")
 
@@ -136,19 +144,41 @@ def checkpoint_bytes(total_params: int, trainable_params: int, optimizer: str,
     return CHECKPOINT_COPIES * copy + MARGIN_BYTES
 
 
-def check_free_disk(path: str | Path, needed: int) -> None:
+def held_bytes(run: str | Path) -> int:
+    """Bytes a run's checkpoints and backup weights hold now (a hard link counted once): a
+    resumed run replaces these files, so their space counts towards what it needs."""
+    seen, total = set(), 0
+    for pattern in ("checkpoints/*.keras", "backup/*.h5"):
+        for path in Path(run).glob(pattern):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def check_free_disk(path: str | Path, needed: int, resume: bool = False) -> None:
     """Fail unless the file system holding ``path`` (or its nearest existing ancestor) has
-    ``needed`` bytes free.
+    ``needed`` bytes free; for a resumed run (``resume``: ``path`` is the run) the space its
+    checkpoints already hold counts as available, since they are replaced.
 
     Raises:
         PreflightError: too little space; the message gives both sizes and the folder.
     """
     where = _nearest_existing(Path(path).expanduser().absolute())
     free = shutil.disk_usage(where).free
-    if free < needed:
+    held = held_bytes(where) if resume else 0
+    if free + held < needed:
+        # --resume keeps the run where it is (it refuses --out): only freeing space helps.
+        advice = (f"free space there, then resume again: tfcovid fit --resume {where}" if resume
+                  else "free space or choose another --out")
+        kept = f" (plus {held / 1e9:.2f} GB its checkpoints hold now)" if held else ""
         raise PreflightError(
             f"The run needs about {needed / 1e9:.2f} GB for checkpoints (best, last, backup), "
-            f"only {free / 1e9:.2f} GB free on {where}; free space or choose another --out.")
+            f"only {free / 1e9:.2f} GB free on {where}{kept}; {advice}.")
 
 
 def check_batch_size(split_sizes: Mapping[str, int], batch_size: int) -> None:
@@ -165,5 +195,5 @@ def check_batch_size(split_sizes: Mapping[str, int], batch_size: int) -> None:
     train = split_sizes.get("train")
     if train is not None and batch_size > train:
         raise PreflightError(
-            f"--batch-size {batch_size} is larger than the train split ({train} images); use "
+            f"--batch-size {batch_size} is larger than the train split ({plural(train, 'image')}); use "
             f"--batch-size {train} or less.")

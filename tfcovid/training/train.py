@@ -21,25 +21,15 @@ from tfcovid.models import FreezeSummary, apply_freeze, is_head_layer
 from tfcovid.models.outputs import probabilities
 from tfcovid.results import plots, scores, tables
 from tfcovid.training import callbacks as training_callbacks
-from tfcovid.training import devices, distribute, inputs, preflight, run_state
+from tfcovid.training import devices, distribute, inputs, preflight, run_state, stops
 from tfcovid.training.callbacks import NaNGuard
 from tfcovid.training.compile import compile_model
-from tfcovid.utils import atomic, signals
+from tfcovid.training.stops import Interrupted, TrainingError
+from tfcovid.utils import atomic, run_lock, signals
+from tfcovid.utils.text import plural
 from tfcovid.weights import loading, metadata
 
 NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
-
-
-class TrainingError(RuntimeError):
-    """Training could not go on (e.g. the loss became NaN); the message says what to try."""
-
-
-class Interrupted(TrainingError):
-    """SIGTERM or Ctrl-C stopped training; the message holds the command that resumes it."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def new_run_dir(exp: Experiment) -> Path:
@@ -81,6 +71,8 @@ class _Run:
     strategy_desc: str
     t0: float  # time.perf_counter() when fit started: metrics.json's total_seconds
     log: Callable[[str], None]
+    manifest: types.Manifest  # the data as scanned in phase 1; phase 3 checks every file
+    lock: run_lock.RunLock | None  # held on the run directory while this process trains in it
     precision: str = ""  # phase 2 sets these three
     replicas: int = 1
     workers: int = 1
@@ -106,21 +98,22 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         log: where progress lines go.
 
     Raises:
-        TrainingError: the loss became NaN/inf.
+        TrainingError: the loss became NaN/inf, the disk filled up, or another process is
+            training in ``run_dir``.
     """
     t0 = time.perf_counter()
     log(NOT_CLINICAL)
     if exp.data.dir == "demo":
         log("Data: the built-in synthetic demo set (chest-X-ray-like pictures, not patient data).")
-    run = _run_directory(exp, run_dir, t0, log)  # [1/6]
-    keras.utils.set_random_seed(run.exp.train.seed)
+    run = _run_directory(exp, run_dir, t0, log)  # [1/6]; holds the run directory's lock
     try:
+        keras.utils.set_random_seed(run.exp.train.seed)
         # A signal before training (the file check, building the model) stops at once; phase 5
         # stops at a batch boundary instead, and a second signal there stops at once.
         with devices.op_determinism(run.exp.train.deterministic), distribute.forget_traced_gradients(), \
                 signals.RaiseOnSignal():
             run = _where_it_runs(run)  # [2/6]
-            exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log)  # [3/6]
+            exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log, run.manifest)  # [3/6]
             run = dataclasses.replace(run, exp=exp)
             built = _build_model(run, data)  # [4/6]
             train_seconds = _train(run, data, built)  # [5/6]
@@ -131,17 +124,16 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         raise
     finally:  # a disk cache of decoded images is only worth keeping while the run trains
         shutil.rmtree(run.dir / "cache", ignore_errors=True)
+        if run.lock:
+            run.lock.release()
 
 
 def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
-    """Phase 1: the strategy, the run directory and the resolved config, before anything can fail
-    halfway."""
+    """Phase 1: the strategy, the run directory (locked) and the resolved config, after every
+    cheap check and before anything can fail halfway."""
     if run_dir and (Path(run_dir) / "metrics.json").exists():
         raise TrainingError(f"{run_dir} has finished (it has metrics.json); nothing to resume. "
                             "Start a new run instead.")
-    # Resolving the weights (preprocessing mode, absolute file path) here records them in
-    # config.yaml, and a missing weights file fails before a run directory exists.
-    exp = loading.resolve_experiment_weights(exp)
     # The data folder as an absolute path, so that --resume, evaluate and explain find it from
     # any working directory.
     if exp.data.dir != "demo" and "://" not in exp.data.dir:
@@ -154,27 +146,68 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
     devices.check_determinism(exp.train.deterministic)
     if not scratch:
         preflight.check_output_dir(run_dir or exp.out)
-    run = scratch or (Path(run_dir) if run_dir else new_run_dir(exp))
-    inputs.write_config(run, exp)
+    # Resolving the weights (preprocessing mode, absolute file path) here records them in
+    # config.yaml, and a missing weights file fails before a run directory exists.
+    exp = loading.resolve_experiment_weights(exp, fetch=False)
+    lock = _lock(run_dir) if run_dir and not scratch else None  # a run being resumed
+    made = None
+    try:
+        with signals.RaiseOnSignal():  # Ctrl-C in a long scan or download: a message, not a traceback
+            # The cheap checks of the data (the folder, its splits, a batch that the train split
+            # can fill) before ImageNet weights are fetched (a download); every file is checked
+            # in [3/6].
+            manifest = inputs.load_manifest(exp, log)
+            preflight.check_batch_size(inputs.split_sizes(manifest), exp.train.batch_size)
+            if exp.model.weights == "imagenet":  # ... and before a run directory exists
+                loading.fetch_imagenet(exp.model.backbone)
+            made = None if scratch or run_dir else new_run_dir(exp)  # removed if phase 1 fails
+            run = scratch or made or Path(run_dir)
+            lock = lock or (None if scratch else _lock(run))
+            inputs.write_config(run, exp)
+    except BaseException as err:
+        if lock:
+            lock.release()
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(err, signals.Interrupted):
+            raise Interrupted(f"Stopped by {err.name} before training started; nothing was written"
+                              + (f". Resume with:\n  tfcovid fit --resume {run_dir}" if run_dir else "."),
+                              err.exit_code) from None
+        if atomic.disk_full(err):
+            raise stops.disk_full_at_start(getattr(err, "filename", None) or run_dir or exp.out,
+                                           run_dir) from None
+        raise
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
-    return _Run(exp, run, run_dir, scratch, strategy, strategy_desc, t0, log)
+    return _Run(exp, run, run_dir, scratch, strategy, strategy_desc, t0, log, manifest, lock)
+
+
+def _lock(run) -> run_lock.RunLock:
+    """The run directory's lock: one process trains in a run at a time (see utils.run_lock)."""
+    try:
+        return run_lock.RunLock(run).acquire()
+    except run_lock.RunLocked as err:
+        raise TrainingError(str(err)) from None
+    except OSError as err:
+        raise TrainingError(f"Cannot lock {run} for training ({err.strerror or err}): is it a "
+                            "writable folder?") from None
 
 
 def _clean_up_after(run: _Run, err: Exception) -> None:
     """Leave no half-made run behind when fit stopped before training started (data, free disk,
     the weights file; phase 5 makes backup/); a stop in training keeps its run. A signal (not one
-    of training's own stops) becomes :class:`Interrupted`, saying what was kept."""
+    of training's own stops) becomes :class:`Interrupted`, and a full disk a :class:`TrainingError`,
+    each saying what was kept and how to go on."""
     before = not run.resume and not run.scratch and not (run.dir / "backup").exists()
+    if before and not isinstance(err, Interrupted):  # the messages below say it was removed
+        stops.remove_half_made(run.dir, run.log, say=not isinstance(err, signals.Interrupted)
+                               and not atomic.disk_full(err))
     if isinstance(err, signals.Interrupted):
-        if before:
-            shutil.rmtree(run.dir, ignore_errors=True)
         raise Interrupted(
             f"Stopped by {err.name} before training started"
             + (f"; nothing to keep: removed {run.dir}." if before else
                f". Resume with:\n  tfcovid fit --resume {run.resume or run.dir}"), err.exit_code) from None
-    if not isinstance(err, Interrupted) and before:
-        shutil.rmtree(run.dir, ignore_errors=True)
-        run.log(f"      removed {run.dir}: stopped before training")
+    if atomic.disk_full(err):
+        raise stops.disk_full(run.dir, err, run.exp.train.epochs, removed=before) from None
 
 
 def _where_it_runs(run: _Run) -> _Run:
@@ -203,7 +236,8 @@ def _build_model(run: _Run, data: inputs.Inputs) -> _Model:
         distribute.keras_multiworker_fixes(model, run.strategy)
         xla_note = distribute.fit_xla_to_strategy(model, run.strategy)
     preflight.check_free_disk(run.dir, preflight.checkpoint_bytes(
-        frozen.total_params, frozen.trainable_params, exp.train.optimizer, exp.train.momentum))
+        frozen.total_params, frozen.trainable_params, exp.train.optimizer, exp.train.momentum),
+        resume=bool(run.resume))
     if run.resume:  # the starting weights are replaced by the backup's at phase 5
         origin = f"the backup's weights (the run started from {origin})"
     log(f"[4/6] Model: {m.backbone}, {origin}; preprocessing '{mode}'")
@@ -238,7 +272,7 @@ def _train(run: _Run, data: inputs.Inputs, built: _Model) -> list[float]:
     callbacks = _callbacks(run, data, state, guard, stop)
     batch = distribute.per_replica_batches(exp.train.batch_size, run.replicas)
     resuming = f", resuming after epoch {first}" if first else ""
-    epochs = f"{exp.train.epochs} epoch{'s' if exp.train.epochs != 1 else ''}"
+    epochs = plural(exp.train.epochs, "epoch")
     if first >= exp.train.epochs:  # resumed after training ended (e.g. stopped in [6/6])
         log(f"[5/6] Training: done before ({epochs}); nothing left to train")
     else:
@@ -255,7 +289,7 @@ def _train(run: _Run, data: inputs.Inputs, built: _Model) -> list[float]:
         records.raise_if_damaged(data.manifest, err)  # names the damaged shard of a prepared dataset
         raise
     except signals.Interrupted as err:
-        raise _stopped_in_training(run, err, state.state["epochs_done"]) from None
+        raise stops.stopped_in_training(run.dir, err, state.state["epochs_done"], exp.train.epochs) from None
     if run.workers > 1:
         log(f"      weights fingerprint {distribute.weights_fingerprint(model)} (equal on every worker)")
     if guard.bad is not None:
@@ -282,18 +316,6 @@ def _callbacks(run: _Run, data: inputs.Inputs, state, guard, stop) -> list[keras
     ]
 
 
-def _stopped_in_training(run: _Run, err: signals.Interrupted, done: int) -> Interrupted:
-    """What a signal during training kept (``done`` epochs) and the command that resumes it."""
-    epochs = run.exp.train.epochs
-    return Interrupted(
-        f"Training {err} during epoch {done + 1} of {epochs}. "
-        + ("Epoch 1 is" if done == 1 else f"Epochs 1-{done} are")
-        + f" saved in {run.dir} (checkpoints/, backup/); the partial epoch is discarded. Resume with:\n"
-        f"  tfcovid fit --resume {run.dir}" if done else
-        f"Training {err} during epoch 1 of {epochs}; no epoch was completed. "
-        f"Start again with:\n  tfcovid fit --resume {run.dir}", err.exit_code)
-
-
 def _evaluate(run: _Run, data: inputs.Inputs, model) -> dict:
     """Phase 6: evaluate every labeled split with scikit-learn; return the reports by split."""
     exp, manifest = run.exp, data.manifest
@@ -309,11 +331,7 @@ def _evaluate(run: _Run, data: inputs.Inputs, model) -> dict:
         records.raise_if_damaged(manifest, err)
         raise
     except signals.Interrupted as err:
-        raise Interrupted(
-            f"Evaluation {err}. Training has finished ({exp.train.epochs} epoch"
-            f"{'s' if exp.train.epochs != 1 else ''}, saved in {run.dir}: checkpoints/, backup/), but "
-            f"metrics.json is not written. Finish the "
-            f"evaluation with:\n  tfcovid fit --resume {run.dir}", err.exit_code) from None
+        raise stops.evaluation_interrupted(run.dir, err, exp.train.epochs) from None
 
 
 def _write_results(run: _Run, data: inputs.Inputs, built: _Model, train_seconds: list[float],

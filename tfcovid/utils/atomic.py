@@ -7,12 +7,19 @@ not atomic), is flushed to disk, and is renamed over the old file with ``os.repl
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 PARTIAL_PREFIX = ".partial-"
+
+# A full disk and a full quota: the same remedy (free space), the same safe state (atomic writes
+# leave the previous file). h5py and TensorFlow say it only in their messages.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "errno = 28")
+DISK_FULL_RAISERS = ("tensorflow", "h5py", "keras")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -68,3 +75,20 @@ def remove_partials(folder: Path) -> int:
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ``err``, or an error it was raised from, says the disk (or the quota) is full."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        # Only file-writing libraries' errors: tfcovid's own messages may quote an OSError.
+        writer = isinstance(err, OSError) or type(err).__module__.split(".")[0] in DISK_FULL_RAISERS
+        if writer and any(text in str(err)[:10_000] for text in DISK_FULL_TEXTS):
+            return True
+        # What it was raised from; not what it was raised while handling with "from None"
+        err = err.__cause__ if err.__cause__ is not None else (
+            None if err.__suppress_context__ else err.__context__)
+    return False

@@ -1,5 +1,6 @@
 """Untrusted text on its way out: file names and config values shown escaped and bounded, CSV
-cells that a spreadsheet would run as a formula neutralised, names that are not UTF-8 found.
+cells that a spreadsheet would run as a formula neutralised, names that are not UTF-8 found;
+and counts in words (:func:`plural`).
 
 Every file name, run name and config value comes from outside tfcovid; one function escapes
 them all (:func:`escape`), wherever they are printed or written to a line-based file.
@@ -77,3 +78,8 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def csv_text(cell: str) -> str:
     """A text cell for a CSV a spreadsheet may open: ``'`` prepended when it starts a formula."""
     return "'" + cell if cell.startswith(FORMULA_START) else cell
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 epoch"``, ``"2 epochs"``, ``"0 epochs"``; ``many`` where adding an "s" is wrong."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"

@@ -155,12 +155,12 @@ def initial_model(backbone: str, num_outputs: int, image_size: int, weights: str
 STUDY_OUTPUTS = {"binary": ("infected", "normal"), "multilabel": ("covid-19", "normal", "pneumonia")}
 
 
-def resolve_experiment_weights(exp):
+def resolve_experiment_weights(exp, fetch: bool = True):
     """``exp`` with ``model.preprocessing`` resolved from its weights ("auto" -> the mode) and a
     weights file made an absolute path, so the saved config.yaml says exactly what was used.
 
-    ImageNet weights are fetched into the cache here, so an offline run stops before anything
-    is written.
+    ImageNet weights are fetched into the cache here (unless not ``fetch``: ``fit`` fetches
+    them after its cheap checks of the data), so an offline run stops before anything is written.
     """
     import dataclasses
 
@@ -168,7 +168,8 @@ def resolve_experiment_weights(exp):
     if m.weights == "imagenet":
         if not get_backbone(m.backbone).keras_imagenet:
             _require_torch_for(IMAGENET.get(m.backbone))
-        fetch_imagenet(m.backbone)
+        if fetch:
+            fetch_imagenet(m.backbone)
     mode = resolve_preprocessing(m.backbone, m.weights, m.preprocessing)
     source = m.weights if m.weights in ("imagenet", "none") else str(_existing(m.weights).resolve())
     return dataclasses.replace(exp, model=dataclasses.replace(m, weights=source, preprocessing=mode))

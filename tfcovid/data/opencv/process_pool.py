@@ -31,6 +31,7 @@ from tfcovid.config.checks import resample_processes
 from tfcovid.data.opencv import images
 from tfcovid.data.opencv.processes import WorkerProcesses
 from tfcovid.data.opencv.worker import PIXELS, STORED
+from tfcovid.utils.text import plural
 
 START_SECONDS = 120.0  # how long ``WorkerStore.start`` waits for every worker to be ready
 
@@ -143,7 +144,7 @@ class WorkerStore:
 
     def describe(self) -> str:
         where = "memory" if self.mode == "memory" else f"disk ({self.directory})"
-        return (f"{self.name or 'cache'}: {self.count()} images, {self._bytes / 2**20:.1f} MB in {where} "
+        return (f"{self.name or 'cache'}: {plural(self.count(), 'image')}, {self._bytes / 2**20:.1f} MB in {where} "
                 f"of {self.processes} resample processes")
 
     def cpu_seconds(self) -> float:
