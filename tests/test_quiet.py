@@ -119,7 +119,7 @@ def test_filtered_command_drops_notes_keeps_the_rest_and_the_last_lines_of_an_ab
 
 def _file_check_output(data, tmp_path, level):
     args = [sys.executable, "-m", "tfcovid.cli", "fit", "--data", str(data), "--weights", "none", "--epochs",
-            "1", "--out", str(tmp_path / f"runs{level}")]
+            "1", "--batch-size", "2", "--out", str(tmp_path / f"runs{level}")]
     environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     if level is not None:
         environ["TF_CPP_MIN_LOG_LEVEL"] = level
