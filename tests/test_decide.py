@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
+from fake_run import make_run, reference_probs
 from sklearn import metrics as skm
 
-from fake_run import make_run, reference_probs
 from tfcovid import config
 from tfcovid.cli import main
 from tfcovid.inference import calibrate, evaluate, explain, export

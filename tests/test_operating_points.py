@@ -48,7 +48,7 @@ def test_youden_is_sklearns_best_point():
 
 @pytest.mark.parametrize("target", [0.0, 0.5, 0.95, 1.0])
 def test_sensitivity_target_is_the_highest_threshold_that_reaches_it(target):
-    fpr, tpr, thr = _roc()
+    _, _, thr = _roc()
     t = _binary(f"sensitivity:{target}")["thresholds"][0]
     sens, _ = _sens_spec(Y == 0, P_POS, t)
     assert sens >= target
@@ -62,7 +62,7 @@ def test_sensitivity_target_is_the_highest_threshold_that_reaches_it(target):
 
 @pytest.mark.parametrize("target", [0.0, 0.9, 1.0])
 def test_specificity_target_is_the_lowest_threshold_that_keeps_it(target):
-    fpr, tpr, thr = _roc()
+    fpr, _, thr = _roc()
     t = _binary(f"specificity:{target}")["thresholds"][0]
     _, spec = _sens_spec(Y == 0, P_POS, t)
     assert spec >= target
@@ -112,7 +112,7 @@ def test_three_labels_choose_per_label():
     point = choose(y, probs, "multilabel", "sensitivity:0.9", labels)
     for i, name in enumerate(labels):
         assert point["figures"][name]["threshold"] == point["thresholds"][i]
-        fpr, tpr, thr = skm.roc_curve(y[:, i], probs[:, i], drop_intermediate=False)
+        _, tpr, thr = skm.roc_curve(y[:, i], probs[:, i], drop_intermediate=False)
         assert point["thresholds"][i] == thr[np.flatnonzero(tpr >= 0.9)[0]]
     y[:, 2] = 0
     with pytest.raises(OperatingPointError, match="no positive images of 'pneumonia'"):
