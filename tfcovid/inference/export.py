@@ -171,9 +171,7 @@ def write_saved_model(trained, out: Path) -> Path:
     extra = out / "assets.extra"  # TF Serving's place for files the graph does not read
     extra.mkdir(exist_ok=True)
     (extra / "tfcovid.json").write_text(json.dumps({
-        "task": trained.task, "outputs": list(trained.outputs), "image_size": trained.image_size,
-        "threshold": trained.threshold, "positive": trained.positive,
-        "thresholds": list(trained.thresholds), "operating_point": trained.operating_point,
+        **_decision_info(trained),
         "signatures": {"serving_default": "image_bytes: tf.string [N] encoded images",
                        "serving_pixels": "pixels: uint8 [N, H, W, C] (C = 1, 3 or 4)"},
         "outputs_doc": {"probabilities": "float32 [N, outputs]",
@@ -181,6 +179,14 @@ def write_saved_model(trained, out: Path) -> Path:
                         "predicted": "int32 [N, outputs]: 0/1 decisions"},
         "source": str(trained.path)}, indent=2))
     return out
+
+
+def _decision_info(trained) -> dict:
+    """What an export's user needs to decide as tfcovid does (models.outputs.decisions): the
+    outputs, the disease class and the operating point's thresholds (docs/inference.md)."""
+    return {"task": trained.task, "outputs": list(trained.outputs), "image_size": trained.image_size,
+            "threshold": trained.threshold, "positive": trained.positive,
+            "thresholds": list(trained.thresholds), "operating_point": trained.operating_point}
 
 
 def verify_saved_model(trained, out: Path, images=None) -> float:
@@ -330,6 +336,7 @@ def export(run_or_model, out=None, format: str = "saved_model", checkpoint: str 
         else:
             target = out / f"model.{format}"
             (out / "labels.txt").write_text("\n".join(trained.outputs) + "\n")
+            (out / "tfcovid.json").write_text(json.dumps(_decision_info(trained), indent=2))
             if format == "tflite":
                 write_tflite(trained, target)
                 diff = verify_tflite(trained, target)
