@@ -204,7 +204,7 @@ def _operating_points(runs) -> list[str]:
     for run, _, summary in runs:
         point = summary.get("operating_point") or {}
         if point.get("chosen_on") or any(t != 0.5 for t in point.get("thresholds", [0.5])):
-            lines.append(f"- `{run.name}`: " + operating_point.describe(point).replace("\n  ", "; "))
+            lines.append(f"- `{run.name}`: " + operating_point.describe(point).removeprefix("Operating point: ").replace("\n  ", "; "))
     intro = "Runs that decide at other thresholds than 0.5; their numbers above are at these:"
     return ["## Operating points", "", intro, "", *lines, ""] if lines else []
 
