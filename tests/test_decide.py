@@ -104,6 +104,8 @@ def test_fit_chooses_on_validation_and_every_path_agrees(binary_tree, tmp_path):
     point = metrics["operating_point"]
     assert point["chosen_on"] == "validation" and point["figures"]["infected"]["sensitivity"] == 1.0
     assert metadata.load(run).thresholds == tuple(point["thresholds"])  # recorded in last.keras
+    # one epoch: best.keras holds the same weights, so the same point
+    assert metadata.load(run, "best").thresholds == tuple(point["thresholds"]) != (0.5,)
     assert any(line.startswith("Operating point: sensitivity:1.0, chosen on validation") for line in lines)
     # evaluate scores the test split as fit did, at the same point
     again = evaluate.evaluate(run, split="test", make_plots=False, log=lambda s: None)

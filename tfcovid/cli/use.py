@@ -32,7 +32,8 @@ from tfcovid.utils.text import escape, one_line, plural
               help="labels: the model's label names as columns; study: the study's three-label file "
                    "(filename,covid,normal,pneumonia).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Decision threshold. Default: the run's train.threshold (0.5 unless set).")
+              help="Decision threshold. Default: the model's operating point (train.threshold, 0.5, "
+                   "unless chosen on validation: docs/operating-points.md).")
 @click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help=CHECKPOINT_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,

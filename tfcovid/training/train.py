@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import os
 import shutil
@@ -53,15 +54,13 @@ def new_run_dir(exp: Experiment) -> Path:
 
 def evaluate_split(model, split: types.Split, exp: Experiment, manifest: types.Manifest,
                    batch_size: int | None = None) -> np.ndarray:
-    """Predict one labeled split: its probabilities (n, outputs), for its report at the
-    operating point that [6/6] chooses on the validation split's."""
+    """Predict one labeled split: its probabilities (n, outputs)."""
     ds = datasets.dataset(split, exp.data.image_size, batch_size or exp.train.batch_size)
     return probabilities(model.predict(ds.map(lambda x, y: x), verbose=0), exp.data.task)
 
 
 def positive_class(exp: Experiment, manifest: types.Manifest) -> str | None:
-    """The binary task's disease class as the run records it (class index 0 when data.positive
-    is not a class folder); None for the three-label task."""
+    """The binary task's disease class as the run records it; None for the three-label task."""
     return metadata.info_for(exp, manifest)["positive"]
 
 
@@ -384,9 +383,12 @@ def _write_results(run: _Run, data: inputs.Inputs, built: _Model, train_seconds:
         "workers": run.workers,
         **results,  # splits, operating_point
     }
-    # The chosen operating point goes into the model that metrics.json describes (last.keras).
-    metadata.embed(run.dir / "checkpoints" / "last.keras",
-                   metadata.info_for(exp, manifest, results["operating_point"]))
+    # The chosen operating point goes into the model metrics.json describes (last.keras), and
+    # into best.keras when that holds the same weights (a hard link or copy of the last epoch's).
+    last, best = run.dir / "checkpoints" / "last.keras", run.dir / "checkpoints" / "best.keras"
+    same = best.is_file() and (os.path.samefile(best, last) or filecmp.cmp(best, last, shallow=False))
+    for path in (last, best) if same else (last,):
+        metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"]))
     atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
     plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
     run.log(tables.format_run(exp.to_dict(), summary))
