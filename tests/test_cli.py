@@ -99,6 +99,7 @@ CHOICES = {
     ("bench", "--backbone"): schema.BACKBONES, ("bench", "--precision"): schema.PRECISIONS,
     ("bench", "--jit-compile"): schema.JIT_COMPILE, ("bench", "--cache"): schema.CACHES,
     ("demo-data", "--task"): schema.TASKS, ("evaluate", "--task"): schema.TASKS,
+    ("calibrate", "--task"): schema.TASKS,
     ("explain", "--task"): schema.TASKS, ("export", "--task"): schema.TASKS,
     ("fit", "--backbone"): schema.BACKBONES, ("fit", "--loss"): schema.LOSSES,
     ("fit", "--optimizer"): schema.OPTIMIZERS, ("fit", "--precision"): schema.PRECISIONS,
@@ -115,7 +116,7 @@ def test_fixed_choices_are_the_configs_tuples():
         assert choices[key] == expected, key
     # The rest are not config keys: checkpoints, splits, export, CSV and shard formats, the torch subset.
     assert sorted(set(choices) - set(CHOICES)) == [
-        ("evaluate", "--checkpoint"), ("evaluate", "--split"), ("explain", "--checkpoint"),
+        ("calibrate", "--checkpoint"), ("evaluate", "--checkpoint"), ("evaluate", "--split"), ("explain", "--checkpoint"),
         ("export", "--checkpoint"), ("export", "--format"), ("import-torch", "--backbone"),
         ("predict", "--checkpoint"), ("predict", "--csv-format"), ("prepare", "--format")]
 

@@ -45,7 +45,7 @@ def test_binary_evaluation_matches_sklearn_on_the_same_probabilities(binary_run,
     saved = json.loads((out / "validation.json").read_text())
     assert saved["report"]["confusion_matrix"] == expected["confusion_matrix"]
     rows = (out / "validation_predictions.csv").read_text().strip().splitlines()
-    assert rows[0] == "path,true_folder,infected,normal" and len(rows) == 5
+    assert rows[0] == "path,true_folder,infected,normal,predicted" and len(rows) == 5
     first = rows[1].split(",")
     assert float(first[2]) == pytest.approx(probs[0, 0], abs=1e-6)
     assert (out / "validation_confusion.png").stat().st_size > 1000

@@ -200,24 +200,32 @@ def _readme_block(marker):
 
 def test_the_readme_pixel_recipe_reproduces_predict(binary_run, binary_tree, tmp_path):
     from tfcovid.data import decode as data_decode
+    from tfcovid.inference import calibrate, predict
     from tfcovid.weights import metadata
-    from tfcovid.inference import predict
 
-    path = export.export(binary_run, tmp_path / "tfl", format="tflite", log=lambda s: None)
     # Every test image: PNG, JPEG, BMP; grey, RGB, RGBA, 16-bit.
     files = sorted((binary_tree / "test").rglob("*.*"))
+    run = tmp_path / "run"
+    shutil.copytree(binary_run, run)
+    # An operating point above the first image's disease probability: the argmax says
+    # infected or normal, the recipe must say what predict says at it.
+    first = predict.predict(metadata.load(run), files[:1]).probs[0, 0]
+    assert first >= 0.5  # the argmax says infected
+    calibrate.calibrate(run, repr(float(min(first + 1e-3, 0.99))), log=lambda s: None)
+    path = export.export(run, tmp_path / "tfl", format="tflite", log=lambda s: None)
     code = _readme_block("antialias=True").replace("model.tflite", str(path))
-    code = code.replace("xray.png", str(files[0]))
+    code = code.replace("xray.png", str(files[0])).replace('"tfcovid.json"', repr(str(path.parent / "tfcovid.json")))
     ns = {}
     with warnings.catch_warnings():  # tf.lite.Interpreter warns that LiteRT replaces it
         warnings.simplefilter("ignore")
         exec(code, ns)  # noqa: S102 - the docs' own example, run as a user would
-    expected = predict.predict(metadata.load(binary_run), files)
+    expected = predict.predict(metadata.load(run), files)
     assert expected.paths == [str(f.resolve()) for f in files]
     got = np.concatenate([ns["runner"](pixels=ns["pixels"](str(f))[None])["probabilities"]
                           for f in files])
     assert np.abs(got - expected.probs).max() < 1e-5
     np.testing.assert_allclose(ns["probs"], expected.probs[:1], atol=1e-5)
+    assert ns["decided"] == expected.predicted[:1] == ["normal"]  # at the recorded threshold
     # The recipe's pixels are tfcovid's own, value for value.
     for f in files:
         np.testing.assert_array_equal(ns["pixels"](str(f)), data_decode.load_image(str(f), 32).numpy())

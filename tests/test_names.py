@@ -158,11 +158,12 @@ def test_predict_escapes_names_refuses_non_utf8_and_neutralises_csv_cells(tmp_pa
 def test_evaluate_predictions_csv_neutralises_names(tmp_path):
     split = SimpleNamespace(paths=["=cmd|'/c calc'!A1.png", "ok.png"], folders=["@bad", "normal"])
     path = tmp_path / "test_predictions.csv"
-    evaluate._write_predictions(path, split, np.array([[0.25, 0.75], [0.5, 0.5]]), ("-a", "b"))
-    with open(path, newline="") as fh:
-        assert list(csv.reader(fh)) == [["path", "true_folder", "'-a", "b"],
-                                        ["'=cmd|'/c calc'!A1.png", "'@bad", "0.250000", "0.750000"],
-                                        ["ok.png", "normal", "0.500000", "0.500000"]]
+    trained = SimpleNamespace(task="binary", outputs=("-a", "b"), thresholds=(0.5,), positive_index=0)
+    evaluate._write_predictions(path, split, np.array([[0.25, 0.75], [0.5, 0.5]]), trained)
+    with open(path, newline="") as fh:  # the predicted class is a name too
+        assert list(csv.reader(fh)) == [["path", "true_folder", "'-a", "b", "predicted"],
+                                        ["'=cmd|'/c calc'!A1.png", "'@bad", "0.250000", "0.750000", "b"],
+                                        ["ok.png", "normal", "0.500000", "0.500000", "'-a"]]
 
 
 # ----------------------------------------------------------------------------- the study's CSV

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_bounds import _gif, _zeros_png
 
 from tfcovid import config
 from tfcovid.training import train
@@ -85,7 +86,15 @@ def test_many_fits_in_a_row_leak_no_processes_files_or_memory(binary_tree, multi
         dirty = tmp_path / "data" / task
         shutil.copytree(tree, dirty, ignore=shutil.ignore_patterns("masks"))
         first_class = sorted(p for p in (dirty / "train").iterdir() if p.is_dir())[0]
-        (first_class / "broken.jpg").write_bytes(b"")  # left out: every config here skips bad files
+        # Left out, every config here skipping bad files: an empty file, decompression bombs
+        # (a GIF frame past its canvas, a 20000 x 20000 16-bit RGBA PNG), a name that is not
+        # UTF-8; a good image whose name holds a newline is trained on.
+        (first_class / "broken.jpg").write_bytes(b"")
+        (first_class / "frame.gif").write_bytes(_gif((16, 16), [(1, 1)], descriptor=(30000, 30000)))
+        (first_class / "rgba16.png").write_bytes(_zeros_png(20000, 20000, depth=16, rows=10))
+        good = sorted(first_class.glob("*.png"))[0]
+        shutil.copy(good, first_class / os.fsdecode(b"bad\xff\xfe.png"))
+        shutil.copy(good, first_class / "new\nline.png")
         trees[task, True] = dirty
     work, tmp, out = tmp_path / "work", tmp_path / "tmp", tmp_path / "runs"
     for folder in (work, tmp):
@@ -105,6 +114,10 @@ def test_many_fits_in_a_row_leak_no_processes_files_or_memory(binary_tree, multi
         run = train.fit(config.from_dict(tree), log=lambda s: None)
         assert (run / "metrics.json").is_file() and (run / "checkpoints" / "last.keras").is_file(), tree
         assert (run / "skipped.txt").is_file() == tree["data"]["skip_bad"], tree
+        if tree["data"]["skip_bad"]:
+            left_out = [line.split("\t")[0].rsplit("/", 1)[-1]
+                        for line in (run / "skipped.txt").read_text().splitlines()[1:]]
+            assert sorted(left_out) == ["bad\\xff\\xfe.png", "broken.jpg", "frame.gif", "rgba16.png"], left_out
         gc.collect()
         rss.append(_rss_mb())
 

@@ -239,7 +239,8 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
         model_or_run: a :class:`FitResult`, a loaded model from :func:`load`, a run directory
             or a .keras file.
         images: one file or folder, or a list of them.
-        threshold: decision threshold; None uses the model's (``train.threshold``).
+        threshold: decision threshold; None uses the model's operating point (its recorded
+            thresholds; ``train.threshold`` unless chosen, see docs/operating-points.md).
         checkpoint: "last" or "best", for a run directory.
         batch_size: images per forward pass.
 

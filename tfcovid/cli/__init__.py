@@ -56,5 +56,5 @@ def main() -> None:
 
 
 for _command in (train.demo_data, train.fit, train.prepare, train.configs, use.predict, use.evaluate,
-                 use.export, use.explain, tools.report, tools.import_torch, tools.bench):
+                 use.calibrate, use.export, use.explain, tools.report, tools.import_torch, tools.bench):
     main.add_command(_command)

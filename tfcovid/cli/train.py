@@ -109,6 +109,9 @@ def demo_data(out, task, per_class, seed):
 @click.option("--loss", "train__loss", type=click.Choice(LOSSES), default=None,
               help="ce (binary task) | bce or focal (multilabel). Default: from --config, else ce "
                    "(binary) or bce (multilabel).")
+@click.option("--operating-point", "train__operating_point", default=None, metavar="SPEC",
+              help="Decision threshold(s), chosen at the end on the validation split: a number, youden, "
+                   "sensitivity:S or specificity:S. Default: train.threshold (0.5).")
 @click.option("--focal-alpha", "train__focal_alpha", type=click.FloatRange(0, 1), default=None,
               help=f"Focal loss's class balance. {_default('train.focal_alpha')}")
 @click.option("--focal-gamma", "train__focal_gamma", type=click.FloatRange(min=0), default=None,

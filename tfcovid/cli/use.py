@@ -32,7 +32,8 @@ from tfcovid.utils.text import escape, one_line, plural
               help="labels: the model's label names as columns; study: the study's three-label file "
                    "(filename,covid,normal,pneumonia).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Decision threshold. Default: the run's train.threshold (0.5 unless set).")
+              help="Decision threshold. Default: the model's operating point (train.threshold, 0.5, "
+                   "unless chosen on validation: docs/operating-points.md).")
 @click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help=CHECKPOINT_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -113,6 +114,35 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
         fail(err)
     click.echo(inference_evaluate.format_result(result))
     click.echo(f"Wrote {result['files'][0]} and {len(result['files']) - 1} more file(s).")
+
+
+@click.command()
+@click.argument("target", metavar="RUN_DIR|MODEL")
+@click.option("--operating-point", "spec", required=True, metavar="SPEC",
+              help="0.5 or another number in (0, 1), youden, sensitivity:S or specificity:S "
+                   "(e.g. sensitivity:0.95), chosen on the validation split.")
+@click.option("--data", "data_dir", default=None,
+              help="ImageFolder tree (or 'demo') with the validation split. Default: the run's own data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per prediction batch.")
+@model_options
+@max_pixels_option
+def calibrate(target, spec, data_dir, batch_size, checkpoint, task, model_labels, max_pixels):
+    """Choose the model's decision threshold(s) on the validation split and record them in it.
+
+    For a run's last checkpoint, metrics.json is rescored at them. Never chooses on test.
+    """
+    checkpoint_only_for_runs(target)
+    tensorflow()
+    from tfcovid.inference import calibrate as inference_calibrate  # heavy: TensorFlow
+    from tfcovid.results.operating_point import OperatingPointError, describe
+
+    try:
+        point = inference_calibrate.calibrate(target, spec, data_dir, checkpoint, batch_size, task,
+                                              names(model_labels), log=click.echo, max_pixels=max_pixels)
+    except trained_model_errors() + (OperatingPointError,) as err:
+        fail(err)
+    click.echo(describe(point))
 
 
 @click.command()

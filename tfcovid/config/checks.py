@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from tfcovid.config import operating_point
 from tfcovid.config.schema import (
     BACKBONES,
     CACHES,
@@ -108,6 +109,10 @@ def _check_ranges(exp: Experiment) -> None:
         raise ConfigError(f"Bad value for 'train.momentum': {t.momentum}. Use 0 <= momentum < 1.")
     if not 0 < t.threshold < 1:
         raise ConfigError(f"Bad value for 'train.threshold': {t.threshold}. Use 0 < threshold < 1.")
+    try:
+        operating_point.parse(t.operating_point, t.threshold)
+    except ValueError as err:
+        raise ConfigError(f"Bad value for 'train.operating_point': {err}") from None
     if not 0 <= a.rotation <= 180:
         raise ConfigError(f"Bad value for 'augment.rotation': {a.rotation}. Use 0..180 degrees.")
     if a.crop_scale[1] > 1:

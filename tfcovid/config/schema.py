@@ -145,6 +145,10 @@ class TrainConfig:
     # divides by the batch size, making the step size independent of it. BCE is always a mean.
     focal_reduction: str = "sum"
     threshold: float = 0.5
+    # How the decision threshold(s) are set at the end of fit (config/operating_point.py):
+    # "threshold" keeps train.threshold, the study's 0.5; youden, sensitivity:S, specificity:S
+    # choose on the validation split (docs/operating-points.md).
+    operating_point: str = "threshold"
     precision: str = "auto"
     strategy: str = "auto"
     jit_compile: str = "auto"  # auto | true | false

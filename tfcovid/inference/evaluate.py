@@ -22,7 +22,7 @@ import numpy as np
 from tfcovid import config
 from tfcovid.data import checks, datasets, demo, records, types  # `data` is evaluate()'s argument, as in the CLI
 from tfcovid.data import folders as data_folders
-from tfcovid.models.outputs import probabilities
+from tfcovid.models.outputs import decide, probabilities
 from tfcovid.results import plots, scores
 from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
 from tfcovid.utils.text import csv_text, plural
@@ -58,13 +58,13 @@ def disease_summary(report: dict, task: str, diseases) -> dict:
     return out
 
 
-def _run_config(run_dir: Path | None):
+def run_config(run_dir: Path | None):
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         return None
     return config.from_dict(config.load_yaml(run_dir / "config.yaml"))
 
 
-def _data_root(data_dir, exp, trained) -> Path:
+def data_root(data_dir, exp, trained) -> Path:
     if data_dir is None:
         if exp is None:
             raise EvaluateError(
@@ -173,11 +173,15 @@ def predict_split(trained, split: types.Split, batch_size: int = 32) -> np.ndarr
         raise
 
 
-def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, outputs) -> None:
+def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, trained) -> None:
+    """One row per image: its probabilities and the decision at the model's operating point
+    (the class, or the labels joined by '+')."""
+    decided = decide(probs, trained.task, trained.thresholds, trained.positive_index)
     # Names are data: a cell a spreadsheet would run as a formula gets a leading ' (OWASP).
-    rows = [[csv_text(p), csv_text(folder), *(f"{v:.6f}" for v in row)]
-            for p, folder, row in zip(split.paths, split.folders, probs)]
-    atomic_write_csv(path, [["path", "true_folder", *map(csv_text, outputs)], *rows])
+    rows = [[csv_text(p), csv_text(folder), *(f"{v:.6f}" for v in row),
+             csv_text("+".join(o for o, d in zip(trained.outputs, chosen) if d))]
+            for p, folder, row, chosen in zip(split.paths, split.folders, probs, decided)]
+    atomic_write_csv(path, [["path", "true_folder", *map(csv_text, trained.outputs), "predicted"], *rows])
 
 
 def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint: str = "last",
@@ -211,15 +215,13 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         EvaluateError, metadata.ModelInfoError, data.DataError: with what to do instead.
     """
     trained = metadata.load(run_or_model, checkpoint, task, labels)
-    exp = _run_config(trained.run_dir)
-    root = _data_root(data, exp, trained)
+    exp = run_config(trained.run_dir)
+    root = data_root(data, exp, trained)
     manifest, chosen = scan_split(root, split, trained, exp, log, max_pixels)
     log(f"Evaluating {trained.path} on {chosen.dir} ({plural(len(chosen), 'image')}, {trained.task})")
     probs = predict_split(trained, chosen, batch_size)
-    if trained.task == "binary":
-        report = scores.binary_report(chosen.labels, probs, trained.outputs, trained.positive)
-    else:
-        report = scores.multilabel_report(chosen.labels, probs, trained.outputs, trained.threshold)
+    report = scores.report(trained.task, chosen.labels, probs, trained.outputs, trained.positive,
+                           trained.thresholds)  # at the model's operating point
     diseases = disease_classes(trained.task, trained.outputs, trained.positive)
 
     out = Path(out) if out is not None else default_out_dir(trained)
@@ -228,7 +230,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     earlier = {p for p in (out / f"{stem}.json", out / f"{stem}_predictions.csv",
                            out / f"{stem}_confusion.png", out / f"{stem}_roc.png") if p.exists()}
     files = [out / f"{stem}.json", out / f"{stem}_predictions.csv"]
-    _write_predictions(files[1], chosen, probs, trained.outputs)
+    _write_predictions(files[1], chosen, probs, trained)
     if make_plots:
         title = trained.run_dir.name if trained.run_dir else trained.path.stem
         files += plots.save_split_plots(out, stem, report, trained.task, chosen.labels, probs,
@@ -241,6 +243,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         "split": split,
         "task": trained.task,
         "outputs": list(trained.outputs),
+        "operating_point": trained.operating_point,
         "report": report,
         "diseases": disease_summary(report, trained.task, diseases),
         "files": [str(f) for f in files],
@@ -262,10 +265,12 @@ def format_result(result: dict) -> str:
     r, task = result["report"], result["task"]
     if task == "binary":
         head = (f"accuracy {_pct(r['accuracy'])}, F1 ({r['positive_class']}) {r['f1']:.3f}, "
-                f"study F1 ({r['f1_study_positive_class']}) {r['f1_study']:.3f}")
+                f"study F1 ({r['f1_study_positive_class']}) {r['f1_study']:.3f}, "
+                f"threshold {r['threshold']:.4g}")
     else:
+        shown = r["threshold"] if isinstance(r["threshold"], list) else [r["threshold"]]
         head = (f"accuracy (sample Jaccard) {_pct(r['jaccard_samples'])}, sample F1 {r['f1']:.3f}, "
-                f"exact match {_pct(r['exact_match'])}, threshold {r['threshold']:g}")
+                f"exact match {_pct(r['exact_match'])}, threshold {', '.join(f'{t:.4g}' for t in shown)}")
     lines = [f"{result['split']}: {plural(r['n'], 'image')}; {head}",
              f"{'disease class':<16} {'sensitivity':>12} {'specificity':>12} {'ROC AUC':>8} {'n':>6}"]
     for name, d in result["diseases"].items():

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tfcovid.inference.predict import find_images, load, pixel_limit, resizer
 from tfcovid.models import BACKBONES
-from tfcovid.models.outputs import probabilities
+from tfcovid.models.outputs import decide, probabilities
 from tfcovid.utils.text import escape
 from tfcovid.weights import metadata
 
@@ -130,21 +130,21 @@ def gradcam(model: keras.Model, images, targets: Sequence[int], layer: str | Non
     return np.concatenate(maps).astype(np.float32) if maps else np.zeros((0, *size), np.float32)
 
 
-def choose_targets(probs: np.ndarray, task: str, outputs, threshold: float,
-                   labels: Sequence[str] | None = None) -> list[list[int]]:
+def choose_targets(probs: np.ndarray, task: str, outputs, thresholds: Sequence[float],
+                   labels: Sequence[str] | None = None, positive_index: int = 0) -> list[list[int]]:
     """Output indices to explain per image: the named ``labels``, else the prediction.
 
-    The prediction is the argmax class (binary), or every label at or above the threshold
-    (three-label task; the most probable one when none is).
+    The prediction is the model's decision at its operating point (``models.outputs.decide``):
+    the predicted class (binary), or every label set (three-label task; the most probable one
+    when none is).
     """
     if labels:
         unknown = [name for name in labels if name not in outputs]
         if unknown:
             raise ExplainError(f"Unknown label(s) {unknown}. The model predicts: {', '.join(outputs)}.")
         return [[list(outputs).index(name) for name in labels] for _ in probs]
-    if task == "binary":
-        return [[int(p.argmax())] for p in probs]
-    return [[int(i) for i in np.flatnonzero(p >= threshold)] or [int(p.argmax())] for p in probs]
+    decided = decide(probs, task, thresholds, positive_index)
+    return [[int(i) for i in np.flatnonzero(d)] or [int(p.argmax())] for p, d in zip(probs, decided)]
 
 
 def _original_rgb(image, max_side: int = 512) -> np.ndarray:
@@ -251,7 +251,7 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     layer = layer or default_layer(trained.model)
     _grad_model(trained.model, layer)  # fail on a bad layer or label before reading any image
     choose_targets(np.zeros((0, len(trained.outputs))), trained.task, trained.outputs,
-                   trained.threshold, labels)
+                   trained.thresholds, labels, trained.positive_index)
     note = coarse_note(trained.model, layer)
     if note:
         log(note)
@@ -268,7 +268,8 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
         return Explanations(failed=failed)
     pixels = np.stack(pixels)
     probs = probabilities(trained.model.predict(pixels, verbose=0), trained.task)
-    targets = choose_targets(probs, trained.task, trained.outputs, trained.threshold, labels)
+    targets = choose_targets(probs, trained.task, trained.outputs, trained.thresholds, labels,
+                             trained.positive_index)
     flat = [(i, t) for i, ts in enumerate(targets) for t in ts]
     heat = gradcam(trained.model, pixels[[i for i, _ in flat]], [t for _, t in flat], layer,
                    softmax=trained.task == "binary")

@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from tfcovid.data import augment
 from tfcovid.data import decode as data_decode
-from tfcovid.models.outputs import probabilities
+from tfcovid.models.outputs import decide, decisions, probabilities
 from tfcovid.weights import metadata
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -90,24 +90,20 @@ def _decode_one(encoded, size: int):
     return tf.cast(image, tf.float32)
 
 
-def _serving_fns(model: keras.Model, task: str, outputs, threshold: float, table):
-    """The two signature functions (plain Python: ExportArchive wraps them in tf.function)."""
+def _serving_fns(model: keras.Model, task: str, outputs, thresholds, positive_index: int, table):
+    """The two signature functions (plain Python: ExportArchive wraps them in tf.function).
+    Their decisions are ``models.outputs.decisions`` at the model's operating point."""
     size, n = int(model.input_shape[1]), len(outputs)
 
     def heads(x):
         logits = tf.cast(model(x, training=False), tf.float32)
         names = table.lookup(tf.range(n, dtype=tf.int64))
-        if task == "binary":
-            probs = tf.nn.softmax(logits, axis=-1)
-            top = tf.argmax(probs, axis=-1, output_type=tf.int32)
-            return {"probabilities": probs, "labels": tf.gather(names, top),
-                    "predicted": tf.one_hot(top, n, dtype=tf.int32)}
-        probs = tf.sigmoid(logits)
-        chosen = probs >= threshold
-        picked = tf.ragged.boolean_mask(tf.broadcast_to(names, tf.shape(probs)), chosen)
+        probs = tf.nn.softmax(logits, axis=-1) if task == "binary" else tf.sigmoid(logits)
+        chosen = tf.cast(decisions(probs, task, thresholds, positive_index), tf.int32)
+        picked = tf.ragged.boolean_mask(tf.broadcast_to(names, tf.shape(probs)), chosen > 0)
         return {"probabilities": probs,
                 "labels": tf.strings.reduce_join(picked, axis=-1, separator=","),
-                "predicted": tf.cast(chosen, tf.int32)}
+                "predicted": chosen}
 
     def serve_bytes(image_bytes):
         images = tf.map_fn(lambda b: _decode_one(b, size), image_bytes,
@@ -163,7 +159,7 @@ def write_saved_model(trained, out: Path) -> Path:
         labels_txt.write_text("\n".join(trained.outputs) + "\n")
         table = _label_table(labels_txt)
         serve_bytes, serve_pixels = _serving_fns(trained.model, trained.task, trained.outputs,
-                                                 trained.threshold, table)
+                                                 trained.thresholds, trained.positive_index, table)
         archive = keras.export.ExportArchive()
         archive.track(trained.model)
         archive.track(table)
@@ -175,8 +171,7 @@ def write_saved_model(trained, out: Path) -> Path:
     extra = out / "assets.extra"  # TF Serving's place for files the graph does not read
     extra.mkdir(exist_ok=True)
     (extra / "tfcovid.json").write_text(json.dumps({
-        "task": trained.task, "outputs": list(trained.outputs), "image_size": trained.image_size,
-        "threshold": trained.threshold, "positive": trained.positive,
+        **_decision_info(trained),
         "signatures": {"serving_default": "image_bytes: tf.string [N] encoded images",
                        "serving_pixels": "pixels: uint8 [N, H, W, C] (C = 1, 3 or 4)"},
         "outputs_doc": {"probabilities": "float32 [N, outputs]",
@@ -184,6 +179,14 @@ def write_saved_model(trained, out: Path) -> Path:
                         "predicted": "int32 [N, outputs]: 0/1 decisions"},
         "source": str(trained.path)}, indent=2))
     return out
+
+
+def _decision_info(trained) -> dict:
+    """What an export's user needs to decide as tfcovid does (models.outputs.decisions): the
+    outputs, the disease class and the operating point's thresholds (docs/inference.md)."""
+    return {"task": trained.task, "outputs": list(trained.outputs), "image_size": trained.image_size,
+            "threshold": trained.threshold, "positive": trained.positive,
+            "thresholds": list(trained.thresholds), "operating_point": trained.operating_point}
 
 
 def verify_saved_model(trained, out: Path, images=None) -> float:
@@ -210,7 +213,12 @@ def verify_saved_model(trained, out: Path, images=None) -> float:
         raise ExportError(f"The SavedModel in {out} differs from the model by {worst:.2e} "
                           f"(tolerance {SAVED_MODEL_TOLERANCE:g}); do not use it.")
     names = [s.decode() for s in got["labels"].numpy()]
-    if trained.task == "binary" and names != [trained.outputs[k] for k in expected.argmax(1)]:
+    decided = decide(expected, trained.task, trained.thresholds, trained.positive_index)
+    want = [",".join(o for o, d in zip(trained.outputs, row) if d) for row in decided]
+    # A probability within the tolerance of its threshold may fall either side in float32.
+    scores = expected[:, [trained.positive_index]] if trained.task == "binary" else expected
+    sure = (np.abs(scores - np.asarray(trained.thresholds)) >= SAVED_MODEL_TOLERANCE).all(axis=1)
+    if [n for n, s in zip(names, sure) if s] != [w for w, s in zip(want, sure) if s]:
         raise ExportError(f"The SavedModel in {out} returns labels {names}, not the expected ones.")
     return worst
 
@@ -328,6 +336,7 @@ def export(run_or_model, out=None, format: str = "saved_model", checkpoint: str 
         else:
             target = out / f"model.{format}"
             (out / "labels.txt").write_text("\n".join(trained.outputs) + "\n")
+            (out / "tfcovid.json").write_text(json.dumps(_decision_info(trained), indent=2))
             if format == "tflite":
                 write_tflite(trained, target)
                 diff = verify_tflite(trained, target)

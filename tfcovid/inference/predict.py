@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tfcovid import config
 from tfcovid.data import augment, bounds, checks, decode, folders
-from tfcovid.models.outputs import probabilities
+from tfcovid.models.outputs import decide, probabilities
 from tfcovid.utils.atomic import atomic_write_text
 from tfcovid.utils.text import csv_text, escape, not_utf8, plural
 from tfcovid.weights.metadata import Trained
@@ -34,7 +34,7 @@ class Predictions:
 
     task: str
     outputs: tuple[str, ...]
-    threshold: float
+    threshold: float | tuple[float, ...]  # the operating point: one number, or one per label
     names: list[str] = field(default_factory=list)  # file names as written in the CSV
     paths: list[str] = field(default_factory=list)
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (n, outputs)
@@ -157,9 +157,10 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     Args:
         trained: from :func:`tfcovid.weights.metadata.load`.
         inputs: image files and/or folders (walked recursively).
-        threshold: decision threshold; None uses the run's (``train.threshold``). Binary: the
-            disease class is predicted when its probability is at least this. Three-label: a
-            label is set when its probability is at least this.
+        threshold: decision threshold; None uses the model's operating point (its recorded
+            thresholds, see docs/operating-points.md). Binary: the disease class is predicted
+            when its probability is at least this. Three-label: a label is set when its
+            probability is at least this (a number given here applies to every label).
         batch_size: images per forward pass.
         log: optional callable for progress lines.
         max_pixels: larger images are refused before decoding (``tfcovid.data.bounds``); None:
@@ -168,11 +169,12 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     Returns:
         Predictions, rows sorted by file name. Unreadable files are in ``failed``.
     """
-    threshold = trained.threshold if threshold is None else float(threshold)
-    if not 0.0 < threshold < 1.0:
+    if threshold is not None and not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"Bad threshold {threshold}: use a number between 0 and 1 (exclusive).")
+    thresholds = trained.thresholds if threshold is None else (float(threshold),) * len(trained.thresholds)
     found, failed, skipped = find_images(inputs)
-    out = Predictions(trained.task, trained.outputs, threshold, failed=failed, skipped=skipped)
+    shown = thresholds[0] if len(set(thresholds)) == 1 else tuple(thresholds)
+    out = Predictions(trained.task, trained.outputs, shown, failed=failed, skipped=skipped)
     resize = resizer(trained.image_size)
     limit = pixel_limit(trained, max_pixels)
     pixels, names, paths, probs = [], [], [], []
@@ -198,12 +200,11 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     flush()
     out.names, out.paths = names, paths
     out.probs = np.concatenate(probs) if probs else np.zeros((0, len(trained.outputs)))
+    decided = decide(out.probs, trained.task, thresholds, trained.positive_index)
     if trained.task == "binary":
-        pos = trained.outputs.index(trained.positive)
-        other = trained.outputs[1 - pos]
-        out.predicted = [trained.positive if p[pos] >= threshold else other for p in out.probs]
+        out.predicted = [trained.outputs[int(row.argmax())] for row in decided]
     else:
-        out.predicted = [tuple(int(v) for v in row) for row in (out.probs >= threshold)]
+        out.predicted = [tuple(int(v) for v in row) for row in decided]
     out.failed.sort()
     return out
 

@@ -22,12 +22,17 @@ Conventions (see DESIGN.md):
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn import metrics as skm
+
+from tfcovid.models.outputs import decide
 
 __all__ = [
     "binary_report",
     "multilabel_report",
+    "report",
     "study_row",
 ]
 
@@ -50,15 +55,17 @@ def _auc_or_none(y_true_binary: np.ndarray, scores: np.ndarray):
     return float(skm.roc_auc_score(y_true_binary, scores))
 
 
-def binary_report(y_true, probs, class_names, positive: str = "infected") -> dict:
+def binary_report(y_true, probs, class_names, positive: str = "infected", threshold: float = 0.5) -> dict:
     """Report for the binary task, from softmax probabilities.
 
     Args:
         y_true: (n,) integer class indices in ImageFolder order (sorted class names).
-        probs: (n, 2) class probabilities; the prediction is their argmax.
+        probs: (n, 2) class probabilities; the prediction is the disease class when its
+            probability is >= ``threshold`` (``models.outputs.decisions``; 0.5: the argmax).
         class_names: the two class names, index order (e.g. ``("infected", "normal")``).
         positive: name of the disease class. If it is not in ``class_names``, class
             index 0 is used and ``positive_class`` / ``notes`` say so.
+        threshold: the operating point on the disease-class probability.
 
     Returns:
         A JSON-serialisable dict: ``n``, ``accuracy``; for the disease class ``f1``,
@@ -67,15 +74,15 @@ def binary_report(y_true, probs, class_names, positive: str = "infected") -> dic
         ``f1_study`` with ``f1_study_positive_class`` (class index 1);
         ``confusion_matrix`` (rows true, columns predicted) and its row-normalised
         ``confusion_matrix_normalized``; ``class_names``, ``positive_class``,
-        ``positive_index`` and ``notes``.
+        ``positive_index``, ``threshold`` and ``notes``.
 
     Raises:
         ValueError: on mismatched shapes, not exactly two classes, or labels out of range.
     """
     y_true, probs, class_names = _binary_inputs(y_true, probs, class_names)
-    y_pred = probs.argmax(axis=1)
     pos, notes = _binary_positive(y_true, class_names, positive)
     neg = 1 - pos
+    y_pred = decide(probs, "binary", [threshold], pos).argmax(axis=1)
 
     # One call gives every per-class number; labels=[0, 1] keeps both rows even when a
     # class is absent, and column 1 of it is exactly sklearn's default binary F1.
@@ -91,6 +98,7 @@ def binary_report(y_true, probs, class_names, positive: str = "infected") -> dic
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "positive_class": class_names[pos],
         "positive_index": int(pos),
+        "threshold": float(threshold),
         "f1": float(f1[pos]),
         "precision": float(precision[pos]),
         "recall": float(recall[pos]),
@@ -151,22 +159,23 @@ def _binary_positive(y_true: np.ndarray, class_names: list[str], positive: str) 
     return pos, notes
 
 
-def multilabel_report(y_true, probs, labels, threshold: float = 0.5) -> dict:
+def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] = 0.5) -> dict:
     """Report for the three-label task, from sigmoid probabilities.
 
     Args:
         y_true: (n, L) multi-hot 0/1 targets.
         probs: (n, L) per-label probabilities; a label is predicted when
-            ``probs >= threshold``.
+            ``probs >= threshold`` (``models.outputs.decisions``).
         labels: the L label names, column order.
-        threshold: decision threshold on the probabilities.
+        threshold: decision threshold on the probabilities, one for all labels or one per label.
 
     Returns:
-        A JSON-serialisable dict: ``n``, ``threshold``, ``labels``, ``jaccard_samples``
+        A JSON-serialisable dict: ``n``, ``threshold`` (a number, or a list when the labels'
+        differ), ``labels``, ``jaccard_samples``
         (the study's "accuracy", also as ``accuracy``), sample-averaged ``f1``,
         ``precision``, ``recall``, ``exact_match`` (subset accuracy), ``hamming_loss``
         and ``per_label``: {label: {f1, precision, recall, sensitivity, specificity,
-        support, roc_auc, confusion_matrix [[tn, fp], [fn, tp]]}}.
+        support, roc_auc, threshold, confusion_matrix [[tn, fp], [fn, tp]]}}.
 
     Raises:
         ValueError: on mismatched shapes, non-0/1 targets or a threshold outside (0, 1).
@@ -187,10 +196,11 @@ def multilabel_report(y_true, probs, labels, threshold: float = 0.5) -> dict:
             "multilabel_report needs multi-hot y_true with values 0/1. "
             f"Received values: {sorted(np.unique(y_true).tolist())}"
         )
-    if not 0.0 < threshold < 1.0:
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(labels),))
+    if not np.all((thresholds > 0.0) & (thresholds < 1.0)):
         raise ValueError(f"threshold must be in (0, 1). Received: threshold={threshold}")
     y_true = y_true.astype(np.int64)
-    y_pred = (probs >= threshold).astype(np.int64)
+    y_pred = decide(probs, "multilabel", thresholds.tolist())
 
     jaccard = float(skm.jaccard_score(y_true, y_pred, average="samples", zero_division=0))
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
@@ -212,12 +222,13 @@ def multilabel_report(y_true, probs, labels, threshold: float = 0.5) -> dict:
             "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
             "support": int(tp + fn),
             "roc_auc": _auc_or_none(y_true[:, i], probs[:, i]),
+            "threshold": float(thresholds[i]),
             "confusion_matrix": _ints(mcm[i]),
         }
 
     return {
         "n": int(y_true.shape[0]),
-        "threshold": float(threshold),
+        "threshold": float(thresholds[0]) if np.all(thresholds == thresholds[0]) else _floats(thresholds),
         "labels": labels,
         "jaccard_samples": jaccard,
         "accuracy": jaccard,
@@ -228,6 +239,15 @@ def multilabel_report(y_true, probs, labels, threshold: float = 0.5) -> dict:
         "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
         "per_label": per_label,
     }
+
+
+def report(task: str, y_true, probs, outputs, positive: str | None, thresholds) -> dict:
+    """The report of either task at an operating point (``thresholds``: binary one on the
+    disease class, three-label one per label), as fit, evaluate and calibrate write it."""
+    if task == "binary":
+        (threshold,) = thresholds
+        return binary_report(y_true, probs, outputs, positive, threshold)
+    return multilabel_report(y_true, probs, outputs, list(thresholds))
 
 
 _STUDY_COLUMNS = {

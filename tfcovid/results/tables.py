@@ -8,7 +8,7 @@ from typing import Sequence
 
 import yaml
 
-from tfcovid.results import scores
+from tfcovid.results import operating_point, scores
 
 _BACKBONE_NAMES = {"vgg16": "VGG16", "resnet18": "ResNet18", "resnet50": "ResNet50"}
 
@@ -190,10 +190,23 @@ def tables(runs: Sequence[tuple[Path, dict, dict]]) -> str:
                                [table_row(c, s) + [f"`{r.name}`"] for r, c, s in part2]), "",
                 "Acc is the sample-averaged Jaccard index in % (the study's \"accuracy\"), F1 the "
                 "sample-averaged F1 in %, both at each run's threshold. " + _test_note(part2), ""]
+    out += _operating_points(runs)
     if out:
         out += ["Time is the training time (sum of epoch durations, validation included) on the "
                 "machine each run used; the study's times are on a Colab T4.", ""]
     return "\n".join(out)
+
+
+def _operating_points(runs) -> list[str]:
+    """The runs that decide at an operating point other than the study's 0.5, with how it was
+    chosen and the validation figures at it (their tables' numbers are at that point)."""
+    lines = []
+    for run, _, summary in runs:
+        point = summary.get("operating_point") or {}
+        if point.get("chosen_on") or any(t != 0.5 for t in point.get("thresholds", [0.5])):
+            lines.append(f"- `{run.name}`: " + operating_point.describe(point).removeprefix("Operating point: ").replace("\n  ", "; "))
+    intro = "Runs that decide at other thresholds than 0.5; their numbers above are at these:"
+    return ["## Operating points", "", intro, "", *lines, ""] if lines else []
 
 
 def _test_note(part2) -> str:

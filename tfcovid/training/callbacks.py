@@ -92,7 +92,7 @@ class TensorBoardImages(keras.callbacks.Callback):
             return
         if task == "binary":
             report = scores.binary_report(split.labels, probs, self.manifest.class_names,
-                                           self.exp.data.positive)
+                                           self.exp.data.positive, self.exp.train.threshold)
         else:
             report = scores.multilabel_report(split.labels, probs, self.manifest.output_names,
                                                self.exp.train.threshold)

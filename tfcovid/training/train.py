@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfcovid.config import Experiment
@@ -19,7 +21,7 @@ from tfcovid.data import datasets, records, types
 from tfcovid.data import folders as data_folders
 from tfcovid.models import FreezeSummary, apply_freeze, is_head_layer
 from tfcovid.models.outputs import probabilities
-from tfcovid.results import plots, scores, tables
+from tfcovid.results import operating_point, plots, scores, tables
 from tfcovid.training import callbacks as training_callbacks
 from tfcovid.training import devices, distribute, inputs, preflight, run_state, stops
 from tfcovid.training.callbacks import NaNGuard
@@ -51,13 +53,23 @@ def new_run_dir(exp: Experiment) -> Path:
 
 
 def evaluate_split(model, split: types.Split, exp: Experiment, manifest: types.Manifest,
-                   batch_size: int | None = None) -> dict:
-    """Predict one labeled split and return its scikit-learn report."""
+                   batch_size: int | None = None) -> np.ndarray:
+    """Predict one labeled split: its probabilities (n, outputs)."""
     ds = datasets.dataset(split, exp.data.image_size, batch_size or exp.train.batch_size)
-    probs = probabilities(model.predict(ds.map(lambda x, y: x), verbose=0), exp.data.task)
-    if exp.data.task == "binary":
-        return scores.binary_report(split.labels, probs, manifest.class_names, exp.data.positive)
-    return scores.multilabel_report(split.labels, probs, manifest.output_names, exp.train.threshold)
+    return probabilities(model.predict(ds.map(lambda x, y: x), verbose=0), exp.data.task)
+
+
+def positive_class(exp: Experiment, manifest: types.Manifest) -> str | None:
+    """The binary task's disease class as the run records it; None for the three-label task."""
+    return metadata.info_for(exp, manifest)["positive"]
+
+
+def choose_operating_point(exp: Experiment, manifest: types.Manifest, validation_probs) -> dict:
+    """train.operating_point on the validation split (never on test): the thresholds and the
+    validation figures at them (results.operating_point)."""
+    return operating_point.choose(manifest.splits["validation"].labels, validation_probs, exp.data.task,
+                                  exp.train.operating_point, manifest.output_names,
+                                  positive_class(exp, manifest), exp.train.threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +170,7 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
             # in [3/6].
             manifest = inputs.load_manifest(exp, log)
             preflight.check_batch_size(inputs.split_sizes(manifest), exp.train.batch_size)
+            _check_operating_point(exp, manifest)
             if exp.model.weights == "imagenet":  # ... and before a run directory exists
                 loading.fetch_imagenet(exp.model.backbone)
             made = None if scratch or run_dir else new_run_dir(exp)  # removed if phase 1 fails
@@ -179,6 +192,16 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
         raise
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
     return _Run(exp, run, run_dir, scratch, strategy, strategy_desc, t0, log, manifest, lock)
+
+
+def _check_operating_point(exp: Experiment, manifest: types.Manifest) -> None:
+    """Before training: the validation split can choose train.operating_point (both classes of
+    every label), so that [6/6] does not fail after hours of training."""
+    validation = manifest.splits["validation"]
+    try:
+        choose_operating_point(exp, manifest, np.zeros((len(validation.labels), len(manifest.output_names))))
+    except operating_point.OperatingPointError as err:
+        raise TrainingError(f"{err} (train.operating_point)") from None
 
 
 def _lock(run) -> run_lock.RunLock:
@@ -326,12 +349,17 @@ def _evaluate(run: _Run, data: inputs.Inputs, model) -> dict:
         f"{manifest.splits[name].dir}` predicts it)" for name in unlabeled))
     try:
         with signals.RaiseOnSignal():
-            return {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
+            probs = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
     except records.READ_ERRORS as err:
         records.raise_if_damaged(manifest, err)
         raise
     except signals.Interrupted as err:
         raise stops.evaluation_interrupted(run.dir, err, exp.train.epochs) from None
+    point = choose_operating_point(exp, manifest, probs["validation"])
+    positive = positive_class(exp, manifest)
+    reports = {name: scores.report(exp.data.task, manifest.splits[name].labels, probs[name],
+                                   manifest.output_names, positive, point["thresholds"]) for name in labeled}
+    return {"splits": reports, "operating_point": point}
 
 
 def _write_results(run: _Run, data: inputs.Inputs, built: _Model, train_seconds: list[float],
@@ -353,11 +381,18 @@ def _write_results(run: _Run, data: inputs.Inputs, built: _Model, train_seconds:
         "precision": run.precision,
         "replicas": run.replicas,
         "workers": run.workers,
-        "splits": results,
+        **results,  # splits, operating_point
     }
+    # The chosen operating point goes into the model metrics.json describes (last.keras), and
+    # into best.keras when that holds the same weights (a hard link or copy of the last epoch's).
+    last, best = run.dir / "checkpoints" / "last.keras", run.dir / "checkpoints" / "best.keras"
+    same = best.is_file() and (os.path.samefile(best, last) or filecmp.cmp(best, last, shallow=False))
+    for path in (last, best) if same else (last,):
+        metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"]))
     atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
     plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
     run.log(tables.format_run(exp.to_dict(), summary))
+    run.log(operating_point.describe(summary["operating_point"]))
     if run.scratch:  # a non-chief worker: its copy of the run is not needed
         distribute.release(run.scratch)
         return None

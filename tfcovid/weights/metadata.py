@@ -11,9 +11,10 @@ Used by ``predict`` and by every command that takes ``RUN_DIR|MODEL``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -47,12 +48,22 @@ class Trained:
     outputs: tuple[str, ...]  # one name per model output (binary: class folders, sorted)
     positive: str | None  # binary: the disease class; None for multilabel
     image_size: int
-    threshold: float
+    threshold: float  # train.threshold as recorded (before issue 23 the only decision threshold)
     source: str  # where task/outputs came from, for messages
+    # The decision rule's thresholds (models.outputs.decisions): binary one, on the disease class;
+    # three-label one per label. A model without a recorded operating point: its threshold.
+    thresholds: tuple[float, ...] = ()
+    operating_point: dict = field(default_factory=dict)  # how they were chosen (results.operating_point)
+
+    @property
+    def positive_index(self) -> int:
+        """The disease class's output index (binary); 0 for the three-label task."""
+        return self.outputs.index(self.positive) if self.task == "binary" else 0
 
 
-def info_for(exp, manifest) -> dict:
-    """The info to embed for a run of ``exp`` on ``manifest`` (JSON-ready)."""
+def info_for(exp, manifest, point: dict | None = None) -> dict:
+    """The info to embed for a run of ``exp`` on ``manifest`` (JSON-ready); ``point``: the
+    operating point chosen at the end of fit (None while training: train.threshold)."""
     positive = exp.data.positive if exp.data.task == "binary" else None
     if positive is not None and positive not in manifest.class_names:
         positive = manifest.class_names[0]
@@ -65,6 +76,7 @@ def info_for(exp, manifest) -> dict:
         "image_size": exp.data.image_size,
         "threshold": exp.train.threshold,
         "backbone": exp.model.backbone,
+        **({"operating_point": point} if point else {}),
     }
 
 
@@ -114,18 +126,20 @@ def info_from_run_dir(run_dir: Path) -> dict | None:
         task = data["task"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
-    outputs = data.get("labels")
+    outputs, point = data.get("labels"), None
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         try:
-            outputs = json.loads(metrics_file.read_text()).get("outputs", outputs)
+            metrics = json.loads(metrics_file.read_text())
+            outputs, point = metrics.get("outputs", outputs), metrics.get("operating_point")
         except json.JSONDecodeError:
             pass
     if task == "binary" and not metrics_file.is_file():
         return None  # the class folder names are only known once the run has scanned its data
     return {"format": FORMAT_VERSION, "task": task, "outputs": list(outputs),
             "positive": data.get("positive") if task == "binary" else None,
-            "image_size": data.get("image_size"), "threshold": train.get("threshold", 0.5)}
+            "image_size": data.get("image_size"), "threshold": train.get("threshold", 0.5),
+            **({"operating_point": point} if point else {})}
 
 
 def model_file(target: str | Path, checkpoint: str = "last") -> tuple[Path, Path | None]:
@@ -221,6 +235,28 @@ def load(target: str | Path, checkpoint: str = "last", task: str | None = None,
     positive = info.get("positive") if info["task"] == "binary" else None
     if info["task"] == "binary" and positive not in outputs:
         positive = "infected" if "infected" in outputs else outputs[0]
+    threshold = float(info.get("threshold") or 0.5)
+    point = _operating_point(info.get("operating_point"), info["task"], n_out, path, source)
+    thresholds = tuple(point["thresholds"]) if point else (threshold,) * (1 if info["task"] == "binary" else n_out)
     return Trained(model=model, path=path, run_dir=run_dir, task=info["task"], outputs=outputs,
                    positive=positive, image_size=int(model.input_shape[1]),
-                   threshold=float(info.get("threshold") or 0.5), source=source)
+                   threshold=threshold, source=source, thresholds=thresholds,
+                   operating_point=point or {"method": "threshold", "chosen_on": None,
+                                             "thresholds": list(thresholds), "split": None, "figures": {}})
+
+
+def _operating_point(point, task: str, n_out: int, path: Path, source: str) -> dict | None:
+    """The recorded operating point checked (the file is untrusted): one threshold in (0, 1)
+    for binary, one per output for the three-label task."""
+    if point is None:
+        return None
+    want = 1 if task == "binary" else n_out
+    values = point.get("thresholds") if isinstance(point, dict) else None
+    if not (isinstance(values, list) and len(values) == want
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and 0 < v < 1 for v in values)):
+        raise ModelInfoError(
+            f"{path} records a bad operating point in {source}: thresholds {values!r}; expected "
+            f"{want} number(s) in (0, 1). Choose it again with `tfcovid calibrate`, or remove "
+            f"{INFO_MEMBER} from the file and pass --task/--labels.")
+    return {**point, "thresholds": [float(v) for v in values]}
