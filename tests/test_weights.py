@@ -404,7 +404,7 @@ def test_offline_fit_stops_before_writing_a_run(monkeypatch, binary_tree, tmp_pa
     url = "http://tfcovid-offline.invalid/resnet50_notop.h5"
     monkeypatch.setitem(imagenet.IMAGENET, "resnet50", imagenet.ImagenetFile("resnet50_notop.h5", url))
     result = CliRunner().invoke(main, ["fit", "--data", str(binary_tree), "--backbone", "resnet50",
-                                       "--weights", "imagenet", "--out", str(tmp_path / "runs")])
+                                       "--weights", "imagenet", "--batch-size", "2", "--out", str(tmp_path / "runs")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "Error: Could not download the ImageNet weights for resnet50: resnet50_notop.h5" in result.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -460,7 +460,7 @@ def test_wrong_cached_file_stops_fit_and_is_kept(monkeypatch, binary_tree, tmp_p
     cached.write_bytes(b"\x89HDF\r\n not the published file")
     result = CliRunner().invoke(main, ["fit", "--data", str(binary_tree), "--backbone", "vgg16",
                                        "--weights", "imagenet", "--image-size", "32", "--epochs", "1",
-                                       "--out", str(tmp_path / "runs")])
+                                       "--batch-size", "2", "--out", str(tmp_path / "runs")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"Error: {cached} is damaged or not {spec.fname}: its md5 is " in result.output
     assert f"expected {spec.md5}" in result.output
