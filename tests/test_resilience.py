@@ -22,7 +22,7 @@ import yaml
 from tfcovid import config
 from tfcovid.utils import atomic, signals
 from tfcovid.data import demo
-from tfcovid.training import run_state, train
+from tfcovid.training import finish, run_state, train
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +356,7 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path,
     """SIGTERM while [6/6] evaluates the splits: a clean Interrupted with the resume command
     (it ended the process silently), then --resume evaluates and finishes without training."""
     exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
-    real, calls = train.evaluate_split, []
+    real, calls = finish.evaluate_split, []
 
     def evaluate_then_signal(*args, **kwargs):
         calls.append(args[1].name)
@@ -364,7 +364,7 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path,
         time.sleep(5)  # not reached: the handler raises
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate_split", evaluate_then_signal)
+    monkeypatch.setattr(finish, "evaluate_split", evaluate_then_signal)
     before = signal.getsignal(signal.SIGTERM)
     lines = []
     with pytest.raises(train.Interrupted) as caught:
@@ -378,7 +378,7 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path,
     assert not (run / "metrics.json").exists() and (run / "checkpoints" / "last.keras").is_file()
     assert json.loads((run / "backup" / "state.json").read_text())["epochs_done"] == 1
 
-    monkeypatch.setattr(train, "evaluate_split", real)
+    monkeypatch.setattr(finish, "evaluate_split", real)
     lines = []
     assert train.fit(config.resolve(run / "config.yaml"), run_dir=run, log=lines.append) == run
     assert "[5/6] Training: done before (1 epoch); nothing left to train" in lines
@@ -392,16 +392,16 @@ def test_resume_refuses_other_data_and_takes_a_moved_copy(tree, tmp_path, monkey
     import shutil
 
     exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
-    real = train.evaluate_split
+    real = finish.evaluate_split
 
     def stop(*args, **kwargs):  # leaves a run whose training has ended, without metrics.json
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
 
-    monkeypatch.setattr(train, "evaluate_split", stop)
+    monkeypatch.setattr(finish, "evaluate_split", stop)
     with pytest.raises(train.Interrupted):
         train.fit(exp, log=lambda line: None)
-    monkeypatch.setattr(train, "evaluate_split", real)
+    monkeypatch.setattr(finish, "evaluate_split", real)
     run = next((tmp_path / "runs").iterdir())
     recorded = json.loads((run / "backup" / "state.json").read_text())["data"]
     assert recorded["train"]["images"] == 16 and recorded["class_names"] == ["infected", "normal"]

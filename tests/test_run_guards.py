@@ -21,7 +21,7 @@ from tfcovid import config
 from tfcovid.cli import main
 from tfcovid.data import checks
 from tfcovid.data.types import DataError
-from tfcovid.training import inputs, preflight, run_state, train
+from tfcovid.training import finish, inputs, preflight, run_state, train
 from tfcovid.training.preflight import PreflightError
 from tfcovid.utils import atomic, run_lock
 from tfcovid.utils.text import plural
@@ -170,7 +170,7 @@ def test_a_full_disk_keeps_epoch_1_and_a_locked_run_is_read_but_not_resumed(bina
     finally:
         _kill(holder)
 
-    real_evaluate, evaluated_splits = train.evaluate_split, []
+    real_evaluate, evaluated_splits = finish.evaluate_split, []
 
     def evaluate_while_locked(*args, **kwargs):
         with pytest.raises(run_lock.RunLocked, match=f"process {os.getpid()} is training in it"):
@@ -178,7 +178,7 @@ def test_a_full_disk_keeps_epoch_1_and_a_locked_run_is_read_but_not_resumed(bina
         evaluated_splits.append(args[1].name)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate_split", evaluate_while_locked)
+    monkeypatch.setattr(finish, "evaluate_split", evaluate_while_locked)
     resumed = CliRunner().invoke(main, ["fit", "--resume", str(run)])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming after epoch 1" in resumed.output and (run / "metrics.json").is_file()

@@ -1,101 +1,31 @@
-"""Training: ``fit(experiment)`` reads top to bottom in phases, each announced in one log line."""
+"""Training: ``fit(experiment)`` reads top to bottom in phases, each announced in one log line:
+[1/6] run directory and cheap checks, [2/6] where it runs, [3/6] data (``inputs``), [4/6] the
+model, [5/6] training (``loop``), [6/6] evaluation and results (``finish``)."""
 from __future__ import annotations
 
 import dataclasses
-import filecmp
-import json
 import os
 import shutil
-import sys
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tfcovid.config import Experiment
-from tfcovid.data import datasets, records, types
-from tfcovid.data import folders as data_folders
-from tfcovid.models import FreezeSummary, apply_freeze, is_head_layer
-from tfcovid.models.outputs import probabilities
-from tfcovid.results import operating_point, plots, scores, tables
-from tfcovid.training import callbacks as training_callbacks
-from tfcovid.training import devices, distribute, inputs, preflight, run_state, stops
-from tfcovid.training.callbacks import NaNGuard
+from tfcovid.data import types
+from tfcovid.models import apply_freeze, is_head_layer
+from tfcovid.results import operating_point
+from tfcovid.training import devices, distribute, finish, inputs, loop, preflight, stops
 from tfcovid.training.compile import compile_model
+from tfcovid.training.context import BuiltModel, Run, new_run_dir
 from tfcovid.training.stops import Interrupted, TrainingError
 from tfcovid.utils import atomic, run_lock, signals
-from tfcovid.utils.text import plural
-from tfcovid.weights import loading, metadata
+from tfcovid.weights import loading
 
 NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
 
-
-def new_run_dir(exp: Experiment) -> Path:
-    """Create ``<out>/<time>-<backbone>-<freeze>-<loss>[-N]``; never reuse an existing folder."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{exp.model.backbone}-{exp.model.freeze}-{exp.train.loss}"
-    if exp.name:
-        base += f"-{exp.name}"
-    out = Path(exp.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        run = out / (base if n == 1 else f"{base}-{n}")
-        try:
-            run.mkdir()
-            return run
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"Could not create a new run directory under {out}.")
-
-
-def evaluate_split(model, split: types.Split, exp: Experiment, manifest: types.Manifest,
-                   batch_size: int | None = None) -> np.ndarray:
-    """Predict one labeled split: its probabilities (n, outputs)."""
-    ds = datasets.dataset(split, exp.data.image_size, batch_size or exp.train.batch_size)
-    return probabilities(model.predict(ds.map(lambda x, y: x), verbose=0), exp.data.task)
-
-
-def positive_class(exp: Experiment, manifest: types.Manifest) -> str | None:
-    """The binary task's disease class as the run records it; None for the three-label task."""
-    return metadata.info_for(exp, manifest)["positive"]
-
-
-def choose_operating_point(exp: Experiment, manifest: types.Manifest, validation_probs) -> dict:
-    """train.operating_point on the validation split (never on test): the thresholds and the
-    validation figures at them (results.operating_point)."""
-    return operating_point.choose(manifest.splits["validation"].labels, validation_probs, exp.data.task,
-                                  exp.train.operating_point, manifest.output_names,
-                                  positive_class(exp, manifest), exp.train.threshold)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """What every phase of one fit needs: the experiment, where its files go and how it runs."""
-    exp: Experiment
-    dir: Path  # the run directory; a non-chief worker's scratch copy of it
-    resume: str | Path | None  # the run directory given to resume, as given; None for a new run
-    scratch: Path | None  # set on the non-chief workers of a multi-worker run
-    strategy: tf.distribute.Strategy
-    strategy_desc: str
-    t0: float  # time.perf_counter() when fit started: metrics.json's total_seconds
-    log: Callable[[str], None]
-    manifest: types.Manifest  # the data as scanned in phase 1; phase 3 checks every file
-    lock: run_lock.RunLock | None  # held on the run directory while this process trains in it
-    precision: str = ""  # phase 2 sets these three
-    replicas: int = 1
-    workers: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _Model:
-    """Phase 4's compiled model."""
-    model: keras.Model
-    preprocessing: str  # the preprocessing mode inside the model
-    frozen: FreezeSummary
+__all__ = ["NOT_CLINICAL", "Interrupted", "TrainingError", "fit", "new_run_dir"]
 
 
 def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path | None:
@@ -128,9 +58,9 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
             exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log, run.manifest)  # [3/6]
             run = dataclasses.replace(run, exp=exp)
             built = _build_model(run, data)  # [4/6]
-            train_seconds = _train(run, data, built)  # [5/6]
-            results = _evaluate(run, data, built.model)  # [6/6]
-            return _write_results(run, data, built, train_seconds, results)
+            train_seconds = loop.train(run, data, built)  # [5/6]
+            results = finish.evaluate(run, data, built.model)  # [6/6]
+            return finish.write_results(run, data, built, train_seconds, results)
     except Exception as err:
         _clean_up_after(run, err)
         raise
@@ -140,7 +70,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
             run.lock.release()
 
 
-def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
+def _run_directory(exp: Experiment, run_dir, t0: float, log) -> Run:
     """Phase 1: the strategy, the run directory (locked) and the resolved config, after every
     cheap check and before anything can fail halfway."""
     if run_dir and (Path(run_dir) / "metrics.json").exists():
@@ -191,7 +121,7 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> _Run:
                                            run_dir) from None
         raise
     log(f"[1/6] Run directory: {run}" + (" (scratch; the chief writes the run)" if scratch else ""))
-    return _Run(exp, run, run_dir, scratch, strategy, strategy_desc, t0, log, manifest, lock)
+    return Run(exp, run, run_dir, scratch, strategy, strategy_desc, t0, log, manifest, lock)
 
 
 def _check_operating_point(exp: Experiment, manifest: types.Manifest) -> None:
@@ -199,7 +129,7 @@ def _check_operating_point(exp: Experiment, manifest: types.Manifest) -> None:
     every label), so that [6/6] does not fail after hours of training."""
     validation = manifest.splits["validation"]
     try:
-        choose_operating_point(exp, manifest, np.zeros((len(validation.labels), len(manifest.output_names))))
+        finish.choose_operating_point(exp, manifest, np.zeros((len(validation.labels), len(manifest.output_names))))
     except operating_point.OperatingPointError as err:
         raise TrainingError(f"{err} (train.operating_point)") from None
 
@@ -215,7 +145,7 @@ def _lock(run) -> run_lock.RunLock:
                             "writable folder?") from None
 
 
-def _clean_up_after(run: _Run, err: Exception) -> None:
+def _clean_up_after(run: Run, err: Exception) -> None:
     """Leave no half-made run behind when fit stopped before training started (data, free disk,
     the weights file; phase 5 makes backup/); a stop in training keeps its run. A signal (not one
     of training's own stops) becomes :class:`Interrupted`, and a full disk a :class:`TrainingError`,
@@ -233,7 +163,7 @@ def _clean_up_after(run: _Run, err: Exception) -> None:
         raise stops.disk_full(run.dir, err, run.exp.train.epochs, removed=before) from None
 
 
-def _where_it_runs(run: _Run) -> _Run:
+def _where_it_runs(run: Run) -> Run:
     """Phase 2: precision, replicas and workers; the global batch must cover every replica."""
     exp = run.exp
     precision = devices.resolve_precision(exp.train.precision)
@@ -246,7 +176,7 @@ def _where_it_runs(run: _Run) -> _Run:
     return dataclasses.replace(run, precision=precision, replicas=replicas, workers=workers)
 
 
-def _build_model(run: _Run, data: inputs.Inputs) -> _Model:
+def _build_model(run: Run, data: inputs.Inputs) -> BuiltModel:
     """Phase 4: model, weights, freeze policy, compile — inside the strategy scope."""
     exp, m, log = run.exp, run.exp.model, run.log
     with devices.dtype_policy(run.precision), run.strategy.scope():
@@ -270,130 +200,4 @@ def _build_model(run: _Run, data: inputs.Inputs) -> _Model:
         log(f"      {synced} BatchNorm layers use global-batch statistics (synchronised across replicas)")
     if xla_note:
         log(f"      note: {xla_note}")
-    return _Model(model, mode, frozen)
-
-
-def _train(run: _Run, data: inputs.Inputs, built: _Model) -> list[float]:
-    """Phase 5: restore the backup when resuming, then Keras's fit, checkpointing each epoch.
-
-    Returns each completed epoch's seconds, across resumes.
-    """
-    exp, log, model = run.exp, run.log, built.model
-    info = metadata.info_for(exp, data.manifest)
-    signature = run_state.data_signature(data.manifest)
-    state = run_state.RunState(run.dir, embed=lambda path: metadata.embed(path, info), data=signature)
-    with run.strategy.scope():
-        first = state.restore(model)
-    changes = run_state.data_changes(state.state.get("data"), signature)
-    if changes:  # --resume --data is for the same data in a new place, not for other data
-        raise TrainingError(
-            f"The data at {data.manifest.root} is not what {run.dir} trained on: {'; '.join(changes)}. "
-            "Resume with the run's own data (--data where it is now), or start a new run for "
-            "this data."
-        )
-    guard, stop = NaNGuard(), run_state.StopOnSignal()
-    callbacks = _callbacks(run, data, state, guard, stop)
-    batch = distribute.per_replica_batches(exp.train.batch_size, run.replicas)
-    resuming = f", resuming after epoch {first}" if first else ""
-    epochs = plural(exp.train.epochs, "epoch")
-    if first >= exp.train.epochs:  # resumed after training ended (e.g. stopped in [6/6])
-        log(f"[5/6] Training: done before ({epochs}); nothing left to train")
-    else:
-        log(f"[5/6] Training {epochs}, batch {batch}, {exp.train.optimizer} lr {exp.train.lr:g}, "
-            f"loss {exp.train.loss}{resuming}")
-    if not run.scratch and first < exp.train.epochs:
-        log(f"      if interrupted, resume with: tfcovid fit --resume {run.dir}")
-    try:
-        with stop:
-            model.fit(data.train, validation_data=data.validation, epochs=exp.train.epochs,
-                      initial_epoch=first, callbacks=callbacks,
-                      shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
-    except records.READ_ERRORS as err:
-        records.raise_if_damaged(data.manifest, err)  # names the damaged shard of a prepared dataset
-        raise
-    except signals.Interrupted as err:
-        raise stops.stopped_in_training(run.dir, err, state.state["epochs_done"], exp.train.epochs) from None
-    if run.workers > 1:
-        log(f"      weights fingerprint {distribute.weights_fingerprint(model)} (equal on every worker)")
-    if guard.bad is not None:
-        bad_batch, value = guard.bad
-        raise TrainingError(
-            f"The training loss became {value} at batch {bad_batch}; training stopped. Try a lower "
-            f"--lr (now {exp.train.lr:g}) or --precision float32. Checkpoints so far are in {run.dir}."
-        )
-    return state.seconds
-
-
-def _callbacks(run: _Run, data: inputs.Inputs, state, guard, stop) -> list[keras.callbacks.Callback]:
-    """Phase 5's callbacks, in the order Keras runs them at each epoch's end."""
-    return [
-        keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: data.epoch.assign(e)),
-        keras.callbacks.TensorBoard(str(run.dir / "tensorboard"), update_freq="epoch", write_graph=False),
-        training_callbacks.TensorBoardImages(run.dir / "tensorboard", run.exp, data.manifest, data.validation),
-        guard,
-        state,  # checkpoints, backup, history.csv: atomically, at each epoch's end
-        # Keras's own progress bar, placed before the stop so that an epoch committed just as a
-        # signal came still prints its line (Keras would append it after every callback).
-        keras.callbacks.ProgbarLogger(),
-        stop,
-    ]
-
-
-def _evaluate(run: _Run, data: inputs.Inputs, model) -> dict:
-    """Phase 6: evaluate every labeled split with scikit-learn; return the reports by split."""
-    exp, manifest = run.exp, data.manifest
-    labeled = [name for name in data_folders.SPLIT_ALIASES if name in manifest.splits and manifest.splits[name].labeled]
-    unlabeled = [name for name in data_folders.SPLIT_ALIASES if name in manifest.splits and name not in labeled]
-    run.log("[6/6] Evaluating " + ", ".join(labeled) + "".join(
-        f" ({name} has no class folders, so no labels: not evaluated; `tfcovid predict {run.dir} "
-        f"{manifest.splits[name].dir}` predicts it)" for name in unlabeled))
-    try:
-        with signals.RaiseOnSignal():
-            probs = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
-    except records.READ_ERRORS as err:
-        records.raise_if_damaged(manifest, err)
-        raise
-    except signals.Interrupted as err:
-        raise stops.evaluation_interrupted(run.dir, err, exp.train.epochs) from None
-    point = choose_operating_point(exp, manifest, probs["validation"])
-    positive = positive_class(exp, manifest)
-    reports = {name: scores.report(exp.data.task, manifest.splits[name].labels, probs[name],
-                                   manifest.output_names, positive, point["thresholds"]) for name in labeled}
-    return {"splits": reports, "operating_point": point}
-
-
-def _write_results(run: _Run, data: inputs.Inputs, built: _Model, train_seconds: list[float],
-                   results: dict) -> Path | None:
-    """metrics.json, the plots and the results table; a non-chief worker's scratch copy is
-    released instead of returned."""
-    exp, manifest = run.exp, data.manifest
-    summary = {
-        "task": exp.data.task,
-        "outputs": list(manifest.output_names),
-        "class_names": list(manifest.class_names),
-        "epochs": exp.train.epochs,
-        "train_seconds": round(sum(train_seconds), 2),
-        "total_seconds": round(time.perf_counter() - run.t0, 2),
-        "images": data.counts,
-        "trainable_params": built.frozen.trainable_params,
-        "total_params": built.frozen.total_params,
-        "preprocessing": built.preprocessing,
-        "precision": run.precision,
-        "replicas": run.replicas,
-        "workers": run.workers,
-        **results,  # splits, operating_point
-    }
-    # The chosen operating point goes into the model metrics.json describes (last.keras), and
-    # into best.keras when that holds the same weights (a hard link or copy of the last epoch's).
-    last, best = run.dir / "checkpoints" / "last.keras", run.dir / "checkpoints" / "best.keras"
-    same = best.is_file() and (os.path.samefile(best, last) or filecmp.cmp(best, last, shallow=False))
-    for path in (last, best) if same else (last,):
-        metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"]))
-    atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
-    plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
-    run.log(tables.format_run(exp.to_dict(), summary))
-    run.log(operating_point.describe(summary["operating_point"]))
-    if run.scratch:  # a non-chief worker: its copy of the run is not needed
-        distribute.release(run.scratch)
-        return None
-    return run.dir
+    return BuiltModel(model, mode, frozen)
