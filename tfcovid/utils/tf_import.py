@@ -101,9 +101,10 @@ def dropped(line: str, min_level: int) -> bool:
 
 
 @contextlib.contextmanager
-def filtered(drop, seen=None):
-    """Run the block with file descriptor 2 going through a pipe; a thread writes each line on
-    to the real stderr unless ``drop(line)``. ``seen(line)``, if given, sees every line first."""
+def _through_pipe(start_reader):
+    """Run the block with file descriptor 2 going into a pipe. ``start_reader(read_end, saved)``
+    starts what reads the pipe (it owns ``read_end``; ``saved`` is the real stderr) and returns a
+    function that waits for it to finish, or None if it could not start (stderr left as it is)."""
     try:
         if sys.stderr is not None:
             sys.stderr.flush()
@@ -112,29 +113,43 @@ def filtered(drop, seen=None):
         yield
         return
     read_end, write_end = os.pipe()
-
-    def forward():
-        with os.fdopen(read_end, "rb") as pipe:
-            for raw in pipe:
-                line = raw.decode("utf-8", "replace")
-                if seen is not None:
-                    seen(line)
-                if not drop(line):
-                    while raw:  # os.write may take part of it
-                        raw = raw[os.write(saved, raw):]
-
-    thread = threading.Thread(target=forward, name="tfcovid-stderr", daemon=True)
-    thread.start()
-    os.dup2(write_end, 2)
+    wait = start_reader(read_end, saved)
+    if wait is not None:
+        os.dup2(write_end, 2)
     os.close(write_end)
     try:
         yield
     finally:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last write end closes: the thread reads to its end
-        thread.join(timeout=10)  # a child process still holding the pipe: stop waiting
+        os.dup2(saved, 2)  # the pipe's last write end here closes: the reader reads to its end
+        if wait is not None:
+            wait()
         os.close(saved)
+
+
+@contextlib.contextmanager
+def filtered(drop, seen=None):
+    """Run the block with file descriptor 2 going through a pipe; a thread writes each line on
+    to the real stderr unless ``drop(line)``. ``seen(line)``, if given, sees every line first."""
+
+    def start_thread(read_end, saved):
+        def forward():
+            with os.fdopen(read_end, "rb") as pipe:
+                for raw in pipe:
+                    line = raw.decode("utf-8", "replace")
+                    if seen is not None:
+                        seen(line)
+                    if not drop(line):
+                        while raw:  # os.write may take part of it
+                            raw = raw[os.write(saved, raw):]
+
+        thread = threading.Thread(target=forward, name="tfcovid-stderr", daemon=True)
+        thread.start()
+        return lambda: thread.join(timeout=10)  # a child process still holding the pipe: stop waiting
+
+    with _through_pipe(start_thread):
+        yield
 
 
 @contextlib.contextmanager
@@ -144,36 +159,28 @@ def filtered_command():
     process, not a thread, so that the last lines of a crash or an abort still come out: it
     reads until every writer has closed the pipe, the command's child processes included."""
     min_level = level()
-    try:
-        if min_level == 0:
-            raise ValueError("nothing to drop")
-        if sys.stderr is not None:
-            sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable stderr, or nothing to filter
+    if min_level == 0:
         yield
         return
-    read_end, write_end = os.pipe()
-    try:
-        forwarder = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(min_level)],
-                                     stdin=read_end, stdout=saved, stderr=saved)
-    except OSError:
-        forwarder = None
-    os.close(read_end)
-    if forwarder is not None:
-        os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last write end here closes: the forwarder reads to its end
-        os.close(saved)
-        if forwarder is not None:  # its last lines out before the command's exit; a child
-            # process still holding the pipe (a worker) keeps it going, on its own, a while
+
+    def start_process(read_end, saved):
+        try:
+            forwarder = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(min_level)],
+                                         stdin=read_end, stdout=saved, stderr=saved)
+        except OSError:
+            forwarder = None
+        os.close(read_end)
+        if forwarder is None:
+            return None
+
+        def wait():  # its last lines out before the command's exit; a child process still
+            # holding the pipe (a worker) keeps it going, on its own, a while
             with contextlib.suppress(subprocess.TimeoutExpired):
                 forwarder.wait(timeout=2)
+        return wait
+
+    with _through_pipe(start_process):
+        yield
 
 
 def _forward(min_level: int) -> None:
