@@ -79,9 +79,9 @@ def _check_splits(d: DataConfig) -> None:
     """How a label file's splits are made: mode, fractions, folds (docs/own-data.md)."""
     _check_choice("data.split", d.split, SPLIT_MODES)
     low, high = 0.05, 0.4
-    if len(d.split_fractions) != 2 or not all(low <= f <= high for f in d.split_fractions):
-        raise ConfigError(f"Bad value for 'data.split_fractions': {list(d.split_fractions)}. Give "
-                          f"[validation, test], each from {low} to {high} of the patients.")
+    for key, value in (("data.validation_fraction", d.validation_fraction), ("data.test_fraction", d.test_fraction)):
+        if not low <= value <= high:
+            raise ConfigError(f"Bad value for '{key}': {value}. Use {low} to {high} (a share of the patients).")
     if d.folds != 0 and not 2 <= d.folds <= MAX_FOLDS:
         raise ConfigError(f"Bad value for 'data.folds': {d.folds}. Use 0 (no cross-validation) or "
                           f"2..{MAX_FOLDS} folds.")

@@ -116,7 +116,8 @@ class DataConfig:
     # Train/validation/test from a label file (docs/own-data.md): patient | given.
     split: str = "patient"
     # The validation and test shares of the patients when data.split makes them (each 0.05-0.4).
-    split_fractions: tuple[float, float] = (0.15, 0.15)
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
     # Cross-validation: K folds of the non-test patients (0: off; 2..MAX_FOLDS) and the fold
     # that is validation in this run (0..K-1).
     folds: int = 0

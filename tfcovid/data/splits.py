@@ -3,8 +3,8 @@ and stratified by class, with no patient in two splits (scikit-learn's Stratifie
 and written to the run as ``splits.csv`` so that evaluation repeats them exactly.
 
 ``data.split: patient`` keeps the splits the file gives. Test: the file's test rows; when the
-file gives no split at all, a ``data.split_fractions[1]`` share of the patients. Validation: the
-file's validation rows; when it has none, a ``data.split_fractions[0]`` share of the remaining
+file gives no split at all, a ``data.test_fraction`` share of the patients. Validation: the
+file's validation rows; when it has none, a ``data.validation_fraction`` share of the remaining
 (train and unassigned) patients, or with ``data.folds K`` fold ``data.fold`` of K folds of them.
 ``data.split: given`` uses the file's splits only.
 """
@@ -40,7 +40,7 @@ def _folds(classes, groups, k: int, seed: int) -> list[np.ndarray]:
     """The K folds' row indices: whole patients, each class spread over the folds."""
     if len(set(groups)) < k:
         raise DataError(f"Splitting by patient into {k} parts needs at least {k} patients; the data "
-                        f"has {len(set(groups))}. Use fewer folds or a larger data.split_fractions.")
+                        f"has {len(set(groups))}. Use fewer folds or larger data.validation_fraction / data.test_fraction.")
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # a class with fewer patients than folds: still split, less even
         warnings.simplefilter("ignore", UserWarning)
@@ -65,7 +65,7 @@ def assign(manifest: Manifest, data, seed: int, saved: Path | None = None) -> Ma
     Args:
         manifest: from ``label_files.read`` (or a folder tree, returned as it is when it needs
             nothing made).
-        data: a ``config.DataConfig`` (split, split_fractions, folds, fold).
+        data: a ``config.DataConfig`` (split, validation_fraction, test_fraction, folds, fold).
         seed: ``train.seed``: the same seed and file give the same splits.
         saved: a run's ``splits.csv``: the splits are read from it instead (evaluate, resume).
     """
@@ -90,11 +90,11 @@ def assign(manifest: Manifest, data, seed: int, saved: Path | None = None) -> Ma
     groups = [manifest.patients[p] for p in paths]
     rows, made = list(range(len(paths))), {}
     if "test" not in manifest.splits and len(given) == 0:
-        rows, made["test"] = _carve(rows, classes, groups, _parts(data.split_fractions[1]), 0, seed)
+        rows, made["test"] = _carve(rows, classes, groups, _parts(data.test_fraction), 0, seed)
     if data.folds:
         rows, made["validation"] = _carve(rows, classes, groups, data.folds, data.fold, seed)
     elif "validation" not in manifest.splits:
-        rows, made["validation"] = _carve(rows, classes, groups, _parts(data.split_fractions[0]), 0, seed)
+        rows, made["validation"] = _carve(rows, classes, groups, _parts(data.validation_fraction), 0, seed)
     made["train"] = rows
     splits = {n: s for n, s in manifest.splits.items() if n not in pool_names and n not in made}
     for name, chosen in made.items():
