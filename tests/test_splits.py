@@ -76,7 +76,7 @@ def test_fractions_set_the_share_of_patients():
 
 def test_given_test_split_stays_and_validation_comes_from_train():
     """COVIDx: train.txt and test.txt, no validation: validation is made from train by patient."""
-    manifest = _collection(named={"train": lambda n: range(0, n - 50), "test": lambda n: range(n - 50, n)})
+    manifest = _collection(named={"train": lambda n: range(n - 50), "test": lambda n: range(n - 50, n)})
     made = splits.assign(manifest, _data(), 0)
     assert made.splits["test"].paths == manifest.splits["test"].paths
     assert set(made.splits["train"].paths) | set(made.splits["validation"].paths) == set(manifest.splits["train"].paths)
@@ -144,7 +144,7 @@ def test_same_pixels_in_two_splits_are_an_error_unless_allowed(tmp_path):
     info.add_text("Comment", "copy")
     val = [_png(tmp_path / "v/a_copy.png", a, compress_level=0, pnginfo=info),
            _png(tmp_path / "v/c.png", 255 - b)]
-    assert open(train[0], "rb").read() != open(val[0], "rb").read()
+    assert (tmp_path / "t/a.png").read_bytes() != (tmp_path / "v/a_copy.png").read_bytes()
     manifest = Manifest(str(tmp_path), "binary", ("x",), ("x",),
                         {"train": Split("train", "t", tuple(train), None),
                          "validation": Split("validation", "v", tuple(val), None)})
@@ -185,8 +185,8 @@ def test_cv_runs_every_fold_by_patient_and_summarises(tmp_path):
     assert summary["folds"] == 2 and len(summary["validation"]["accuracy"]["values"]) == 2
     assert "per split and class: train: infected" in result.output
     runs = [p for p in sorted(folder.iterdir()) if p.is_dir()]
-    held = [set(r.split(",")[2] for r in (run / "splits.csv").read_text().splitlines()[1:]
-                if r.split(",")[1] == "validation") for run in runs]
+    held = [{r.split(",")[2] for r in (run / "splits.csv").read_text().splitlines()[1:]
+             if r.split(",")[1] == "validation"} for run in runs]
     assert held[0] and not held[0] & held[1]  # the folds' validation patients differ
     from tfcovid.inference import evaluate
     result = evaluate.evaluate(runs[1], split="validation", make_plots=False, log=lambda s: None)

@@ -81,7 +81,8 @@ with --task multilabel also {_preset(DEMO_MULTILABEL)}. Flags still override it.
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated images.")
 def demo_data(out, task, label_file, per_class, seed):
     """Write a synthetic chest-X-ray-like ImageFolder tree (with lesion masks) to OUT."""
-    from tfcovid.data import demo, demo_labels  # NumPy and Pillow: not needed for --help
+    # NumPy and Pillow: not needed for --help
+    from tfcovid.data import demo, demo_labels
 
     try:
         path = demo.make_demo_data(out, task=task, per_class=per_class, seed=seed)

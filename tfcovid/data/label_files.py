@@ -227,6 +227,7 @@ def _check_known(rows: list[Row], label_map: Mapping, labels: Sequence[str]) -> 
 
 def _notes(rows: list[Row]) -> tuple[str, ...]:
     if all(r.patient == r.path for r in rows):
-        return ("the label file has no patient_id column: each image counts as its own patient, so "
-                "two images of one patient can land in different splits (add patient_id)",)
+        note = ("the label file has no patient_id column: each image counts as its own patient, so "
+                "two images of one patient can land in different splits (add patient_id)")
+        return (note,)
     return ()

@@ -14,7 +14,6 @@ import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from PIL import Image
 
 from tfcovid.data.types import DataError, Manifest

@@ -20,9 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from tfcovid import config
-from tfcovid.data import checks, datasets, demo, records, types  # `data` is evaluate()'s argument, as in the CLI
+from tfcovid.data import (  # `data` is evaluate()'s argument, as in the CLI
+    checks,
+    datasets,
+    demo,
+    label_files,
+    records,
+    types,
+)
 from tfcovid.data import folders as data_folders
-from tfcovid.data import label_files, splits
+from tfcovid.data import splits as data_splits
 from tfcovid.models.outputs import decide, probabilities
 from tfcovid.results import plots, scores
 from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
@@ -129,9 +136,9 @@ def _label_file_split(root, trained, exp, label_map) -> types.Manifest:
     """A label file's images in the splits the run used (its splits.csv), else made as fit makes
     them from the run's settings (or the defaults)."""
     manifest = label_files.read(root, trained.task, trained.outputs, label_map)
-    saved = trained.run_dir / splits.FILE if trained.run_dir else None
+    saved = trained.run_dir / data_splits.FILE if trained.run_dir else None
     settings = exp if exp is not None else config.Experiment()
-    return splits.assign(manifest, settings.data, settings.train.seed, saved)
+    return data_splits.assign(manifest, settings.data, settings.train.seed, saved)
 
 
 def _usable(manifest: types.Manifest, exp, log, max_pixels: int | None = None) -> types.Split:

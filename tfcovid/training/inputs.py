@@ -11,7 +11,17 @@ import tensorflow as tf
 import yaml
 
 from tfcovid.config import Experiment
-from tfcovid.data import augment, checks, datasets, demo, label_files, leakage, records, splits, types
+from tfcovid.data import (
+    augment,
+    checks,
+    datasets,
+    demo,
+    label_files,
+    leakage,
+    records,
+    splits,
+    types,
+)
 from tfcovid.data import folders as data_folders
 from tfcovid.data.cache import Cache
 from tfcovid.data.folders import disease_class
