@@ -89,7 +89,8 @@ def check(manifest: Manifest, allow: bool, log=print) -> list[tuple[str, str, st
     """Report images repeated across splits; a DataError unless ``allow``. Returns the pairs."""
     pairs = duplicates(manifest)
     if not pairs:
-        log("Leakage check: no patient and no image (same decoded pixels) in two splits")
+        patients = "no patient and " if manifest.patients else ""
+        log(f"Leakage check: {patients}no image (same decoded pixels) in two splits")
         return pairs
     lines = [f"  {_shown(manifest, a)} ({x}) = {_shown(manifest, b)} ({y})" for x, a, y, b in pairs]
     more = len(lines) - SHOWN

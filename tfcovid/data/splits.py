@@ -101,7 +101,21 @@ def assign(manifest: Manifest, data, seed: int, saved: Path | None = None) -> Ma
         splits[name] = Split(name, manifest.splits[next(iter(manifest.splits))].dir,
                              tuple(paths[i] for i in chosen), labels[chosen],
                              tuple(classes[i] for i in chosen))
-    return replace(manifest, splits={n: splits[n] for n in ORDER if n in splits})
+    notes = tuple(_missing_classes(made, classes))
+    return replace(manifest, splits={n: splits[n] for n in ORDER if n in splits},
+                   problems=manifest.problems + notes)
+
+
+def _missing_classes(made: dict, classes: list[str]) -> list[str]:
+    """A note for each made split that lacks a class: too few patients to stratify."""
+    everything = sorted(set(classes))
+    notes = []
+    for name, chosen in made.items():
+        missing = [c for c in everything if c not in {classes[i] for i in chosen}]
+        if missing and name != "train":
+            notes.append(f"the {name} split made by patient has no images of {', '.join(missing)}: too "
+                         "few patients of that class to stratify (its figures for that class are missing)")
+    return notes
 
 
 def rows(manifest: Manifest) -> list[tuple[str, str, str, str]]:
