@@ -193,3 +193,23 @@ def test_cv_runs_every_fold_by_patient_and_summarises(tmp_path):
     trained = json.loads((runs[1] / "metrics.json").read_text())["splits"]["validation"]
     assert result["report"]["accuracy"] == pytest.approx(trained["accuracy"])
     assert result["report"]["n"] == trained["n"]
+
+
+def test_fit_stops_on_a_copied_image_before_training_and_names_the_pair(tmp_path):
+    """Phase 3 of fit (issue 24.6): a train image copied into validation stops the run, listed."""
+    from tfcovid.training import train
+    rng = np.random.default_rng(1)
+    rows = ["path,label,patient_id,split"]
+    for i in range(8):
+        split = "train" if i < 6 else "validation"
+        _png(tmp_path / f"img/{i}.png", rng.integers(0, 256, (20, 20), dtype=np.uint8))
+        rows.append(f"img/{i}.png,{'ab'[i % 2]},p{i},{split}")
+    (tmp_path / "img/copy.png").write_bytes((tmp_path / "img/0.png").read_bytes())
+    rows.append("img/copy.png,a,p9,validation")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    exp = config.resolve(None, {"data.dir": str(tmp_path / "labels.csv"), "model.backbone": "resnet18",
+                                "model.weights": "none", "data.image_size": 16, "train.batch_size": 2,
+                                "train.epochs": 1, "out": str(tmp_path / "runs"), "data.positive": "a"})
+    with pytest.raises(DataError, match=r"img/0.png \(train\) = img/copy.png \(validation\)"):
+        train.fit(exp, log=lambda s: None)
+    assert list((tmp_path / "runs").iterdir()) == []  # the run directory went with the run
