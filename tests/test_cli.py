@@ -107,6 +107,7 @@ CHOICES = {
     ("fit", "--task"): schema.TASKS, ("import-torch", "--task"): schema.TASKS,
     ("predict", "--task"): schema.TASKS,
 }
+CHOICES.update({("cv", option): choices for (name, option), choices in list(CHOICES.items()) if name == "fit"})
 
 
 def test_fixed_choices_are_the_configs_tuples():

@@ -368,3 +368,23 @@ def test_run_names_are_letters_digits_dash_underscore_dot(name, ok):
     with pytest.raises(ConfigError, match=r"^Bad value for 'name': ") as raised:
         config.resolve(None, flags)
     assert raised.value.args[0].isprintable() and len(raised.value.args[0]) < 300
+
+
+@pytest.mark.parametrize("flags, ok", [
+    ({"data.validation_fraction": 0.05}, True), ({"data.validation_fraction": 0.049}, False),
+    ({"data.validation_fraction": 0.4}, True), ({"data.validation_fraction": 0.401}, False),
+    ({"data.test_fraction": 0.05}, True), ({"data.test_fraction": 0.0}, False),
+    ({"data.test_fraction": 0.4}, True), ({"data.test_fraction": 0.41}, False),
+    ({"data.folds": 0}, True), ({"data.folds": 1}, False), ({"data.folds": 2}, True),
+    ({"data.folds": 20}, True), ({"data.folds": 21}, False), ({"data.folds": -1}, False),
+    ({"data.folds": 5, "data.fold": 4}, True), ({"data.folds": 5, "data.fold": 5}, False),
+    ({"data.folds": 5, "data.fold": -1}, False), ({"data.fold": 1}, False),
+    ({"data.split": "given"}, True), ({"data.split": "patient"}, True), ({"data.split": "image"}, False),
+])
+def test_split_keys_at_both_ends_of_their_ranges(flags, ok):
+    """data.split, the split shares and the folds (issue 24.5): the edges pass, just outside fails."""
+    if ok:
+        config.resolve(None, flags)
+    else:
+        with pytest.raises(ConfigError, match=rf"Bad value for '{list(flags)[-1]}'"):
+            config.resolve(None, flags)

@@ -55,6 +55,6 @@ def main() -> None:
     quiet_tensorflow()
 
 
-for _command in (train.demo_data, train.fit, train.prepare, train.configs, use.predict, use.evaluate,
+for _command in (train.demo_data, train.fit, train.cv, train.prepare, train.configs, use.predict, use.evaluate,
                  use.calibrate, use.export, use.explain, tools.report, tools.import_torch, tools.bench):
     main.add_command(_command)

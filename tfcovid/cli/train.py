@@ -17,6 +17,7 @@ from tfcovid.config.schema import (
     DEMO_MULTILABEL,
     DEMO_PRESET,
     LOSSES,
+    MAX_FOLDS,
     MAX_SEED,
     MIN_IMAGE_SIZE,
     OPTIMIZERS,
@@ -70,20 +71,26 @@ with --task multilabel also {_preset(DEMO_MULTILABEL)}. Flags still override it.
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--task", type=click.Choice(TASKS), default="binary", show_default=True,
               help="binary: infected/normal folders; multilabel: covid-19/normal/pneumonia.")
+@click.option("--label-file", is_flag=True, default=False,
+              help="Also write OUT/labels.csv: every image with a made-up patient id and no split, "
+                   "for fit --data OUT/labels.csv (docs/own-data.md).")
 @click.option("--per-class", type=click.IntRange(min=1), default=None,
               help="Train images per class (validation and test get a quarter each). "
                    f"Default: {DEMO_PRESET['data']['demo_per_class']} (binary), "
                    f"{DEMO_MULTILABEL['data']['demo_per_class']} (multilabel), as fit's demo preset.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated images.")
-def demo_data(out, task, per_class, seed):
+def demo_data(out, task, label_file, per_class, seed):
     """Write a synthetic chest-X-ray-like ImageFolder tree (with lesion masks) to OUT."""
-    from tfcovid.data import demo  # NumPy and Pillow: not needed for --help
+    # NumPy and Pillow: not needed for --help
+    from tfcovid.data import demo, demo_labels
 
     try:
         path = demo.make_demo_data(out, task=task, per_class=per_class, seed=seed)
     except (ValueError, FileExistsError) as err:
         fail(err)
     click.echo(f"Wrote the {task} demo dataset to {path} (lesion masks in {path / 'masks'}).")
+    if label_file:
+        click.echo(f"Wrote {demo_labels.write_label_file(path, seed)} (made-up patient ids, no splits).")
 
 
 @click.command(help=FIT_HELP)
@@ -91,7 +98,8 @@ def demo_data(out, task, per_class, seed):
               help="YAML config: a file, or an installed config's name (tfcovid configs lists them), "
                    "e.g. part1/vgg16_first7.yaml. Default: none (the built-in defaults).")
 @click.option("--data", "data__dir", default=None,
-              help=f"ImageFolder tree, prepared TFRecords, or 'demo' (the built-in synthetic set). "
+              help=f"ImageFolder tree, prepared TFRecords, a label file (FILE.csv, COVIDx train.txt; "
+                   f"docs/own-data.md) or 'demo' (the built-in synthetic set). "
                    f"{_default('data.dir')}")
 @click.option("--task", "data__task", type=click.Choice(TASKS), default=None,
               help=f"binary: infected/normal; multilabel: covid-19, normal, pneumonia (sigmoid outputs). "
@@ -144,6 +152,14 @@ def demo_data(out, task, per_class, seed):
 @click.option("--skip-bad", "data__skip_bad", is_flag=True, default=None,
               help="Leave out unusable image files (listed in the run's skipped.txt) instead of "
                    f"stopping. {_default('data.skip_bad')}")
+@click.option("--folds", "data__folds", type=click.IntRange(2, MAX_FOLDS), default=None,
+              help="Cross-validation: K folds by patient of a label file's non-test images (tfcovid cv "
+                   "runs them all). Default: none.")
+@click.option("--fold", "data__fold", type=click.IntRange(min=0), default=None,
+              help="With --folds K: the fold (0..K-1) that is validation in this run. Default: 0.")
+@click.option("--allow-duplicates", "data__allow_duplicates", is_flag=True, default=None,
+              help="Train even though images with the same pixels are in two splits (listed). "
+                   f"{_default('data.allow_duplicates')}")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue an interrupted run from its backup/ with its config.yaml (only --data may "
                    "be given with it: where the run's data is now).")
@@ -172,6 +188,33 @@ def fit(config_file, resume, assignments, **flags):
     except user_errors() as err:
         fail(err)
     click.echo(f"Done: {run}" if run else "Done (this worker's files were temporary; the chief wrote the run).")
+
+
+def _cv(config_file, assignments, folds, **flags):
+    """Cross-validation: fit once per fold of a label file's patients, then mean ± std."""
+    tensorflow()
+    from tfcovid.training import cv, train  # heavy: TensorFlow
+
+    try:
+        exp = config.resolve(config_file, {k.replace("__", "."): v for k, v in flags.items()},
+                             config.parse_assignments(assignments))
+        folder = cv.run(exp, folds, log=lambda s: click.echo(s))
+    except train.Interrupted as err:
+        click.echo(str(err), err=True)
+        sys.exit(err.exit_code)
+    except user_errors() as err:
+        fail(err)
+    click.echo(f"Done: {folder} (cv.json; one run per fold)")
+
+
+cv = click.Command(
+    "cv", callback=_cv,
+    help="Cross-validate: `fit` once per fold (--folds K, by patient, from a label file given with "
+         "--data), then the mean ± standard deviation of the validation and test figures, written "
+         "to cv.json beside the fold runs. Other options as fit's.",
+    params=[click.Option(["--folds"], type=click.IntRange(2, MAX_FOLDS), required=True,
+                         help="Number of folds (patients of the non-test images).")]
+    + [p for p in fit.params if p.name not in ("resume", "data__folds", "data__fold")])
 
 
 def _resume_config(run_dir, config_file, assignments, flags):

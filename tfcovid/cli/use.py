@@ -88,7 +88,8 @@ def predict(target, inputs, csv_file, csv_format, threshold, checkpoint, batch_s
 @click.command()
 @click.argument("target", metavar="RUN_DIR|MODEL")
 @click.option("--data", "data_dir", default=None,
-              help="ImageFolder tree (or 'demo'). Default: the run's own data.")
+              help="ImageFolder tree, label file (the run's splits.csv gives the split) or 'demo'. "
+                   "Default: the run's own data.")
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
               show_default=True, help="The labeled split to score.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,

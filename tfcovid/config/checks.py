@@ -12,11 +12,13 @@ from tfcovid.config.schema import (
     CONV_LAYERS,
     JIT_COMPILE,
     LOSSES,
+    MAX_FOLDS,
     MAX_SEED,
     MIN_IMAGE_SIZE,
     OPTIMIZERS,
     PRECISIONS,
     PREPROCESSING,
+    SPLIT_MODES,
     STRATEGIES,
     TASKS,
     ConfigError,
@@ -40,6 +42,7 @@ def validate(exp: Experiment) -> None:
     _check_names(exp)
     _check_ranges(exp)
     _check_task(exp)
+    _check_splits(exp.data)
 
 
 def _check_choices(exp: Experiment) -> None:
@@ -70,6 +73,21 @@ def _check_data(d: DataConfig) -> None:
     if d.decode_scale != 0 and d.decode_scale < 1:
         raise ConfigError(f"Bad value for 'data.decode_scale': {d.decode_scale}. Use 0 (full resolution) "
                           "or at least 1 (shorter side >= decode_scale x image_size).")
+
+
+def _check_splits(d: DataConfig) -> None:
+    """How a label file's splits are made: mode, fractions, folds (docs/own-data.md)."""
+    _check_choice("data.split", d.split, SPLIT_MODES)
+    low, high = 0.05, 0.4
+    for key, value in (("data.validation_fraction", d.validation_fraction), ("data.test_fraction", d.test_fraction)):
+        if not low <= value <= high:
+            raise ConfigError(f"Bad value for '{key}': {value}. Use {low} to {high} (a share of the patients).")
+    if d.folds != 0 and not 2 <= d.folds <= MAX_FOLDS:
+        raise ConfigError(f"Bad value for 'data.folds': {d.folds}. Use 0 (no cross-validation) or "
+                          f"2..{MAX_FOLDS} folds.")
+    if not 0 <= d.fold < max(d.folds, 1):
+        where = f"0..{d.folds - 1}" if d.folds else "0 (data.folds is 0: no cross-validation)"
+        raise ConfigError(f"Bad value for 'data.fold': {d.fold}. Use {where}.")
 
 
 def _check_freeze(m: ModelConfig) -> None:

@@ -43,6 +43,14 @@ JIT_COMPILE = ("auto", "true", "false")
 CACHES = ("auto", "memory", "disk", "none")
 
 
+# How a label file's train/validation/test are formed (data.split; docs/own-data.md): patient
+# keeps the splits the file gives and makes the missing ones by patient; given only keeps them.
+SPLIT_MODES = ("patient", "given")
+
+
+MAX_FOLDS = 20  # data.folds: more folds than this leave validation splits too small to mean much
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -105,6 +113,18 @@ class DataConfig:
     # A `tfcovid prepare` output: check every shard's sha256 against its manifest before training
     # (~0.7 GB/s locally, docs/performance.md); false checks only their sizes.
     verify_records: bool = True
+    # Train/validation/test from a label file (docs/own-data.md): patient | given.
+    split: str = "patient"
+    # The validation and test shares of the patients when data.split makes them (each 0.05-0.4).
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # Cross-validation: K folds of the non-test patients (0: off; 2..MAX_FOLDS) and the fold
+    # that is validation in this run (0..K-1).
+    folds: int = 0
+    fold: int = 0
+    # Images with the same decoded pixels in two splits: false stops fit with the pairs listed;
+    # true lets it train and lists them (the leakage report).
+    allow_duplicates: bool = False
 
 
 @dataclass(frozen=True)

@@ -326,7 +326,7 @@ def disease_class(positive: str, class_names) -> tuple[str, str | None]:
     names = list(class_names)
     if positive in names:
         return positive, None
-    others = [n for n in names if n.lower() != "normal"]
+    others = [n for n in names if n.lower() not in ("normal", "negative")]  # negative: COVIDx 9+
     if len(names) == 2 and len(others) == 1:
         return others[0], (f"disease class {others[0]!r}: data.positive {positive!r} is not a class "
                            f"folder ({', '.join(names)}), and {others[0]!r} is the one that is not "

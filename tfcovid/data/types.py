@@ -62,6 +62,8 @@ class Manifest:
     problems: tuple[str, ...] = ()  # things ignored on the way, reported to the user
     # Files that cannot be used, left out of the splits (scan(strict=False); see checks.verify).
     bad: tuple[BadFile, ...] = ()
+    # Label files (data/label_files.py): each image's patient id, by path ({} for folder trees).
+    patients: Mapping[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict:
         """Images per split and class folder."""

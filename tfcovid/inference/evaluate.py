@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from tfcovid import config
-from tfcovid.data import checks, datasets, demo, records, types  # `data` is evaluate()'s argument, as in the CLI
+from tfcovid.data import (  # `data` is evaluate()'s argument, as in the CLI
+    checks,
+    datasets,
+    demo,
+    label_files,
+    records,
+    types,
+)
 from tfcovid.data import folders as data_folders
+from tfcovid.data import splits as data_splits
 from tfcovid.models.outputs import decide, probabilities
 from tfcovid.results import plots, scores
 from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
@@ -91,8 +99,11 @@ def scan_split(root: Path, split: str, trained, exp=None,
         raise EvaluateError(f"Unknown split {split!r}. Valid splits: {', '.join(SPLITS)}.")
     label_map = exp.data.label_map if exp is not None else config.STUDY_LABEL_MAP
     try:
-        manifest = data_folders.scan(root, trained.task, trained.outputs, label_map, required=(split,),
-                               strict=False)
+        if label_files.is_label_file(root):  # the run's splits.csv repeats its splits exactly
+            manifest = _label_file_split(root, trained, exp, label_map)
+        else:
+            manifest = data_folders.scan(root, trained.task, trained.outputs, label_map, required=(split,),
+                                         strict=False)
     except types.ClassCountError as err:  # its advice (--task multilabel) is fit's, not ours
         raise EvaluateError(
             f"{trained.path} is a binary model with outputs {list(trained.outputs)}, but "
@@ -119,6 +130,15 @@ def scan_split(root: Path, split: str, trained, exp=None,
     for problem in manifest.problems:  # ignored system files, linked folders not followed
         log(f"note: {problem}")
     return manifest, _usable(checks.only_split(manifest, split), exp, log, max_pixels)
+
+
+def _label_file_split(root, trained, exp, label_map) -> types.Manifest:
+    """A label file's images in the splits the run used (its splits.csv), else made as fit makes
+    them from the run's settings (or the defaults)."""
+    manifest = label_files.read(root, trained.task, trained.outputs, label_map)
+    saved = trained.run_dir / data_splits.FILE if trained.run_dir else None
+    settings = exp if exp is not None else config.Experiment()
+    return data_splits.assign(manifest, settings.data, settings.train.seed, saved)
 
 
 def _usable(manifest: types.Manifest, exp, log, max_pixels: int | None = None) -> types.Split:

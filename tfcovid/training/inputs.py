@@ -11,7 +11,17 @@ import tensorflow as tf
 import yaml
 
 from tfcovid.config import Experiment
-from tfcovid.data import augment, checks, datasets, demo, records, types
+from tfcovid.data import (
+    augment,
+    checks,
+    datasets,
+    demo,
+    label_files,
+    leakage,
+    records,
+    splits,
+    types,
+)
 from tfcovid.data import folders as data_folders
 from tfcovid.data.cache import Cache
 from tfcovid.data.folders import disease_class
@@ -32,14 +42,22 @@ class Inputs:
     validation: tf.data.Dataset
 
 
-def load_manifest(exp: Experiment, log=print) -> types.Manifest:
-    """Scan the experiment's data (generating the demo set once, when asked for)."""
+def load_manifest(exp: Experiment, log=print, run_dir=None) -> types.Manifest:
+    """Scan the experiment's data (generating the demo set once, when asked for); a label file's
+    splits made by patient (or read from ``run_dir``'s splits.csv, when resumed), and checked
+    for patients in two splits."""
     d = exp.data
     root = d.dir
     if root == "demo":
         root = demo.ensure_demo_data(d.task, per_class=d.demo_per_class, log=log)
     # Unusable files come back in manifest.bad; fit() checks every file (checks.verify).
-    return data_folders.scan(root, d.task, d.labels, d.label_map, strict=False)
+    if label_files.is_label_file(root):
+        manifest = label_files.read(root, d.task, d.labels, d.label_map)
+    else:
+        manifest = data_folders.scan(root, d.task, d.labels, d.label_map, strict=False)
+    manifest = splits.assign(manifest, d, exp.train.seed, Path(run_dir) / splits.FILE if run_dir else None)
+    leakage.patients_in_two_splits(manifest)
+    return manifest
 
 
 def split_sizes(manifest: types.Manifest) -> dict[str, int]:
@@ -103,7 +121,9 @@ def _checked_data(exp: Experiment, run: Path, workers: int, log,
                   scanned: types.Manifest) -> tuple[Experiment, types.Manifest, dict]:
     """The manifest with every file checked and its notes logged; the binary task's disease class
     as the data names it."""
+    splits.write(scanned, run)  # before files are left out: resume and evaluate read it back
     manifest = checks.verify(scanned, exp.data, run, lambda line: log(f"      {line}"))
+    leakage.check(manifest, exp.data.allow_duplicates, lambda line: log(f"      {line}"))
     if exp.data.verify_records:  # a damaged shard named now, not at the end of epoch 1 or in [6/6]
         records.check_digests(manifest, lambda line: log(f"      {line}"))
     upsampled = records.upsampling_note(manifest, exp.data.image_size)
@@ -112,6 +132,7 @@ def _checked_data(exp: Experiment, run: Path, workers: int, log,
     counts = split_sizes(manifest)
     log(f"[3/6] Data: {manifest.root} ({exp.data.task}; outputs {', '.join(manifest.output_names)}; "
         f"images: {describe_sizes(counts)})")
+    log(f"      per split and class: {splits.describe_counts(manifest)}")
     preflight.check_batch_size(counts, exp.train.batch_size)  # again: --skip-bad may leave fewer
     if exp.data.task == "binary":
         positive, why = disease_class(exp.data.positive, manifest.class_names)

@@ -98,7 +98,7 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> Run:
             # The cheap checks of the data (the folder, its splits, a batch that the train split
             # can fill) before ImageNet weights are fetched (a download); every file is checked
             # in [3/6].
-            manifest = inputs.load_manifest(exp, log)
+            manifest = inputs.load_manifest(exp, log, run_dir)
             preflight.check_batch_size(inputs.split_sizes(manifest), exp.train.batch_size)
             _check_operating_point(exp, manifest)
             if exp.model.weights == "imagenet":  # ... and before a run directory exists

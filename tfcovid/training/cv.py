@@ -1,0 +1,68 @@
+"""Cross-validation: ``fit`` once per fold (in this process, one after the other), then the mean
+and standard deviation of each validation and test figure across the folds (``cv.json``).
+
+The folds are made by patient from a label file (``data.folds``, ``data.fold``: see
+``tfcovid.data.splits``); each fold's run lies in the cross-validation's folder as ``fold<i>``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tfcovid.config import Experiment
+from tfcovid.training import train
+from tfcovid.utils import atomic
+
+SKIPPED = ("n", "positive_index", "threshold")  # numbers in a report that are not figures
+
+
+def run(exp: Experiment, folds: int, log=print) -> Path:
+    """Train ``folds`` runs, fold 0 .. folds-1 as validation; return the folder holding them and
+    ``cv.json``."""
+    label = f"{exp.name}-cv{folds}" if exp.name else f"cv{folds}"
+    folder = train.new_run_dir(dataclasses.replace(exp, name=label))
+    runs = []
+    for fold in range(folds):
+        log(f"== Fold {fold + 1} of {folds} (validation: fold {fold}) ==")
+        data = dataclasses.replace(exp.data, folds=folds, fold=fold)
+        fold_exp = dataclasses.replace(exp, data=data, out=str(folder), name=f"fold{fold}")
+        runs.append(train.fit(fold_exp, log=log))
+    summary = summarise([json.loads((r / "metrics.json").read_text()) for r in runs])
+    summary["runs"] = [str(r) for r in runs]
+    atomic.atomic_write_text(folder / "cv.json", json.dumps(summary, indent=2))
+    for line in describe(summary):
+        log(line)
+    return folder
+
+
+def summarise(metrics: list[dict]) -> dict:
+    """{"folds": K, split: {figure: {"mean", "std", "values"}}} for validation and test: every
+    number of the splits' reports (std: the sample standard deviation, ddof=1)."""
+    out: dict = {"folds": len(metrics)}
+    for split in ("validation", "test"):
+        reports = [m["splits"][split] for m in metrics if split in m.get("splits", {})]
+        if len(reports) != len(metrics):
+            continue
+        figures = {}
+        for key, value in reports[0].items():
+            if key in SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            values = [float(r[key]) for r in reports if isinstance(r.get(key), (int, float))]
+            if len(values) == len(reports):
+                figures[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
+                                "values": values}
+        out[split] = figures
+    return out
+
+
+def describe(summary: dict) -> list[str]:
+    """One line per split: "validation: accuracy 0.875 ± 0.035, f1 ...", over K folds."""
+    lines = [f"Cross-validation over {summary['folds']} folds (mean ± standard deviation):"]
+    for split in ("validation", "test"):
+        if split in summary:
+            lines.append(f"  {split}: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}"
+                                                    for k, v in summary[split].items()))
+    return lines
