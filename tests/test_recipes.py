@@ -60,6 +60,12 @@ def test_defaults_keep_the_studys_recipe():
     opt = schedules.optimizer(t, 7)
     assert not opt.use_ema and float(opt.learning_rate) == pytest.approx(t.lr)
     assert recipes.monitor(config.Experiment()) == ("val_loss", "min")
+    assert recipes.describe(config.Experiment()) == ""  # fit's [5/6] line as before
+    recipe = config.from_dict({"train": {"schedule": "cosine", "warmup_epochs": 1, "ema": 0.99,
+                                         "early_stopping": "val_f1"}})
+    assert recipes.describe(recipe) == (", cosine schedule after 1 warm-up epoch, weight EMA 0.99, "
+                                        "early stopping on val_f1 (patience 5)")
+    assert recipes.monitor(recipe) == ("val_f1", "max")
 
 
 # ----------------------------------------------------------------------------- schedules

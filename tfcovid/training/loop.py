@@ -46,7 +46,7 @@ def train(run: Run, data: inputs.Inputs, built: BuiltModel) -> list[float]:
         log(f"[5/6] Training: done before ({plural(first, 'epoch')}); nothing left to train")
     else:
         log(f"[5/6] Training {plural(epochs, 'epoch')}, batch {batch}, {exp.train.optimizer} lr {exp.train.lr:g}, "
-            f"loss {exp.train.loss}{resuming}")
+            f"loss {exp.train.loss}{recipes.describe(exp)}{resuming}")
     if not run.scratch and first < epochs:
         log(f"      if interrupted, resume with: tfcovid fit --resume {run.dir}")
     try:

@@ -12,6 +12,7 @@ import numpy as np
 
 from tfcovid.config import Experiment
 from tfcovid.utils.atomic import atomic_save
+from tfcovid.utils.text import plural
 
 
 def monitor(exp: Experiment) -> tuple[str, str]:
@@ -19,6 +20,19 @@ def monitor(exp: Experiment) -> tuple[str, str]:
     the validation loss (the study's choice)."""
     metric = exp.train.early_stopping if exp.train.early_stopping != "none" else "val_loss"
     return metric, "min" if metric.endswith("loss") else "max"
+
+
+def describe(exp: Experiment) -> str:
+    """The recipe for phase 5's log line: "" for the study's (constant rate, no EMA, no early stop)."""
+    t, parts = exp.train, []
+    if t.schedule != "constant" or t.warmup_epochs:
+        parts.append(f"{t.schedule} schedule" + (f" after {plural(t.warmup_epochs, 'warm-up epoch')}"
+                                                 if t.warmup_epochs else ""))
+    if t.ema:
+        parts.append(f"weight EMA {t.ema:g}")
+    if t.early_stopping != "none":
+        parts.append(f"early stopping on {t.early_stopping} (patience {t.patience})")
+    return "".join(f", {part}" for part in parts)
 
 
 class LearningRateLog(keras.callbacks.Callback):
