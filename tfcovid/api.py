@@ -232,7 +232,7 @@ def load_model(path: str | Path, compile: bool = True) -> keras.Model:
 
 
 def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: float | None = None,
-            checkpoint: str = "last", batch_size: int = 32) -> Predictions:
+            checkpoint: str = "last", batch_size: int = 32, tta: str = "none") -> Predictions:
     """Predict image files and folders (walked recursively), as ``tfcovid predict`` does.
 
     Args:
@@ -243,6 +243,7 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
             thresholds; ``train.threshold`` unless chosen, see docs/operating-points.md).
         checkpoint: "last" or "best", for a run directory.
         batch_size: images per forward pass.
+        tta: "flip" averages each image's probabilities with its mirror image's (docs/beyond.md).
 
     Returns:
         :class:`tfcovid.inference.predict.Predictions`: ``.names`` and ``.probs`` (one row per
@@ -263,7 +264,8 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
     from tfcovid.inference import predict as inference_predict  # heavy: TensorFlow
 
     inputs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    result = inference_predict.predict(_trained(model_or_run, checkpoint), inputs, threshold, batch_size)
+    result = inference_predict.predict(_trained(model_or_run, checkpoint), inputs, threshold, batch_size,
+                                       tta=tta)
     if not result.names and not result.failed:
         kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
         raise ValueError(f"No images ({kinds}) found in {', '.join(map(str, inputs))}.")
@@ -271,7 +273,8 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
 
 
 def evaluate(run, data: str | Path | None = None, split: str = "test", checkpoint: str = "last",
-             out: str | Path | None = None, batch_size: int = 32, log: Callable[[str], Any] | None = print) -> dict:
+             out: str | Path | None = None, batch_size: int = 32, log: Callable[[str], Any] | None = print,
+             tta: str = "none") -> dict:
     """Recompute a trained model's metrics on one labeled split, as ``tfcovid evaluate`` does.
 
     Writes ``<split>.json``, ``<split>_predictions.csv`` and the split's plots to ``out``
@@ -286,6 +289,8 @@ def evaluate(run, data: str | Path | None = None, split: str = "test", checkpoin
         out: output folder.
         batch_size: images per prediction batch.
         log: where progress lines go; None for silence.
+        tta: "flip" averages each image's probabilities with its mirror image's; the files are
+            then ``<split>-tta*`` (docs/beyond.md).
 
     Returns:
         The dict written to ``<split>.json``: ``report`` (accuracy, F1, ...), ``diseases``
@@ -305,7 +310,7 @@ def evaluate(run, data: str | Path | None = None, split: str = "test", checkpoin
 
     target, checkpoint, task, labels = _target(run, checkpoint)
     return inference_evaluate.evaluate(target, data, split, out, checkpoint, batch_size, task, labels,
-                                       log=log or (lambda line: None))
+                                       log=log or (lambda line: None), tta=tta)
 
 
 def export(run, out: str | Path | None = None, format: str = "saved_model", checkpoint: str = "last",

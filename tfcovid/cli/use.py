@@ -21,6 +21,11 @@ from tfcovid.cli.common import (
 from tfcovid.config.schema import TASKS
 from tfcovid.utils.text import escape, one_line, plural
 
+# Test-time augmentation (issue 25.5; docs/beyond.md#recipes): one more pass per image.
+tta_option = click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+                          help="flip: average each image's probabilities with its left-right mirror's "
+                               "(twice the passes); recorded with the results.")
+
 
 @click.command()
 @click.argument("target", metavar="RUN_DIR|MODEL")
@@ -44,8 +49,9 @@ from tfcovid.utils.text import escape, one_line, plural
                                              "that does not record them.")
 @click.option("--table/--no-table", default=True, show_default=True, help="Print the predictions.")
 @max_pixels_option
+@tta_option
 def predict(target, inputs, csv_file, csv_format, threshold, checkpoint, batch_size, task, labels, table,
-            max_pixels):
+            max_pixels, tta):
     """Predict images and folders (walked recursively) with a run's model or a .keras file.
 
     Unreadable images are listed with the reason and the rest are still predicted; the exit
@@ -65,7 +71,9 @@ def predict(target, inputs, csv_file, csv_format, threshold, checkpoint, batch_s
     if csv_file and (problem := inference_predict.csv_format_problem(trained.task, trained.outputs,
                                                                       csv_format)):
         fail(ValueError(problem))
-    result = inference_predict.predict(trained, inputs, threshold, batch_size, max_pixels=max_pixels)
+    result = inference_predict.predict(trained, inputs, threshold, batch_size, max_pixels=max_pixels, tta=tta)
+    if tta != "none":
+        click.echo("note: probabilities averaged over each image and its mirror image (--tta flip)", err=True)
     if result.skipped:
         click.echo(f"note: skipped {len(result.skipped)} file(s) without an image extension "
                    f"({', '.join(map(escape, result.skipped[:3]))}{', ...' if len(result.skipped) > 3 else ''})",
@@ -99,7 +107,8 @@ def predict(target, inputs, csv_file, csv_format, threshold, checkpoint, batch_s
               help="Images per prediction batch.")
 @model_options
 @max_pixels_option
-def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_labels, max_pixels):
+@tta_option
+def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_labels, max_pixels, tta):
     """Recompute a model's metrics on one labeled split; write JSON, confusion matrices and ROC.
 
     Reports sensitivity and specificity of each disease class by name. Not for clinical use.
@@ -110,7 +119,8 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
 
     try:
         result = inference_evaluate.evaluate(target, data_dir, split, out, checkpoint, batch_size, task,
-                                             names(model_labels), log=click.echo, max_pixels=max_pixels)
+                                             names(model_labels), log=click.echo, max_pixels=max_pixels,
+                                             tta=tta)
     except trained_model_errors() as err:
         fail(err)
     click.echo(inference_evaluate.format_result(result))

@@ -10,6 +10,7 @@ from tfcovid.config.schema import (
     BACKBONES,
     CACHES,
     CONV_LAYERS,
+    EARLY_STOPPING,
     JIT_COMPILE,
     LOSSES,
     MAX_FOLDS,
@@ -18,6 +19,7 @@ from tfcovid.config.schema import (
     OPTIMIZERS,
     PRECISIONS,
     PREPROCESSING,
+    SCHEDULES,
     SPLIT_MODES,
     STRATEGIES,
     TASKS,
@@ -43,6 +45,7 @@ def validate(exp: Experiment) -> None:
     _check_ranges(exp)
     _check_task(exp)
     _check_splits(exp.data)
+    _check_recipe(exp)
 
 
 def _check_choices(exp: Experiment) -> None:
@@ -165,6 +168,27 @@ def _check_task(exp: Experiment) -> None:
                     f"Bad value for 'data.label_map': folder {shown(folder)} maps to {shown(unknown)}, which "
                     f"are not in data.labels ({', '.join(d.labels)}). Add them to data.labels."
                 )
+
+
+def _check_recipe(exp: Experiment) -> None:
+    """The schedule, early stopping and weight averaging (issue 25; docs/beyond.md#recipes)."""
+    t = exp.train
+    _check_choice("train.schedule", t.schedule, SCHEDULES)
+    _check_choice("train.early_stopping", t.early_stopping, ("none", *EARLY_STOPPING[exp.data.task]))
+    if not 0 <= t.warmup_epochs < t.epochs:
+        raise ConfigError(f"Bad value for 'train.warmup_epochs': {t.warmup_epochs}. Use 0 <= warmup_epochs "
+                          f"< train.epochs ({t.epochs}): the schedule needs at least one epoch after it.")
+    if t.step_epochs < 1:
+        raise ConfigError(f"Bad value for 'train.step_epochs': {t.step_epochs}. It must be at least 1.")
+    if not 0 < t.step_gamma <= 1:
+        raise ConfigError(f"Bad value for 'train.step_gamma': {t.step_gamma}. Use 0 < step_gamma <= 1 "
+                          "(the factor the rate is multiplied by every step_epochs epochs).")
+    if t.patience < 1:
+        raise ConfigError(f"Bad value for 'train.patience': {t.patience}. It must be at least 1 (epochs "
+                          "without improvement before early stopping).")
+    if not (t.ema == 0 or 0 < t.ema < 1):
+        raise ConfigError(f"Bad value for 'train.ema': {t.ema}. Use 0 (no weight averaging) or a momentum "
+                          "0 < ema < 1, e.g. 0.999.")
 
 
 def _check_names(exp: Experiment) -> None:

@@ -51,6 +51,14 @@ SPLIT_MODES = ("patient", "given")
 MAX_FOLDS = 20  # data.folds: more folds than this leave validation splits too small to mean much
 
 
+SCHEDULES = ("constant", "cosine", "step")  # train.schedule (docs/beyond.md#recipes)
+
+
+# train.early_stopping: the validation metrics fit logs, by task ("none": no early stopping).
+EARLY_STOPPING = {"binary": ("val_loss", "val_accuracy", "val_f1"),
+                  "multilabel": ("val_loss", "val_jaccard", "val_f1")}
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -178,6 +186,20 @@ class TrainConfig:
     # input pipeline is ordered either way, its shuffle and augmentation keyed on (seed, epoch,
     # image), so a resumed or repeated run sees the same batches in the same order.
     deterministic: bool = False
+    # The learning rate per optimizer step: constant | cosine (to 0 at the last step) | step
+    # (x step_gamma every step_epochs epochs), after warmup_epochs of linear warm-up from 0.
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    step_epochs: int = 10
+    step_gamma: float = 0.1
+    # Stop when this validation metric (EARLY_STOPPING; "none": never) has not improved for
+    # `patience` epochs; best.keras then follows it, and restore_best evaluates that epoch's model.
+    early_stopping: str = "none"
+    patience: int = 5
+    restore_best: bool = True
+    # Exponential moving average of the weights (Keras's optimizer use_ema): 0 off, e.g. 0.999;
+    # the averaged weights are the ones validated, checkpointed, evaluated and exported.
+    ema: float = 0.0
 
 
 @dataclass(frozen=True)

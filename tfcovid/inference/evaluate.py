@@ -30,6 +30,7 @@ from tfcovid.data import (  # `data` is evaluate()'s argument, as in the CLI
 )
 from tfcovid.data import folders as data_folders
 from tfcovid.data import splits as data_splits
+from tfcovid.models import tta as test_time
 from tfcovid.models.outputs import decide, probabilities
 from tfcovid.results import plots, scores
 from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
@@ -174,20 +175,27 @@ def default_out_dir(trained) -> Path:
     return trained.path.with_name(trained.path.stem + "-eval")
 
 
-def result_stem(trained, split: str) -> str:
+def result_stem(trained, split: str, tta: str = "none") -> str:
     """What the result files of ``split`` start with: ``<split>``, or ``<split>-best`` for a
-    run's best checkpoint, whose results must not replace the last checkpoint's."""
-    return f"{split}-best" if run_checkpoint(trained) == "best" else split
+    run's best checkpoint, whose results must not replace the last checkpoint's; ``-tta``
+    follows for test-time augmentation, beside the single-pass results."""
+    stem = f"{split}-best" if run_checkpoint(trained) == "best" else split
+    return stem + ("-tta" if tta != "none" else "")
 
 
-def predict_split(trained, split: types.Split, batch_size: int = 32) -> np.ndarray:
-    """Probabilities (n, outputs) for every image of ``split``, in file order."""
+def predict_split(trained, split: types.Split, batch_size: int = 32, tta: str = "none") -> np.ndarray:
+    """Probabilities (n, outputs) for every image of ``split``, in file order; ``tta`` "flip":
+    averaged with each mirror image's (models.tta)."""
 
     ds = datasets.dataset(split, trained.image_size, batch_size)
     if split.labeled:
         ds = ds.map(lambda x, y: x)
     try:
-        return probabilities(trained.model.predict(ds, verbose=0), trained.task)
+        probs = probabilities(trained.model.predict(ds, verbose=0), trained.task)
+        if test_time.check(tta) == "flip":
+            mirror = trained.model.predict(ds.map(test_time.mirrored), verbose=0)
+            probs = test_time.averaged(probs, probabilities(mirror, trained.task))
+        return probs
     except records.READ_ERRORS as err:
         records.explain_read_error(split.dir, err)  # a damaged prepared shard, named
         raise
@@ -206,7 +214,7 @@ def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, traine
 
 def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint: str = "last",
              batch_size: int = 32, task: str | None = None, labels=None, make_plots: bool = True,
-             log=print, max_pixels: int | None = None) -> dict:
+             log=print, max_pixels: int | None = None, tta: str = "none") -> dict:
     """Recompute a trained model's metrics on one labeled split and save them with plots.
 
     Args:
@@ -223,6 +231,8 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         log: where progress lines go.
         max_pixels: larger images are refused before decoding; None: the run's
             ``data.max_pixels`` (the default for a bare model).
+        tta: "flip" averages each image's probabilities with its mirror image's; the files
+            are then named ``<split>[-best]-tta*`` and the JSON records ``tta``.
 
     Returns:
         The JSON written to ``<out>/<split>.json``: model, checkpoint ("last", "best" or None
@@ -234,19 +244,20 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     Raises:
         EvaluateError, metadata.ModelInfoError, data.DataError: with what to do instead.
     """
+    test_time.check(tta)
     trained = metadata.load(run_or_model, checkpoint, task, labels)
     exp = run_config(trained.run_dir)
     root = data_root(data, exp, trained)
     manifest, chosen = scan_split(root, split, trained, exp, log, max_pixels)
     log(f"Evaluating {trained.path} on {chosen.dir} ({plural(len(chosen), 'image')}, {trained.task})")
-    probs = predict_split(trained, chosen, batch_size)
+    probs = predict_split(trained, chosen, batch_size, tta)
     report = scores.report(trained.task, chosen.labels, probs, trained.outputs, trained.positive,
                            trained.thresholds)  # at the model's operating point
     diseases = disease_classes(trained.task, trained.outputs, trained.positive)
 
     out = Path(out) if out is not None else default_out_dir(trained)
     out.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(trained, split)
+    stem = result_stem(trained, split, tta)
     earlier = {p for p in (out / f"{stem}.json", out / f"{stem}_predictions.csv",
                            out / f"{stem}_confusion.png", out / f"{stem}_roc.png") if p.exists()}
     files = [out / f"{stem}.json", out / f"{stem}_predictions.csv"]
@@ -264,6 +275,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         "task": trained.task,
         "outputs": list(trained.outputs),
         "operating_point": trained.operating_point,
+        "tta": tta,  # test-time augmentation: "flip" averages the image's and its mirror's
         "report": report,
         "diseases": disease_summary(report, trained.task, diseases),
         "files": [str(f) for f in files],

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfcovid import config
 from tfcovid.data import augment, bounds, checks, decode, folders
+from tfcovid.models import tta as test_time
 from tfcovid.models.outputs import decide, probabilities
 from tfcovid.utils.atomic import atomic_write_text
 from tfcovid.utils.text import csv_text, escape, not_utf8, plural
@@ -41,6 +42,7 @@ class Predictions:
     predicted: list = field(default_factory=list)  # binary: class name; multilabel: 0/1 tuple
     failed: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     skipped: list[str] = field(default_factory=list)  # files in folders that are not images
+    tta: str = "none"  # test-time augmentation: "flip" averages each image's and its mirror's
 
 
 def find_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]], list[str]]:
@@ -151,7 +153,7 @@ def tf_error_reason(err) -> str:
 
 
 def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | None = None,
-            batch_size: int = 32, log=None, max_pixels: int | None = None) -> Predictions:
+            batch_size: int = 32, log=None, max_pixels: int | None = None, tta: str = "none") -> Predictions:
     """Predict every image under ``inputs``.
 
     Args:
@@ -165,6 +167,7 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
         log: optional callable for progress lines.
         max_pixels: larger images are refused before decoding (``tfcovid.data.bounds``); None:
             the run's ``data.max_pixels`` (see :func:`pixel_limit`).
+        tta: "flip" averages each image's probabilities with its mirror image's (models.tta).
 
     Returns:
         Predictions, rows sorted by file name. Unreadable files are in ``failed``.
@@ -174,15 +177,20 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     thresholds = trained.thresholds if threshold is None else (float(threshold),) * len(trained.thresholds)
     found, failed, skipped = find_images(inputs)
     shown = thresholds[0] if len(set(thresholds)) == 1 else tuple(thresholds)
-    out = Predictions(trained.task, trained.outputs, shown, failed=failed, skipped=skipped)
+    out = Predictions(trained.task, trained.outputs, shown, failed=failed, skipped=skipped,
+                      tta=test_time.check(tta))
     resize = resizer(trained.image_size)
     limit = pixel_limit(trained, max_pixels)
     pixels, names, paths, probs = [], [], [], []
 
     def flush():
         if pixels:
-            logits = trained.model.predict_on_batch(np.stack(pixels))
-            probs.append(probabilities(logits, trained.task))
+            batch = np.stack(pixels)
+            batch_probs = probabilities(trained.model.predict_on_batch(batch), trained.task)
+            if tta == "flip":
+                mirror = probabilities(trained.model.predict_on_batch(test_time.mirrored(batch)), trained.task)
+                batch_probs = test_time.averaged(batch_probs, mirror)
+            probs.append(batch_probs)
             pixels.clear()
 
     for i, (name, path) in enumerate(sorted(found)):
@@ -227,7 +235,8 @@ def csv_format_problem(task: str, outputs: Sequence[str], csv_format: str) -> st
 def write_csv(result: Predictions, path: str | Path, csv_format: str = "labels") -> Path:
     """Write the CSV: binary ``filename,<class>...,predicted`` (probabilities); three-label
     ``filename,<label>...`` with 0/1 per label, or (``csv_format="study"``) the study's file,
-    ``filename,covid,normal,pneumonia`` with ``\n`` line ends. Text cells that a spreadsheet
+    ``filename,covid,normal,pneumonia`` with ``\n`` line ends; with test-time augmentation the
+    labels format ends in a ``tta`` column (``flip``), the study's stays as it is. Text cells that a spreadsheet
     would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR first) get a leading ``'``."""
     if (problem := csv_format_problem(result.task, result.outputs, csv_format)) is not None:
         raise ValueError(problem)
@@ -242,6 +251,8 @@ def write_csv(result: Predictions, path: str | Path, csv_format: str = "labels")
         header = STUDY_COLUMNS.values() if csv_format == "study" else map(csv_text, result.outputs)
         rows = [["filename", *header]]
         rows += [[name, *pred] for name, pred in zip(names, result.predicted)]
+    if result.tta != "none" and csv_format == "labels":  # recorded with the probabilities they give
+        rows = [[*rows[0], "tta"], *([*row, result.tta] for row in rows[1:])]
     text = io.StringIO()
     csv.writer(text, lineterminator="\n" if csv_format == "study" else "\r\n").writerows(rows)
     atomic_write_text(path, text.getvalue())

@@ -5,14 +5,14 @@ from __future__ import annotations
 import keras
 
 from tfcovid.config import Experiment
-from tfcovid.training import epoch_metrics, losses
+from tfcovid.training import epoch_metrics, losses, schedules
 
 
-def compile_model(model: keras.Model, exp: Experiment, positive_index: int) -> None:
-    """Compile with the experiment's optimiser, loss and the report's metrics (float32)."""
+def compile_model(model: keras.Model, exp: Experiment, positive_index: int, steps_per_epoch: int = 1) -> None:
+    """Compile with the experiment's optimiser, loss and the report's metrics (float32);
+    ``steps_per_epoch`` turns the learning-rate schedule's epochs into steps."""
     t = exp.train
-    optimizer = (keras.optimizers.SGD(t.lr, momentum=t.momentum) if t.optimizer == "sgd"
-                 else keras.optimizers.Adam(t.lr))
+    optimizer = schedules.optimizer(t, steps_per_epoch)
     # "sum" is not rescaled per replica by Keras, so it stays the global batch's sum under
     # tf.distribute too.
     reduction = "sum" if t.loss == "focal" and t.focal_reduction == "sum" else "sum_over_batch_size"

@@ -19,6 +19,7 @@ def register() -> None:
     import tfcovid.models.preprocess  # noqa: F401  heavy: Keras (the Preprocess layer)
     import tfcovid.training.epoch_metrics  # noqa: F401  (F1, Jaccard)
     import tfcovid.training.losses  # noqa: F401  (focal loss)
+    import tfcovid.training.schedules  # noqa: F401  (the step schedule's warm-up)
 
 
 def _register_or_warn() -> None:

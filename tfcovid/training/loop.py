@@ -8,7 +8,7 @@ import keras
 
 from tfcovid.data import records
 from tfcovid.training import callbacks as training_callbacks
-from tfcovid.training import distribute, inputs, run_state, stops
+from tfcovid.training import distribute, inputs, recipes, run_state, stops
 from tfcovid.training.callbacks import NaNGuard
 from tfcovid.training.context import BuiltModel, Run
 from tfcovid.training.stops import TrainingError
@@ -25,7 +25,9 @@ def train(run: Run, data: inputs.Inputs, built: BuiltModel) -> list[float]:
     exp, log, model = run.exp, run.log, built.model
     info = metadata.info_for(exp, data.manifest)
     signature = run_state.data_signature(data.manifest)
-    state = run_state.RunState(run.dir, embed=lambda path: metadata.embed(path, info), data=signature)
+    metric, mode = recipes.monitor(exp)  # best.keras: the early-stopping metric, else val_loss
+    state = run_state.RunState(run.dir, embed=lambda path: metadata.embed(path, info), data=signature,
+                               monitor=metric, mode=mode)
     with run.strategy.scope():
         first = state.restore(model)
     changes = run_state.data_changes(state.state.get("data"), signature)
@@ -36,20 +38,20 @@ def train(run: Run, data: inputs.Inputs, built: BuiltModel) -> list[float]:
             "this data."
         )
     guard, stop = NaNGuard(), run_state.StopOnSignal()
-    callbacks = callbacks_for(run, data, state, guard, stop)
+    callbacks = callbacks_for(run, data, state, guard, stop, resumed=first > 0)
+    epochs = first if recipes.stopped_early(state) else exp.train.epochs  # an early stop is the end
     batch = distribute.per_replica_batches(exp.train.batch_size, run.replicas)
     resuming = f", resuming after epoch {first}" if first else ""
-    epochs = plural(exp.train.epochs, "epoch")
-    if first >= exp.train.epochs:  # resumed after training ended (e.g. stopped in [6/6])
-        log(f"[5/6] Training: done before ({epochs}); nothing left to train")
+    if first >= epochs:  # resumed after training ended (e.g. stopped in [6/6])
+        log(f"[5/6] Training: done before ({plural(first, 'epoch')}); nothing left to train")
     else:
-        log(f"[5/6] Training {epochs}, batch {batch}, {exp.train.optimizer} lr {exp.train.lr:g}, "
-            f"loss {exp.train.loss}{resuming}")
-    if not run.scratch and first < exp.train.epochs:
+        log(f"[5/6] Training {plural(epochs, 'epoch')}, batch {batch}, {exp.train.optimizer} lr {exp.train.lr:g}, "
+            f"loss {exp.train.loss}{recipes.describe(exp)}{resuming}")
+    if not run.scratch and first < epochs:
         log(f"      if interrupted, resume with: tfcovid fit --resume {run.dir}")
     try:
         with stop:
-            model.fit(data.train, validation_data=data.validation, epochs=exp.train.epochs,
+            model.fit(data.train, validation_data=data.validation, epochs=epochs,
                       initial_epoch=first, callbacks=callbacks,
                       shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     except records.READ_ERRORS as err:
@@ -65,16 +67,22 @@ def train(run: Run, data: inputs.Inputs, built: BuiltModel) -> list[float]:
             f"The training loss became {value} at batch {bad_batch}; training stopped. Try a lower "
             f"--lr (now {exp.train.lr:g}) or --precision float32. Checkpoints so far are in {run.dir}."
         )
+    if (early := recipes.stopped_early(state)) is not None:
+        log(f"      stopped early after epoch {early['stopped_epoch']}: {early['reason']}")
+    recipes.restore_best(exp, run.dir, model, log)
     return state.seconds
 
 
-def callbacks_for(run: Run, data: inputs.Inputs, state, guard, stop) -> list[keras.callbacks.Callback]:
-    """Phase 5's callbacks, in the order Keras runs them at each epoch's end."""
+def callbacks_for(run: Run, data: inputs.Inputs, state, guard, stop,
+                  resumed: bool = False) -> list[keras.callbacks.Callback]:
+    """Phase 5's callbacks, in the order Keras runs them at each epoch's end (the recipe's:
+    early stopping, the weight average swapped in, the learning rate; before the commit)."""
     return [
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: data.epoch.assign(e)),
         keras.callbacks.TensorBoard(str(run.dir / "tensorboard"), update_freq="epoch", write_graph=False),
         training_callbacks.TensorBoardImages(run.dir / "tensorboard", run.exp, data.manifest, data.validation),
         guard,
+        *recipes.callbacks(run.exp, state, resumed),
         state,  # checkpoints, backup, history.csv: atomically, at each epoch's end
         # Keras's own progress bar, placed before the stop so that an epoch committed just as a
         # signal came still prints its line (Keras would append it after every callback).

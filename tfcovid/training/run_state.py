@@ -75,14 +75,15 @@ class RunState(keras.callbacks.Callback):
         run: the run directory.
         embed: called with each new ``.keras`` file before it is renamed into place (writes
             the model's task and label names into it).
-        monitor: the value whose minimum picks ``best.keras``.
+        monitor: the value whose minimum (``mode`` "max": maximum) picks ``best.keras``.
         data: the train and validation splits' ``data_signature``, committed with each epoch
             so that a resume can tell whether it is given the same data.
     """
 
     def __init__(self, run: str | Path, embed: Callable[[Path], None] | None = None,
-                 monitor: str = "val_loss", data: dict | None = None):
+                 monitor: str = "val_loss", data: dict | None = None, mode: str = "min"):
         super().__init__()
+        self.mode = mode
         self.data = data  # what the run trains on (``data_signature``), kept in every commit
         self.run = Path(run)
         self.backup = self.run / "backup"
@@ -133,7 +134,8 @@ class RunState(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._start
         value = logs.get(self.monitor)
         best = self.state["best"]
-        improved = value is not None and math.isfinite(value) and (best is None or value < best)
+        improved = value is not None and math.isfinite(value) and (
+            best is None or (value > best if self.mode == "max" else value < best))
 
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         last = self._save_model(self.checkpoints / "last.keras")

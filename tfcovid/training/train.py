@@ -16,7 +16,17 @@ from tfcovid.config import Experiment
 from tfcovid.data import types
 from tfcovid.models import apply_freeze, is_head_layer
 from tfcovid.results import operating_point
-from tfcovid.training import devices, distribute, finish, inputs, loop, preflight, stops
+from tfcovid.training import (
+    devices,
+    distribute,
+    finish,
+    inputs,
+    loop,
+    preflight,
+    recipes,
+    schedules,
+    stops,
+)
 from tfcovid.training.compile import compile_model
 from tfcovid.training.context import BuiltModel, Run, new_run_dir
 from tfcovid.training.stops import Interrupted, TrainingError
@@ -60,6 +70,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
             built = _build_model(run, data)  # [4/6]
             train_seconds = loop.train(run, data, built)  # [5/6]
             results = finish.evaluate(run, data, built.model)  # [6/6]
+            results.update(recipes.results(run.exp, run.dir))  # early stopping: when and why
             return finish.write_results(run, data, built, train_seconds, results)
     except Exception as err:
         _clean_up_after(run, err)
@@ -184,7 +195,8 @@ def _build_model(run: Run, data: inputs.Inputs) -> BuiltModel:
             m.backbone, len(data.manifest.output_names), exp.data.image_size, m.weights,
             m.preprocessing, m.head_units, name=f"tfcovid_{m.backbone}_{exp.data.task}")
         frozen = apply_freeze(model, m.freeze, is_head_layer)
-        compile_model(model, exp, data.positive_index)
+        compile_model(model, exp, data.positive_index,
+                      schedules.steps_per_epoch(data.train, data.counts["train"], exp.train.batch_size))
         synced = distribute.synchronize_batchnorm(model) if run.replicas > 1 else 0
         distribute.keras_multiworker_fixes(model, run.strategy)
         xla_note = distribute.fit_xla_to_strategy(model, run.strategy)
