@@ -43,6 +43,11 @@ JIT_COMPILE = ("auto", "true", "false")
 CACHES = ("auto", "memory", "disk", "none")
 
 
+# How 16-bit PNG samples become 8 bits (tfcovid.data.highbit, docs/dicom.md): "used" scales by
+# the bits the image uses (sBIT, else its largest value's). Recorded so a run says which rule.
+HIGH_BIT = ("used",)
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -105,6 +110,9 @@ class DataConfig:
     # A `tfcovid prepare` output: check every shard's sha256 against its manifest before training
     # (~0.7 GB/s locally, docs/performance.md); false checks only their sizes.
     verify_records: bool = True
+    # 16-bit PNGs to 8 bits (one of HIGH_BIT; docs/dicom.md): recorded in the run's config.yaml;
+    # predict, evaluate and explain apply the same rule.
+    high_bit: str = "used"
 
 
 @dataclass(frozen=True)

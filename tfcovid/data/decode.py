@@ -56,8 +56,8 @@ def _png16(data):
     sbit = tf.cond(tf.logical_and(tf.size(parts) == 2, tf.strings.length(parts[-1]) > 0),
                    lambda: tf.cast(tf.io.decode_raw(tf.strings.substr(parts[-1], 0, 1), tf.uint8)[0], tf.int32),
                    lambda: tf.constant(0))
-    fits = tf.logical_and(tf.logical_and(sbit >= 8, sbit <= 16), largest < tf.bitwise.left_shift(1, sbit))
-    bits = tf.where(fits, sbit, bits)
+    known = tf.logical_and(sbit >= 8, sbit <= 16)  # values past its bits: scaled up to 16 (PNG spec)
+    bits = tf.where(known, tf.where(largest < tf.bitwise.left_shift(1, sbit), sbit, 16), bits)
     return tf.cast(tf.bitwise.right_shift(image, tf.cast(bits - 8, tf.uint16)), tf.uint8)
 
 
