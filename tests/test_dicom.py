@@ -100,14 +100,14 @@ def test_real_radiograph_matches_pydicoms_own_luts(rg1):
 
 
 def test_jpeg2000_copies_decode_to_the_same_picture(rg1):
-    """Lossless J2K: the same pixels exactly. Lossy J2K: measured max 4 grey levels, mean
-    0.1 (bound: 8 and 0.5)."""
+    """Lossless J2K: the same pixels exactly. Lossy J2K: measured max 3 grey levels, mean 0.43,
+    1.5 % of pixels off by more than one (bounds: 6, 1.0 and 5 %)."""
     ours = _decode(rg1).astype(int)
     lossless = _decode(open(get_testdata_file("RG1_J2KR.dcm"), "rb").read())
     np.testing.assert_array_equal(lossless, ours)
     lossy = _decode(open(get_testdata_file("RG1_J2KI.dcm"), "rb").read()).astype(int)
     diff = np.abs(lossy - ours)
-    assert 0 < diff.max() <= 8 and diff.mean() < 0.5
+    assert 0 < diff.max() <= 6 and diff.mean() < 1.0 and (diff > 1).mean() < 0.05
 
 
 def test_predict_and_the_file_check_read_the_radiograph(rg1, binary_tree, tmp_path):
@@ -119,10 +119,9 @@ def test_predict_and_the_file_check_read_the_radiograph(rg1, binary_tree, tmp_pa
     result = CliRunner().invoke(main, ["predict", str(run), str(path), "--csv", str(out)])
     assert result.exit_code == 0, result.output
     row = out.read_text().splitlines()[1].split(",")
-    assert row[0].endswith("chest.dcm")
-    probs = [float(v) for v in row[1:] if v.replace(".", "", 1).replace("e-", "", 1).isdigit()]
-    expected = reference_probs(run, [path], "binary")[0]
-    assert min(abs(p - expected[0]) for p in probs) < 1e-4 or min(abs(p - expected[1]) for p in probs) < 1e-4
+    assert row[0].endswith("chest.dcm") and len(row) == 4
+    expected = reference_probs(run, [path], "binary")[0]  # the model on decode.load_image's pixels
+    np.testing.assert_allclose([float(v) for v in row[1:3]], expected, atol=2e-6)
     # The size bound applies to DICOM too, from its header (Rows x Columns), before decoding.
     refused = predict.load(path, 1955 * 1841 - 1, "--max-pixels")
     assert refused[1] is None and "1841×1955 = 3,599,155 pixels: larger than the limit" in refused[2]
@@ -192,6 +191,17 @@ def test_unusable_dicom_files_get_one_line_reasons(kind, reason, tmp_path):
         assert got is not None and got.startswith(reason) and "\n" not in got, got
 
 
+def test_compressed_without_a_decoder_says_what_would_read_it():
+    """JPEG Lossless (process 14), which neither Pillow nor pylibjpeg-openjpeg decodes: the
+    reason names the transfer syntax and pydicom's own list of decoders for it."""
+    raw = open(get_testdata_file("JPEG-LL.dcm"), "rb").read()
+    assert bounds.problem(raw, 10**8) is None  # the header is fine
+    with pytest.raises(dicom.DicomError) as raised:
+        dicom.to_uint8(raw)
+    assert str(raised.value).startswith("its pixel data is compressed as JPEG Lossless, Non-Hierarchical")
+    assert "pydicom can use: gdcm" in str(raised.value)
+
+
 def test_missing_pydicom_names_the_extra(monkeypatch, tmp_path):
     raw = _dicom_bytes(np.zeros((4, 4), np.uint16))
     monkeypatch.setattr(dicom, "pydicom", None)
@@ -223,6 +233,7 @@ def test_dicom_is_recognised_by_content_not_name(tmp_path):
     assert "has a .dcm name but is not a" in headers.quick_check(tmp_path / "b.dcm")
 
 
+@pytest.mark.slow
 def test_fit_on_a_tree_with_dicom_files(binary_tree, tmp_path):
     """A tiny fit (1 epoch, 32 px) on a tree whose images are partly DICOM: checked, decoded
     by the train and eval pipelines, evaluated."""

@@ -19,7 +19,7 @@ from tfcovid.data.signatures import DICOM_MAGIC, DICOM_MAGIC_AT, is_dicom  # noq
 
 try:  # optional: pip install "tfcovid[dicom]"
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 except ImportError:  # pragma: no cover - depends on the environment
     pydicom = None
 
@@ -96,9 +96,14 @@ def _stored(ds) -> np.ndarray:
     except Exception as err:  # noqa: BLE001  # no decoder, or damaged compressed data
         syntax = ds.file_meta.get("TransferSyntaxUID")
         name = getattr(syntax, "name", syntax)
-        if "missing" in str(err).lower() or "no pixel data handler" in str(err).lower():
+        try:  # pydicom's own list of what would decode it
+            missing = get_decoder(syntax).missing_dependencies if syntax else []
+        except (NotImplementedError, ValueError):
+            missing = []
+        if "missing" in str(err).lower() and missing:
             raise DicomError(f"its pixel data is compressed as {name}, which no installed "
-                             "decoder reads; see docs/dicom.md") from None
+                             f"decoder reads; pydicom can use: {'; '.join(missing)} "
+                             "(docs/dicom.md)") from None
         raise DicomError(f"cannot decode its pixel data ({name}): {_first_line(err)}") from None
     stored = int(ds.get("BitsStored", 0) or 0)
     if arr.dtype.kind in "ui" and 0 < stored < arr.dtype.itemsize * 8:
