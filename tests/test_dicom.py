@@ -4,9 +4,14 @@ The real radiograph is pydicom-data's RG1_UNCR.dcm (CR chest PA, MONOCHROME1, 15
 1955 x 1841) and its JPEG 2000 copies; the rest are small DICOMs written with pydicom here.
 """
 import io
+import re
+import shlex
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +20,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")  # the dicom extra is in the test extra: always there in CI
+from fake_run import make_run, reference_probs  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from fake_run import make_run, reference_probs  # noqa: E402
 from tfcovid import config  # noqa: E402
 from tfcovid.cli import main  # noqa: E402
 from tfcovid.config.schema import HIGH_BIT  # noqa: E402
@@ -29,6 +34,7 @@ from tfcovid.data.opencv import images  # noqa: E402
 from tfcovid.inference import predict  # noqa: E402
 
 RG1 = "RG1_UNCR.dcm"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "dicom.md"
 
 
 def _decode(raw: bytes) -> np.ndarray:
@@ -110,21 +116,42 @@ def test_jpeg2000_copies_decode_to_the_same_picture(rg1):
     assert 0 < diff.max() <= 6 and diff.mean() < 1.0 and (diff > 1).mean() < 0.05
 
 
-def test_predict_and_the_file_check_read_the_radiograph(rg1, binary_tree, tmp_path):
-    run = make_run(tmp_path, binary_tree, "binary", size=32, bias=[0.3, -0.2])
+def _worked_example():
+    """docs/dicom.md's worked example: its shell lines and its Python block."""
+    text = DOC.read_text().split("## Worked example", 1)[1]
+    (_, shell), (_, code) = re.findall(r"```(\w*)\n(.*?)```", text, re.S)[:2]
+    return shell.splitlines(), code
+
+
+def test_worked_example_predicts_the_radiograph(rg1, binary_tree, tmp_path, monkeypatch):
+    """docs/dicom.md's commands, run: the snippet finds the radiograph offline, predict gives
+    the model's probabilities on it (as on decode.load_image's pixels), the Python block
+    writes the 8-bit image; the file check passes it and the size bound refuses it one pixel
+    under its Rows x Columns and one under its decoded bytes, from the header."""
+    shell, code = _worked_example()
+    snippet = re.search(r"python -c '(.*?)'\)", shell[1]).group(1)
+    found = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True)
+    assert open(found.stdout.strip(), "rb").read() == rg1
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "chest.dcm"
     path.write_bytes(rg1)
-    assert checks.check_file(path, 150_000_000) is None
-    out = tmp_path / "p.csv"
-    result = CliRunner().invoke(main, ["predict", str(run), str(path), "--csv", str(out)])
+    run = make_run(tmp_path, binary_tree, "binary", size=32, bias=[0.3, -0.2])
+    command = shlex.split(shell[2])
+    assert command[:2] == ["tfcovid", "predict"] and "chest.dcm" in command
+    result = CliRunner().invoke(main, [str(run) if a == "runs/my-run" else a for a in command[1:]])
     assert result.exit_code == 0, result.output
-    row = out.read_text().splitlines()[1].split(",")
+    row = (tmp_path / "predictions.csv").read_text().splitlines()[1].split(",")
     assert row[0].endswith("chest.dcm") and len(row) == 4
     expected = reference_probs(run, [path], "binary")[0]  # the model on decode.load_image's pixels
     np.testing.assert_allclose([float(v) for v in row[1:3]], expected, atol=2e-6)
-    # The size bound applies to DICOM too, from its header (Rows x Columns), before decoding.
+    exec(code, {})
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "chest.png"))[..., None], dicom.to_uint8(rg1))
+    assert checks.check_file(path, 150_000_000) is None
     refused = predict.load(path, 1955 * 1841 - 1, "--max-pixels")
     assert refused[1] is None and "1841×1955 = 3,599,155 pixels: larger than the limit" in refused[2]
+    # 10 bytes a pixel (16-bit samples, float32 working copies): 35,991,550 bytes decoded.
+    assert "decodes to 35,991,550 bytes: larger than" in predict.load(path, 11_997_183)[2]
+    assert predict.load(path, 11_997_184)[2] is None  # 35,991,552 bytes allowed: read
 
 
 # ------------------------------------------------------------------ synthetic DICOM files
