@@ -338,3 +338,20 @@ def test_full_range_16_bit_pngs_keep_their_pixels():
     buf = io.BytesIO()
     Image.fromarray(v16).save(buf, "PNG")
     np.testing.assert_array_equal(_decode(buf.getvalue())[..., 0], (v16 >> 8).astype(np.uint8))
+
+
+def test_prepare_and_bench_decode_dicom_as_the_pipelines_do(tmp_path):
+    """`tfcovid prepare` stores a DICOM file's image (as a lossless PNG) and `tfcovid bench`'s
+    decode reads it: the same pixels as dicom.to_uint8."""
+    from tfcovid.bench import pipeline as bench_pipeline
+    from tfcovid.data import prepare
+
+    stored = np.random.default_rng(2).integers(0, 4096, (20, 24)).astype(np.uint16)
+    raw = _dicom_bytes(stored, "MONOCHROME1", bits_stored=12, WindowCenter=2000, WindowWidth=3000)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(raw)
+    encoded, channels = prepare._reencode(str(path), 0, "png", 95)
+    assert int(channels) == 1
+    np.testing.assert_array_equal(tf.io.decode_png(encoded).numpy(), dicom.to_uint8(raw))
+    first = next(iter(bench_pipeline.decode_only([str(path)])))
+    assert first.numpy().tolist() == [dicom.to_uint8(raw)[0, 0, 0]]  # a batch of one pixel
