@@ -355,3 +355,12 @@ def test_prepare_and_bench_decode_dicom_as_the_pipelines_do(tmp_path):
     np.testing.assert_array_equal(tf.io.decode_png(encoded).numpy(), dicom.to_uint8(raw))
     first = next(iter(bench_pipeline.decode_only([str(path)])))
     assert first.numpy().tolist() == [dicom.to_uint8(raw)[0, 0, 0]]  # a batch of one pixel
+
+
+def test_the_first_of_several_windows_is_used():
+    """A file offering two windows (as many CR/DX files do): the first one."""
+    stored = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    two = dicom.to_uint8(_dicom_bytes(stored, bits_stored=12, WindowCenter=[1000, 3000], WindowWidth=[801, 2001]))
+    first = dicom.to_uint8(_dicom_bytes(stored, bits_stored=12, WindowCenter=1000, WindowWidth=801))
+    np.testing.assert_array_equal(two, first)
+    assert (two == 255).mean() > 0.5  # 1000 +- 400 of 0..4080: most pixels above the window

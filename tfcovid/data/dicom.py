@@ -115,6 +115,14 @@ def _stored(ds) -> np.ndarray:
     return arr
 
 
+def _first(value) -> float:
+    """A window value, the first of several (a file may offer a choice of windows)."""
+    try:
+        return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError):
+        raise DicomError(f"damaged DICOM window value {value!r}") from None
+
+
 def _window(ds, x: np.ndarray) -> np.ndarray:
     """Modality values -> [0, 1] by the file's VOI LUT or first window, else the percentiles."""
     if "VOILUTSequence" in ds:
@@ -123,8 +131,7 @@ def _window(ds, x: np.ndarray) -> np.ndarray:
         bits = int(lut.LUTDescriptor[2])
         return out / float(max((1 << bits) - 1, 1))
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = (float(v[0] if getattr(v, "VM", 1) > 1 else v)
-                         for v in (ds["WindowCenter"].value, ds["WindowWidth"].value))
+        center, width = (_first(ds[key].value) for key in ("WindowCenter", "WindowWidth"))
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
         if function == "SIGMOID" and width > 0:
             return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
