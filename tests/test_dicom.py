@@ -364,3 +364,19 @@ def test_the_first_of_several_windows_is_used():
     first = dicom.to_uint8(_dicom_bytes(stored, bits_stored=12, WindowCenter=1000, WindowWidth=801))
     np.testing.assert_array_equal(two, first)
     assert (two == 255).mean() > 0.5  # 1000 +- 400 of 0..4080: most pixels above the window
+
+
+def test_voi_lut_sequence_is_applied_before_a_window():
+    """A VOI LUT Sequence (its first LUT, scaled by its output bits) is preferred to a window,
+    as pydicom's apply_voi_lut prefers it; stored values past the LUT take its last entry."""
+    from pydicom.sequence import Sequence
+
+    stored = np.arange(0, 256, 1, dtype=np.uint16).reshape(16, 16)
+    entries = (np.arange(128) * 2 % 1024).astype(np.uint16)  # 10-bit output, values 0..254
+    lut = Dataset()
+    lut.LUTDescriptor = [128, 0, 10]
+    lut.LUTData = entries.astype("<u2").tobytes()  # OW: 16-bit words
+    raw = _dicom_bytes(stored, VOILUTSequence=Sequence([lut]), WindowCenter=9999, WindowWidth=2)
+    got = dicom.to_uint8(raw)[..., 0].astype(float)
+    mapped = entries[np.minimum(stored, 127)] / 1023 * 255
+    assert np.abs(got - mapped).max() <= 0.5 and got.max() < 64

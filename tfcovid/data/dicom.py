@@ -127,7 +127,8 @@ def _window(ds, x: np.ndarray) -> np.ndarray:
     """Modality values -> [0, 1] by the file's VOI LUT or first window, else the percentiles."""
     if "VOILUTSequence" in ds:
         lut = ds.VOILUTSequence[0]
-        out = apply_voi_lut(x, ds, index=0, prefer_lut=True).astype(np.float32)
+        # A LUT is indexed by whole modality values: rounded (pydicom warns on floats).
+        out = apply_voi_lut(np.rint(x).astype(np.int32), ds, index=0, prefer_lut=True).astype(np.float32)
         bits = int(lut.LUTDescriptor[2])
         return out / float(max((1 << bits) - 1, 1))
     if "WindowCenter" in ds and "WindowWidth" in ds:
