@@ -11,6 +11,7 @@ from tfcovid.config.schema import (
     CACHES,
     CONV_LAYERS,
     EARLY_STOPPING,
+    HIGH_BIT,
     JIT_COMPILE,
     LOSSES,
     MAX_FOLDS,
@@ -61,6 +62,7 @@ def _check_choices(exp: Experiment) -> None:
     _check_choice("train.jit_compile", t.jit_compile.lower(), JIT_COMPILE)
     _check_choice("train.focal_reduction", t.focal_reduction, ("sum", "mean"))
     _check_choice("data.cache", d.cache, CACHES)
+    _check_choice("data.high_bit", d.high_bit, HIGH_BIT)
 
 
 def _check_data(d: DataConfig) -> None:

@@ -59,6 +59,11 @@ EARLY_STOPPING = {"binary": ("val_loss", "val_accuracy", "val_f1"),
                   "multilabel": ("val_loss", "val_jaccard", "val_f1")}
 
 
+# How 16-bit PNG samples become 8 bits (tfcovid.data.highbit, docs/dicom.md): "used" scales by
+# the bits the image uses (sBIT, else its largest value's). Recorded so a run says which rule.
+HIGH_BIT = ("used",)
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -133,6 +138,9 @@ class DataConfig:
     # Images with the same decoded pixels in two splits: false stops fit with the pairs listed;
     # true lets it train and lists them (the leakage report).
     allow_duplicates: bool = False
+    # 16-bit PNGs to 8 bits (one of HIGH_BIT; docs/dicom.md): recorded in the run's config.yaml;
+    # predict, evaluate and explain apply the same rule.
+    high_bit: str = "used"
 
 
 @dataclass(frozen=True)

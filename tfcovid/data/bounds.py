@@ -2,16 +2,16 @@
 
 ``data.max_pixels`` bounds the decoded image: at most that many pixels, and at most as many
 bytes as that many 8-bit RGB pixels (3 each). The bytes are what the decoders tfcovid uses
-(TensorFlow's, OpenCV's) allocate: a PNG's channels, alpha included (16-bit samples decode to
+(TensorFlow's, OpenCV's, pydicom's) allocate: a PNG's channels, alpha included (16-bit samples decode to
 8 bits); a progressive JPEG's coefficients too (2 bytes a sample, held for the whole image);
 a GIF's every frame (giflib reads them all, though only the first is used) on a canvas as
-large as its largest frame. Nothing is decoded here; no TensorFlow either.
+large as its largest frame; a DICOM image's samples and working copies. Nothing is decoded here; no TensorFlow either.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from tfcovid.data import headers
+from tfcovid.data import dicom, headers
 from tfcovid.data.headers import Unusable, _field
 
 BYTES_PER_PIXEL = 3  # the byte limit is data.max_pixels pixels of 8-bit RGB
@@ -109,7 +109,23 @@ def _gif(data: bytes) -> Decoded:
     return Decoded(width, height, width * height * 3 + raster, what, note, len(frames))
 
 
-_DECODED = {"PNG": _png, "JPEG": _jpeg, "BMP": _bmp, "GIF": _gif}
+# A DICOM decode holds the stored samples and a float32 working copy (4 bytes a pixel), and
+# the percentile window's sort another such copy: counted as 8 bytes a pixel beyond the samples.
+_DICOM_WORK = 8
+
+
+def _dicom(data: bytes) -> Decoded:
+    try:  # the header only: a colour, multi-frame or pixel-less file is refused here too
+        head = dicom.header(data)
+    except dicom.DicomError as err:
+        raise Unusable(str(err)) from None
+    per_pixel = head.bytes_per_sample + _DICOM_WORK
+    return Decoded(head.width, head.height, head.width * head.height * per_pixel,
+                   f"{8 * head.bytes_per_sample}-bit DICOM image (with its float working copies, "
+                   f"{per_pixel} bytes a pixel)")
+
+
+_DECODED = {"PNG": _png, "JPEG": _jpeg, "BMP": _bmp, "GIF": _gif, "DICOM": _dicom}
 
 
 def decoded(data: bytes, kind: str) -> Decoded:

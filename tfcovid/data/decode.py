@@ -1,24 +1,64 @@
-"""Decoding with TensorFlow's ops: JPEG/PNG/BMP/GIF, grey/RGB/RGBA, 8 or 16 bit -> uint8 RGB.
+"""Decoding with TensorFlow's ops: JPEG/PNG/BMP/GIF, grey/RGB/RGBA, 8 or 16 bit -> uint8 RGB;
+DICOM through ``data.dicom``.
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tfcovid.data import augment
+from tfcovid.data import augment, dicom
+from tfcovid.data.signatures import SIGNATURES
+
+PNG_MAGIC = SIGNATURES["PNG"][0]
 
 
-def decode_image(data):
-    """Decode JPEG/PNG/BMP/GIF bytes to uint8 (H, W, C) with C = 1 (grayscale) or 3 (RGB).
+def decode_image(data, dicom_files: bool = True):
+    """Decode JPEG/PNG/BMP/GIF (and DICOM) bytes to uint8 (H, W, C), C = 1 (grey) or 3 (RGB).
 
-    16-bit PNGs are scaled to 8 bits (decode_image converts dtypes by range), alpha is dropped,
-    a GIF gives its first frame. Grayscale stays one channel until the end of the pipeline,
+    16-bit PNGs are scaled to 8 bits by the bits they use (``highbit``), alpha is dropped,
+    a GIF gives its first frame, a DICOM file gives ``dicom.to_uint8``'s image (through
+    ``tf.numpy_function``: ``dicom_files=False`` leaves it out of graphs saved without Python,
+    the exported SavedModel's). Grayscale stays one channel until the end of the pipeline,
     which makes everything before that up to 3x cheaper.
     """
-    image = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
-    channels = tf.shape(image)[-1]
-    image = tf.cond(channels >= 3, lambda: image[..., :3], lambda: image[..., :1])
+    # The 132 first bytes, padded: substr past a short file's end would fail.
+    head = tf.strings.join([tf.strings.substr(data, 0, 132), b"\0" * 132])
+
+    def other():
+        is_png16 = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 8), PNG_MAGIC),
+                                  tf.equal(tf.strings.substr(head, 24, 1), b"\x10"))
+        image = tf.cond(is_png16, lambda: _png16(data), lambda: _one_or_three(
+            tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)))
+        image.set_shape([None, None, None])
+        return image
+
+    if not dicom_files:
+        return other()
+    is_dicom = tf.equal(tf.strings.substr(head, dicom.MAGIC_AT, 4), dicom.MAGIC)
+    image = tf.cond(is_dicom, lambda: tf.numpy_function(dicom.decode_tensor, [data], tf.uint8,
+                                                         stateful=False), other)
     image.set_shape([None, None, None])
     return image
+
+
+def _one_or_three(image):
+    image = tf.cond(tf.shape(image)[-1] >= 3, lambda: image[..., :3], lambda: image[..., :1])
+    image.set_shape([None, None, None])
+    return image
+
+
+def _png16(data):
+    """A 16-bit PNG to 8 bits by the bits it uses: ``highbit``'s rule in TensorFlow's ops."""
+    image = _one_or_three(tf.io.decode_png(data, channels=0, dtype=tf.uint16))
+    largest = tf.cast(tf.reduce_max(image), tf.int32)
+    length = tf.reduce_sum(tf.cast(largest >= tf.constant([1 << j for j in range(16)]), tf.int32))
+    bits = tf.maximum(8, (length + 1) // 2 * 2)
+    parts = tf.strings.split(tf.strings.split(data, "IDAT", maxsplit=1)[0], "sBIT", maxsplit=1)
+    sbit = tf.cond(tf.logical_and(tf.size(parts) == 2, tf.strings.length(parts[-1]) > 0),
+                   lambda: tf.cast(tf.io.decode_raw(tf.strings.substr(parts[-1], 0, 1), tf.uint8)[0], tf.int32),
+                   lambda: tf.constant(0))
+    known = tf.logical_and(sbit >= 8, sbit <= 16)  # values past its bits: scaled up to 16 (PNG spec)
+    bits = tf.where(known, tf.where(largest < tf.bitwise.left_shift(1, sbit), sbit, 16), bits)
+    return tf.cast(tf.bitwise.right_shift(image, tf.cast(bits - 8, tf.uint16)), tf.uint8)
 
 
 def one_channel_if_gray(image):

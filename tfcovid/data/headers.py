@@ -13,10 +13,10 @@ import stat
 import struct
 from pathlib import Path
 
-from tfcovid.data.signatures import SIGNATURES
+from tfcovid.data.signatures import DICOM_EXTENSIONS, SIGNATURES, is_dicom
 from tfcovid.utils.text import not_utf8
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif") + DICOM_EXTENSIONS
 
 
 # Written by file managers, never images: ignored (and counted) instead of reported.
@@ -30,8 +30,7 @@ _OTHER_SIGNATURES = (
 )
 
 
-_HINTS = {".dcm": "DICOM: convert it to PNG", ".dicom": "DICOM: convert it to PNG",
-          ".tif": "convert it to PNG", ".tiff": "convert it to PNG", ".webp": "convert it to PNG"}
+_HINTS = {".tif": "convert it to PNG", ".tiff": "convert it to PNG", ".webp": "convert it to PNG"}
 
 
 HEAD_BYTES = 132  # enough for every signature above and DICOM's "DICM" at byte 128
@@ -53,7 +52,10 @@ def read_bytes(path, limit: int = -1) -> bytes:
 
 
 def sniff(head: bytes) -> str | None:
-    """The image format a file's first bytes announce ("JPEG", "PNG", "BMP", "GIF"), or None."""
+    """The image format a file's first bytes announce ("DICOM", "JPEG", "PNG", "BMP", "GIF"),
+    or None. DICOM first: its 128-byte preamble may hold anything, another format's header too."""
+    if is_dicom(head):
+        return "DICOM"
     for kind, signatures in SIGNATURES.items():
         if any(head.startswith(s) for s in signatures):
             return kind
@@ -61,8 +63,6 @@ def sniff(head: bytes) -> str | None:
 
 
 def what_it_is(head: bytes) -> str:
-    if head[128:132] == b"DICM":
-        return "it is a DICOM file; convert it to PNG"
     for signature, what in _OTHER_SIGNATURES:
         if head.startswith(signature):
             return f"it is {what}"

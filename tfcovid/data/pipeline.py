@@ -100,6 +100,8 @@ def decode_base(data, min_side: int | None):
         return out
 
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), opencv_images.JPEG_MAGIC)
+    if_dicom = tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, 132), b"\0" * 132]), 128, 4)
+    is_jpeg = tf.logical_and(is_jpeg, tf.not_equal(if_dicom, b"DICM"))  # a preamble may look like one
     return tf.cond(is_jpeg, jpeg, other)
 
 

@@ -1,4 +1,4 @@
-"""Image file signatures (first bytes), shared by the file checks and the OpenCV decoders."""
+"""Image file signatures (first bytes), shared by the file checks, the decoders and OpenCV's."""
 from __future__ import annotations
 
 SIGNATURES = {
@@ -7,3 +7,13 @@ SIGNATURES = {
     "BMP": (b"BM",),
     "GIF": (b"GIF87a", b"GIF89a"),
 }
+
+
+# DICOM (Part 10): "DICM" after a 128-byte preamble; read by ``tfcovid.data.dicom``.
+DICOM_MAGIC_AT, DICOM_MAGIC = 128, b"DICM"
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
+
+def is_dicom(head: bytes) -> bool:
+    """Whether a file's first bytes (at least 132) are a DICOM file's."""
+    return head[DICOM_MAGIC_AT:DICOM_MAGIC_AT + 4] == DICOM_MAGIC

@@ -12,6 +12,9 @@ import numpy as np
 from PIL import Image
 
 from tfcovid.data.opencv import pixel_files
+from tfcovid.data.signatures import is_dicom
+
+HEAD_BYTES = 132
 
 _OVERHEAD = pixel_files.OVERHEAD  # bytes per cached image beyond its pixels: serialisation, table entry
 
@@ -34,9 +37,13 @@ class Header(NamedTuple):
 
 
 def header(path: str) -> Header | None:
-    """Read ``path``'s header (not its pixels); None when it cannot be read."""
+    """Read ``path``'s header (not its pixels); None when it cannot be read, or is a DICOM
+    file's (decoded by pydicom, planned from its pixels; its preamble may fool PIL)."""
     try:
         with Image.open(path) as im:
+            im.fp.seek(0)
+            if is_dicom(im.fp.read(HEAD_BYTES)):
+                return None
             width, height = im.size
             gray = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
             depth = 8

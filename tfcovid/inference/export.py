@@ -23,6 +23,9 @@ with antialiasing and rounded to whole values::
     x = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     x = tf.image.resize(x, (S, S), antialias=True)   # bilinear, antialiased
     x = np.clip(np.round(x.numpy()), 0, 255)          # whole values, as uint8 pixels hold them
+
+The SavedModel's encoded-bytes signature decodes JPEG/PNG/BMP/GIF in the graph; DICOM needs
+pydicom, so a DICOM file goes in as pixels: ``tfcovid.data.dicom.to_uint8`` (docs/dicom.md).
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ def _resize_round(images, size: int):
 
 
 def _decode_one(encoded, size: int):
-    image = data_decode.to_rgb_uint8(augment.resize_eval(data_decode.decode_image(encoded), size), size)
+    image = data_decode.to_rgb_uint8(augment.resize_eval(data_decode.decode_image(encoded, dicom_files=False), size), size)
     return tf.cast(image, tf.float32)
 
 

@@ -16,6 +16,7 @@ import weakref
 
 import numpy as np
 
+from tfcovid.data import highbit
 from tfcovid.data.signatures import SIGNATURES
 
 try:  # a dependency. Where it cannot be imported (no wheel for the platform, or a broken install
@@ -184,8 +185,8 @@ def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
     channels), RGB, or None for any other PNG (palette, 1-4 bits: TensorFlow's
     ``decode_base`` converts those) or a broken file.
 
-    The same pixels as ``pipeline.decode_base``: 16-bit samples become their high byte, as
-    TensorFlow's decode makes them, alpha is dropped; its repeated 2 x 2 box average in float,
+    The same pixels as ``pipeline.decode_base``: 16-bit samples are scaled by the bits they
+    use (``highbit``), as ``decode.decode_image`` scales them, alpha is dropped; its repeated 2 x 2 box average in float,
     with the odd last row or column dropped at each step, rounded once, is the mean of each
     2**h x 2**h block of the cropped image, which an area resize of the float image computes
     exactly (the sums are exact in float32; ``tests/test_pipeline.py`` checks both).
@@ -195,9 +196,14 @@ def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
             or data[25] not in _PNG_TYPES[channels]):
         return None
     flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    if data[24] == 16:  # decoded as 16 bits, scaled by the bits used (``highbit``)
+        flags |= cv2.IMREAD_ANYDEPTH
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         return None
+    if image.dtype == np.uint16:
+        bits = highbit.used_bits(int(image.max()), highbit.png_sbit(data))
+        image = np.right_shift(image, bits - 8).astype(np.uint8)
     if channels == 3:
         cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
     if halvings:
