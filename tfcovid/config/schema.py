@@ -158,6 +158,9 @@ class TrainConfig:
     # input pipeline is ordered either way, its shuffle and augmentation keyed on (seed, epoch,
     # image), so a resumed or repeated run sees the same batches in the same order.
     deterministic: bool = False
+    # Bootstrap resamples of the 95 % intervals in metrics.json and evaluate (seeded with seed;
+    # results/uncertainty.py); 0: no intervals. 100 to 100,000 otherwise.
+    bootstrap_resamples: int = 1000
 
 
 @dataclass(frozen=True)
