@@ -269,10 +269,10 @@ def refresh(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, st
     return written, failed
 
 
-def for_export(run: Path | None, checkpoint: str | None) -> str | None:
-    """The card an export carries: the run's (written again from metrics.json when it has none),
-    with a note when the exported model is not the one its figures describe; None without a
-    finished run."""
+def for_export(run: Path | None, model: Path) -> str | None:
+    """The card an export of ``model`` carries: its run's, rendered from metrics.json (so also for
+    a run from before cards), with a note when ``model`` is not the checkpoints/last.keras its
+    figures describe; None without a finished run."""
     if run is None:
         return None
     try:
@@ -280,7 +280,7 @@ def for_export(run: Path | None, checkpoint: str | None) -> str | None:
     except tables.ReportError:
         return None
     card = render(config, summary, Path(run).name)
-    if checkpoint != "last":
-        card += (f"\nNote: this export is of `{'checkpoints/best.keras' if checkpoint == 'best' else 'another model file'}`"
-                 "; the figures above are of `checkpoints/last.keras`.\n")
+    if Path(model).resolve() != (Path(run) / "checkpoints" / "last.keras").resolve():
+        shown = Path(model).relative_to(run) if Path(model).is_relative_to(run) else Path(model).name
+        card += f"\nNote: this export is of `{shown}`; the figures above are of `checkpoints/last.keras`.\n"
     return card
