@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 from click.testing import CliRunner
+from fake_run import make_run
 
 from tfcovid import config
 from tfcovid.cli import main
+from tfcovid.inference import calibrate
 from tfcovid.results import model_card, operating_point, scores
 from tfcovid.training import train
 
@@ -118,3 +120,14 @@ def test_an_export_carries_the_card_and_says_which_checkpoint(tmp_path):
     assert model_card.for_export(None, tmp_path / "bare.keras") is None
     (run / "metrics.json").unlink()  # an unfinished run: no card
     assert model_card.for_export(run, run / "checkpoints" / "last.keras") is None
+
+
+def test_calibrate_writes_the_card_with_the_new_point(binary_tree, tmp_path):
+    run = make_run(tmp_path, binary_tree, "binary", bias=[0.2, -0.2])
+    (run / "metrics.json").write_text(json.dumps({"task": "binary", "outputs": ["infected", "normal"],
+                                                  "epochs": 1, "train_seconds": 1.0, "splits": {"validation": {}}}))
+    calibrate.calibrate(run, "0.3", log=lambda s: None)
+    summary, card = json.loads((run / "metrics.json").read_text()), (run / "MODEL_CARD.md").read_text()
+    r = summary["splits"]["validation"]
+    assert r["threshold"] == 0.3 and "Fixed (`0.3`), not chosen from data." in card
+    assert f"| validation | 4 | {100 * r['accuracy']:.1f} % (" in card and "| validation | 4 | 2 | 2 |" in card

@@ -66,5 +66,6 @@ def _rescore(trained, point: dict, root: Path, exp, batch_size: int, log, max_pi
                                  f"{trained.run_dir.name} — {split}")
     summary["operating_point"] = point
     atomic_write_text(path, json.dumps(summary, indent=2))
-    model_card.write(trained.run_dir)  # the card shows the new point and figures
+    for _, why in model_card.refresh([trained.run_dir])[1]:  # the card: the new point and figures
+        log(f"note: {why}")
     log(f"Rescored {', '.join(summary['splits'])} in {path} at the new operating point.")

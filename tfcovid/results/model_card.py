@@ -129,16 +129,16 @@ def _recipe(config: dict, summary: dict) -> list[str]:
     if summary.get("trainable_params") is not None:
         rows.append(("Parameters", f"{summary['trainable_params']:,} trainable of {summary.get('total_params', 0):,}"))
     if summary.get("train_seconds") is not None:
-        rows.append(("Training time", f"{tables.format_duration(summary['train_seconds'])} "
-                                      f"({summary.get('replicas', 1)} replica(s))"))
+        took = f"{tables.format_duration(summary['train_seconds'])} ({summary.get('replicas', 1)} replica(s))"
+        rows.append(("Training time", took))
     return ["## Recipe", "", *_table(["setting", "value"], rows), ""]
 
 
 def _operating_point(summary: dict) -> list[str]:
     point = summary.get("operating_point")
     if not point:
-        return ["## Operating point", "", "Not recorded (a run from before operating points): the "
-                "figures are at `train.threshold`, 0.5 unless set.", ""]
+        return ["## Operating point", "", ("Not recorded (a run from before operating points): the "
+                                           "figures are at `train.threshold`, 0.5 unless set."), ""]
     how = ("Chosen on the validation split, never on test, with `train.operating_point` "
            f"(`{point['method']}`; docs/operating-points.md)." if point.get("chosen_on")
            else f"Fixed (`{point['method']}`), not chosen from data.")
@@ -156,8 +156,8 @@ def _binary_figures(summary: dict) -> list[str]:
                      _with_interval(r.get("roc_auc"), ci.get("roc_auc"), False),
                      _num(r.get("average_precision")), _num(r.get("brier")), _num(r.get("ece"))])
     positive = next(iter(summary["splits"].values()))["positive_class"]
-    return [f"Disease class `{positive}`: sensitivity, specificity, F1, ROC AUC, PR AUC (average "
-            "precision), Brier score and ECE of its probability.", "",
+    return [(f"Disease class `{positive}`: sensitivity, specificity, F1, ROC AUC, PR AUC (average "
+             "precision), Brier score and ECE of its probability."), "",
             *_table(["split", "images", "accuracy", "sensitivity", "specificity", "F1", "ROC AUC",
                      "PR AUC", "Brier", "ECE"], rows)]
 
@@ -219,9 +219,9 @@ def _figures(summary: dict) -> list[str]:
 def _calibration(summary: dict) -> list[str]:
     cal = summary.get("calibration")
     if not cal:
-        return ["## Calibration", "", "Not calibrated: the probabilities are the trained model's "
-                "softmax / sigmoid outputs. How far they are from observed frequencies: the ECE and "
-                "Brier columns above.", ""]
+        return ["## Calibration", "", ("Not calibrated: the probabilities are the trained model's "
+                                       "softmax / sigmoid outputs. How far they are from observed "
+                                       "frequencies: the ECE and Brier columns above."), ""]
     rows = [(key.replace("_", " "), _num(cal[key], 4) if isinstance(cal[key], float) else cal[key])
             for key in ("method", "temperature", "fitted_on", "nll_before", "nll_after",
                         "ece_before", "ece_after") if key in cal]
@@ -234,9 +234,9 @@ def render(config: dict, summary: dict, name: str) -> str:
             else "three-label (" + ", ".join(summary.get("outputs") or []) + ")")
     return "\n".join([
         f"# Model card: {name}", "", f"**{NOT_CLINICAL}**", "",
-        f"Task: {task}. The model file is `checkpoints/last.keras`; the figures are of it "
-        "(metrics.json). Written by tfcovid from config.yaml and metrics.json; `tfcovid report "
-        "RUN` writes it again.", "",
+        (f"Task: {task}. The model file is `checkpoints/last.keras`; the figures are of it "
+         "(metrics.json). Written by tfcovid from config.yaml and metrics.json; `tfcovid report "
+         "RUN` writes it again."), "",
         *_data(config, summary), *_recipe(config, summary), *_operating_point(summary),
         *_figures(summary), *_calibration(summary),
         "## Intended use", "", INTENDED_USE, "", f"**{NOT_CLINICAL}**", ""])

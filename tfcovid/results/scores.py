@@ -199,6 +199,55 @@ def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] 
     Raises:
         ValueError: on mismatched shapes, non-0/1 targets or a threshold outside (0, 1).
     """
+    y_true, probs, labels, thresholds = _multilabel_inputs(y_true, probs, labels, threshold)
+    y_pred = decide(probs, "multilabel", thresholds.tolist())
+
+    jaccard = float(skm.jaccard_score(y_true, y_pred, average="samples", zero_division=0))
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, average="samples", zero_division=0
+    )
+    lab_p, lab_r, lab_f, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, average=None, labels=list(range(len(labels))), zero_division=0
+    )
+    mcm = skm.multilabel_confusion_matrix(y_true, y_pred)
+    means, extra = _multilabel_uncertainty(y_true > 0, probs, y_pred > 0, labels, resamples, seed)
+
+    per_label = {}
+    for i, name in enumerate(labels):
+        (tn, fp), (fn, tp) = mcm[i]
+        per_label[name] = {
+            "f1": float(lab_f[i]),
+            "precision": float(lab_p[i]),
+            "recall": float(lab_r[i]),
+            "sensitivity": float(lab_r[i]),
+            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+            "support": int(tp + fn),
+            "roc_auc": _auc_or_none(y_true[:, i], probs[:, i]),
+            "threshold": float(thresholds[i]),
+            "confusion_matrix": _ints(mcm[i]),
+            **extra[name],
+        }
+
+    return {
+        "n": int(y_true.shape[0]),
+        "threshold": float(thresholds[0]) if np.all(thresholds == thresholds[0]) else _floats(thresholds),
+        "labels": labels,
+        "jaccard_samples": jaccard,
+        "accuracy": jaccard,
+        "f1": float(f1),
+        "precision": float(precision),
+        "recall": float(recall),
+        "exact_match": float(skm.accuracy_score(y_true, y_pred)),
+        "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
+        "per_label": per_label,
+        "intervals": means,
+        "uncertainty": uncertainty.described(resamples, seed),
+    }
+
+
+def _multilabel_inputs(y_true, probs, labels, threshold):
+    """``multilabel_report``'s arguments checked: (n, L) int64 targets, float64 probabilities,
+    the label names as strings and one threshold per label."""
     labels = [str(c) for c in labels]
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
@@ -218,53 +267,17 @@ def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] 
     thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(labels),))
     if not np.all((thresholds > 0.0) & (thresholds < 1.0)):
         raise ValueError(f"threshold must be in (0, 1). Received: threshold={threshold}")
-    y_true = y_true.astype(np.int64)
-    y_pred = decide(probs, "multilabel", thresholds.tolist())
+    return y_true.astype(np.int64), probs, labels, thresholds
 
-    jaccard = float(skm.jaccard_score(y_true, y_pred, average="samples", zero_division=0))
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, average="samples", zero_division=0
-    )
-    lab_p, lab_r, lab_f, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, average=None, labels=list(range(len(labels))), zero_division=0
-    )
-    mcm = skm.multilabel_confusion_matrix(y_true, y_pred)
+
+def _multilabel_uncertainty(y_true, probs, y_pred, labels, resamples: int, seed: int) -> tuple[dict, dict]:
+    """The three-label report's intervals of the sample-averaged figures, and per label its
+    average precision, Brier score, ECE and intervals (issue 23.4)."""
     means, columns = uncertainty.bootstrap(
-        {name: (y_true[:, i] > 0, probs[:, i], y_pred[:, i] > 0) for i, name in enumerate(labels)},
-        uncertainty.per_sample_multilabel(y_true > 0, y_pred > 0), y_true.shape[0], resamples, seed)
-
-    per_label = {}
-    for i, name in enumerate(labels):
-        (tn, fp), (fn, tp) = mcm[i]
-        per_label[name] = {
-            "f1": float(lab_f[i]),
-            "precision": float(lab_p[i]),
-            "recall": float(lab_r[i]),
-            "sensitivity": float(lab_r[i]),
-            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
-            "support": int(tp + fn),
-            "roc_auc": _auc_or_none(y_true[:, i], probs[:, i]),
-            "threshold": float(thresholds[i]),
-            "confusion_matrix": _ints(mcm[i]),
-            **uncertainty.point_figures(y_true[:, i] > 0, probs[:, i]),
-            "intervals": columns.get(name, {}),
-        }
-
-    return {
-        "n": int(y_true.shape[0]),
-        "threshold": float(thresholds[0]) if np.all(thresholds == thresholds[0]) else _floats(thresholds),
-        "labels": labels,
-        "jaccard_samples": jaccard,
-        "accuracy": jaccard,
-        "f1": float(f1),
-        "precision": float(precision),
-        "recall": float(recall),
-        "exact_match": float(skm.accuracy_score(y_true, y_pred)),
-        "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
-        "per_label": per_label,
-        "intervals": means,
-        "uncertainty": uncertainty.described(resamples, seed),
-    }
+        {name: (y_true[:, i], probs[:, i], y_pred[:, i]) for i, name in enumerate(labels)},
+        uncertainty.per_sample_multilabel(y_true, y_pred), y_true.shape[0], resamples, seed)
+    return means, {name: {**uncertainty.point_figures(y_true[:, i], probs[:, i]),
+                          "intervals": columns.get(name, {})} for i, name in enumerate(labels)}
 
 
 def report(task: str, y_true, probs, outputs, positive: str | None, thresholds,
