@@ -88,11 +88,16 @@ def test_calibration_is_shown_when_metrics_json_has_it(tmp_path):
     assert "| ece after | 0.0400 |" in section and "Not calibrated" not in section
 
 
-def test_table_cells_cannot_break_the_markdown(tmp_path):
-    run = _run(tmp_path, **{"data.dir": "/data/a|b\nc"})
+def test_names_cannot_break_the_markdown(tmp_path):
+    run = _run(tmp_path, **{"data.dir": "/data/a|b\n# heading `x`"})
     card = model_card.write(run).read_text()
-    assert "- Images: `/data/a|b\nc`" in card  # not a table: left as is
+    assert "- Images: `/data/a|b # heading 'x'`" in card and "\n# heading" not in card
     assert model_card._row(["x|y", "two\nlines"]) == "| x\\|y | two lines |"
+    summary = json.loads((run / "metrics.json").read_text())  # class folders named to break it
+    summary["outputs"] = ["in|fected\n## x", "normal" + "`" * 3]
+    card = model_card.render(config.load_yaml(run / "config.yaml"), summary, "r\nun")
+    assert "| split | images | in\\|fected ## x | normal" + "'" * 3 + " |" in card and "\n## x" not in card
+    assert card.startswith("# Model card: r un\n") and card.count("`" * 3) == 2  # the operating point's block
 
 
 def test_report_writes_the_cards_again(tmp_path):

@@ -46,6 +46,12 @@ def _with_interval(value, shown: dict | None, percent: bool) -> str:
     return f"{cell} ({scale * shown['low']:.{digits}f}–{scale * shown['high']:.{digits}f})"
 
 
+def _inline(value) -> str:
+    """A name or value inside a line of prose or code: line breaks folded, backticks made quotes,
+    so a folder name cannot start a heading or close a code span or block."""
+    return " ".join(str(value).split()).replace("`", "'")
+
+
 def _row(cells) -> str:
     # Names come from folders and config values: a | or a line break would break the table.
     return "| " + " | ".join(" ".join(str(c).split()).replace("|", "\\|") for c in cells) + " |"
@@ -64,17 +70,17 @@ def _data(config: dict, summary: dict) -> list[str]:
     """Where the images came from, how the splits were made, images per split and class."""
     data, task, splits = config.get("data", {}), summary["task"], summary.get("splits", {})
     source = data.get("dir", "not recorded")
-    lines = ["## Data", "", f"- Images: `{source}`" + (" (the generated synthetic demo set, not X-rays)"
+    lines = ["## Data", "", f"- Images: `{_inline(source)}`" + (" (the generated synthetic demo set, not X-rays)"
                                                       if source == "demo" else "")]
     settings = {f"data.{k}": v for k, v in data.items() if "split" in k or "patient" in k}
     how = ("the split folders found on disk (train/, validation/, test/ of the ImageFolder tree or "
            "prepared folder); tfcovid moved no image between splits")
     if settings:
-        how = ", ".join(f"`{k}: {v}`" for k, v in settings.items()) + " (config.yaml); otherwise " + how
+        how = ", ".join(f"`{k}: {_inline(v)}`" for k, v in settings.items()) + " (config.yaml); otherwise " + how
     lines.append(f"- Splits: {how}.")
     if data.get("skip_bad"):
         lines.append("- Unusable files were left out (`data.skip_bad`): listed in the run's skipped.txt.")
-    outputs = summary.get("outputs") or summary.get("class_names") or []
+    outputs = [_inline(o) for o in summary.get("outputs") or summary.get("class_names") or []]
     if task == "binary":
         header = ["split", "images", *outputs]
         lines.append(f"- Classes (ImageFolder order): {', '.join(outputs) or 'not recorded'}.")
@@ -142,7 +148,7 @@ def _operating_point(summary: dict) -> list[str]:
     how = ("Chosen on the validation split, never on test, with `train.operating_point` "
            f"(`{point['method']}`; docs/operating-points.md)." if point.get("chosen_on")
            else f"Fixed (`{point['method']}`), not chosen from data.")
-    return ["## Operating point", "", how, "", "```text", operating_point.describe(point), "```", ""]
+    return ["## Operating point", "", how, "", "```text", operating_point.describe(point).replace("`", "'"), "```", ""]
 
 
 def _binary_figures(summary: dict) -> list[str]:
@@ -156,7 +162,7 @@ def _binary_figures(summary: dict) -> list[str]:
                      _with_interval(r.get("roc_auc"), ci.get("roc_auc"), False),
                      _num(r.get("average_precision")), _num(r.get("brier")), _num(r.get("ece"))])
     positive = next(iter(summary["splits"].values()))["positive_class"]
-    return [(f"Disease class `{positive}`: sensitivity, specificity, F1, ROC AUC, PR AUC (average "
+    return [(f"Disease class `{_inline(positive)}`: sensitivity, specificity, F1, ROC AUC, PR AUC (average "
              "precision), Brier score and ECE of its probability."), "",
             *_table(["split", "images", "accuracy", "sensitivity", "specificity", "F1", "ROC AUC",
                      "PR AUC", "Brier", "ECE"], rows)]
@@ -230,10 +236,11 @@ def _calibration(summary: dict) -> list[str]:
 
 def render(config: dict, summary: dict, name: str) -> str:
     """The card of one run, from its config.yaml and metrics.json (as loaded dicts)."""
-    task = ("binary (" + " / ".join(summary.get("outputs") or []) + ")" if summary["task"] == "binary"
-            else "three-label (" + ", ".join(summary.get("outputs") or []) + ")")
+    outputs = [_inline(o) for o in summary.get("outputs") or []]
+    task = ("binary (" + " / ".join(outputs) + ")" if summary["task"] == "binary"
+            else "three-label (" + ", ".join(outputs) + ")")
     return "\n".join([
-        f"# Model card: {name}", "", f"**{NOT_CLINICAL}**", "",
+        f"# Model card: {_inline(name)}", "", f"**{NOT_CLINICAL}**", "",
         (f"Task: {task}. The model file is `checkpoints/last.keras`; the figures are of it "
          "(metrics.json). Written by tfcovid from config.yaml and metrics.json; `tfcovid report "
          "RUN` writes it again."), "",
