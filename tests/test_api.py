@@ -83,6 +83,7 @@ def test_the_docs_example_trains_predicts_evaluates_and_exports(example):
     saved = folder / ns["folder"]
     assert (saved / "saved_model.pb").is_file()
     assert (saved / "assets" / "labels.txt").read_text().split() == ["infected", "normal"]
+    assert (saved / "MODEL_CARD.md").read_text() == (result.run_dir / "MODEL_CARD.md").read_text()  # issue 23.7
     assert "tfcovid_vgg16_binary [0]" in printed and "(4, 2)" in printed
 
 

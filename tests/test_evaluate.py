@@ -38,8 +38,20 @@ def test_binary_evaluation_matches_sklearn_on_the_same_probabilities(binary_run,
         assert report[key] == pytest.approx(expected[key]), key
     assert report["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
     assert result["diseases"] == {"infected": {
-        "sensitivity": report["sensitivity"], "specificity": report["specificity"],
-        "roc_auc": report["roc_auc"], "support": 2}}
+        "sensitivity": report["sensitivity"], "specificity": report["specificity"], "f1": report["f1"],
+        "roc_auc": report["roc_auc"], "average_precision": report["average_precision"],
+        "brier": report["brier"], "ece": report["ece"], "support": 2,
+        "intervals": {k: report["intervals"][k] for k in ("sensitivity", "specificity", "f1", "roc_auc")}}}
+    # the intervals are those of the same probabilities, with the run's seed (0) and resamples (1000)
+    assert set(report["intervals"]) == set(expected["intervals"])
+    for key, shown in expected["intervals"].items():
+        got = report["intervals"][key]
+        assert (got["low"], got["high"]) == pytest.approx((shown["low"], shown["high"]), abs=1e-6), key
+        assert got["resamples"] == shown["resamples"], key
+    assert report["uncertainty"]["bootstrap_resamples"] == 1000 and report["uncertainty"]["seed"] == 0
+    line = evaluate.format_result(result).splitlines()[2]
+    ci = report["intervals"]["sensitivity"]
+    assert line.startswith("infected ") and f"({100 * ci['low']:.1f}–{100 * ci['high']:.1f})" in line
 
     out = binary_run / "eval"
     saved = json.loads((out / "validation.json").read_text())
@@ -70,6 +82,8 @@ def test_multilabel_reports_every_disease_label_by_name(multilabel_run, multilab
     assert result["diseases"]["pneumonia"]["support"] == 4  # covid-19 and pneumonia folders
     text = evaluate.format_result(result)
     assert "covid-19" in text and "pneumonia" in text and "sensitivity" in text
+    assert "In brackets: 95 % CI, percentile bootstrap, 1000 resamples (seed 0)" in text
+    assert result["diseases"]["covid-19"]["intervals"] == report["per_label"]["covid-19"]["intervals"]
 
 
 def test_a_bare_model_file_needs_data_and_writes_beside_itself(binary_run, binary_tree, tmp_path):

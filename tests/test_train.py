@@ -25,7 +25,7 @@ def test_fit_writes_every_file_of_the_run_directory(binary_tree, tmp_path):
     run = train.fit(_tiny(binary_tree, tmp_path / "runs"), log=lines.append)
     assert run.parent == tmp_path / "runs" and run.name.endswith("-vgg16-first7-ce")
     for name in ("config.yaml", "history.csv", "metrics.json", "checkpoints/best.keras",
-                 "checkpoints/last.keras"):
+                 "checkpoints/last.keras", "MODEL_CARD.md"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard" / "train").iterdir())
     assert any((run / "tensorboard" / "validation").iterdir())
@@ -40,6 +40,11 @@ def test_fit_writes_every_file_of_the_run_directory(binary_tree, tmp_path):
     test = summary["splits"]["test"]
     assert test["n"] == 4 and 0 <= test["accuracy"] <= 1
     assert sum(map(sum, test["confusion_matrix"])) == 4
+    # the model card holds metrics.json's counts and figures (issue 23.7)
+    card, ci = (run / "MODEL_CARD.md").read_text(), test["intervals"]["accuracy"]
+    assert "| test | 4 | 2 | 2 |" in card and "| train | 8 | 4 | 4 |" in card
+    assert (f"| test | 4 | {100 * test['accuracy']:.1f} % ({100 * ci['low']:.1f}–{100 * ci['high']:.1f}) |"
+            in card) and "| Frozen | first 7 conv |" in card and "| Epochs | 2 |" in card
     assert any("Freeze 'first7'" in line and "trainable parameters" in line for line in lines)
     assert any(line.startswith("| VGG16 | first 7 conv | 2 |") for line in "\n".join(lines).splitlines())
 

@@ -22,9 +22,10 @@ TORCH_BACKBONES = ("vgg16", "resnet18")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), default=None,
               help="Also write the tables to this Markdown file.")
 def report(runs, markdown_file):
-    """Print the study's Part 1 / Part 2 tables for finished runs (or folders of runs)."""
+    """Print the study's Part 1 / Part 2 tables for finished runs (or folders of runs), and
+    write each run's MODEL_CARD.md again from its metrics.json."""
     tensorflow()
-    from tfcovid.results import tables  # heavy: TensorFlow (through the results package)
+    from tfcovid.results import model_card, tables  # heavy: TensorFlow
 
     try:
         text, skipped = tables.build_report(runs)
@@ -32,6 +33,12 @@ def report(runs, markdown_file):
         fail(err)
     for path, reason in skipped:
         click.echo(f"note: skipped {path}: {reason}", err=True)
+    cards, failed = model_card.refresh(runs)  # MODEL_CARD.md again, from each run's metrics.json
+    for path, reason in failed:
+        click.echo(f"note: {path}: {reason}", err=True)
+    if cards:
+        click.echo(f"Wrote {model_card.FILENAME} in {len(cards)} run director{'y' if len(cards) == 1 else 'ies'}.",
+                   err=True)
     click.echo(text)
     if markdown_file:
         Path(markdown_file).parent.mkdir(parents=True, exist_ok=True)

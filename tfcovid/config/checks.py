@@ -47,6 +47,18 @@ def validate(exp: Experiment) -> None:
     _check_task(exp)
     _check_splits(exp.data)
     _check_recipe(exp)
+    _check_bootstrap(exp.train.bootstrap_resamples)
+
+
+BOOTSTRAP_RESAMPLES = (100, 100_000)  # fewer make a poor 2.5th percentile; more take seconds per split
+
+
+def _check_bootstrap(resamples: int) -> None:
+    """train.bootstrap_resamples: 0 (no intervals) or a count within BOOTSTRAP_RESAMPLES."""
+    low, high = BOOTSTRAP_RESAMPLES
+    if resamples != 0 and not low <= resamples <= high:
+        raise ConfigError(f"Bad value for 'train.bootstrap_resamples': {resamples}. Use 0 (no confidence "
+                          f"intervals) or {low} to {high:,} resamples (default 1000).")
 
 
 def _check_choices(exp: Experiment) -> None:

@@ -208,6 +208,9 @@ class TrainConfig:
     # Exponential moving average of the weights (Keras's optimizer use_ema): 0 off, e.g. 0.999;
     # the averaged weights are the ones validated, checkpointed, evaluated and exported.
     ema: float = 0.0
+    # Bootstrap resamples of the 95 % intervals in metrics.json and evaluate (seeded with seed;
+    # results/uncertainty.py); 0: no intervals. 100 to 100,000 otherwise.
+    bootstrap_resamples: int = 1000
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from tfcovid.inference import evaluate
-from tfcovid.results import operating_point, plots, scores
+from tfcovid.results import model_card, operating_point, plots, scores, uncertainty
 from tfcovid.utils.atomic import atomic_write_text
 from tfcovid.weights import metadata
 
@@ -59,11 +59,13 @@ def _rescore(trained, point: dict, root: Path, exp, batch_size: int, log, max_pi
         _, chosen = evaluate.scan_split(root, split, trained, exp, lambda line: None, max_pixels)
         probs = evaluate.predict_split(trained, chosen, batch_size)
         summary["splits"][split] = scores.report(trained.task, chosen.labels, probs, trained.outputs,
-                                                 trained.positive, trained.thresholds)
+                                                 trained.positive, trained.thresholds, **uncertainty.settings(exp))
         if (trained.run_dir / "plots").is_dir():
             plots.plot_confusion(summary["splits"][split], trained.task,
                                  trained.run_dir / "plots" / f"{split}_confusion.png",
                                  f"{trained.run_dir.name} — {split}")
     summary["operating_point"] = point
     atomic_write_text(path, json.dumps(summary, indent=2))
+    for _, why in model_card.refresh([trained.run_dir])[1]:  # the card: the new point and figures
+        log(f"note: {why}")
     log(f"Rescored {', '.join(summary['splits'])} in {path} at the new operating point.")

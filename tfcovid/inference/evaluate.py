@@ -32,7 +32,7 @@ from tfcovid.data import folders as data_folders
 from tfcovid.data import splits as data_splits
 from tfcovid.models import tta as test_time
 from tfcovid.models.outputs import decide, probabilities
-from tfcovid.results import plots, scores
+from tfcovid.results import plots, scores, uncertainty
 from tfcovid.utils.atomic import atomic_write_csv, atomic_write_text
 from tfcovid.utils.text import csv_text, plural
 from tfcovid.weights import metadata
@@ -52,18 +52,22 @@ def disease_classes(task: str, outputs, positive: str | None) -> list[str]:
     return diseases or list(outputs)
 
 
+_DISEASE_KEYS = ("sensitivity", "specificity", "f1", "roc_auc", "average_precision", "brier", "ece")
+
+
 def disease_summary(report: dict, task: str, diseases) -> dict:
-    """{disease: {sensitivity, specificity, roc_auc, support}} from a metrics report."""
+    """{disease: {sensitivity, specificity, f1, roc_auc, average_precision, brier, ece, support,
+    intervals}} from a metrics report."""
     out = {}
     for name in diseases:
         if task == "binary":
             cm = np.asarray(report["confusion_matrix"])
-            k = report["positive_index"]
-            out[name] = {"sensitivity": report["sensitivity"], "specificity": report["specificity"],
-                         "roc_auc": report["roc_auc"], "support": int(cm[k].sum())}
+            intervals = {k: v for k, v in report["intervals"].items() if k != "accuracy"}
+            out[name] = {**{key: report[key] for key in _DISEASE_KEYS},
+                         "support": int(cm[report["positive_index"]].sum()), "intervals": intervals}
         else:
             m = report["per_label"][name]
-            out[name] = {key: m[key] for key in ("sensitivity", "specificity", "roc_auc", "support")}
+            out[name] = {key: m[key] for key in (*_DISEASE_KEYS, "support", "intervals")}
     return out
 
 
@@ -237,8 +241,9 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     Returns:
         The JSON written to ``<out>/<split>.json``: model, checkpoint ("last", "best" or None
         for another model file), data, split, task, outputs, ``report`` (binary_report /
-        multilabel_report), ``diseases`` (sensitivity, specificity, ROC AUC, support per
-        disease class), ``files`` and ``replaced`` (those of ``files`` that replaced a file of
+        multilabel_report, with their 95 % intervals), ``diseases`` (per disease class:
+        sensitivity, specificity, F1, ROC AUC, average precision, Brier score, ECE, support and
+        ``intervals``), ``files`` and ``replaced`` (those of ``files`` that replaced a file of
         an earlier evaluation).
 
     Raises:
@@ -252,7 +257,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     log(f"Evaluating {trained.path} on {chosen.dir} ({plural(len(chosen), 'image')}, {trained.task})")
     probs = predict_split(trained, chosen, batch_size, tta)
     report = scores.report(trained.task, chosen.labels, probs, trained.outputs, trained.positive,
-                           trained.thresholds)  # at the model's operating point
+                           trained.thresholds, **uncertainty.settings(exp))  # at the model's operating point
     diseases = disease_classes(trained.task, trained.outputs, trained.positive)
 
     out = Path(out) if out is not None else default_out_dir(trained)
@@ -292,21 +297,54 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
+def _with_ci(value, shown: dict | None, percent: bool = True) -> str:
+    """"80.0 % (61.5–95.2)" or "0.912 (0.871–0.950)": a figure and its 95 % interval."""
+    if value is None:
+        return "–"
+    if not shown:
+        return _pct(value) if percent else f"{value:.3f}"
+    if percent:
+        return f"{100 * value:.1f} % ({100 * shown['low']:.1f}–{100 * shown['high']:.1f})"
+    return f"{value:.3f} ({shown['low']:.3f}–{shown['high']:.3f})"
+
+
+def _uncertainty_note(report: dict) -> str:
+    """How the intervals and the ECE were computed, and the figures with fewer usable resamples."""
+    how = report.get("uncertainty") or {}
+    drawn = how.get("bootstrap_resamples", 0)
+    if not drawn:
+        return "No confidence intervals (train.bootstrap_resamples: 0)."
+    groups = [("", report["intervals"])] + [(f"{k} ", m["intervals"]) for k, m in report.get("per_label", {}).items()]
+    short = [f"{prefix}{figure} {i['resamples']}" for prefix, shown in groups for figure, i in shown.items()
+             if i and i["resamples"] < drawn]
+    return (f"In brackets: 95 % CI, percentile bootstrap, {drawn} resamples (seed {how['seed']})"
+            + (f"; resamples with both classes, where fewer: {', '.join(short)}" if short else "")
+            + f". Brier score and ECE ({how['ece_bins']} equal-width bins) of the class's probability.")
+
+
 def format_result(result: dict) -> str:
-    """A short text summary: headline metrics, then sensitivity/specificity per disease class."""
+    """A short text summary: headline metrics, then per disease class sensitivity, specificity,
+    F1 and ROC AUC with their 95 % intervals, average precision, Brier score and ECE."""
     r, task = result["report"], result["task"]
+    ci = r.get("intervals") or {}
     if task == "binary":
-        head = (f"accuracy {_pct(r['accuracy'])}, F1 ({r['positive_class']}) {r['f1']:.3f}, "
+        head = (f"accuracy {_with_ci(r['accuracy'], ci.get('accuracy'))}, F1 ({r['positive_class']}) {r['f1']:.3f}, "
                 f"study F1 ({r['f1_study_positive_class']}) {r['f1_study']:.3f}, "
                 f"threshold {r['threshold']:.4g}")
     else:
         shown = r["threshold"] if isinstance(r["threshold"], list) else [r["threshold"]]
-        head = (f"accuracy (sample Jaccard) {_pct(r['jaccard_samples'])}, sample F1 {r['f1']:.3f}, "
+        head = (f"accuracy (sample Jaccard) {_with_ci(r['jaccard_samples'], ci.get('accuracy'))}, "
+                f"sample F1 {_with_ci(r['f1'], ci.get('f1'), False)}, "
                 f"exact match {_pct(r['exact_match'])}, threshold {', '.join(f'{t:.4g}' for t in shown)}")
     lines = [f"{result['split']}: {plural(r['n'], 'image')}; {head}",
-             f"{'disease class':<16} {'sensitivity':>12} {'specificity':>12} {'ROC AUC':>8} {'n':>6}"]
+             f"{'disease class':<16} {'sensitivity':>22} {'specificity':>22} {'F1':>21} {'ROC AUC':>21} "
+             f"{'PR AUC':>6} {'Brier':>6} {'ECE':>6} {'n':>6}"]
     for name, d in result["diseases"].items():
-        auc = "–" if d["roc_auc"] is None else f"{d['roc_auc']:.3f}"
-        lines.append(f"{name:<16} {_pct(d['sensitivity']):>12} {_pct(d['specificity']):>12} "
-                     f"{auc:>8} {d['support']:>6}")
-    return "\n".join(lines)
+        shown = d.get("intervals") or {}
+        lines.append(f"{name:<16} {_with_ci(d['sensitivity'], shown.get('sensitivity')):>22} "
+                     f"{_with_ci(d['specificity'], shown.get('specificity')):>22} "
+                     f"{_with_ci(d['f1'], shown.get('f1'), False):>21} "
+                     f"{_with_ci(d['roc_auc'], shown.get('roc_auc'), False):>21} "
+                     + " ".join(f"{'–' if d[k] is None else format(d[k], '.3f'):>6}"
+                                for k in ("average_precision", "brier", "ece")) + f" {d['support']:>6}")
+    return "\n".join([*lines, _uncertainty_note(r)])

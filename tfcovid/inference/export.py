@@ -13,7 +13,8 @@ Both decode/resize exactly as ``tfcovid evaluate`` does (antialiased resize to S
 to uint8) and the model's own first layer normalises, so nothing outside the SavedModel needs
 to know the preprocessing. The label names are an asset (``assets/labels.txt``) read by a
 lookup table inside the graph. Every export is reloaded and compared with the in-memory model
-before it is reported as written.
+before it is reported as written. A run's model card (``MODEL_CARD.md``) is copied into the
+export folder of every format.
 
 TFLite and ONNX take float32 raw pixels (N, S, S, 3) in [0, 255], already resized to S x S,
 and return ``probabilities``; ``labels.txt`` is written beside them. They give ``predict``'s
@@ -43,6 +44,7 @@ import tensorflow as tf
 from tfcovid.data import augment
 from tfcovid.data import decode as data_decode
 from tfcovid.models.outputs import decide, decisions, probabilities
+from tfcovid.results import model_card
 from tfcovid.weights import metadata
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -346,6 +348,9 @@ def export(run_or_model, out=None, format: str = "saved_model", checkpoint: str 
             else:
                 write_onnx(trained, target)
                 diff = verify_onnx(trained, target)
+        card = model_card.for_export(trained.run_dir, trained.path)
+        if card is not None:  # the run's model card travels with the model (issue 23.7)
+            (out / model_card.FILENAME).write_text(card)
     except Exception:
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-written or wrong export
         raise

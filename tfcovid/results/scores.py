@@ -28,6 +28,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from tfcovid.models.outputs import decide
+from tfcovid.results import uncertainty
 
 __all__ = [
     "binary_report",
@@ -55,7 +56,8 @@ def _auc_or_none(y_true_binary: np.ndarray, scores: np.ndarray):
     return float(skm.roc_auc_score(y_true_binary, scores))
 
 
-def binary_report(y_true, probs, class_names, positive: str = "infected", threshold: float = 0.5) -> dict:
+def binary_report(y_true, probs, class_names, positive: str = "infected", threshold: float = 0.5,
+                  resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> dict:
     """Report for the binary task, from softmax probabilities.
 
     Args:
@@ -66,6 +68,7 @@ def binary_report(y_true, probs, class_names, positive: str = "infected", thresh
         positive: name of the disease class. If it is not in ``class_names``, class
             index 0 is used and ``positive_class`` / ``notes`` say so.
         threshold: the operating point on the disease-class probability.
+        resamples, seed: the bootstrap of the intervals (results.uncertainty); 0: none.
 
     Returns:
         A JSON-serialisable dict: ``n``, ``accuracy``; for the disease class ``f1``,
@@ -74,7 +77,9 @@ def binary_report(y_true, probs, class_names, positive: str = "infected", thresh
         ``f1_study`` with ``f1_study_positive_class`` (class index 1);
         ``confusion_matrix`` (rows true, columns predicted) and its row-normalised
         ``confusion_matrix_normalized``; ``class_names``, ``positive_class``,
-        ``positive_index``, ``threshold`` and ``notes``.
+        ``positive_index``, ``threshold`` and ``notes``; of the disease class's probability
+        ``average_precision``, ``brier``, ``ece``; ``intervals`` {accuracy, sensitivity,
+        specificity, f1, roc_auc: {low, high, resamples} or None} and ``uncertainty`` (how).
 
     Raises:
         ValueError: on mismatched shapes, not exactly two classes, or labels out of range.
@@ -111,7 +116,17 @@ def binary_report(y_true, probs, class_names, positive: str = "infected", thresh
         "confusion_matrix_normalized": _floats(cm_norm),
         "class_names": class_names,
         "notes": notes,
+        **_binary_uncertainty(y_true == pos, probs[:, pos], y_pred == pos, resamples, seed),
     }
+
+
+def _binary_uncertainty(is_pos, score, hit, resamples: int, seed: int) -> dict:
+    """The binary report's average precision, Brier score, ECE and intervals (issue 23.4)."""
+    means, columns = uncertainty.bootstrap({"disease": (is_pos, score, hit)},
+                                           {"accuracy": (hit == is_pos).astype(np.float64)},
+                                           is_pos.size, resamples, seed)
+    return {**uncertainty.point_figures(is_pos, score), "intervals": {**means, **columns.get("disease", {})},
+            "uncertainty": uncertainty.described(resamples, seed)}
 
 
 def _binary_inputs(y_true, probs, class_names) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -159,7 +174,8 @@ def _binary_positive(y_true: np.ndarray, class_names: list[str], positive: str) 
     return pos, notes
 
 
-def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] = 0.5) -> dict:
+def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] = 0.5,
+                      resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> dict:
     """Report for the three-label task, from sigmoid probabilities.
 
     Args:
@@ -168,6 +184,7 @@ def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] 
             ``probs >= threshold`` (``models.outputs.decisions``).
         labels: the L label names, column order.
         threshold: decision threshold on the probabilities, one for all labels or one per label.
+        resamples, seed: the bootstrap of the intervals (results.uncertainty); 0: none.
 
     Returns:
         A JSON-serialisable dict: ``n``, ``threshold`` (a number, or a list when the labels'
@@ -175,11 +192,62 @@ def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] 
         (the study's "accuracy", also as ``accuracy``), sample-averaged ``f1``,
         ``precision``, ``recall``, ``exact_match`` (subset accuracy), ``hamming_loss``
         and ``per_label``: {label: {f1, precision, recall, sensitivity, specificity,
-        support, roc_auc, threshold, confusion_matrix [[tn, fp], [fn, tp]]}}.
+        support, roc_auc, threshold, confusion_matrix [[tn, fp], [fn, tp]], average_precision,
+        brier, ece, intervals {sensitivity, specificity, f1, roc_auc}}}; ``intervals``
+        {accuracy, f1} (sample-averaged) and ``uncertainty`` (how).
 
     Raises:
         ValueError: on mismatched shapes, non-0/1 targets or a threshold outside (0, 1).
     """
+    y_true, probs, labels, thresholds = _multilabel_inputs(y_true, probs, labels, threshold)
+    y_pred = decide(probs, "multilabel", thresholds.tolist())
+
+    jaccard = float(skm.jaccard_score(y_true, y_pred, average="samples", zero_division=0))
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, average="samples", zero_division=0
+    )
+    lab_p, lab_r, lab_f, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, average=None, labels=list(range(len(labels))), zero_division=0
+    )
+    mcm = skm.multilabel_confusion_matrix(y_true, y_pred)
+    means, extra = _multilabel_uncertainty(y_true > 0, probs, y_pred > 0, labels, resamples, seed)
+
+    per_label = {}
+    for i, name in enumerate(labels):
+        (tn, fp), (fn, tp) = mcm[i]
+        per_label[name] = {
+            "f1": float(lab_f[i]),
+            "precision": float(lab_p[i]),
+            "recall": float(lab_r[i]),
+            "sensitivity": float(lab_r[i]),
+            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+            "support": int(tp + fn),
+            "roc_auc": _auc_or_none(y_true[:, i], probs[:, i]),
+            "threshold": float(thresholds[i]),
+            "confusion_matrix": _ints(mcm[i]),
+            **extra[name],
+        }
+
+    return {
+        "n": int(y_true.shape[0]),
+        "threshold": float(thresholds[0]) if np.all(thresholds == thresholds[0]) else _floats(thresholds),
+        "labels": labels,
+        "jaccard_samples": jaccard,
+        "accuracy": jaccard,
+        "f1": float(f1),
+        "precision": float(precision),
+        "recall": float(recall),
+        "exact_match": float(skm.accuracy_score(y_true, y_pred)),
+        "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
+        "per_label": per_label,
+        "intervals": means,
+        "uncertainty": uncertainty.described(resamples, seed),
+    }
+
+
+def _multilabel_inputs(y_true, probs, labels, threshold):
+    """``multilabel_report``'s arguments checked: (n, L) int64 targets, float64 probabilities,
+    the label names as strings and one threshold per label."""
     labels = [str(c) for c in labels]
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
@@ -199,55 +267,28 @@ def multilabel_report(y_true, probs, labels, threshold: float | Sequence[float] 
     thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(labels),))
     if not np.all((thresholds > 0.0) & (thresholds < 1.0)):
         raise ValueError(f"threshold must be in (0, 1). Received: threshold={threshold}")
-    y_true = y_true.astype(np.int64)
-    y_pred = decide(probs, "multilabel", thresholds.tolist())
-
-    jaccard = float(skm.jaccard_score(y_true, y_pred, average="samples", zero_division=0))
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, average="samples", zero_division=0
-    )
-    lab_p, lab_r, lab_f, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, average=None, labels=list(range(len(labels))), zero_division=0
-    )
-    mcm = skm.multilabel_confusion_matrix(y_true, y_pred)
-
-    per_label = {}
-    for i, name in enumerate(labels):
-        (tn, fp), (fn, tp) = mcm[i]
-        per_label[name] = {
-            "f1": float(lab_f[i]),
-            "precision": float(lab_p[i]),
-            "recall": float(lab_r[i]),
-            "sensitivity": float(lab_r[i]),
-            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
-            "support": int(tp + fn),
-            "roc_auc": _auc_or_none(y_true[:, i], probs[:, i]),
-            "threshold": float(thresholds[i]),
-            "confusion_matrix": _ints(mcm[i]),
-        }
-
-    return {
-        "n": int(y_true.shape[0]),
-        "threshold": float(thresholds[0]) if np.all(thresholds == thresholds[0]) else _floats(thresholds),
-        "labels": labels,
-        "jaccard_samples": jaccard,
-        "accuracy": jaccard,
-        "f1": float(f1),
-        "precision": float(precision),
-        "recall": float(recall),
-        "exact_match": float(skm.accuracy_score(y_true, y_pred)),
-        "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
-        "per_label": per_label,
-    }
+    return y_true.astype(np.int64), probs, labels, thresholds
 
 
-def report(task: str, y_true, probs, outputs, positive: str | None, thresholds) -> dict:
+def _multilabel_uncertainty(y_true, probs, y_pred, labels, resamples: int, seed: int) -> tuple[dict, dict]:
+    """The three-label report's intervals of the sample-averaged figures, and per label its
+    average precision, Brier score, ECE and intervals (issue 23.4)."""
+    means, columns = uncertainty.bootstrap(
+        {name: (y_true[:, i], probs[:, i], y_pred[:, i]) for i, name in enumerate(labels)},
+        uncertainty.per_sample_multilabel(y_true, y_pred), y_true.shape[0], resamples, seed)
+    return means, {name: {**uncertainty.point_figures(y_true[:, i], probs[:, i]),
+                          "intervals": columns.get(name, {})} for i, name in enumerate(labels)}
+
+
+def report(task: str, y_true, probs, outputs, positive: str | None, thresholds,
+           resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> dict:
     """The report of either task at an operating point (``thresholds``: binary one on the
-    disease class, three-label one per label), as fit, evaluate and calibrate write it."""
+    disease class, three-label one per label), as fit, evaluate and calibrate write it, with
+    intervals from ``resamples`` bootstrap resamples seeded with ``seed``."""
     if task == "binary":
         (threshold,) = thresholds
-        return binary_report(y_true, probs, outputs, positive, threshold)
-    return multilabel_report(y_true, probs, outputs, list(thresholds))
+        return binary_report(y_true, probs, outputs, positive, threshold, resamples, seed)
+    return multilabel_report(y_true, probs, outputs, list(thresholds), resamples, seed)
 
 
 _STUDY_COLUMNS = {

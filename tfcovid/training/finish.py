@@ -14,7 +14,14 @@ from tfcovid.config import Experiment
 from tfcovid.data import datasets, records, types
 from tfcovid.data import folders as data_folders
 from tfcovid.models.outputs import probabilities
-from tfcovid.results import operating_point, plots, scores, tables
+from tfcovid.results import (
+    model_card,
+    operating_point,
+    plots,
+    scores,
+    tables,
+    uncertainty,
+)
 from tfcovid.training import distribute, inputs, stops
 from tfcovid.training.context import BuiltModel, Run
 from tfcovid.utils import atomic, signals
@@ -60,7 +67,8 @@ def evaluate(run: Run, data: inputs.Inputs, model) -> dict:
     point = choose_operating_point(exp, manifest, probs["validation"])
     positive = positive_class(exp, manifest)
     reports = {name: scores.report(exp.data.task, manifest.splits[name].labels, probs[name],
-                                   manifest.output_names, positive, point["thresholds"]) for name in labeled}
+                                   manifest.output_names, positive, point["thresholds"],
+                                   **uncertainty.settings(exp)) for name in labeled}
     return {"splits": reports, "operating_point": point}
 
 
@@ -92,6 +100,7 @@ def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_second
     for path in (last, best) if same else (last,):
         metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"]))
     atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
+    model_card.write(run.dir)  # MODEL_CARD.md, from config.yaml and metrics.json (issue 23.7)
     plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
     run.log(tables.format_run(exp.to_dict(), summary))
     run.log(operating_point.describe(summary["operating_point"]))

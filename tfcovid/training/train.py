@@ -16,6 +16,7 @@ from tfcovid.config import Experiment
 from tfcovid.data import types
 from tfcovid.models import apply_freeze, is_head_layer
 from tfcovid.results import operating_point
+from tfcovid.results.model_card import NOT_CLINICAL  # the model card states it too
 from tfcovid.training import (
     devices,
     distribute,
@@ -32,8 +33,6 @@ from tfcovid.training.context import BuiltModel, Run, new_run_dir
 from tfcovid.training.stops import Interrupted, TrainingError
 from tfcovid.utils import atomic, run_lock, signals
 from tfcovid.weights import loading
-
-NOT_CLINICAL = "tfcovid is a research tool, not a medical device: not for clinical use."
 
 __all__ = ["NOT_CLINICAL", "Interrupted", "TrainingError", "fit", "new_run_dir"]
 

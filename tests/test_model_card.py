@@ -1,0 +1,138 @@
+"""MODEL_CARD.md (issue 23.7): rendered from a run's config.yaml and metrics.json with the real
+counts and figures; `tfcovid report` writes it again; an export carries it. The card after a real
+fit: tests/test_train.py; in an export of a real fit: tests/test_api.py."""
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+from fake_run import make_run
+
+from tfcovid import config
+from tfcovid.cli import main
+from tfcovid.inference import calibrate
+from tfcovid.results import model_card, operating_point, scores
+from tfcovid.training import train
+
+
+def _run(root, task="binary", name="run", calibration=None, **flags):
+    """A finished run directory whose metrics.json holds scikit-learn reports of fixed arrays."""
+    run = root / name
+    run.mkdir(parents=True)
+    config.resolve(None, {"data.task": task, "train.seed": 3, **flags}).save(run / "config.yaml")
+    rng = np.random.default_rng(0)
+    if task == "binary":
+        outputs, splits = ["infected", "normal"], {}
+        for split, (n_inf, n_norm) in {"train": (30, 50), "validation": (12, 9), "test": (7, 11)}.items():
+            y = np.array([0] * n_inf + [1] * n_norm)
+            p = np.clip(np.where(y == 0, 0.7, 0.35) + rng.normal(0, 0.2, y.size), 0.01, 0.99)
+            splits[split] = scores.binary_report(y, np.stack([p, 1 - p], 1), outputs, "infected", seed=3)
+        point = operating_point.choose(y, np.stack([p, 1 - p], 1), "binary", "youden", outputs, "infected")
+    else:
+        outputs = ["covid-19", "normal", "pneumonia"]
+        y = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 1]] * 4)
+        p = np.clip(y * 0.5 + rng.random(y.shape) * 0.5, 0, 1)
+        splits = {"train": scores.multilabel_report(y, p, outputs, seed=3),
+                  "validation": scores.multilabel_report(y[:12], p[:12], outputs, seed=3)}
+        point = operating_point.fixed([0.5] * 3, "threshold")
+    summary = {"task": task, "outputs": outputs, "class_names": outputs, "epochs": 2, "train_seconds": 75.0,
+               "images": {s: r["n"] for s, r in splits.items()} | ({"test": 5} if task != "binary" else {}),
+               "trainable_params": 1234, "total_params": 5678, "preprocessing": "torch",
+               "precision": "float32", "replicas": 1, "splits": splits, "operating_point": point}
+    if calibration:
+        summary["calibration"] = calibration
+    (run / "metrics.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_binary_card_holds_the_runs_counts_figures_and_intervals(tmp_path):
+    run = _run(tmp_path, **{"model.backbone": "resnet18", "model.freeze": "all", "train.lr": 0.003})
+    card = model_card.write(run).read_text()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert card.startswith(f"# Model card: {run.name}\n") and card.count(train.NOT_CLINICAL) == 2
+    for split, (n, inf, norm) in {"train": (80, 30, 50), "validation": (21, 12, 9), "test": (18, 7, 11)}.items():
+        assert f"| {split} | {n} | {inf} | {norm} |" in card  # images per split and class
+        r = summary["splits"][split]
+        ci = r["intervals"]
+        assert (f"| {split} | {n} | {100 * r['accuracy']:.1f} % ({100 * ci['accuracy']['low']:.1f}–"
+                f"{100 * ci['accuracy']['high']:.1f}) | {100 * r['sensitivity']:.1f} % (") in card
+        assert f"{r['roc_auc']:.3f} ({ci['roc_auc']['low']:.3f}–{ci['roc_auc']['high']:.3f})" in card
+        assert f"| {r['average_precision']:.3f} | {r['brier']:.3f} | {r['ece']:.3f} |" in card
+    assert "1000 resamples, seed 3" in card and "10 equal-width bins" in card
+    assert "| Backbone | ResNet18 |" in card and "| Frozen | all but head |" in card
+    assert "| Learning rate | 0.003 |" in card and "| Seed | 3 |" in card
+    assert "| Parameters | 1,234 trainable of 5,678 |" in card
+    assert "Chosen on the validation split, never on test" in card and "youden" in card
+    assert operating_point.describe(summary["operating_point"]) in card
+    assert "Not calibrated" in card and "the split folders found on disk" in card
+
+
+def test_three_label_card_counts_each_label_and_names_unlabeled_splits(tmp_path):
+    run = _run(tmp_path, "multilabel")
+    card = model_card.write(run).read_text()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert "| split | images | with covid-19 | with normal | with pneumonia |" in card
+    assert "| train | 24 | 8 | 8 | 12 |" in card and "| validation | 12 | 4 | 4 | 6 |" in card
+    assert "| test | 5 | unlabeled | unlabeled | unlabeled |" in card
+    m = summary["splits"]["validation"]["per_label"]["pneumonia"]
+    assert f"| validation | pneumonia | 6 | {100 * m['sensitivity']:.1f} % (" in card
+    assert "Fixed (`threshold`), not chosen from data." in card
+
+
+def test_calibration_is_shown_when_metrics_json_has_it(tmp_path):
+    cal = {"method": "temperature", "temperature": 1.7321, "fitted_on": "validation", "nll_before": 0.61,
+           "nll_after": 0.48, "ece_before": 0.12, "ece_after": 0.04}
+    card = model_card.write(_run(tmp_path, calibration=cal)).read_text()
+    section = card.split("## Calibration", 1)[1].split("##", 1)[0]
+    assert "| temperature | 1.7321 |" in section and "| fitted on | validation |" in section
+    assert "| ece after | 0.0400 |" in section and "Not calibrated" not in section
+
+
+def test_names_cannot_break_the_markdown(tmp_path):
+    run = _run(tmp_path, **{"data.dir": "/data/a|b\n# heading `x`"})
+    card = model_card.write(run).read_text()
+    assert "- Images: `/data/a|b # heading 'x'`" in card and "\n# heading" not in card
+    assert model_card._row(["x|y", "two\nlines"]) == "| x\\|y | two lines |"
+    summary = json.loads((run / "metrics.json").read_text())  # class folders named to break it
+    summary["outputs"] = ["in|fected\n## x", "normal" + "`" * 3]
+    card = model_card.render(config.load_yaml(run / "config.yaml"), summary, "r\nun")
+    assert "| split | images | in\\|fected ## x | normal" + "'" * 3 + " |" in card and "\n## x" not in card
+    assert card.startswith("# Model card: r un\n") and card.count("`" * 3) == 2  # the operating point's block
+
+
+def test_report_writes_the_cards_again(tmp_path):
+    run = _run(tmp_path / "runs")
+    (tmp_path / "runs" / "unfinished").mkdir()
+    config.resolve(None, {}).save(tmp_path / "runs" / "unfinished" / "config.yaml")
+    done = CliRunner().invoke(main, ["report", str(tmp_path / "runs")])
+    assert done.exit_code == 0, done.output
+    assert "Wrote MODEL_CARD.md in 1 run directory." in done.output
+    assert not (tmp_path / "runs" / "unfinished" / "MODEL_CARD.md").exists()
+    assert "Not calibrated" in (run / "MODEL_CARD.md").read_text()
+    summary = json.loads((run / "metrics.json").read_text())  # e.g. calibrated since
+    summary["calibration"] = {"method": "temperature", "temperature": 2.5}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    assert CliRunner().invoke(main, ["report", str(run)]).exit_code == 0
+    assert "| temperature | 2.5000 |" in (run / "MODEL_CARD.md").read_text()
+
+
+def test_an_export_carries_the_card_and_says_which_checkpoint(tmp_path):
+    run = _run(tmp_path)
+    card = model_card.write(run).read_text()
+    assert model_card.for_export(run, run / "checkpoints" / "last.keras") == card
+    best = model_card.for_export(run, run / "checkpoints" / "best.keras")
+    assert best.startswith(card) and "this export is of `checkpoints/best.keras`" in best
+    assert model_card.for_export(None, tmp_path / "bare.keras") is None
+    (run / "metrics.json").unlink()  # an unfinished run: no card
+    assert model_card.for_export(run, run / "checkpoints" / "last.keras") is None
+
+
+def test_calibrate_writes_the_card_with_the_new_point(binary_tree, tmp_path):
+    run = make_run(tmp_path, binary_tree, "binary", bias=[0.2, -0.2])
+    (run / "metrics.json").write_text(json.dumps({"task": "binary", "outputs": ["infected", "normal"],
+                                                  "epochs": 1, "train_seconds": 1.0, "splits": {"validation": {}}}))
+    calibrate.calibrate(run, "0.3", log=lambda s: None)
+    summary, card = json.loads((run / "metrics.json").read_text()), (run / "MODEL_CARD.md").read_text()
+    r = summary["splits"]["validation"]
+    assert r["threshold"] == 0.3 and "Fixed (`0.3`), not chosen from data." in card
+    assert f"| validation | 4 | {100 * r['accuracy']:.1f} % (" in card and "| validation | 4 | 2 | 2 |" in card
