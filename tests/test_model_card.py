@@ -67,6 +67,22 @@ def test_binary_card_holds_the_runs_counts_figures_and_intervals(tmp_path):
     assert "Not calibrated" in card and "the split folders found on disk" in card
 
 
+def test_the_card_says_how_the_splits_were_made(tmp_path):
+    """Folders: the tree's own splits; a label file: kept or made by patient, with the seed and
+    shares, and the fold under cross-validation (issue 24.5's settings)."""
+    folders = model_card.write(_run(tmp_path, name="tree")).read_text()
+    assert "the split folders found on disk" in folders and "by patient" not in folders
+    made = model_card.write(_run(tmp_path, name="csv", **{
+        "data.dir": str(tmp_path / "labels.csv"), "data.validation_fraction": 0.2,
+        "data.folds": 3, "data.fold": 1})).read_text()
+    assert ("made by patient (`data.split: patient`, scikit-learn's StratifiedGroupKFold, seed 3, "
+            "validation 0.2, test 0.15 of the patients), fold 1 of 3 as validation; no patient in two "
+            "splits") in made and "split folders" not in made
+    given = model_card.write(_run(tmp_path, name="given", **{
+        "data.dir": str(tmp_path / "COVIDX" / "train.txt"), "data.split": "given"})).read_text()
+    assert "as the label file gives them (`data.split: given`)" in given and "by patient" not in given
+
+
 def test_three_label_card_counts_each_label_and_names_unlabeled_splits(tmp_path):
     run = _run(tmp_path, "multilabel")
     card = model_card.write(run).read_text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from tfcovid.data import label_files
 from tfcovid.results import operating_point, tables
 from tfcovid.utils.atomic import atomic_write_text
 
@@ -66,17 +67,29 @@ def _split_order(summary: dict) -> list[str]:
     return sorted(dict.fromkeys(names), key=lambda s: (_SPLITS.index(s) if s in _SPLITS else 9, s))
 
 
+def _how_split(data: dict, train: dict) -> str:
+    """How the run's train/validation/test were formed: from a label file (data.split) or the
+    split folders of a tree."""
+    if not label_files.is_label_file(data.get("dir", "")):
+        return ("the split folders found on disk (train/, validation/, test/ of the ImageFolder tree "
+                "or prepared folder); tfcovid moved no image between splits")
+    if data.get("split") == "given":
+        return "as the label file gives them (`data.split: given`); listed in the run's splits.csv"
+    how = ("from the label file: the splits it gives kept, the others made by patient (`data.split: "
+           f"patient`, scikit-learn's StratifiedGroupKFold, seed {train.get('seed', 0)}, validation "
+           f"{data.get('validation_fraction')}, test {data.get('test_fraction')} of the patients)")
+    if data.get("folds"):
+        how += f", fold {data.get('fold')} of {data.get('folds')} as validation"
+    return how + "; no patient in two splits; listed in the run's splits.csv"
+
+
 def _data(config: dict, summary: dict) -> list[str]:
     """Where the images came from, how the splits were made, images per split and class."""
     data, task, splits = config.get("data", {}), summary["task"], summary.get("splits", {})
     source = data.get("dir", "not recorded")
     lines = ["## Data", "", f"- Images: `{_inline(source)}`" + (" (the generated synthetic demo set, not X-rays)"
                                                       if source == "demo" else "")]
-    settings = {f"data.{k}": v for k, v in data.items() if "split" in k or "patient" in k}
-    how = ("the split folders found on disk (train/, validation/, test/ of the ImageFolder tree or "
-           "prepared folder); tfcovid moved no image between splits")
-    if settings:
-        how = ", ".join(f"`{k}: {_inline(v)}`" for k, v in settings.items()) + " (config.yaml); otherwise " + how
+    how = _how_split(data, config.get("train", {}))
     lines.append(f"- Splits: {how}.")
     if data.get("skip_bad"):
         lines.append("- Unusable files were left out (`data.skip_bad`): listed in the run's skipped.txt.")
