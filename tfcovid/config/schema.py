@@ -43,6 +43,14 @@ JIT_COMPILE = ("auto", "true", "false")
 CACHES = ("auto", "memory", "disk", "none")
 
 
+# data.sampling: the train split's order per epoch (data/sampling.py, docs/imbalance.md).
+SAMPLINGS = ("natural", "balanced")
+
+
+# train.class_weight's names; a mapping {class or label: weight} is the third form.
+CLASS_WEIGHTS = ("none", "balanced")
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -105,6 +113,9 @@ class DataConfig:
     # A `tfcovid prepare` output: check every shard's sha256 against its manifest before training
     # (~0.7 GB/s locally, docs/performance.md); false checks only their sizes.
     verify_records: bool = True
+    # natural: each train image once per epoch; balanced: the epoch's slots drawn equally from
+    # each class (binary) or class folder (three-label), seeded per (seed, epoch).
+    sampling: str = "natural"
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,9 @@ class TrainConfig:
     # input pipeline is ordered either way, its shuffle and augmentation keyed on (seed, epoch,
     # image), so a resumed or repeated run sees the same batches in the same order.
     deterministic: bool = False
+    # none | balanced (from the train split) | {class or label: weight}: the binary task's
+    # per-class weights, the three-label task's per-label positive weights (docs/imbalance.md).
+    class_weight: str | Mapping[str, float] = "none"
 
 
 @dataclass(frozen=True)
