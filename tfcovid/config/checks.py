@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tfcovid.config import operating_point
 from tfcovid.config.schema import (

@@ -9,7 +9,7 @@ recipe). A mapping gives weights by name; names it leaves out keep 1. docs/imbal
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
