@@ -4,8 +4,8 @@ binary task's classes, the three-label task's class folders), from (seed, epoch)
 An epoch keeps the natural epoch's length (one slot per train image). The slots are split as
 evenly as the groups allow (n // G each, the n % G spare slots to groups drawn at random), and
 each group fills its slots by cycling through fresh permutations of its images: a small group's
-images repeat about equally often, a large group's are each seen at most once per epoch, and
-over epochs every image is seen. The whole order is a NumPy draw from the pipeline's epoch key
+images repeat about equally often (floor or ceil of slots / images), a large group's are each
+seen at most once per epoch, a fresh random subset every epoch. The whole order is a NumPy draw from the pipeline's epoch key
 (itself ``stateless_fold_in(seed, epoch)``), so a resumed run sees the same batches.
 docs/imbalance.md.
 """
