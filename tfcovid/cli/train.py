@@ -14,6 +14,7 @@ from tfcovid import config
 from tfcovid.cli.common import fail, tensorflow, user_errors
 from tfcovid.config.schema import (
     BACKBONES,
+    CLASS_WEIGHTS,
     DEMO_MULTILABEL,
     DEMO_PRESET,
     LOSSES,
@@ -23,6 +24,7 @@ from tfcovid.config.schema import (
     OPTIMIZERS,
     PRECISIONS,
     PREPROCESSING,
+    SAMPLINGS,
     STRATEGIES,
     TASKS,
     Experiment,
@@ -79,13 +81,17 @@ with --task multilabel also {_preset(DEMO_MULTILABEL)}. Flags still override it.
                    f"Default: {DEMO_PRESET['data']['demo_per_class']} (binary), "
                    f"{DEMO_MULTILABEL['data']['demo_per_class']} (multilabel), as fit's demo preset.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated images.")
-def demo_data(out, task, label_file, per_class, seed):
+@click.option("--imbalance", default=None, metavar="M:N",
+              help="Make the disease class (infected; covid-19 for multilabel) rare: M of its images "
+                   "per N of each other class in every split, e.g. 1:9 (docs/imbalance.md).")
+def demo_data(out, task, label_file, per_class, seed, imbalance):
     """Write a synthetic chest-X-ray-like ImageFolder tree (with lesion masks) to OUT."""
     # NumPy and Pillow: not needed for --help
     from tfcovid.data import demo, demo_labels
 
     try:
-        path = demo.make_demo_data(out, task=task, per_class=per_class, seed=seed)
+        ratio = None if imbalance is None else demo.parse_imbalance(imbalance)
+        path = demo.make_demo_data(out, task=task, per_class=per_class, seed=seed, imbalance=ratio)
     except (ValueError, FileExistsError) as err:
         fail(err)
     click.echo(f"Wrote the {task} demo dataset to {path} (lesion masks in {path / 'masks'}).")
@@ -149,6 +155,12 @@ def demo_data(out, task, label_file, per_class, seed):
 @click.option("--deterministic", "train__deterministic", is_flag=True, default=None,
               help=f"Bit-reproducible training on one machine (deterministic ops; slower). "
                    f"{_default('train.deterministic')}")
+@click.option("--sampling", "data__sampling", type=click.Choice(SAMPLINGS), default=None,
+              help=f"balanced: each epoch drawn equally from every class (folder); docs/imbalance.md. "
+                   f"{_default('data.sampling')}")
+@click.option("--class-weight", "train__class_weight", type=click.Choice(CLASS_WEIGHTS), default=None,
+              help="balanced: weights from the train split's counts; by name: --set "
+                   f"'train.class_weight={{covid-19: 9}}'. {_default('train.class_weight')}")
 @click.option("--skip-bad", "data__skip_bad", is_flag=True, default=None,
               help="Leave out unusable image files (listed in the run's skipped.txt) instead of "
                    f"stopping. {_default('data.skip_bad')}")

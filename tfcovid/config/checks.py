@@ -3,12 +3,17 @@ and a bad value is a :class:`~tfcovid.config.schema.ConfigError` naming the key 
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from tfcovid.config import operating_point
 from tfcovid.config.schema import (
     BACKBONES,
     CACHES,
+    CLASS_WEIGHTS,
     CONV_LAYERS,
     EARLY_STOPPING,
     HIGH_BIT,
@@ -20,6 +25,7 @@ from tfcovid.config.schema import (
     OPTIMIZERS,
     PRECISIONS,
     PREPROCESSING,
+    SAMPLINGS,
     SCHEDULES,
     SPLIT_MODES,
     STRATEGIES,
@@ -48,6 +54,7 @@ def validate(exp: Experiment) -> None:
     _check_splits(exp.data)
     _check_recipe(exp)
     _check_bootstrap(exp.train.bootstrap_resamples)
+    _check_imbalance(exp)
 
 
 BOOTSTRAP_RESAMPLES = (100, 100_000)  # fewer make a poor 2.5th percentile; more take seconds per split
@@ -234,3 +241,43 @@ def resample_processes(setting: int | str) -> int | None:
         raise ValueError(f"data.resample_processes must be auto, 0 (threads) or a number of worker "
                          f"processes. Received: {shown(setting)}")
     return int(setting)
+
+
+# The largest class weight a config may give: a weight beyond it is more likely a typo (9000 for
+# 9) than a plan, and it scales the loss (and so the step size) by as much.
+MAX_CLASS_WEIGHT = 1000.0
+
+
+def class_weight_value(value: Any, key: str = "train.class_weight") -> str | dict[str, float]:
+    """``train.class_weight`` read: ``none``, ``balanced`` or {class or label name: weight} with
+    0 < weight <= MAX_CLASS_WEIGHT (names not listed keep weight 1). Anything else is a
+    ConfigError naming it."""
+    if value is None:
+        return "none"
+    if isinstance(value, str) and value.strip().lower() in CLASS_WEIGHTS:
+        return value.strip().lower()
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"Bad value for '{key}': {shown(value)}. Use none, balanced or a mapping "
+                          "{class or label: weight}, e.g. --set 'train.class_weight={covid-19: 9}'.")
+    out = {}
+    for name, weight in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"Bad value for '{key}': the name {shown(name)} is not a class or label name.")
+        ok = isinstance(weight, numbers.Real) and not isinstance(weight, bool) and math.isfinite(weight)
+        if not ok or not 0 < weight <= MAX_CLASS_WEIGHT:
+            raise ConfigError(f"Bad value for '{key}': {shown(name)}: {shown(weight)}. A weight is a number "
+                              f"with 0 < weight <= {MAX_CLASS_WEIGHT:g} (1 leaves the class as it is).")
+        out[name] = float(weight)
+    return out
+
+
+def _check_imbalance(exp: Experiment) -> None:
+    """data.sampling and train.class_weight (docs/imbalance.md); the three-label task's names are
+    known now, the binary task's class folders when the data is scanned."""
+    _check_choice("data.sampling", exp.data.sampling, SAMPLINGS)
+    weights = class_weight_value(exp.train.class_weight)
+    if isinstance(weights, dict) and exp.data.task == "multilabel":
+        unknown = [name for name in weights if name not in exp.data.labels]
+        if unknown:
+            raise ConfigError(f"Bad value for 'train.class_weight': {shown(unknown)} not in data.labels "
+                              f"({', '.join(exp.data.labels)}). Weigh those labels by name.")

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from tfcovid.config.checks import validate
+from tfcovid.config.checks import class_weight_value, validate
 from tfcovid.config.schema import (
     DEMO_MULTILABEL,
     DEMO_PRESET,
@@ -161,7 +161,7 @@ def parse_assignments(items: Sequence[str]) -> dict:
             value = text
         section, dot, sub = key.partition(".")
         fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else {}
-        if sub in fields and isinstance(fields[sub].default, str) and not isinstance(value, str):
+        if sub in fields and isinstance(fields[sub].default, str) and not isinstance(value, (str, Mapping)):
             value = text.strip()  # a string key keeps its text: jit_compile=false, name=123
         if dot:
             out.setdefault(section, {})[sub] = value
@@ -294,6 +294,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
                 raise bad(f"Folder {shown(folder)} must map to a list of label names.")
             out[str(folder)] = tuple(labels)
         return out
+    if f.name == "class_weight":  # none | balanced | {name: weight}
+        return class_weight_value(value, key)
     if isinstance(default, str):
         if isinstance(value, bool) and f.name == "jit_compile":  # YAML reads `true` as a bool
             return str(value).lower()

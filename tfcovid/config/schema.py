@@ -64,6 +64,14 @@ EARLY_STOPPING = {"binary": ("val_loss", "val_accuracy", "val_f1"),
 HIGH_BIT = ("used",)
 
 
+# data.sampling: the train split's order per epoch (data/sampling.py, docs/imbalance.md).
+SAMPLINGS = ("natural", "balanced")
+
+
+# train.class_weight's names; a mapping {class or label: weight} is the third form.
+CLASS_WEIGHTS = ("none", "balanced")
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -141,6 +149,9 @@ class DataConfig:
     # 16-bit PNGs to 8 bits (one of HIGH_BIT; docs/dicom.md): recorded in the run's config.yaml;
     # predict, evaluate and explain apply the same rule.
     high_bit: str = "used"
+    # natural: each train image once per epoch; balanced: the epoch's slots drawn equally from
+    # each class (binary) or class folder (three-label), seeded per (seed, epoch).
+    sampling: str = "natural"
 
 
 @dataclass(frozen=True)
@@ -211,6 +222,9 @@ class TrainConfig:
     # Bootstrap resamples of the 95 % intervals in metrics.json and evaluate (seeded with seed;
     # results/uncertainty.py); 0: no intervals. 100 to 100,000 otherwise.
     bootstrap_resamples: int = 1000
+    # none | balanced (from the train split) | {class or label: weight}: the binary task's
+    # per-class weights, the three-label task's per-label positive weights (docs/imbalance.md).
+    class_weight: str | Mapping[str, float] = "none"
 
 
 @dataclass(frozen=True)

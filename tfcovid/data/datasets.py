@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfcovid.data import pipeline, record_stream
+from tfcovid.data import pipeline, record_stream, sampling
 from tfcovid.data.types import Split
 
 
@@ -22,6 +22,7 @@ def dataset(
     epoch=None,
     deterministic: bool = True,
     readers: int = 1,
+    balanced: str | None = None,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -45,10 +46,15 @@ def dataset(
         readers: processes that each read a share of the split (multi-worker training of a
             prepared TFRecord split gives each whole shards); with one, a prepared split's
             training stream states its length, which Keras's epochs and progress bar use.
+        balanced: training only: the task ("binary" or "multilabel") whose groups each epoch
+            draws equally from (``data.sampling: balanced``, tfcovid.data.sampling); None: natural.
     """
+    if balanced:
+        sampling.refuse_records(split, "balanced")
     if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
 
         return record_stream.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache, readers)
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
-                            cache, decode_scale, epoch, deterministic)
+                            cache, decode_scale, epoch, deterministic,
+                            sampling.groups(split, balanced) if balanced and training else None)

@@ -31,6 +31,31 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_PER_CLASS = {"binary": 200, "multilabel": 160}
 
 
+# The class ``--imbalance`` makes rare: the disease class, as covid-19 is in public collections.
+MINORITY = {"binary": "infected", "multilabel": "covid-19"}
+
+
+def parse_imbalance(text: str) -> tuple[int, int]:
+    """``demo-data --imbalance M:N`` read: M minority images for every N of each other class
+    (whole numbers, 1 <= M <= N). A ValueError names anything else."""
+    left, sep, right = str(text).partition(":")
+    if not (sep and left.strip().isdigit() and right.strip().isdigit()):
+        raise ValueError(f"--imbalance {text!r}: expected M:N, e.g. 1:9 (M minority images per N of "
+                         "each other class).")
+    m, n = int(left), int(right)
+    if not 1 <= m <= n:
+        raise ValueError(f"--imbalance {text!r}: use 1 <= M <= N (the minority class is the first number).")
+    return m, n
+
+
+def minority_count(n: int, imbalance: tuple[int, int] | None) -> int:
+    """The minority class's images in a split whose other classes have ``n``: round(n * M / N),
+    at least 2 (so validation and test hold both classes)."""
+    if imbalance is None:
+        return n
+    return max(round(n * imbalance[0] / imbalance[1]), 2)
+
+
 # (mode, format, probability). About half grayscale, mostly PNG/JPEG, a few of the awkward
 # encodings (16-bit, RGBA, BMP) that real collections contain and the loader must handle.
 _FORMATS = (
@@ -163,7 +188,7 @@ def _check_args(task, per_class, image_size):
     return per_class, (lo, hi)
 
 
-def make_demo_data(out_dir, task="binary", per_class=None, seed=0, image_size=(96, 256)):
+def make_demo_data(out_dir, task="binary", per_class=None, seed=0, image_size=(96, 256), imbalance=None):
     """Writes a synthetic chest-X-ray-like ImageFolder dataset with lesion masks.
 
     Layout: OUT/{train,validation,test}/<class>/<class>_<split>_<index>.<ext>, masks in
@@ -177,6 +202,8 @@ def make_demo_data(out_dir, task="binary", per_class=None, seed=0, image_size=(9
             validation and test get max(per_class // 4, 2) each.
         seed: Seed of every random choice.
         image_size: (min, max) side length in pixels; each image draws its own.
+        imbalance: None, or (M, N): the minority class (``MINORITY``) gets ``minority_count``
+            images in every split (its first images are the balanced set's).
 
     Returns:
         The dataset directory as a pathlib.Path.
@@ -198,7 +225,8 @@ def make_demo_data(out_dir, task="binary", per_class=None, seed=0, image_size=(9
             img_dir, mask_dir = out / split / label, out / "masks" / split / label
             img_dir.mkdir(parents=True, exist_ok=True)
             mask_dir.mkdir(parents=True, exist_ok=True)
-            for i in range(n_split[split]):
+            n = minority_count(n_split[split], imbalance) if label == MINORITY[task] else n_split[split]
+            for i in range(n):
                 rng = np.random.default_rng([seed, si, ci, i])
                 h, w, mode, fmt = _draw_image(rng, image_size)
                 img, mask = _render(rng, task, label, h, w)
@@ -206,14 +234,17 @@ def make_demo_data(out_dir, task="binary", per_class=None, seed=0, image_size=(9
                 kwargs = {"quality": 90} if fmt == "JPEG" else {}
                 _encode(img, mode).save(img_dir / (stem + _EXT[fmt]), fmt, **kwargs)
                 Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_dir / f"{stem}.png")
-            counts[split][label] = n_split[split]
+            counts[split][label] = n
     total = sum(sum(c.values()) for c in counts.values())
     meta = {"task": task, "seed": seed, "per_class": per_class, "image_size": list(image_size),
-            "classes": list(classes), "counts": counts}
+            "classes": list(classes), "counts": counts,
+            "imbalance": None if imbalance is None else f"{imbalance[0]}:{imbalance[1]}"}
     (out / "demo.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [f"tfcovid demo dataset: synthetic, not medical data ({task}, seed {seed}).",
              "Stylised chest-X-ray-like images with added opacities, for demos and tests only.",
-             f"{total} images; train has {per_class} per class. Lesion masks are in masks/.", ""]
+             f"{total} images; train has {per_class} per class"
+             + (f" ({MINORITY[task]}: {imbalance[0]}:{imbalance[1]} of that)" if imbalance else "")
+             + ". Lesion masks are in masks/.", ""]
     lines += [f"{split}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for split, c in counts.items()]
     (out / "README.txt").write_text("\n".join(lines) + "\n")
     return out

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from tfcovid.data import augment, batches
+from tfcovid.data import augment, batches, sampling
 from tfcovid.data.batches import FROM_OPENCV, FROM_STORE, FROM_TENSORFLOW
 from tfcovid.data.cache import ArrayStore, as_cache
 from tfcovid.data.decode import decode_image, gray_to_rgb, one_channel_if_gray, round_uint8
@@ -163,6 +163,7 @@ class _Stages:
     shapes: np.ndarray | None = None  # ``_file_plan``'s: header sizes, decoder, OpenCV's kinds
     decode: Callable | None = None
     readable: np.ndarray | None = None
+    groups: np.ndarray | None = None  # data.sampling balanced: each image's group (data/sampling.py)
 
 
 def dataset(
@@ -177,6 +178,7 @@ def dataset(
     decode_scale: float = 2.0,
     epoch: tf.Variable | None = None,
     deterministic: bool = True,
+    groups: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -198,8 +200,12 @@ def dataset(
             pass draws a fresh key from a stream seeded with ``seed`` (standalone use).
         deterministic: keep the batch order fixed in training too (the default; costs little,
             see docs/performance.md). False hands batches over as they finish.
+        groups: training only: each image's group for ``data.sampling: balanced``
+            (``sampling.groups``); None keeps the natural order (each image once per epoch).
     """
     s = _stages(split, image_size, batch_size, training, aug, cache, decode_scale)
+    if groups is not None:
+        s = replace(s, groups=np.asarray(groups, np.int64))
     if training:
         ds = _epoch_keys(seed, epoch).flat_map(functools.partial(_one_epoch, s))
     else:
@@ -269,6 +275,8 @@ def _one_epoch(s: _Stages, key) -> tf.data.Dataset:
     n, m = len(s.split), max(len(s.split), 1)
     key = tf.reshape(tf.cast(key, tf.int64), [2])
     order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), key, max(n - 1, 0))
+    if s.groups is not None:  # data.sampling balanced: one image may fill several slots
+        order = sampling.order_op(s.groups)(key)
     if not s.augmenting:
         return tf.data.Dataset.from_tensor_slices((order, tf.zeros([n, 0])))
     draws = augment.draws(key, m)
@@ -280,11 +288,15 @@ def _one_epoch(s: _Stages, key) -> tf.data.Dataset:
         stored = tf.reshape(stored, [m])
         known = tf.where(stored[:, None], tf.reshape(held, [m, 2]), s.shapes)
         source = tf.where(stored, FROM_STORE, source)
+    readable = s.readable
+    if s.groups is not None:  # planned per slot, so each copy of a repeated image has its own draws
+        draws = augment.draws(tf.random.experimental.stateless_fold_in(key, 1), n)
+        known, source, readable = (tf.gather(v, order) for v in (known, source, readable))
     transforms, shrink = augment.plan(known, draws, s.image_size, *s.aug_args)
     plans = tf.concat([draws, transforms, tf.cast(shrink, tf.float32)[:, None],
                        tf.cast(known, tf.float32), tf.cast(source, tf.float32)[:, None],
-                       tf.cast(s.readable, tf.float32)], axis=1)
-    return tf.data.Dataset.from_tensor_slices((order, tf.gather(plans, order)))
+                       tf.cast(readable, tf.float32)], axis=1)
+    return tf.data.Dataset.from_tensor_slices((order, plans if s.groups is not None else tf.gather(plans, order)))
 
 
 def _decoded(s: _Stages, index, make):

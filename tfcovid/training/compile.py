@@ -8,15 +8,18 @@ from tfcovid.config import Experiment
 from tfcovid.training import epoch_metrics, losses, schedules
 
 
-def compile_model(model: keras.Model, exp: Experiment, positive_index: int, steps_per_epoch: int = 1) -> None:
+def compile_model(model: keras.Model, exp: Experiment, positive_index: int, steps_per_epoch: int = 1,
+                  class_weight=None) -> None:
     """Compile with the experiment's optimiser, loss and the report's metrics (float32);
-    ``steps_per_epoch`` turns the learning-rate schedule's epochs into steps."""
+    ``steps_per_epoch`` turns the learning-rate schedule's epochs into steps; ``class_weight``:
+    train.class_weight's weights per output (``data.class_weights.resolve``)."""
     t = exp.train
     optimizer = schedules.optimizer(t, steps_per_epoch)
     # "sum" is not rescaled per replica by Keras, so it stays the global batch's sum under
     # tf.distribute too.
     reduction = "sum" if t.loss == "focal" and t.focal_reduction == "sum" else "sum_over_batch_size"
-    loss = losses.get_loss(t.loss, alpha=t.focal_alpha, gamma=t.focal_gamma, reduction=reduction)
+    loss = losses.get_loss(t.loss, alpha=t.focal_alpha, gamma=t.focal_gamma, reduction=reduction,
+                           class_weight=class_weight)
     if exp.data.task == "binary":
         tracked = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                    epoch_metrics.BinaryF1(positive_index=positive_index, name="f1")]

@@ -92,6 +92,10 @@ def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_second
         "replicas": run.replicas,
         "workers": run.workers,
         **results,  # splits, operating_point
+        # train.class_weight and data.sampling as they took effect (docs/imbalance.md)
+        "imbalance": {"sampling": exp.data.sampling, "class_weight": exp.to_dict()["train"]["class_weight"],
+                      "weights": None if data.class_weight is None
+                      else dict(zip(manifest.output_names, data.class_weight))},
     }
     # The chosen operating point goes into the model metrics.json describes (last.keras), and
     # into best.keras when that holds the same weights (a hard link or copy of the last epoch's).

@@ -14,6 +14,7 @@ from tfcovid.config import Experiment
 from tfcovid.data import (
     augment,
     checks,
+    class_weights,
     datasets,
     demo,
     label_files,
@@ -40,6 +41,7 @@ class Inputs:
     epoch: tf.Variable  # the epoch about to run: the train pipeline keys its randomness on it
     train: tf.data.Dataset
     validation: tf.data.Dataset
+    class_weight: tuple[float, ...] | None = None  # train.class_weight per output (None: none)
 
 
 def load_manifest(exp: Experiment, log=print, run_dir=None) -> types.Manifest:
@@ -108,13 +110,22 @@ def input_pipeline(exp: Experiment, run: Path, workers: int, log: Callable[[str]
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
     train_ds = datasets.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
                                 training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
-                                decode_scale=exp.data.decode_scale, epoch=epoch, readers=workers)
+                                decode_scale=exp.data.decode_scale, epoch=epoch, readers=workers,
+                                balanced=exp.data.task if exp.data.sampling == "balanced" else None)
     val_ds = datasets.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
                               cache=cache)
     log(f"      {cache.describe()}")
+    weights = resolve_class_weights(exp, manifest)
+    log(f"      sampling {exp.data.sampling}; {class_weights.describe(weights, exp.train.class_weight, exp.data.task, manifest.output_names)}")
     if exp.augment.enabled:
         log(f"      augmentation resampled with {augment.describe_resampler()}{_where_resampled(exp, cache)}")
-    return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds)
+    return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds, weights)
+
+
+def resolve_class_weights(exp: Experiment, manifest: types.Manifest) -> tuple[float, ...] | None:
+    """train.class_weight as one weight per output, from the train split (data.class_weights)."""
+    return class_weights.resolve(exp.train.class_weight, exp.data.task, manifest.splits["train"],
+                                 manifest.output_names)
 
 
 def _checked_data(exp: Experiment, run: Path, workers: int, log,

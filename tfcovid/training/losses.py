@@ -18,6 +18,8 @@ __all__ = [
     "LOSSES",
     "TASK_LOSSES",
     "SigmoidFocalCrossEntropy",
+    "WeightedBinaryCrossentropy",
+    "WeightedSparseCategoricalCrossentropy",
     "check_loss_for_task",
     "get_loss",
 ]
@@ -55,6 +57,9 @@ class SigmoidFocalCrossEntropy(keras.losses.Loss):
         name: Name of the loss.
         dtype: Keras dtype (policy) of the reduced loss; None uses
             ``keras.config.floatx()``. Half precision is rejected.
+        pos_weight: None, or one weight > 0 per label multiplying the positive
+            term (``y * ce``) before alpha and the modulating factor:
+            ``train.class_weight`` (docs/imbalance.md).
 
     Raises:
         ValueError: If alpha is outside [0, 1], gamma is negative, or dtype is a
@@ -69,6 +74,7 @@ class SigmoidFocalCrossEntropy(keras.losses.Loss):
         reduction="sum_over_batch_size",
         name="sigmoid_focal_crossentropy",
         dtype=None,
+        pos_weight=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if alpha is not None and not (_is_real(alpha) and 0.0 <= alpha <= 1.0):
@@ -90,6 +96,7 @@ class SigmoidFocalCrossEntropy(keras.losses.Loss):
         self.alpha = None if alpha is None else float(alpha)
         self.gamma = None if gamma is None else float(gamma)
         self._dtype_arg = None if dtype is None else self._dtype_policy.name
+        self.pos_weight = _weights(pos_weight, "pos_weight")
 
     def call(self, y_true, y_pred):
         """Returns the per-sample loss (summed over the last axis), float32."""
@@ -119,6 +126,8 @@ class SigmoidFocalCrossEntropy(keras.losses.Loss):
             one_minus_prob = 1.0 - y_pred
 
         loss = ce
+        if self.pos_weight is not None:
+            loss = loss * _positive_factor(y_true, self.pos_weight)
         if self.alpha is not None:
             alpha = ops.convert_to_tensor(self.alpha, "float32")
             loss = loss * (y_true * alpha + (1.0 - y_true) * (1.0 - alpha))
@@ -138,9 +147,80 @@ class SigmoidFocalCrossEntropy(keras.losses.Loss):
                 "alpha": self.alpha,
                 "gamma": self.gamma,
                 "dtype": self._dtype_arg,
+                "pos_weight": self.pos_weight,
             }
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="tfcovid")
+class WeightedSparseCategoricalCrossentropy(keras.losses.Loss):
+    """Softmax cross-entropy of logits against integer labels, each sample's loss times its
+    class's weight: what Keras's ``fit(class_weight=...)`` does to the training loss, as a loss,
+    so the validation loss (and the best checkpoint) is weighted the same way.
+
+    Args:
+        class_weight: one weight > 0 per class (per logit).
+        reduction, name: as any Keras loss; "sum_over_batch_size" divides the weighted sum by
+            the number of samples, as Keras's class_weight does.
+    """
+
+    def __init__(self, class_weight, reduction="sum_over_batch_size",
+                 name="weighted_sparse_categorical_crossentropy"):
+        super().__init__(name=name, reduction=reduction)
+        self.class_weight = _weights(class_weight, "class_weight")
+        if self.class_weight is None:
+            raise ValueError("class_weight must list one weight per class.")
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.cast(y_pred, "float32")
+        y_true = ops.cast(ops.reshape(y_true, [-1]), "int32")
+        ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        return ce * ops.take(ops.convert_to_tensor(self.class_weight, "float32"), y_true)
+
+    def get_config(self):
+        return {**super().get_config(), "class_weight": self.class_weight}
+
+
+@keras.saving.register_keras_serializable(package="tfcovid")
+class WeightedBinaryCrossentropy(keras.losses.Loss):
+    """BCE with logits and a positive weight per label, PyTorch's
+    ``BCEWithLogitsLoss(pos_weight=...)``: per label ``-(w * y * log p + (1 - y) * log(1 - p))``,
+    averaged over the labels (as Keras's and PyTorch's BCE are), computed from the logits in the
+    stable form ``(1 - y) x + (1 + (w - 1) y) (log1p(exp(-|x|)) + max(-x, 0))``.
+    """
+
+    def __init__(self, pos_weight, reduction="sum_over_batch_size",
+                 name="weighted_binary_crossentropy"):
+        super().__init__(name=name, reduction=reduction)
+        self.pos_weight = _weights(pos_weight, "pos_weight")
+        if self.pos_weight is None:
+            raise ValueError("pos_weight must list one weight per label.")
+
+    def call(self, y_true, y_pred):
+        x = ops.cast(y_pred, "float32")
+        y = ops.cast(y_true, "float32")
+        w = ops.convert_to_tensor(self.pos_weight, "float32")
+        loss = (1.0 - y) * x + (1.0 + (w - 1.0) * y) * (ops.log1p(ops.exp(-ops.abs(x))) + ops.maximum(-x, 0.0))
+        return ops.mean(loss, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "pos_weight": self.pos_weight}
+
+
+def _weights(values, what: str) -> list[float] | None:
+    """A list of finite weights > 0 (or None); anything else a ValueError naming ``what``."""
+    if values is None:
+        return None
+    out = [float(v) for v in values]
+    if not out or not all(_is_real(v) and 0 < v < math.inf for v in out):
+        raise ValueError(f"{what} must be one or more finite numbers > 0. Received: {values!r}")
+    return out
+
+
+def _positive_factor(y_true, weights):
+    # w for a positive element, 1 for a negative one (soft labels interpolate).
+    return 1.0 + (ops.convert_to_tensor(weights, "float32") - 1.0) * y_true
 
 
 def _is_real(value) -> bool:
@@ -152,24 +232,28 @@ def _is_real(value) -> bool:
     )
 
 
-def _cross_entropy(*, alpha, gamma, reduction) -> keras.losses.Loss:
+def _cross_entropy(*, alpha, gamma, reduction, class_weight=None) -> keras.losses.Loss:
     # The study's binary loss: softmax cross-entropy over 2 logits, integer labels.
     del alpha, gamma
+    if class_weight is not None:
+        return WeightedSparseCategoricalCrossentropy(class_weight, reduction=reduction)
     return keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=reduction
     )
 
 
-def _binary_cross_entropy(*, alpha, gamma, reduction) -> keras.losses.Loss:
+def _binary_cross_entropy(*, alpha, gamma, reduction, class_weight=None) -> keras.losses.Loss:
     # The study's BCEWithLogitsLoss for the multi-hot labels. Keras averages over
     # the label axis, as PyTorch's default 'mean' reduction does.
     del alpha, gamma
+    if class_weight is not None:
+        return WeightedBinaryCrossentropy(class_weight, reduction=reduction)
     return keras.losses.BinaryCrossentropy(from_logits=True, reduction=reduction)
 
 
-def _focal(*, alpha, gamma, reduction) -> keras.losses.Loss:
+def _focal(*, alpha, gamma, reduction, class_weight=None) -> keras.losses.Loss:
     return SigmoidFocalCrossEntropy(
-        from_logits=True, alpha=alpha, gamma=gamma, reduction=reduction
+        from_logits=True, alpha=alpha, gamma=gamma, reduction=reduction, pos_weight=class_weight
     )
 
 
@@ -194,6 +278,7 @@ def get_loss(
     alpha: float | None = 0.25,
     gamma: float | None = 2.0,
     reduction: str = "sum_over_batch_size",
+    class_weight=None,
 ) -> keras.losses.Loss:
     """Builds a loss by name; every loss takes logits.
 
@@ -203,6 +288,9 @@ def get_loss(
         gamma: Focal loss's focusing exponent (ignored by "ce" and "bce").
         reduction: Keras reduction over samples, e.g. "sum" for the study's
             summed focal loss.
+        class_weight: None (the study's losses), or one weight per output: per
+            class for "ce", per label's positives for "bce" and "focal"
+            (``data.class_weights.resolve``).
 
     Returns:
         A new `keras.losses.Loss`.
@@ -211,7 +299,8 @@ def get_loss(
         ValueError: If the name is unknown (the message lists the valid ones) or
             alpha/gamma are out of range.
     """
-    return LOSSES[_check_loss_name(name)](alpha=alpha, gamma=gamma, reduction=reduction)
+    return LOSSES[_check_loss_name(name)](alpha=alpha, gamma=gamma, reduction=reduction,
+                                          class_weight=class_weight)
 
 
 def check_loss_for_task(loss: str, task: str) -> None:

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from tfcovid.config import Experiment
-from tfcovid.data import types
+from tfcovid.data import sampling, types
 from tfcovid.models import apply_freeze, is_head_layer
 from tfcovid.results import operating_point
 from tfcovid.results.model_card import NOT_CLINICAL  # the model card states it too
@@ -111,6 +111,7 @@ def _run_directory(exp: Experiment, run_dir, t0: float, log) -> Run:
             manifest = inputs.load_manifest(exp, log, run_dir)
             preflight.check_batch_size(inputs.split_sizes(manifest), exp.train.batch_size)
             _check_operating_point(exp, manifest)
+            _check_imbalance(exp, manifest)
             if exp.model.weights == "imagenet":  # ... and before a run directory exists
                 loading.fetch_imagenet(exp.model.backbone)
             made = None if scratch or run_dir else new_run_dir(exp)  # removed if phase 1 fails
@@ -142,6 +143,13 @@ def _check_operating_point(exp: Experiment, manifest: types.Manifest) -> None:
         finish.choose_operating_point(exp, manifest, np.zeros((len(validation.labels), len(manifest.output_names))))
     except operating_point.OperatingPointError as err:
         raise TrainingError(f"{err} (train.operating_point)") from None
+
+
+def _check_imbalance(exp: Experiment, manifest: types.Manifest) -> None:
+    """Before the weights and the run directory: train.class_weight's names and counts, and
+    data.sampling against the data's form (docs/imbalance.md)."""
+    inputs.resolve_class_weights(exp, manifest)
+    sampling.refuse_records(manifest.splits["train"], exp.data.sampling)
 
 
 def _lock(run) -> run_lock.RunLock:
@@ -195,7 +203,8 @@ def _build_model(run: Run, data: inputs.Inputs) -> BuiltModel:
             m.preprocessing, m.head_units, name=f"tfcovid_{m.backbone}_{exp.data.task}")
         frozen = apply_freeze(model, m.freeze, is_head_layer)
         compile_model(model, exp, data.positive_index,
-                      schedules.steps_per_epoch(data.train, data.counts["train"], exp.train.batch_size))
+                      schedules.steps_per_epoch(data.train, data.counts["train"], exp.train.batch_size),
+                      data.class_weight)
         synced = distribute.synchronize_batchnorm(model) if run.replicas > 1 else 0
         distribute.keras_multiworker_fixes(model, run.strategy)
         xla_note = distribute.fit_xla_to_strategy(model, run.strategy)
