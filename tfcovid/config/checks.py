@@ -7,6 +7,7 @@ import re
 
 from tfcovid.config import operating_point
 from tfcovid.config.schema import (
+    AUGMENT_ON,
     BACKBONES,
     CACHES,
     CONV_LAYERS,
@@ -55,6 +56,7 @@ def _check_choices(exp: Experiment) -> None:
     _check_choice("train.jit_compile", t.jit_compile.lower(), JIT_COMPILE)
     _check_choice("train.focal_reduction", t.focal_reduction, ("sum", "mean"))
     _check_choice("data.cache", d.cache, CACHES)
+    _check_choice("data.augment_on", d.augment_on, AUGMENT_ON)
 
 
 def _check_data(d: DataConfig) -> None:

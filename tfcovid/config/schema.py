@@ -43,6 +43,11 @@ JIT_COMPILE = ("auto", "true", "false")
 CACHES = ("auto", "memory", "disk", "none")
 
 
+# Where the train augmentation's resampling runs (data.augment_on): auto is the device where a
+# GPU or TPU trains, the CPU (OpenCV) otherwise.
+AUGMENT_ON = ("auto", "cpu", "device")
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -105,6 +110,9 @@ class DataConfig:
     # A `tfcovid prepare` output: check every shard's sha256 against its manifest before training
     # (~0.7 GB/s locally, docs/performance.md); false checks only their sizes.
     verify_records: bool = True
+    # Where the train augmentation resamples: cpu (OpenCV, in tf.data), device (the planned affine
+    # maps applied inside the compiled train step; docs/performance.md), or auto (device on a GPU/TPU).
+    augment_on: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ def dataset(
     epoch=None,
     deterministic: bool = True,
     readers: int = 1,
+    augment_on: str = "cpu",
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -45,10 +46,12 @@ def dataset(
         readers: processes that each read a share of the split (multi-worker training of a
             prepared TFRecord split gives each whole shards); with one, a prepared split's
             training stream states its length, which Keras's epochs and progress bar use.
+        augment_on: "cpu", or "device" for an ImageFolder split (see ``pipeline.dataset``);
+            prepared TFRecord splits are always augmented on the CPU.
     """
     if getattr(split, "shards", None):  # a records.RecordSplit: stream its TFRecord shards
 
         return record_stream.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder, cache, readers)
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
-                            cache, decode_scale, epoch, deterministic)
+                            cache, decode_scale, epoch, deterministic, augment_on)

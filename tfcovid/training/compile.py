@@ -8,11 +8,14 @@ from tfcovid.config import Experiment
 from tfcovid.training import epoch_metrics, losses
 
 
-def compile_model(model: keras.Model, exp: Experiment, positive_index: int) -> None:
-    """Compile with the experiment's optimiser, loss and the report's metrics (float32)."""
+def compile_model(model: keras.Model, exp: Experiment, positive_index: int, optimizer=None) -> None:
+    """Compile with the experiment's optimiser, loss and the report's metrics (float32).
+    ``optimizer``: an optimizer to share (the classifier's, for ``device_augment.DeviceTrainer``,
+    so that its state is the one checkpoints save); default a new one."""
     t = exp.train
-    optimizer = (keras.optimizers.SGD(t.lr, momentum=t.momentum) if t.optimizer == "sgd"
-                 else keras.optimizers.Adam(t.lr))
+    if optimizer is None:
+        optimizer = (keras.optimizers.SGD(t.lr, momentum=t.momentum) if t.optimizer == "sgd"
+                     else keras.optimizers.Adam(t.lr))
     # "sum" is not rescaled per replica by Keras, so it stays the global batch's sum under
     # tf.distribute too.
     reduction = "sum" if t.loss == "focal" and t.focal_reduction == "sum" else "sum_over_batch_size"
