@@ -115,6 +115,9 @@ class DeviceTrainer(keras.Model):
         self.classifier = classifier
         self.augment = DeviceAugment(size, levels, name="device_augment")
 
+    def build(self, input_shape=None):  # the classifier is built; the augmentation has no state
+        self.built = True
+
     def call(self, inputs, training=False):
         if isinstance(inputs, dict):
             inputs = self.augment(inputs)
