@@ -201,3 +201,18 @@ def test_jax_backend_gives_the_same_views_and_trains(tmp_path):
     assert result["backend"] == "jax"
     assert result["max_diff"] == 0.0  # float32 gathers and weights in the same order
     assert result["moved"] and np.isfinite(result["loss"])
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "device"])
+def test_augment_on_takes_its_three_values(value):
+    from tfcovid import config
+
+    assert config.from_dict({"data": {"augment_on": value}}).data.augment_on == value
+
+
+@pytest.mark.parametrize("value", ["gpu", "Device", ""])
+def test_augment_on_refuses_anything_else_naming_the_key(value):
+    from tfcovid import config
+
+    with pytest.raises(config.ConfigError, match=r"'data.augment_on'.*Valid values: auto, cpu, device"):
+        config.from_dict({"data": {"augment_on": value}})

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from tfcovid.training import devices
+from tfcovid.training.compile import compile_model
 
 KEYS = ("source", "hw", "transform", "k")  # a device batch's inputs (data.batches.gatherer)
 
@@ -131,6 +132,17 @@ class DeviceTrainer(keras.Model):
 
     def load_weights(self, *args, **kwargs):
         return self.classifier.load_weights(*args, **kwargs)
+
+
+def trainer_for(model: keras.Model, exp, data) -> keras.Model:
+    """What ``fit`` trains for ``inputs.Inputs`` ``data``: ``model`` itself, or with
+    data.augment_on device a ``DeviceTrainer`` around it, compiled as ``model`` is and sharing
+    its optimizer (so the checkpoints and backups save the state that trains)."""
+    if data.augment_on != "device":
+        return model
+    trainer = DeviceTrainer(model, exp.data.image_size, data.shrink_levels)
+    compile_model(trainer, exp, data.positive_index, optimizer=model.optimizer)
+    return trainer
 
 
 def choose(setting: str, augmenting: bool, folders: bool, replicas: int, opencv: bool) -> tuple[str, str]:

@@ -96,7 +96,6 @@ class _Model:
     model: keras.Model
     preprocessing: str  # the preprocessing mode inside the model
     frozen: FreezeSummary
-    trainer: keras.Model | None = None  # data.augment_on device: what fit() trains (same weights)
 
 
 def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path | None:
@@ -126,8 +125,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         with devices.op_determinism(run.exp.train.deterministic), distribute.forget_traced_gradients(), \
                 signals.RaiseOnSignal():
             run = _where_it_runs(run)  # [2/6]
-            exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log, run.manifest,
-                                              run.replicas)  # [3/6]
+            exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log, run.manifest, run.replicas)  # [3/6]
             run = dataclasses.replace(run, exp=exp)
             built = _build_model(run, data)  # [4/6]
             train_seconds = _train(run, data, built)  # [5/6]
@@ -260,10 +258,6 @@ def _build_model(run: _Run, data: inputs.Inputs) -> _Model:
         synced = distribute.synchronize_batchnorm(model) if run.replicas > 1 else 0
         distribute.keras_multiworker_fixes(model, run.strategy)
         xla_note = distribute.fit_xla_to_strategy(model, run.strategy)
-        trainer = None
-        if data.augment_on == "device":  # the augmentation in the compiled step, before the model
-            trainer = device_augment.DeviceTrainer(model, exp.data.image_size, data.shrink_levels)
-            compile_model(trainer, exp, data.positive_index, optimizer=model.optimizer)
     preflight.check_free_disk(run.dir, preflight.checkpoint_bytes(
         frozen.total_params, frozen.trainable_params, exp.train.optimizer, exp.train.momentum),
         resume=bool(run.resume))
@@ -276,7 +270,7 @@ def _build_model(run: _Run, data: inputs.Inputs) -> _Model:
         log(f"      {synced} BatchNorm layers use global-batch statistics (synchronised across replicas)")
     if xla_note:
         log(f"      note: {xla_note}")
-    return _Model(model, mode, frozen, trainer)
+    return _Model(model, mode, frozen)
 
 
 def _train(run: _Run, data: inputs.Inputs, built: _Model) -> list[float]:
@@ -285,12 +279,12 @@ def _train(run: _Run, data: inputs.Inputs, built: _Model) -> list[float]:
     Returns each completed epoch's seconds, across resumes.
     """
     exp, log, model = run.exp, run.log, built.model
-    trainer = built.trainer or model
     info = metadata.info_for(exp, data.manifest)
     signature = run_state.data_signature(data.manifest)
     state = run_state.RunState(run.dir, embed=lambda path: metadata.embed(path, info), data=signature)
     with run.strategy.scope():
         first = state.restore(model)
+        trainer = device_augment.trainer_for(model, exp, data)  # the model, or it behind the augmentation
     changes = run_state.data_changes(state.state.get("data"), signature)
     if changes:  # --resume --data is for the same data in a new place, not for other data
         raise TrainingError(
@@ -387,8 +381,7 @@ def _write_results(run: _Run, data: inputs.Inputs, built: _Model, train_seconds:
         "preprocessing": built.preprocessing,
         "precision": run.precision,
         "replicas": run.replicas,
-        "workers": run.workers,
-        "augment_on": data.augment_line,
+        "workers": run.workers, "augment_on": data.augment_line,
         **results,  # splits, operating_point
     }
     # The chosen operating point goes into the model metrics.json describes (last.keras), and
