@@ -10,6 +10,7 @@ from scipy import stats
 
 from tfcovid.data import augment
 from tfcovid.data.opencv import images as opencv_images
+from tfcovid.training import device_augment
 
 N = 3000
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -98,14 +99,29 @@ def test_angle_and_flip_distributions():
     assert np.all(still[:, 4] == 0) and np.all(still[:, 5] == 0)
 
 
+def _resample(path, image, transform, k, size):
+    """One image (H, W, C) through its plan on the CPU path's TensorFlow op or on the device
+    path's keras.ops resampler (data.augment_on device): float32 (S, S, C)."""
+    if path == "tensorflow":
+        return augment.apply(image, transform, k, size).numpy()
+    out = device_augment.resample(np.asarray(image)[None], np.array([image.shape[:2]], np.int32),
+                                  np.asarray(transform, np.float32)[None], np.array([int(k)]), size,
+                                  max(int(k), 1))
+    return np.asarray(out)[0, ..., : image.shape[-1]]
+
+
+PATHS = ["tensorflow", "device"]
+
+
 def _smooth_image(h=180, w=150):
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     img = 40 + 120 * (x / w) + 60 * np.exp(-((x - 0.3 * w) ** 2 + (y - 0.25 * h) ** 2) / (2 * 18.0 ** 2))
     return np.clip(img + 30 * (y / h) ** 2, 0, 255).astype(np.uint8)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("angle,flip", [(17.0, False), (-25.0, True), (0.0, True)])
-def test_fused_transform_equals_sequential_torchvision_ops(angle, flip):
+def test_fused_transform_equals_sequential_torchvision_ops(angle, flip, path):
     """One fused resample == rotate -> crop -> resize -> flip, each done by PIL as torchvision does."""
     image = _smooth_image()
     h, w = image.shape
@@ -117,28 +133,32 @@ def test_fused_transform_equals_sequential_torchvision_ops(angle, flip):
     params = {"top": tf.constant(float(top)), "left": tf.constant(float(left)),
               "height": tf.constant(float(ch)), "width": tf.constant(float(cw)),
               "angle": tf.constant(angle * math.pi / 180), "flip": tf.constant(flip)}
-    fused = augment.resample(image[..., None], augment.fused_transform(params, h, w, size), size)
-    diff = np.abs(fused.numpy()[..., 0] - np.asarray(seq, np.float32))[4:-4, 4:-4]
+    fused = _resample(path, image[..., None], augment.fused_transform(params, h, w, size), 1, size)
+    diff = np.abs(fused[..., 0] - np.asarray(seq, np.float32))[4:-4, 4:-4]
     assert diff.mean() < 1.5 and np.percentile(diff, 99) < 6
 
 
-def test_large_downscale_is_antialiased():
+@pytest.mark.parametrize("path", PATHS)
+def test_large_downscale_is_antialiased(path):
     # A 1-pixel checkerboard shrunk 8x must average to mid-grey; plain bilinear sampling
     # would alias it into black and white.
     board = ((np.indices((512, 512)).sum(0) % 2) * 255).astype(np.uint8)[..., None]
-    out = augment.random_resized_crop_rotate_flip(
-        board, tf.constant([1, 2], tf.int64), 64, scale=(1.0, 1.0), ratio=(1.0, 1.0), max_angle=0.0,
-        flip=False).numpy()
+    transforms, k = augment.plan(tf.constant([[512, 512]]), augment.draws(tf.constant([1, 2], tf.int64))[None],
+                                 64, (1.0, 1.0), (1.0, 1.0), 0.0, False)
+    assert int(k[0]) == 8
+    out = _resample(path, board, transforms[0].numpy(), int(k[0]), 64)
     assert out.shape == (64, 64, 1) and out.dtype == np.float32
     assert abs(out.mean() - 127.5) < 2 and out.std() < 3
 
 
-def test_output_shape_channels_and_range():
+@pytest.mark.parametrize("path", PATHS)
+def test_output_shape_channels_and_range(path):
     for channels in (1, 3):
         image = np.random.default_rng(channels).integers(0, 256, (97, 131, channels), dtype=np.uint8)
-        out = augment.random_resized_crop_rotate_flip(image, tf.constant([3, channels], tf.int64), 48)
+        transforms, k = augment.plan(tf.constant([[97, 131]]), augment.draws(tf.constant([3, channels], tf.int64))[None], 48)
+        out = _resample(path, image, transforms[0].numpy(), int(k[0]), 48)
         assert out.shape == (48, 48, channels)
-        assert out.numpy().min() >= 0 and out.numpy().max() <= 255
+        assert out.min() >= 0 and out.max() <= 255 and out.std() > 10
 
 
 def test_same_seed_same_view_different_seed_different_view():

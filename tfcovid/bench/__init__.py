@@ -54,7 +54,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
     """Run one benchmark (``tfcovid bench KIND``); images are generated when data_dir is None.
 
     ``options``: image_size, batch_size, backbone, precision, jit_compile, steps_per_execution,
-    freeze, steps, repeats, cache, budget_mb, decode_scale, processes, max_pixels (the
+    freeze, steps, repeats, cache, budget_mb, decode_scale, processes, augment_on (fit), max_pixels (the
     limit a --data folder's images are checked against; default fit's data.max_pixels).
     """
     if kind not in KINDS:
@@ -62,7 +62,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
     o = {"image_size": 224, "batch_size": 60, "backbone": "vgg16", "precision": "auto",
          "jit_compile": "auto", "steps_per_execution": 1, "freeze": "none", "steps": 10,
          "repeats": 3, "cache": "auto", "budget_mb": 2048, "decode_scale": 2.0, "processes": "auto",
-         **options}
+         "augment_on": "auto", **options}
     exp = experiment(o["backbone"], o["image_size"], o["batch_size"], o["precision"],
                      o["jit_compile"], o["steps_per_execution"], o["freeze"])
     if kind == "model":
@@ -83,7 +83,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
                 raise types.DataError(f"{len(paths)} images are fewer than one batch of {o['batch_size']}; "
                                      "use more images or a smaller --batch-size.")
             result = bench_fit(paths, exp, o["steps"], o["repeats"], o["cache"], o["budget_mb"],
-                               o["decode_scale"], log, o["processes"])
+                               o["decode_scale"], log, o["processes"], o["augment_on"])
     return {**result, "data": source}
 
 
@@ -111,7 +111,7 @@ def summary(result: dict) -> str:
              f"(forward {r['forward_gflops_per_image']}) -> {r['tflops']} TFLOP/s")
     if r["kind"] == "model":
         return f"Training step, random tensors: {model}\n  {r['images_per_s']} images/s; {flops}"
-    return (f"Training fed by the pipeline ({r['data']}{_processes(r)}): {model}\n"
+    return (f"Training fed by the pipeline ({r['data']}{_processes(r)}; {r.get('augment_on', '')}): {model}\n"
             f"  end to end {r['images_per_s']} images/s; model alone {r['model_only_images_per_s']} "
             f"images/s; ratio {r['ratio_to_model_only']:.2f}\n  {flops}")
 

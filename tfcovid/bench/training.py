@@ -12,10 +12,10 @@ from tfcovid.bench.files import as_split
 from tfcovid.bench.flops import model_flops
 from tfcovid.bench.pipeline import processes_fields
 from tfcovid.bench.timing import machine, median_rate, timed_pass
+from tfcovid.data import augment, batches, datasets, pipeline
 from tfcovid.data import cache as data_cache
-from tfcovid.data import datasets
 from tfcovid.models import apply_freeze, build_model, is_head_layer
-from tfcovid.training import compile, devices
+from tfcovid.training import compile, device_augment, devices
 
 
 def experiment(backbone="vgg16", image_size=224, batch_size=60, precision="auto",
@@ -113,20 +113,36 @@ def bench_model(exp: config.Experiment, steps: int = 10, repeats: int = 3, log=p
 
 def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats: int = 3,
               cache: str = "auto", budget_mb: float = 2048, decode_scale: float = 2.0,
-              log=print, processes: int | str = "auto") -> dict:
-    """Training fed by the real train pipeline (cache filled first) against the model alone."""
+              log=print, processes: int | str = "auto", augment_on: str = "auto") -> dict:
+    """Training fed by the real train pipeline (cache filled first) against the model alone.
+
+    ``augment_on`` (data.augment_on): on the device path the model trains through
+    ``device_augment.DeviceTrainer`` and the two are timed one after the other (their batches
+    differ in kind, so they cannot alternate in one dataset); the model alone is the classifier."""
     model, precision = build(exp)
     size, batch = exp.data.image_size, exp.train.batch_size
-    policy = data_cache.Cache(cache, budget_mb, processes=processes)
-    pipe = datasets.dataset(as_split(paths), size, batch, training=True, aug=exp.augment,
-                        cache=policy, decode_scale=decode_scale, drop_remainder=True)
+    split = as_split(paths)
+    where, line = device_augment.choose(augment_on, True, True, 1, augment.resampler() == "opencv")
+    policy = data_cache.Cache(cache, budget_mb, processes=0 if where == "device" else processes)
+    pipe = datasets.dataset(split, size, batch, training=True, aug=exp.augment,
+                            cache=policy, decode_scale=decode_scale, drop_remainder=True, augment_on=where)
     fill_s = timed_pass(pipe)
-    log(f"  cache filled in {fill_s:.1f} s ({policy.usage()})")
-    log(f"  model alone and fed by the pipeline, alternating: {repeats} x {steps} steps each after a warm-up")
-    alone, fed = time_alternating(model, random_batches(size, batch), pipe.repeat(), steps, repeats)
+    log(f"  cache filled in {fill_s:.1f} s ({policy.usage()}); {line}")
+    if where == "device":
+        levels = batches.max_shrink(pipeline.working_sizes(split, size, decode_scale), size)
+        with devices.dtype_policy(precision):
+            trainer = device_augment.DeviceTrainer(model, size, levels)
+            compile.compile_model(trainer, exp, 0, optimizer=model.optimizer)
+        log(f"  model alone, then fed by the pipeline: {repeats} x {steps} steps each after a warm-up")
+        alone = time_training(trainer, random_batches(size, batch), steps, repeats)
+        fed = time_training(trainer, pipe.repeat(), steps, repeats)
+    else:
+        log(f"  model alone and fed by the pipeline, alternating: {repeats} x {steps} steps each after a warm-up")
+        alone, fed = time_alternating(model, random_batches(size, batch), pipe.repeat(), steps, repeats)
     alone_rate, fed_rate = median_rate(steps * batch, alone), median_rate(steps * batch, fed)
     return {"kind": "fit", **machine(), "images": len(paths), "repeats": repeats, "steps": steps,
             "images_per_s": round(fed_rate, 2), "model_only_images_per_s": round(alone_rate, 2),
             "ratio_to_model_only": round(fed_rate / alone_rate, 3),
             "cache": {"mode": cache, "bytes": policy.nbytes(), "budget_mb": budget_mb},
+            "augment_on": line,
             **processes_fields(policy), **_model_fields(exp, model, precision, fed_rate)}

@@ -11,6 +11,7 @@ from typing import Any
 
 from tfcovid.config import operating_point
 from tfcovid.config.schema import (
+    AUGMENT_ON,
     BACKBONES,
     CACHES,
     CLASS_WEIGHTS,
@@ -82,6 +83,7 @@ def _check_choices(exp: Experiment) -> None:
     _check_choice("train.focal_reduction", t.focal_reduction, ("sum", "mean"))
     _check_choice("data.cache", d.cache, CACHES)
     _check_choice("data.high_bit", d.high_bit, HIGH_BIT)
+    _check_choice("data.augment_on", d.augment_on, AUGMENT_ON)
 
 
 def _check_data(d: DataConfig) -> None:

@@ -72,6 +72,11 @@ SAMPLINGS = ("natural", "balanced")
 CLASS_WEIGHTS = ("none", "balanced")
 
 
+# Where the train augmentation's resampling runs (data.augment_on): auto is the device where a
+# GPU or TPU trains, the CPU (OpenCV) otherwise.
+AUGMENT_ON = ("auto", "cpu", "device")
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -152,6 +157,9 @@ class DataConfig:
     # natural: each train image once per epoch; balanced: the epoch's slots drawn equally from
     # each class (binary) or class folder (three-label), seeded per (seed, epoch).
     sampling: str = "natural"
+    # Where the train augmentation resamples: cpu (OpenCV, in tf.data), device (the planned affine
+    # maps applied inside the compiled train step; docs/performance.md), or auto (device on a GPU/TPU).
+    augment_on: str = "auto"
 
 
 @dataclass(frozen=True)

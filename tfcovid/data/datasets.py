@@ -23,6 +23,7 @@ def dataset(
     deterministic: bool = True,
     readers: int = 1,
     balanced: str | None = None,
+    augment_on: str = "cpu",
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -48,6 +49,8 @@ def dataset(
             training stream states its length, which Keras's epochs and progress bar use.
         balanced: training only: the task ("binary" or "multilabel") whose groups each epoch
             draws equally from (``data.sampling: balanced``, tfcovid.data.sampling); None: natural.
+        augment_on: "cpu", or "device" for an ImageFolder split (see ``pipeline.dataset``);
+            prepared TFRecord splits are always augmented on the CPU.
     """
     if balanced:
         sampling.refuse_records(split, "balanced")
@@ -57,4 +60,4 @@ def dataset(
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
                             cache, decode_scale, epoch, deterministic,
-                            sampling.groups(split, balanced) if balanced and training else None)
+                            sampling.groups(split, balanced) if balanced and training else None, augment_on)

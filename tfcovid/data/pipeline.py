@@ -136,6 +136,11 @@ def _file_plan(paths, min_side: int | None):
     return shapes, lambda data: decode_base(data, min_side), readable
 
 
+def working_sizes(split: Split, image_size: int, decode_scale: float) -> np.ndarray:
+    """Each train file's working (height, width) from its header; (-1, -1) where unknown."""
+    return _file_plan(split.paths, working_side(image_size, decode_scale))[0][: len(split)]
+
+
 def eval_pixels(data, size: int):
     """uint8 (S, S, C) eval pixels, C = 1 or 3: exactly what ``data.load_image`` rounds to."""
     return one_channel_if_gray(round_uint8(augment.resize_eval(decode_image(data), size)))
@@ -164,6 +169,7 @@ class _Stages:
     decode: Callable | None = None
     readable: np.ndarray | None = None
     groups: np.ndarray | None = None  # data.sampling balanced: each image's group (data/sampling.py)
+    device: bool = False  # data.augment_on device: batches of decoded images for the train step
 
 
 def dataset(
@@ -179,6 +185,7 @@ def dataset(
     epoch: tf.Variable | None = None,
     deterministic: bool = True,
     groups: np.ndarray | None = None,
+    augment_on: str = "cpu",
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -202,8 +209,11 @@ def dataset(
             see docs/performance.md). False hands batches over as they finish.
         groups: training only: each image's group for ``data.sampling: balanced``
             (``sampling.groups``); None keeps the natural order (each image once per epoch).
+        augment_on: "cpu" (OpenCV, in tf.data) or "device": train batches are the decoded
+            images padded to one shape with their plans (``batches.gatherer``), resampled in
+            the train step by ``tfcovid.training.device_augment``. Needs OpenCV.
     """
-    s = _stages(split, image_size, batch_size, training, aug, cache, decode_scale)
+    s = _stages(split, image_size, batch_size, training, aug, cache, decode_scale, augment_on)
     if groups is not None:
         s = replace(s, groups=np.asarray(groups, np.int64))
     if training:
@@ -220,13 +230,14 @@ def dataset(
 
 
 def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug, cache,
-            decode_scale: float) -> _Stages:
+            decode_scale: float, augment_on: str = "cpu") -> _Stages:
     """How this split's images are planned, decoded, cached and resampled; starts the cache's
     worker processes, if it has them."""
     augmenting = training and aug is not None and aug.enabled
     min_side = working_side(image_size, decode_scale) if augmenting else None
     # With OpenCV a whole batch is resampled in one call after batching.
     warp_batches = augmenting and augment.resampler() == "opencv"
+    device = warp_batches and augment_on == "device"  # the same batches, resampled in the step
     planned = {}
     if augmenting:
         shapes, decode, readable = _file_plan(split.paths, min_side)
@@ -239,7 +250,7 @@ def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug,
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting,
                                    gray_as_one=warp_batches or not augmenting)
         arrays = max(len(split), 1) if warp_batches else None
-        store = policy.store_for(split.name, estimated, arrays=arrays, workers=True)
+        store = policy.store_for(split.name, estimated, arrays=arrays, workers=not device)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
     if policy is not None:  # worker processes started now (threads where they cannot start)
@@ -249,7 +260,7 @@ def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug,
     # TensorFlow table must be filled inside the per-image map.
     opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)
     return _Stages(split, image_size, paths, labels, augmenting, min_side, warp_batches, store,
-                   arrays, opencv_decodes, **planned)
+                   arrays, opencv_decodes, **planned, device=device)
 
 
 def _epoch_keys(seed: int, epoch: tf.Variable | None) -> tf.data.Dataset:
@@ -371,15 +382,19 @@ def _batched(s: _Stages, ds: tf.data.Dataset, batch_size: int, drop_remainder: b
     batch then resample (``batches.resampler``)."""
     store = s.store if s.arrays else None
     fallback = functools.partial(_fallback, s)
+    if s.device:  # the same rows, padded to one shape for the device, not resampled here
+        make = functools.partial(batches.gatherer, batches.device_pad(s.shapes, s.readable))
+    else:
+        make = functools.partial(batches.resampler, s.image_size)
     if s.opencv_decodes and (s.readable[:, 0] > 0).all():
         # Every file is one OpenCV decodes: no per-image TensorFlow work at all. Batches of
         # (index, plan) go straight to the batch resampler, which reads the files itself.
-        warp = batches.resampler(s.image_size, store, fallback, s.split.paths)
+        warp = make(store, fallback, s.split.paths)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(functools.partial(_batch_of_plans, s))
         return ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
     ds = ds.map(functools.partial(_load, s), num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
     if not s.warp_batches:
         return ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
-    warp = batches.resampler(s.image_size, store, fallback)
+    warp = make(store, fallback)
     return ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)

@@ -9,12 +9,15 @@ from tfcovid.training import epoch_metrics, losses, schedules
 
 
 def compile_model(model: keras.Model, exp: Experiment, positive_index: int, steps_per_epoch: int = 1,
-                  class_weight=None) -> None:
+                  class_weight=None, optimizer=None) -> None:
     """Compile with the experiment's optimiser, loss and the report's metrics (float32);
     ``steps_per_epoch`` turns the learning-rate schedule's epochs into steps; ``class_weight``:
-    train.class_weight's weights per output (``data.class_weights.resolve``)."""
+    train.class_weight's weights per output (``data.class_weights.resolve``); ``optimizer``: an
+    optimizer to share (the classifier's, for ``device_augment.DeviceTrainer``, so that its state
+    is the one checkpoints save), default a new one."""
     t = exp.train
-    optimizer = schedules.optimizer(t, steps_per_epoch)
+    if optimizer is None:
+        optimizer = schedules.optimizer(t, steps_per_epoch)
     # "sum" is not rescaled per replica by Keras, so it stays the global batch's sum under
     # tf.distribute too.
     reduction = "sum" if t.loss == "focal" and t.focal_reduction == "sum" else "sum_over_batch_size"

@@ -81,6 +81,19 @@ def describe_device() -> str:
     return f"GPU {name} (cc {cc[0]}.{cc[1]}) x{count}" if cc else f"GPU x{count}"
 
 
+def accelerator() -> str | None:
+    """"GPU:0" or "TPU:0" where the model trains on one (the backend Keras runs on), else None."""
+    if keras.backend.backend() == "jax":
+        import jax  # optional: only under KERAS_BACKEND=jax
+
+        first = jax.devices()[0]
+        return None if first.platform == "cpu" else f"{first.platform.upper()}:0"
+    for kind in ("GPU", "TPU"):
+        if keras.backend.backend() == "tensorflow" and tf.config.list_logical_devices(kind):
+            return f"{kind}:0"
+    return None
+
+
 def resolve_precision(name: str) -> str:
     """Map --precision auto to a Keras dtype policy name.
 

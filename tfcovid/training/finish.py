@@ -91,6 +91,7 @@ def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_second
         "precision": run.precision,
         "replicas": run.replicas,
         "workers": run.workers,
+        "augment_on": data.augment_line,
         **results,  # splits, operating_point
         # train.class_weight and data.sampling as they took effect (docs/imbalance.md)
         "imbalance": {"sampling": exp.data.sampling, "class_weight": exp.to_dict()["train"]["class_weight"],

@@ -13,12 +13,14 @@ import yaml
 from tfcovid.config import Experiment
 from tfcovid.data import (
     augment,
+    batches,
     checks,
     class_weights,
     datasets,
     demo,
     label_files,
     leakage,
+    pipeline,
     records,
     splits,
     types,
@@ -28,7 +30,7 @@ from tfcovid.data.cache import Cache
 from tfcovid.data.folders import disease_class
 from tfcovid.data.opencv.process_pool import WorkerStore, usable_cores
 from tfcovid.data.opencv.process_pool import available as can_use_workers
-from tfcovid.training import distribute, preflight
+from tfcovid.training import device_augment, distribute, preflight
 from tfcovid.utils import atomic
 
 
@@ -42,6 +44,9 @@ class Inputs:
     train: tf.data.Dataset
     validation: tf.data.Dataset
     class_weight: tuple[float, ...] | None = None  # train.class_weight per output (None: none)
+    augment_on: str = "cpu"  # "device": train batches are for device_augment.DeviceTrainer
+    augment_line: str = ""  # where the augmentation runs, as logged and put in metrics.json
+    shrink_levels: int = 1  # the device resampler's largest pre-shrink factor
 
 
 def load_manifest(exp: Experiment, log=print, run_dir=None) -> types.Manifest:
@@ -80,7 +85,7 @@ def write_config(run: Path, exp: Experiment) -> None:
 
 
 def input_pipeline(exp: Experiment, run: Path, workers: int, log: Callable[[str], None],
-                   manifest: types.Manifest) -> tuple[Experiment, Inputs]:
+                   manifest: types.Manifest, replicas: int = 1) -> tuple[Experiment, Inputs]:
     """Phase 3: every file checked, the disease class settled, the train and validation datasets.
 
     Args:
@@ -102,24 +107,35 @@ def input_pipeline(exp: Experiment, run: Path, workers: int, log: Callable[[str]
     # (a killed process's disk cache is stale: it is removed).
     shutil.rmtree(run / "cache", ignore_errors=True)
     # auto: worker processes from 8 cores, the host's cores shared by its training processes.
+    train = manifest.splits["train"]
+    augment_on, line = device_augment.choose(exp.data.augment_on, exp.augment.enabled,
+                                             not getattr(train, "shards", None), replicas * workers,
+                                             augment.resampler() == "opencv")
+    # On the device path the host only decodes: no resample worker processes.
     cache = Cache(exp.data.cache, exp.data.cache_budget_mb, directory=str(run / "cache"),
-                  processes=exp.data.resample_processes,
+                  processes=0 if augment_on == "device" else exp.data.resample_processes,
                   share=distribute.tasks_on_this_host(distribute.tf_config_cluster()))
     # The epoch about to run, set before each epoch: the train pipeline keys its shuffle and
     # augmentation on it, so a resumed run continues with the batches it would have seen.
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
-    train_ds = datasets.dataset(manifest.splits["train"], exp.data.image_size, exp.train.batch_size,
+    train_ds = datasets.dataset(train, exp.data.image_size, exp.train.batch_size,
                                 training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
                                 decode_scale=exp.data.decode_scale, epoch=epoch, readers=workers,
-                                balanced=exp.data.task if exp.data.sampling == "balanced" else None)
+                                balanced=exp.data.task if exp.data.sampling == "balanced" else None,
+                                augment_on=augment_on)
     val_ds = datasets.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
                               cache=cache)
     log(f"      {cache.describe()}")
     weights = resolve_class_weights(exp, manifest)
     log(f"      sampling {exp.data.sampling}; {class_weights.describe(weights, exp.train.class_weight, exp.data.task, manifest.output_names)}")
-    if exp.augment.enabled:
-        log(f"      augmentation resampled with {augment.describe_resampler()}{_where_resampled(exp, cache)}")
-    return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds, weights)
+    if augment_on == "device":
+        log(f"      {line}")
+    elif exp.augment.enabled:
+        log(f"      {line}; resampled with {augment.describe_resampler()}{_where_resampled(exp, cache)}")
+    levels = batches.max_shrink(pipeline.working_sizes(train, exp.data.image_size, exp.data.decode_scale),
+                                 exp.data.image_size) if augment_on == "device" else 1
+    return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds, class_weight=weights,
+                       augment_on=augment_on, augment_line=line, shrink_levels=levels)
 
 
 def resolve_class_weights(exp: Experiment, manifest: types.Manifest) -> tuple[float, ...] | None:

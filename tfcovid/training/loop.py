@@ -8,7 +8,7 @@ import keras
 
 from tfcovid.data import records
 from tfcovid.training import callbacks as training_callbacks
-from tfcovid.training import distribute, inputs, recipes, run_state, stops
+from tfcovid.training import device_augment, distribute, inputs, recipes, run_state, stops
 from tfcovid.training.callbacks import NaNGuard
 from tfcovid.training.context import BuiltModel, Run
 from tfcovid.training.stops import TrainingError
@@ -30,6 +30,7 @@ def train(run: Run, data: inputs.Inputs, built: BuiltModel) -> list[float]:
                                monitor=metric, mode=mode)
     with run.strategy.scope():
         first = state.restore(model)
+        trainer = device_augment.trainer_for(model, exp, data)  # the model, or it behind the augmentation
     changes = run_state.data_changes(state.state.get("data"), signature)
     if changes:  # --resume --data is for the same data in a new place, not for other data
         raise TrainingError(
@@ -51,7 +52,7 @@ def train(run: Run, data: inputs.Inputs, built: BuiltModel) -> list[float]:
         log(f"      if interrupted, resume with: tfcovid fit --resume {run.dir}")
     try:
         with stop:
-            model.fit(data.train, validation_data=data.validation, epochs=epochs,
+            trainer.fit(data.train, validation_data=data.validation, epochs=epochs,
                       initial_epoch=first, callbacks=callbacks,
                       shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     except records.READ_ERRORS as err:

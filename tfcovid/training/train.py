@@ -64,7 +64,7 @@ def fit(exp: Experiment, run_dir: str | Path | None = None, log=print) -> Path |
         with devices.op_determinism(run.exp.train.deterministic), distribute.forget_traced_gradients(), \
                 signals.RaiseOnSignal():
             run = _where_it_runs(run)  # [2/6]
-            exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log, run.manifest)  # [3/6]
+            exp, data = inputs.input_pipeline(run.exp, run.dir, run.workers, run.log, run.manifest, run.replicas)  # [3/6]
             run = dataclasses.replace(run, exp=exp)
             built = _build_model(run, data)  # [4/6]
             train_seconds = loop.train(run, data, built)  # [5/6]
