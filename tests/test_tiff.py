@@ -192,3 +192,13 @@ def test_prepare_reencodes_a_tiff_as_the_pipelines_decode_it(tmp_path):
     encoded, channels = prepare._reencode(str(path), 0, "png", 95)
     assert int(channels) == 1
     np.testing.assert_array_equal(tf.io.decode_png(encoded).numpy()[..., 0], (pixels >> 4).astype(np.uint8))
+
+
+def test_train_plan_sizes_a_tiff_from_its_header(tmp_path):
+    """fit's plan: a 16-bit TIFF's working size from Pillow's header read (one grey channel);
+    OpenCV's batch decoder leaves it to TensorFlow's map (readable (0, 0)), which decodes it
+    with data.tiff, as decode_base above."""
+    path = tmp_path / "x.tif"
+    path.write_bytes(_tiff(np.zeros((40, 36), np.uint16), "tiff_lzw"))
+    shapes, _, readable = pipeline._file_plan([str(path)], 16)
+    assert shapes[0].tolist() == [20, 18] and readable[0].tolist() == [0, 0]
