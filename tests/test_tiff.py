@@ -183,7 +183,8 @@ def test_predict_on_a_tiff_gives_the_png_probabilities(binary_tree, tmp_path):
     np.testing.assert_allclose(rows["tiff"], expected, atol=2e-6)
 
 
-def test_prepare_reencodes_a_tiff_as_the_pipelines_decode_it(tmp_path):
+def test_prepare_and_bench_decode_a_tiff_as_the_pipelines_do(tmp_path):
+    from tfcovid.bench import pipeline as bench_pipeline
     from tfcovid.data import prepare
 
     pixels = (rng.random((20, 24)) * 4095).round().astype(np.uint16)
@@ -192,6 +193,8 @@ def test_prepare_reencodes_a_tiff_as_the_pipelines_decode_it(tmp_path):
     encoded, channels = prepare._reencode(str(path), 0, "png", 95)
     assert int(channels) == 1
     np.testing.assert_array_equal(tf.io.decode_png(encoded).numpy()[..., 0], (pixels >> 4).astype(np.uint8))
+    first = next(iter(bench_pipeline.decode_only([str(path)])))
+    assert first.numpy().tolist() == [int(pixels[0, 0] >> 4)]  # a batch of one pixel
 
 
 def test_train_plan_sizes_a_tiff_from_its_header(tmp_path):
