@@ -5,8 +5,8 @@ bytes as that many 8-bit RGB pixels (3 each). The bytes are what the decoders tf
 (TensorFlow's, OpenCV's, pydicom's) allocate: a PNG's channels, alpha included (16-bit samples decode to
 8 bits); a progressive JPEG's coefficients too (2 bytes a sample, held for the whole image);
 a GIF's every frame (giflib reads them all, though only the first is used) on a canvas as
-large as its largest frame; a DICOM image's samples and working copies; a TIFF's samples
-held twice (Pillow's image, NumPy's copy) and the 8-bit result. Nothing is decoded here; no TensorFlow either.
+large as its largest frame; a DICOM image's samples and working copies; Pillow's image of a
+TIFF and its samples twice (Pillow joins them into bytes that NumPy takes). Nothing is decoded here; no TensorFlow either.
 """
 from __future__ import annotations
 

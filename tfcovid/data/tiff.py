@@ -41,7 +41,7 @@ class Header(NamedTuple):
     channels: int  # after decoding: 1 (grey) or 3 (RGB)
     bits: int  # BitsPerSample (first sample)
     samples: int  # SamplesPerPixel, alpha included
-    bytes_per_pixel: int  # what decoding holds: Pillow's image, NumPy's copy, the 8-bit result
+    bytes_per_pixel: int  # what decoding holds at its peak (see _check)
     min_is_white: bool
 
 
@@ -83,10 +83,11 @@ def _check(im) -> Header:
         raise TiffError(f"{bits[0]}-bit {kind} TIFF ({samples} sample{'s' if samples > 1 else ''} "
                         f"a pixel): {HINT}")
     channels, stored = _MODES[im.mode]
+    # At the peak: Pillow's image, and its samples twice (tobytes joins them from chunks, NumPy
+    # takes the joined copy); the 8-bit result comes after Pillow's image is freed.
     array = samples * (2 if bits[0] > 8 else 1)
-    result = 0 if im.mode in ("L", "RGB") else channels  # else NumPy's copy is the result
     width, height = im.size
-    return Header(width, height, channels, bits[0], samples, stored + array + result,
+    return Header(width, height, channels, bits[0], samples, stored + 2 * array,
                   kind.startswith("grey (MinIsWhite)"))
 
 
@@ -117,11 +118,11 @@ def to_uint8(data: bytes) -> np.ndarray:
                         f"{head.height}×{head.width}")
     arr = arr.reshape(head.height, head.width, -1)[..., :head.channels]
     if arr.dtype != np.uint8:  # 12 or 16 bits: the 16-bit PNG rule, BitsPerSample as sBIT
-        arr = arr.astype(np.uint16)
         bits = highbit.used_bits(int(arr.max(initial=0)), head.bits if head.bits < 16 else None)
-        arr = np.right_shift(arr, bits - 8).astype(np.uint8)
+        out = np.empty(arr.shape, np.uint8)  # shifted straight into 8 bits: no 16-bit temporary
+        arr = np.right_shift(arr.astype(np.uint16, copy=False), bits - 8, out=out, casting="unsafe")
         if head.min_is_white:  # Pillow inverts 8-bit MinIsWhite itself, not 16-bit
-            arr = 255 - arr
+            np.subtract(255, arr, out=arr)
     return np.ascontiguousarray(arr)
 
 
