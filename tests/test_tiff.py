@@ -163,6 +163,8 @@ def test_tif_and_tiff_names_are_image_files(tmp_path):
         assert checks.check_file(tmp_path / name, 10**6) is None
     (tmp_path / "c.tif").write_text("hello")
     assert "has a .tif name but is not a" in headers.quick_check(tmp_path / "c.tif")
+    (tmp_path / "d.tif").write_bytes(b"II+\0\x08\0\0\0" + b"\0" * 124)  # BigTIFF: not read
+    assert "(it is a BigTIFF image)" in headers.quick_check(tmp_path / "d.tif")
 
 
 def test_predict_on_a_tiff_gives_the_png_probabilities(binary_tree, tmp_path):
