@@ -67,7 +67,7 @@ def test_scan_collects_every_structural_problem_and_strict_raises_one_list(tmp_p
     (root / "train" / "a" / "empty.png").write_bytes(b"")
     (root / "train" / "a" / "text.jpg").write_text("hello, not a picture\n")
     (root / "val" / "b" / "notes.txt").write_text("x")
-    (root / "val" / "b" / "scan.tif").write_bytes(b"II*\0" + b"\0" * 128)  # DICOM is read now
+    (root / "val" / "b" / "scan.webp").write_bytes(b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 128)  # TIFF is read now
     _save(root / "train" / "loose.png", _gray())  # next to the class folders
     os.symlink(root / "nowhere.png", root / "train" / "b" / "link.png")
 
@@ -77,8 +77,9 @@ def test_scan_collects_every_structural_problem_and_strict_raises_one_list(tmp_p
     assert message.startswith(f"6 files under {root} cannot be used:")
     for line in ("train/a/empty.png: empty file (0 bytes)",
                  "train/a/text.jpg: has a .jpg name but is not a JPEG/PNG/BMP/GIF image (it is text)",
-                 "val/b/notes.txt: not an image file: tfcovid reads .jpg, .jpeg, .png, .bmp, .gif, .dcm, .dicom files",
-                 "val/b/scan.tif: not an image file (convert it to PNG)",
+                 "val/b/notes.txt: not an image file: tfcovid reads .jpg, .jpeg, .png, .bmp, .gif, .dcm, .dicom, "
+                 ".tif, .tiff files",
+                 "val/b/scan.webp: not an image file (convert it to PNG)",
                  f"train/loose.png: {checks.OUTSIDE_CLASS}",
                  "train/b/link.png: broken link to"):
         assert line in message, line
@@ -87,7 +88,7 @@ def test_scan_collects_every_structural_problem_and_strict_raises_one_list(tmp_p
     m = data_folders.scan(root, strict=False)
     assert {Path(b.path).name: b.split for b in m.bad} == {
         "empty.png": "train", "text.jpg": "train", "loose.png": "train", "link.png": "train",
-        "notes.txt": "validation", "scan.tif": "validation"}
+        "notes.txt": "validation", "scan.webp": "validation"}
     # None of them is in a split, and every label is still its own folder's.
     assert len(m.splits["train"]) == 6 and len(m.splits["validation"]) == 6
     for split in m.splits.values():

@@ -59,8 +59,8 @@ EARLY_STOPPING = {"binary": ("val_loss", "val_accuracy", "val_f1"),
                   "multilabel": ("val_loss", "val_jaccard", "val_f1")}
 
 
-# How 16-bit PNG samples become 8 bits (tfcovid.data.highbit, docs/dicom.md): "used" scales by
-# the bits the image uses (sBIT, else its largest value's). Recorded so a run says which rule.
+# How 16-bit PNG and TIFF samples become 8 bits (tfcovid.data.highbit, docs/dicom.md): "used"
+# scales by the bits the image uses (sBIT or BitsPerSample < 16, else its largest value's). Recorded so a run says which rule.
 HIGH_BIT = ("used",)
 
 
@@ -151,7 +151,7 @@ class DataConfig:
     # Images with the same decoded pixels in two splits: false stops fit with the pairs listed;
     # true lets it train and lists them (the leakage report).
     allow_duplicates: bool = False
-    # 16-bit PNGs to 8 bits (one of HIGH_BIT; docs/dicom.md): recorded in the run's config.yaml;
+    # 16-bit PNGs and TIFFs to 8 bits (one of HIGH_BIT; docs/dicom.md): recorded in the run's config.yaml;
     # predict, evaluate and explain apply the same rule.
     high_bit: str = "used"
     # natural: each train image once per epoch; balanced: the epoch's slots drawn equally from

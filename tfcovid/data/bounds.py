@@ -5,13 +5,14 @@ bytes as that many 8-bit RGB pixels (3 each). The bytes are what the decoders tf
 (TensorFlow's, OpenCV's, pydicom's) allocate: a PNG's channels, alpha included (16-bit samples decode to
 8 bits); a progressive JPEG's coefficients too (2 bytes a sample, held for the whole image);
 a GIF's every frame (giflib reads them all, though only the first is used) on a canvas as
-large as its largest frame; a DICOM image's samples and working copies. Nothing is decoded here; no TensorFlow either.
+large as its largest frame; a DICOM image's samples and working copies; Pillow's image of a
+TIFF and its samples twice (Pillow joins them into bytes that NumPy takes). Nothing is decoded here; no TensorFlow either.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from tfcovid.data import dicom, headers
+from tfcovid.data import dicom, headers, tiff
 from tfcovid.data.headers import Unusable, _field
 
 BYTES_PER_PIXEL = 3  # the byte limit is data.max_pixels pixels of 8-bit RGB
@@ -125,7 +126,19 @@ def _dicom(data: bytes) -> Decoded:
                    f"{per_pixel} bytes a pixel)")
 
 
-_DECODED = {"PNG": _png, "JPEG": _jpeg, "BMP": _bmp, "GIF": _gif, "DICOM": _dicom}
+def _tiff(data: bytes) -> Decoded:
+    # From the first page's width, height and samples, never its strip sizes (which may lie);
+    # a multi-page, float or other refused TIFF is refused here too.
+    try:
+        head = tiff.header(data)
+    except tiff.TiffError as err:
+        raise Unusable(str(err)) from None
+    return Decoded(head.width, head.height, head.width * head.height * head.bytes_per_pixel,
+                   f"{head.bits}-bit TIFF of {head.samples} sample{'s' if head.samples > 1 else ''} "
+                   f"a pixel ({head.bytes_per_pixel} bytes a pixel as Pillow decodes it)")
+
+
+_DECODED = {"PNG": _png, "JPEG": _jpeg, "BMP": _bmp, "GIF": _gif, "DICOM": _dicom, "TIFF": _tiff}
 
 
 def decoded(data: bytes, kind: str) -> Decoded:

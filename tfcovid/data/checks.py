@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfcovid.data import bounds, dicom, headers
+from tfcovid.data import bounds, dicom, headers, tiff
 from tfcovid.data.headers import not_regular  # noqa: F401  (also read as checks.not_regular)
 from tfcovid.data.types import BadFile, DataError
 from tfcovid.utils.atomic import atomic_write_text
@@ -39,6 +39,8 @@ def _tf_reason(err: tf.errors.OpError) -> str:
 def _decode(data: bytes, kind: str) -> None:
     if kind == "DICOM":  # the decode data.decode_image calls; DicomError: a one-line reason
         dicom.to_uint8(data)
+    elif kind == "TIFF":  # likewise with data.tiff (Pillow); TiffError: a one-line reason
+        tiff.to_uint8(data)
     elif kind == "JPEG":
         # ratio=8 still entropy-decodes every block (so truncation and corrupt data fail),
         # but skips most of the inverse DCT: a full check at a fraction of a decode's cost.
@@ -63,7 +65,7 @@ def check_file(path, max_pixels: int, setting: str = "data.max_pixels") -> str |
     kind = headers.sniff(data[:headers.HEAD_BYTES])
     try:
         _decode(data, kind)
-    except dicom.DicomError as err:
+    except (dicom.DicomError, tiff.TiffError) as err:
         return str(err)
     except tf.errors.OpError as err:
         return f"cannot be decoded as {kind}, truncated or corrupt ({_tf_reason(err)})"

@@ -1,23 +1,23 @@
 """Decoding with TensorFlow's ops: JPEG/PNG/BMP/GIF, grey/RGB/RGBA, 8 or 16 bit -> uint8 RGB;
-DICOM through ``data.dicom``.
+DICOM through ``data.dicom``, TIFF through ``data.tiff``.
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tfcovid.data import augment, dicom
+from tfcovid.data import augment, dicom, tiff
 from tfcovid.data.signatures import SIGNATURES
 
 PNG_MAGIC = SIGNATURES["PNG"][0]
 
 
 def decode_image(data, dicom_files: bool = True):
-    """Decode JPEG/PNG/BMP/GIF (and DICOM) bytes to uint8 (H, W, C), C = 1 (grey) or 3 (RGB).
+    """Decode JPEG/PNG/BMP/GIF (and DICOM, TIFF) bytes to uint8 (H, W, C), C = 1 (grey) or 3 (RGB).
 
     16-bit PNGs are scaled to 8 bits by the bits they use (``highbit``), alpha is dropped,
     a GIF gives its first frame, a DICOM file gives ``dicom.to_uint8``'s image (through
-    ``tf.numpy_function``: ``dicom_files=False`` leaves it out of graphs saved without Python,
-    the exported SavedModel's). Grayscale stays one channel until the end of the pipeline,
+    ``tf.numpy_function``), a TIFF ``tiff.to_uint8``'s (the same way; ``dicom_files=False``
+    leaves both out of graphs saved without Python, the exported SavedModel's). Grayscale stays one channel until the end of the pipeline,
     which makes everything before that up to 3x cheaper.
     """
     # The 132 first bytes, padded: substr past a short file's end would fail.
@@ -34,8 +34,13 @@ def decode_image(data, dicom_files: bool = True):
     if not dicom_files:
         return other()
     is_dicom = tf.equal(tf.strings.substr(head, dicom.MAGIC_AT, 4), dicom.MAGIC)
-    image = tf.cond(is_dicom, lambda: tf.numpy_function(dicom.decode_tensor, [data], tf.uint8,
-                                                         stateful=False), other)
+    is_tiff = tf.reduce_any(tf.equal(tf.strings.substr(head, 0, 4), list(SIGNATURES["TIFF"])))
+
+    def python(decoder):  # a decoder that needs Python (pydicom, Pillow)
+        return lambda: tf.numpy_function(decoder, [data], tf.uint8, stateful=False)
+
+    image = tf.cond(is_dicom, python(dicom.decode_tensor),
+                    lambda: tf.cond(is_tiff, python(tiff.decode_tensor), other))
     image.set_shape([None, None, None])
     return image
 

@@ -13,10 +13,15 @@ import stat
 import struct
 from pathlib import Path
 
-from tfcovid.data.signatures import DICOM_EXTENSIONS, SIGNATURES, is_dicom
+from tfcovid.data.signatures import (
+    DICOM_EXTENSIONS,
+    SIGNATURES,
+    TIFF_EXTENSIONS,
+    is_dicom,
+)
 from tfcovid.utils.text import not_utf8
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif") + DICOM_EXTENSIONS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif") + DICOM_EXTENSIONS + TIFF_EXTENSIONS
 
 
 # Written by file managers, never images: ignored (and counted) instead of reported.
@@ -25,12 +30,12 @@ SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
 # What a non-image with an image extension often is, so the reason can say it.
 _OTHER_SIGNATURES = (
-    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"%PDF", "a PDF document"),
+    (b"II+\x00", "a BigTIFF image"), (b"MM\x00+", "a BigTIFF image"), (b"%PDF", "a PDF document"),
     (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "a gzip archive"), (b"<", "HTML or XML text"),
 )
 
 
-_HINTS = {".tif": "convert it to PNG", ".tiff": "convert it to PNG", ".webp": "convert it to PNG"}
+_HINTS = {".webp": "convert it to PNG", ".jp2": "convert it to PNG"}
 
 
 HEAD_BYTES = 132  # enough for every signature above and DICOM's "DICM" at byte 128
@@ -52,7 +57,7 @@ def read_bytes(path, limit: int = -1) -> bytes:
 
 
 def sniff(head: bytes) -> str | None:
-    """The image format a file's first bytes announce ("DICOM", "JPEG", "PNG", "BMP", "GIF"),
+    """The image format a file's first bytes announce ("DICOM", "JPEG", "PNG", "BMP", "GIF", "TIFF"),
     or None. DICOM first: its 128-byte preamble may hold anything, another format's header too."""
     if is_dicom(head):
         return "DICOM"

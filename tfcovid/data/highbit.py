@@ -1,5 +1,6 @@
 """16-bit PNG samples -> 8 bits by the range they use: the rule shared by TensorFlow's decode
-(``decode.decode_image``) and OpenCV's (``opencv.images.decode_png``). No TensorFlow here.
+(``decode.decode_image``), OpenCV's (``opencv.images.decode_png``) and the TIFF decode
+(``tiff.to_uint8``, a BitsPerSample under 16 as the sBIT). No TensorFlow here.
 
 Medical PNGs often keep 10-14-bit values in a 16-bit container; scaled by 65535 they come out
 nearly black. The bits used: the sBIT chunk's (its first channel's), when the values fit in

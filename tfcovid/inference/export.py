@@ -26,7 +26,8 @@ with antialiasing and rounded to whole values::
     x = np.clip(np.round(x.numpy()), 0, 255)          # whole values, as uint8 pixels hold them
 
 The SavedModel's encoded-bytes signature decodes JPEG/PNG/BMP/GIF in the graph; DICOM needs
-pydicom, so a DICOM file goes in as pixels: ``tfcovid.data.dicom.to_uint8`` (docs/dicom.md).
+pydicom and TIFF Pillow, so those go in as pixels: ``tfcovid.data.dicom.to_uint8`` or
+``tfcovid.data.tiff.to_uint8`` (docs/dicom.md).
 """
 from __future__ import annotations
 

@@ -21,7 +21,16 @@ import numpy as np
 import tensorflow as tf
 
 from tfcovid import config
-from tfcovid.data import augment, bounds, checks, decode, dicom, folders, signatures
+from tfcovid.data import (
+    augment,
+    bounds,
+    checks,
+    decode,
+    dicom,
+    folders,
+    signatures,
+    tiff,
+)
 from tfcovid.models import tta as test_time
 from tfcovid.models.outputs import decide, probabilities
 from tfcovid.utils.atomic import atomic_write_text
@@ -139,11 +148,11 @@ def resizer(size: int):
 
 def _decode(raw: bytes):
     """Decode eagerly, so a damaged file's error is TensorFlow's own one-line reason (a DICOM
-    file's: ``data.dicom``'s, decoded directly, the same pixels ``decode_image`` gives)."""
-    if signatures.is_dicom(raw):
+    file's: ``data.dicom``'s and a TIFF's ``data.tiff``'s, decoded directly, the same pixels ``decode_image`` gives)."""
+    if signatures.is_dicom(raw) or signatures.is_tiff(raw):  # Python decoders, direct
         try:
-            return tf.constant(dicom.to_uint8(raw)), None
-        except dicom.DicomError as err:
+            return tf.constant((dicom if signatures.is_dicom(raw) else tiff).to_uint8(raw)), None
+        except (dicom.DicomError, tiff.TiffError) as err:
             return None, str(err)
     try:
         return decode.decode_image(tf.constant(raw)), None
