@@ -19,7 +19,7 @@ import tensorflow as tf
 from tfcovid.config import Experiment
 from tfcovid.data import datasets, records, types
 from tfcovid.data import folders as data_folders
-from tfcovid.models import FreezeSummary, apply_freeze, is_head_layer
+from tfcovid.models import FreezeSummary, apply_freeze, get_backbone, is_head_layer
 from tfcovid.models.outputs import probabilities
 from tfcovid.results import operating_point, plots, scores, tables
 from tfcovid.training import callbacks as training_callbacks
@@ -253,7 +253,7 @@ def _build_model(run: _Run, data: inputs.Inputs) -> _Model:
         model, mode, origin = loading.initial_model(
             m.backbone, len(data.manifest.output_names), exp.data.image_size, m.weights,
             m.preprocessing, m.head_units, name=f"tfcovid_{m.backbone}_{exp.data.task}")
-        frozen = apply_freeze(model, m.freeze, is_head_layer)
+        frozen = apply_freeze(model, m.freeze, is_head_layer, get_backbone(m.backbone).stages)
         compile_model(model, exp, data.positive_index)
         synced = distribute.synchronize_batchnorm(model) if run.replicas > 1 else 0
         distribute.keras_multiworker_fixes(model, run.strategy)
