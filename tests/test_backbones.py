@@ -1,14 +1,26 @@
 """Every backbone of the registry, checked against keras.applications' own model (issue 25.1)."""
 
+import hashlib
+import inspect
+
+import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfcovid import config
 from tfcovid.inference import explain
-from tfcovid.models import BACKBONES, apply_freeze, build_model, count_parameters, is_head_layer
+from tfcovid.models import (
+    BACKBONES,
+    apply_freeze,
+    build_model,
+    count_parameters,
+    is_head_layer,
+)
 from tfcovid.models.freeze import CONVOLUTIONS, _all_layers
-from tfcovid.weights import keras_files
+from tfcovid.weights import imagenet, keras_files, loading
+from tfcovid.weights.assign import WeightsError
 
 A = keras.applications
 
@@ -83,15 +95,96 @@ def test_every_backbone_matches_keras_trains_saves_and_reloads(name, tmp_path):
     _check_against_keras(name, model, keras.Model(model.input, head_input), pixels)
     _check_tables(name, model)
 
-    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False,
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    # One SGD step, eagerly (a compiled train step costs a trace of the whole graph).
     first_conv = next(layer for layer in _all_layers(model) if isinstance(layer, CONVOLUTIONS))
     before = first_conv.kernel.numpy().copy()
-    loss = model.train_on_batch(pixels, np.eye(2, dtype="float32"))
-    assert np.isfinite(loss) and not np.allclose(first_conv.kernel.numpy(), before)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True)(np.eye(2), model(pixels, training=True))
+    keras.optimizers.SGD(0.1).apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+    assert np.isfinite(float(loss)) and not np.allclose(first_conv.kernel.numpy(), before)
 
     model.save(tmp_path / "m.keras")
     again = keras_files.load_model(tmp_path / "m.keras")
     assert keras_files.preprocessing_of(tmp_path / "m.keras") == spec.imagenet_preprocessing
-    np.testing.assert_allclose(again.predict(pixels, verbose=0), model.predict(pixels, verbose=0),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again(pixels, training=False), model(pixels, training=False), rtol=1e-5, atol=1e-5)
+
+
+# --- ImageNet weights of the later backbones: Keras's files, offline, damaged, loaded by order ---
+
+LATER = ("densenet121", "efficientnetv2_b0", "convnext_tiny")
+
+
+def test_imagenet_table_matches_keras_applications_for_the_later_backbones():
+    from keras.src.applications import convnext, densenet, efficientnet_v2
+
+    table = imagenet.IMAGENET
+    assert table["densenet121"].url == densenet.DENSENET121_WEIGHT_PATH_NO_TOP
+    assert f'file_hash="{table["densenet121"].md5}"' in inspect.getsource(densenet)  # inline in Keras
+    assert table["efficientnetv2_b0"].url == efficientnet_v2.BASE_WEIGHTS_PATH + "efficientnetv2-b0_notop.h5"
+    assert table["efficientnetv2_b0"].md5 == efficientnet_v2.WEIGHTS_HASHES["b0"][1]
+    assert table["convnext_tiny"].url == convnext.BASE_WEIGHTS_PATH + "convnext_tiny_notop.h5"
+    assert table["convnext_tiny"].sha256 == convnext.WEIGHTS_HASHES["convnext_tiny"][1]
+    assert all(table[name].url.endswith("/" + table[name].fname) for name in LATER)
+
+
+@pytest.mark.parametrize("backbone", LATER)
+def test_later_backbones_offline_or_damaged_cache_is_a_clear_error(backbone, monkeypatch, tmp_path):
+    """No network: the file, its URL and the folder to put it in; a wrong copy in the cache: its
+    hash and the expected one, and the file is kept. Both before any model is built."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    spec = imagenet.IMAGENET[backbone]
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://x: None -- [Errno -3] Temporary failure in name resolution")  # noqa: TRY002 (as get_file)
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(WeightsError) as err:
+        loading.initial_model(backbone, 2, 32, "imagenet")
+    for part in (f"for {backbone}: {spec.fname} from {spec.url}", str(tmp_path / "keras" / "models"),
+                 "Temporary failure in name resolution", "--weights FILE", "--weights none"):
+        assert part in str(err.value)
+    cached = tmp_path / "keras" / "models" / spec.fname
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"a truncated copy")
+    with pytest.raises(WeightsError) as err:
+        loading.initial_model(backbone, 2, 32, "imagenet")
+    algorithm = "sha256" if spec.sha256 else "md5"
+    digest = hashlib.new(algorithm, b"a truncated copy").hexdigest()
+    assert (f"{cached} is damaged or not {spec.fname}: its {algorithm} is {digest}, expected "
+            f"{spec.md5 or spec.sha256}") in str(err.value)
+    assert cached.read_bytes() == b"a truncated copy"
+
+
+def test_convnext_notop_h5_loads_by_order_with_its_unnamed_final_norm(monkeypatch, tmp_path):
+    """keras.applications' own .h5 (as --weights FILE and as the ImageNet file): loaded by layer
+    order, the final LayerNormalization included, and the features equal Keras's own model's
+    (which normalises inside) on the same raw pixels."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(3)
+    source = A.ConvNeXtTiny(include_top=False, weights=None, input_shape=(32, 32, 3))
+    norm = source.layers[-1]
+    norm.set_weights([w + 0.5 for w in norm.get_weights()])
+    path = tmp_path / "convnext_tiny_notop.h5"
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, source)
+    assert loading.resolve_preprocessing("convnext_tiny", str(path)) == "torch"
+    model, mode, origin = loading.initial_model("convnext_tiny", 2, 32, str(path))
+    assert mode == "torch" and origin == f"Keras .h5 weights from {path} (loaded by keras.applications; fresh study head)"
+    for got, want in zip(model.get_layer("convnext_tiny_layernorm").get_weights(), norm.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    features = keras.Model(model.input, model.get_layer("head_avgpool").input)
+    np.testing.assert_allclose(features(pixels), source(pixels), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(loading, "fetch_imagenet", lambda backbone: path)
+    model, _, origin = loading.initial_model("convnext_tiny", 2, 32, "imagenet")
+    assert origin == "Keras ImageNet weights (convnext_tiny_notop.h5)"
+    np.testing.assert_allclose(keras.Model(model.input, model.get_layer("head_avgpool").input)(pixels),
+                               source(pixels), rtol=1e-4, atol=1e-4)
+    with h5py.File(tmp_path / "other.h5", "w") as f:  # a legacy .h5 of some other model
+        f.attrs["layer_names"] = [b"dense"]
+        f.create_group("dense").attrs["weight_names"] = [b"dense/kernel:0"]
+        f["dense"].create_dataset("dense/kernel:0", data=np.zeros((3, 3), "float32"))
+    with pytest.raises(WeightsError, match=rf"Could not load {tmp_path / 'other.h5'} into convnext_tiny: .*"
+                                           r"Use keras.applications' convnext_tiny notop .h5"):
+        loading.initial_model("convnext_tiny", 2, 32, str(tmp_path / "other.h5"))
