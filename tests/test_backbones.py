@@ -181,6 +181,12 @@ def test_convnext_notop_h5_loads_by_order_with_its_unnamed_final_norm(monkeypatc
     assert origin == "Keras ImageNet weights (convnext_tiny_notop.h5)"
     np.testing.assert_allclose(keras.Model(model.input, model.get_layer("head_avgpool").input)(pixels),
                                source(pixels), rtol=1e-4, atol=1e-4)
+    want = model(pixels)
+    # A Keras 3 .weights.h5 of it: the nested Sequential blocks' weights are found inside them.
+    model.save_weights(tmp_path / "last.weights.h5")
+    again, _, origin = loading.initial_model("convnext_tiny", 2, 32, str(tmp_path / "last.weights.h5"))
+    assert "study head loaded from the file" in origin
+    np.testing.assert_allclose(again(pixels), want, rtol=1e-5, atol=1e-5)
     with h5py.File(tmp_path / "other.h5", "w") as f:  # a legacy .h5 of some other model
         f.attrs["layer_names"] = [b"dense"]
         f.create_group("dense").attrs["weight_names"] = [b"dense/kernel:0"]
