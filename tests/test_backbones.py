@@ -2,6 +2,7 @@
 
 import hashlib
 import inspect
+import re
 
 import h5py
 import keras
@@ -41,6 +42,17 @@ REFERENCE = {
 }
 TORCHVISION_RESNET18_NO_FC = 11_689_512 - 513_000
 
+# What --freeze first2 freezes: up to the second convolution, with the normalisation after it
+# (DenseNet's pre-activation BatchNorm goes with the conv before it).
+FIRST2 = {
+    "vgg16": ("block1_conv1", "block1_conv2"),
+    "resnet18": ("conv1", "bn1", "layer1_0_conv1", "layer1_0_bn1"),
+    "densenet121": ("conv1_conv", "conv1_bn", "conv2_block1_0_bn", "conv2_block1_1_conv", "conv2_block1_1_bn"),
+    "efficientnetv2_b0": ("stem_conv", "stem_bn", "block1a_project_conv", "block1a_project_bn"),
+    "convnext_tiny": ("convnext_tiny_stem_conv", "convnext_tiny_stem_layernorm",
+                      "convnext_tiny_stage_0_block_0_depthwise_conv", "convnext_tiny_stage_0_block_0_layernorm"),
+}
+
 
 def _check_against_keras(name, model, features, pixels):
     """Parameter count = keras.applications' notop model + the study's head, and the same
@@ -77,6 +89,8 @@ def _check_tables(name, model):
     assert 0 < len(first.frozen_layers) < len(last.frozen_layers)
     with pytest.raises(ValueError, match=f"asks for {len(spec.stages) + 1} stages but"):
         apply_freeze(model, f"stages{len(spec.stages) + 1}", is_head_layer, spec.stages)
+    if name in FIRST2:
+        assert apply_freeze(model, "first2", is_head_layer).frozen_layers == FIRST2[name]
     apply_freeze(model, "none", is_head_layer)
     assert explain.default_layer(model) == spec.gradcam_layer
     assert len(model.get_layer(spec.gradcam_layer).output.shape) == 4
@@ -194,3 +208,17 @@ def test_convnext_notop_h5_loads_by_order_with_its_unnamed_final_norm(monkeypatc
     with pytest.raises(WeightsError, match=rf"Could not load {tmp_path / 'other.h5'} into convnext_tiny: .*"
                                            r"Use keras.applications' convnext_tiny notop .h5"):
         loading.initial_model("convnext_tiny", 2, 32, str(tmp_path / "other.h5"))
+
+
+@pytest.mark.parametrize("freeze, error", [
+    ("stages4", None), ("stages5", "convnext_tiny has 4 stages: use stages1 ... stages4, all"),
+    ("stages0", "Valid values: all, none, firstN"), ("first22", None),
+    ("first23", "convnext_tiny has 22 conv layers: use first1 ... first22"),
+])
+def test_stages_and_first_are_checked_against_the_backbone_before_building(freeze, error):
+    overrides = {"model.backbone": "convnext_tiny", "model.freeze": freeze}
+    if error is None:
+        assert config.resolve(None, overrides).model.freeze == freeze
+    else:
+        with pytest.raises(config.ConfigError, match=rf"Bad value for 'model.freeze': '{freeze}'\. .*{re.escape(error)}"):
+            config.resolve(None, overrides)
