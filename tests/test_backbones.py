@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfcovid import config
-from tfcovid.inference import explain
+from tfcovid.inference import explain, export
 from tfcovid.models import (
     BACKBONES,
     apply_freeze,
@@ -222,3 +222,21 @@ def test_stages_and_first_are_checked_against_the_backbone_before_building(freez
     else:
         with pytest.raises(config.ConfigError, match=rf"Bad value for 'model.freeze': '{freeze}'\. .*{re.escape(error)}"):
             config.resolve(None, overrides)
+
+
+def test_onnx_export_of_what_tf2onnx_cannot_convert_is_refused_up_front(tmp_path, monkeypatch):
+    """ConvNeXt's grouped convolutions and GELU (a tiny model with both stands in): a clear error
+    naming them and the formats that work, before any conversion, and no half-written folder."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Activation("gelu")(keras.layers.Conv2D(3, 3, groups=3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
+    model.save(tmp_path / "m.keras")
+    assert export.onnx_unsupported(model) == ["GELU (Erfc)", "grouped convolutions (Conv2D with groups > 1)"]
+    monkeypatch.setattr(export, "onnx_missing", list)
+    with pytest.raises(export.ExportError, match=r"tf2onnx cannot convert its GELU \(Erfc\) and grouped "
+                                                 r"convolutions .* Use --format saved_model or tflite"):
+        export.export(tmp_path / "m.keras", tmp_path / "onnx", "onnx", task="binary", labels=["a", "b"],
+                      log=lambda line: None)
+    assert not (tmp_path / "onnx").exists()
+    plain = keras.Model(inputs, keras.layers.Conv2D(3, 3)(inputs))
+    assert export.onnx_unsupported(plain) == []
