@@ -138,10 +138,11 @@ def build_classifier(backbone: str = "vgg16", task: str = "binary", freeze: str 
     """Build the study's classifier (raw [0, 255] RGB pixels in, float32 logits out), uncompiled.
 
     Args:
-        backbone: "vgg16", "resnet18" or "resnet50".
+        backbone: "vgg16", "resnet18", "resnet50", "densenet121", "efficientnetv2_b0" or
+            "convnext_tiny".
         task: "binary" (2 outputs) or "multilabel" (one output per label).
-        freeze: "none", "all" (backbone frozen) or "firstN" (the first N Conv2D layers, e.g.
-            "first7"); the head always stays trainable.
+        freeze: "none", "all" (backbone frozen), "firstN" (up to the N-th conv layer, e.g.
+            "first7") or "stagesN" (the first N stages); the head always stays trainable.
         weights: "none" (random, torchvision's initialisation), "imagenet" (downloaded once)
             or a weights file (.keras, .weights.h5, .h5, .safetensors, .pth).
         image_size: square input side in pixels.
@@ -168,12 +169,12 @@ def build_classifier(backbone: str = "vgg16", task: str = "binary", freeze: str 
         raise ValueError(f"The binary task has 2 outputs; got labels {list(labels)}.")
     outputs = 2 if task == "binary" else len(labels if labels is not None else config.STUDY_LABELS)
     _import_tensorflow()
-    from tfcovid.models import apply_freeze, is_head_layer  # heavy: Keras
+    from tfcovid.models import apply_freeze, get_backbone, is_head_layer  # heavy: Keras
     from tfcovid.weights import loading  # heavy: Keras
 
     model, _, _ = loading.initial_model(backbone, outputs, image_size, weights, preprocessing,
                                         head_units, name=f"tfcovid_{backbone}_{task}")
-    apply_freeze(model, freeze, is_head_layer)
+    apply_freeze(model, freeze, is_head_layer, get_backbone(backbone).stages)
     return model
 
 

@@ -14,7 +14,7 @@ from tfcovid.bench.pipeline import processes_fields
 from tfcovid.bench.timing import machine, median_rate, timed_pass
 from tfcovid.data import augment, batches, datasets, pipeline
 from tfcovid.data import cache as data_cache
-from tfcovid.models import apply_freeze, build_model, is_head_layer
+from tfcovid.models import apply_freeze, build_model, get_backbone, is_head_layer
 from tfcovid.training import compile, device_augment, devices
 
 
@@ -38,7 +38,7 @@ def build(exp: config.Experiment):
             model = build_model(exp.model.backbone, 2, exp.data.image_size, "torch")
         except ValueError as err:  # e.g. an image size too small for the backbone
             raise config.ConfigError(str(err)) from None
-        apply_freeze(model, exp.model.freeze, is_head_layer)
+        apply_freeze(model, exp.model.freeze, is_head_layer, get_backbone(exp.model.backbone).stages)
         compile.compile_model(model, exp, positive_index=0)
     return model, precision
 

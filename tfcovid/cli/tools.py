@@ -96,7 +96,7 @@ _DATA = Experiment().data
 @click.option("--steps-per-execution", type=click.IntRange(min=1), default=1, show_default=True,
               help="Training steps per compiled call (train.steps_per_execution).")
 @click.option("--freeze", default="none", show_default=True,
-              help="all | none | firstN, as fit's --freeze.")
+              help="all | none | firstN | stagesN, as fit's --freeze.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Training steps per timed repeat (model, fit).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,

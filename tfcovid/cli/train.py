@@ -113,7 +113,8 @@ def demo_data(out, task, label_file, per_class, seed, imbalance):
 @click.option("--backbone", "model__backbone", type=click.Choice(BACKBONES), default=None,
               help=f"ImageNet backbone under the study's 110-unit head. {_default('model.backbone')}")
 @click.option("--freeze", "model__freeze", default=None,
-              help=f"all (train the head only) | none | firstN (freeze the first N conv layers). "
+              help=f"all (train the head only) | none | firstN (freeze up to the N-th conv layer) | stagesN "
+                   f"(the first N stages). "
                    f"{_default('model.freeze')}")
 @click.option("--weights", "model__weights", default=None,
               help="imagenet | none | FILE (.keras, .weights.h5, keras.applications .h5, "

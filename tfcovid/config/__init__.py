@@ -35,6 +35,7 @@ from tfcovid.config.schema import (  # noqa: F401
     PRECISIONS,
     PREPROCESSING,
     SECTIONS,
+    STAGES,
     STRATEGIES,
     STUDY_LABEL_MAP,
     STUDY_LABELS,

@@ -29,6 +29,7 @@ from tfcovid.config.schema import (
     SAMPLINGS,
     SCHEDULES,
     SPLIT_MODES,
+    STAGES,
     STRATEGIES,
     TASKS,
     ConfigError,
@@ -117,16 +118,21 @@ def _check_splits(d: DataConfig) -> None:
 
 
 def _check_freeze(m: ModelConfig) -> None:
-    """The freeze policy, against the backbone's number of conv layers."""
-    if not re.fullmatch(r"all|none|first[1-9][0-9]{0,5}", m.freeze):  # int() of 5000 digits raises
+    """The freeze policy, against the backbone's number of conv layers or stages."""
+    if not re.fullmatch(r"all|none|(first|stages)[1-9][0-9]{0,5}", m.freeze):  # int() of 5000 digits raises
         raise ConfigError(
             f"Bad value for 'model.freeze': {shown(m.freeze)}. Valid values: all, none, firstN "
-            "(N >= 1 Conv2D layers in forward order, e.g. first7)."
+            "(up to the N-th convolution in forward order, e.g. first7), stagesN (the first N "
+            "stages, e.g. stages2)."
         )
     n = CONV_LAYERS[m.backbone]
     if m.freeze.startswith("first") and int(m.freeze[len("first"):]) > n:
         raise ConfigError(f"Bad value for 'model.freeze': {shown(m.freeze)}. {m.backbone} has {n} conv layers: "
                           f"use first1 ... first{n}, all (the head only) or none.")
+    stages = STAGES[m.backbone]
+    if m.freeze.startswith("stages") and int(m.freeze[len("stages"):]) > stages:
+        raise ConfigError(f"Bad value for 'model.freeze': {shown(m.freeze)}. {m.backbone} has {stages} stages: "
+                          f"use stages1 ... stages{stages}, all (the head only) or none.")
 
 
 def _check_ranges(exp: Experiment) -> None:

@@ -19,7 +19,8 @@ from tfcovid.utils.text import plural
 TASKS = ("binary", "multilabel")
 
 
-BACKBONES = ("vgg16", "resnet18", "resnet50")
+# The study's VGG16 and ResNet18, ResNet50, and three later families (docs/beyond.md).
+BACKBONES = ("vgg16", "resnet18", "resnet50", "densenet121", "efficientnetv2_b0", "convnext_tiny")
 
 
 LOSSES = ("ce", "bce", "focal")
@@ -82,13 +83,23 @@ AUGMENT_ON = ("auto", "cpu", "device")
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
 # build down to 1 px; below one stride-32 cell their last blocks see mostly padding. 16 (ResNet18)
 # and 32 (ResNet50, keras.applications' documented minimum) are the floors tfcovid.models
-# enforces; a test keeps the two tables equal.
-MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 16, "resnet50": 32}
+# enforces; a test keeps the two tables equal. DenseNet121 (2x2 average pools) and ConvNeXt-Tiny
+# ("valid" 4x4 then three 2x2 strided convs) are structurally 32 px; EfficientNetV2 pads ("same")
+# and would build smaller, but keras.applications refuses below 32 px for all three.
+MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 16, "resnet50": 32, "densenet121": 32, "efficientnetv2_b0": 32,
+                  "convnext_tiny": 32}
 
 
-# Conv2D layers in each backbone, in the order ``--freeze firstN`` counts them (shortcut
-# convolutions included); a test builds the models and keeps the table equal to them.
-CONV_LAYERS = {"vgg16": 13, "resnet18": 20, "resnet50": 53}
+# Convolutions in each backbone, in the order ``--freeze firstN`` counts them (shortcut, grouped
+# and depthwise convolutions included: EfficientNetV2-B0 has 75 Conv2D + 16 DepthwiseConv2D,
+# ConvNeXt-Tiny's 18 depthwise convs are grouped Conv2D); a test keeps the table equal to the models.
+CONV_LAYERS = {"vgg16": 13, "resnet18": 20, "resnet50": 53, "densenet121": 120, "efficientnetv2_b0": 91,
+               "convnext_tiny": 22}
+
+
+# Stages of each backbone for ``--freeze stagesN`` (tfcovid.models' Backbone.stages; the stem
+# goes with the first); a test keeps the table equal to the registry.
+STAGES = {"vgg16": 5, "resnet18": 4, "resnet50": 4, "densenet121": 4, "efficientnetv2_b0": 6, "convnext_tiny": 4}
 
 
 MAX_SEED = 2**31 - 1  # TensorFlow and NumPy seeds are 32-bit
@@ -178,7 +189,7 @@ class ModelConfig:
     """Backbone, its starting weights, the freeze policy and the head."""
 
     backbone: str = "vgg16"
-    freeze: str = "none"  # all | none | firstN
+    freeze: str = "none"  # all | none | firstN | stagesN
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     preprocessing: str = "auto"  # follows the weights unless set
     head_units: int = 110

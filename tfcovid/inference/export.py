@@ -275,9 +275,35 @@ def require_onnx() -> None:
             "(or pip install tf2onnx onnx onnxruntime), or use --format saved_model / tflite.")
 
 
+def onnx_unsupported(model: keras.Model) -> list[str]:
+    """What in ``model`` tf2onnx (1.17) cannot convert: Keras's grouped convolutions, which its
+    TensorFlow backend runs as an XLA-compiled function on CPU, and GELU (its Erfc op).
+    ConvNeXt has both; the other registered backbones have neither."""
+    found = set()
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1:
+            found.add("grouped convolutions (Conv2D with groups > 1)")
+        if getattr(layer, "activation", None) is keras.activations.gelu:
+            found.add("GELU (Erfc)")
+    return sorted(found)
+
+
+def _layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):  # nested: ConvNeXt's Sequential stem and downsampling
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
 def write_onnx(trained, path: Path) -> Path:
     """Write an ONNX file (input "pixels", output "probabilities") via Keras's tf2onnx export."""
     require_onnx()
+    unsupported = onnx_unsupported(trained.model)
+    if unsupported:
+        raise ExportError(f"ONNX export of {trained.path} is not possible: tf2onnx cannot convert its "
+                          f"{' and '.join(unsupported)} (ConvNeXt has both). Use --format saved_model "
+                          "or tflite, which export it exactly.")
     if trained.model.dtype_policy.name != "float32":
         raise ExportError(f"ONNX export needs a float32 model; {trained.path} uses "
                           f"{trained.model.dtype_policy.name}. Use --format saved_model.")

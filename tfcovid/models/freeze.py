@@ -1,8 +1,13 @@
-"""Freeze policies: ``all`` (head only), ``none``, ``firstN`` (the first N Conv2D layers).
+"""Freeze policies: ``all`` (head only), ``none``, ``firstN`` (up to the N-th convolution) and
+``stagesN`` (the first N stages of the backbone, as the registry names them).
 
-"First N" counts Conv2D layers in the model's forward (topological) order; for VGG16, first7 is
-block1_conv1 ... block3_conv3. A BatchNormalization that directly follows a frozen Conv2D is
-frozen with it. In Keras 3 a non-trainable BatchNormalization runs in inference mode (moving
+"First N" counts convolutions (Conv2D, grouped ones such as ConvNeXt's depthwise convs included,
+and DepthwiseConv2D, EfficientNet's) in the model's forward (topological) order and freezes every
+weighted layer up to the N-th, plus the normalisation directly after it; for VGG16, first7 is
+block1_conv1 ... block3_conv3, for ResNets each conv with its BatchNorm (the rule of the study's
+models, where every weighted layer is a conv or the BatchNorm right after one). Layers between
+convs (DenseNet's pre-activation BatchNorms, ConvNeXt's pointwise Dense layers) go with the conv
+before them. In Keras 3 a non-trainable BatchNormalization runs in inference mode (moving
 statistics, no updates). The study's PyTorch code froze parameters with requires_grad=False
 but kept BatchNorm in training mode, so its frozen ResNet18 still updated running statistics.
 """
@@ -64,35 +69,61 @@ def _producer(tensor):
     return history[0] if history else None
 
 
-def apply_freeze(model: keras.Model, policy: str, is_head=lambda layer: False) -> FreezeSummary:
+# What ``firstN`` counts; Keras 3's DepthwiseConv2D is not a Conv2D subclass.
+CONVOLUTIONS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+
+NORMALIZATIONS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+
+
+def _first_n(backbone: list, n: int, policy: str, model_name: str) -> list:
+    """The layers ``firstN`` freezes: every weighted layer up to the N-th convolution, and the
+    normalisation fed directly by a frozen convolution."""
+    convs = [layer for layer in backbone if isinstance(layer, CONVOLUTIONS)]
+    if n > len(convs):
+        raise ValueError(
+            f"Freeze policy {policy!r} asks for {n} conv layers but {model_name} has "
+            f"{len(convs)}. Use first1 ... first{len(convs)}, all or none."
+        )
+    last = backbone.index(convs[n - 1])
+    frozen_convs = {id(c) for c in convs[:n]}
+    return [layer for i, layer in enumerate(backbone) if i <= last or (
+        isinstance(layer, NORMALIZATIONS) and id(_producer(layer.input)) in frozen_convs)]
+
+
+def _first_stages(backbone: list, n: int, policy: str, model_name: str, stages) -> list:
+    """The layers ``stagesN`` freezes: those named with a prefix of one of the first N stages."""
+    if not stages or n > len(stages):
+        raise ValueError(
+            f"Freeze policy {policy!r} asks for {n} stages but {model_name} has {len(stages)}. "
+            + (f"Use stages1 ... stages{len(stages)}, all or none." if stages else "Use firstN, all or none."))
+    prefixes = tuple(p for stage in stages[:n] for p in stage)
+    return [layer for layer in backbone if layer.name.startswith(prefixes)]
+
+
+def apply_freeze(model: keras.Model, policy: str, is_head=lambda layer: False, stages=()) -> FreezeSummary:
     """Set ``trainable`` on every layer of ``model`` per ``policy`` and return what was done.
 
     Args:
         model: a model from ``build_model``.
-        policy: "all" (freeze the whole backbone, train the head), "none", or "firstN".
+        policy: "all" (freeze the whole backbone, train the head), "none", "firstN" or "stagesN".
         is_head: predicate for head layers, which always stay trainable.
+        stages: the backbone's stages for "stagesN" (``Backbone.stages``: name prefixes per stage).
     """
     layers = [layer for layer in _all_layers(model) if layer.weights]
     backbone = [layer for layer in layers if not is_head(layer)]
-    match = re.fullmatch(r"first([1-9][0-9]*)", policy)
+    match = re.fullmatch(r"(first|stages)([1-9][0-9]*)", policy)
     if policy == "all":
         frozen = backbone
     elif policy == "none":
         frozen = []
+    elif match and match.group(1) == "first":
+        frozen = _first_n(backbone, int(match.group(2)), policy, model.name)
     elif match:
-        n = int(match.group(1))
-        convs = [layer for layer in backbone if isinstance(layer, keras.layers.Conv2D)]
-        if n > len(convs):
-            raise ValueError(
-                f"Freeze policy {policy!r} asks for {n} conv layers but {model.name} has "
-                f"{len(convs)}. Use first1 ... first{len(convs)}, all or none."
-            )
-        frozen_convs = set(id(c) for c in convs[:n])
-        frozen = [layer for layer in backbone if id(layer) in frozen_convs or (
-            isinstance(layer, keras.layers.BatchNormalization)
-            and id(_producer(layer.input)) in frozen_convs)]
+        frozen = _first_stages(backbone, int(match.group(2)), policy, model.name, stages)
     else:
-        raise ValueError(f"Unknown freeze policy {policy!r}. Valid policies: all, none, firstN (e.g. first7).")
+        raise ValueError(f"Unknown freeze policy {policy!r}. Valid policies: all, none, firstN (e.g. first7), "
+                         "stagesN (e.g. stages2).")
     frozen_ids = {id(layer) for layer in frozen}
     for layer in layers:
         layer.trainable = id(layer) not in frozen_ids

@@ -7,6 +7,12 @@ from typing import Callable
 
 import keras
 
+from tfcovid.models.applications import (
+    CONVNEXT_NORM,
+    convnext_tiny_features,
+    densenet121_features,
+    efficientnetv2_b0_features,
+)
 from tfcovid.models.heads import HEAD_PREFIX, head
 from tfcovid.models.preprocess import Preprocess
 from tfcovid.models.resnet import resnet18_features
@@ -24,15 +30,47 @@ class Backbone:
     keras_imagenet: bool  # True when keras.applications ships the ImageNet weights
     min_size: int
     gradcam_layer: str  # last conv block output, Grad-CAM's default target
+    # --freeze stagesN: the name prefixes of each stage's weighted layers, in forward order; the
+    # stem goes with the first stage and the layers after the last block with the last, so
+    # stages<all> freezes what "all" does (a test checks that they split the backbone exactly).
+    stages: tuple[tuple[str, ...], ...] = ()
+    # A keras.applications .h5 (--weights FILE.h5) is loaded by keras.applications itself, which
+    # matches layers by order: these files' layer names differ from Keras 3's (DenseNet's
+    # "conv1/conv", ConvNeXt's unnamed final LayerNormalization).
+    h5_by_order: bool = False
+
+
+def _blocks(*prefixes: str) -> tuple[tuple[str, ...], ...]:
+    return tuple((p,) for p in prefixes)
+
+
+_CONVNEXT_STAGES = (("convnext_tiny_stem", "convnext_tiny_stage_0_"),) + tuple(
+    (f"convnext_tiny_downsampling_layernorm_{i}", f"convnext_tiny_downsampling_conv_{i}",
+     f"convnext_tiny_stage_{i + 1}_") for i in range(3))
 
 
 BACKBONES = {
     b.name: b
     for b in (
-        Backbone("vgg16", vgg16_features, "flatten", "caffe", True, 32, "block5_conv3"),
+        Backbone("vgg16", vgg16_features, "flatten", "caffe", True, 32, "block5_conv3",
+                 _blocks("block1_", "block2_", "block3_", "block4_", "block5_")),
         Backbone("resnet18", lambda x, w=None: resnet18_features(x), "avg", "torch", False, 16,
-                 "layer4_1_out"),
-        Backbone("resnet50", resnet50_features, "avg", "caffe", True, 32, "conv5_block3_out"),
+                 "layer4_1_out", (("conv1", "bn1", "layer1_"),) + _blocks("layer2_", "layer3_", "layer4_")),
+        Backbone("resnet50", resnet50_features, "avg", "caffe", True, 32, "conv5_block3_out",
+                 (("conv1_", "conv2_"),) + _blocks("conv3_", "conv4_", "conv5_")),
+        # Stages: the four dense blocks, each with the transition after it (pool2 ... pool4).
+        Backbone("densenet121", densenet121_features, "avg", "torch", True, 32, "relu",
+                 (("conv1_", "conv2_", "pool2_"), ("conv3_", "pool3_"), ("conv4_", "pool4_"),
+                  ("conv5_", "bn")), h5_by_order=True),
+        # Stages: the six block groups (block1a ... block6h); top_conv goes with the last.
+        Backbone("efficientnetv2_b0", efficientnetv2_b0_features, "avg", "torch", True, 32,
+                 "top_activation", (("stem_", "block1"),) + _blocks("block2", "block3", "block4",
+                                                                    "block5") + (("block6", "top_"),),
+                 h5_by_order=True),
+        # Stages: the four stages, each with the downsampling block before it.
+        Backbone("convnext_tiny", convnext_tiny_features, "avg", "torch", True, 32,
+                 CONVNEXT_NORM, _CONVNEXT_STAGES[:3] + ((*_CONVNEXT_STAGES[3], CONVNEXT_NORM),),
+                 h5_by_order=True),
     )
 }
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from tfcovid.config import Experiment
 from tfcovid.data import sampling, types
-from tfcovid.models import apply_freeze, is_head_layer
+from tfcovid.models import apply_freeze, get_backbone, is_head_layer
 from tfcovid.results import operating_point
 from tfcovid.results.model_card import NOT_CLINICAL  # the model card states it too
 from tfcovid.training import (
@@ -201,7 +201,7 @@ def _build_model(run: Run, data: inputs.Inputs) -> BuiltModel:
         model, mode, origin = loading.initial_model(
             m.backbone, len(data.manifest.output_names), exp.data.image_size, m.weights,
             m.preprocessing, m.head_units, name=f"tfcovid_{m.backbone}_{exp.data.task}")
-        frozen = apply_freeze(model, m.freeze, is_head_layer)
+        frozen = apply_freeze(model, m.freeze, is_head_layer, get_backbone(m.backbone).stages)
         compile_model(model, exp, data.positive_index,
                       schedules.steps_per_epoch(data.train, data.counts["train"], exp.train.batch_size),
                       data.class_weight)

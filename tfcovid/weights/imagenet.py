@@ -29,6 +29,12 @@ class ImagenetFile:
     url: str
     md5: str | None = None  # full md5, checked by keras.utils.get_file (Keras's own hashes)
     sha256_prefix: str | None = None  # torchvision's check: sha256 starts with the name's hash
+    sha256: str | None = None  # full sha256, checked by keras.utils.get_file (Keras's ConvNeXt files)
+
+    @property
+    def keras_hash(self) -> str | None:
+        """The hash keras.utils.get_file checks (it tells md5 from sha256 by length)."""
+        return self.md5 or self.sha256
 
 
 # The Keras entries are keras.applications' own notop files and md5s; torchvision names its
@@ -40,6 +46,14 @@ IMAGENET = {
     "resnet50": ImagenetFile("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                              KERAS_BASE + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                              md5="4d473c1dd8becc155b73f8504c6f6626"),
+    "densenet121": ImagenetFile("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                KERAS_BASE + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                md5="30ee3e1110167f948a6b9946edeeb738"),
+    "efficientnetv2_b0": ImagenetFile("efficientnetv2-b0_notop.h5",
+                                      KERAS_BASE + "efficientnet_v2/efficientnetv2-b0_notop.h5",
+                                      md5="893217f2bb855e2983157299931e43ff"),
+    "convnext_tiny": ImagenetFile("convnext_tiny_notop.h5", KERAS_BASE + "convnext/convnext_tiny_notop.h5",
+                                  sha256="d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"),
     "resnet18": ImagenetFile("resnet18-f37072fd.pth",
                              "https://download.pytorch.org/models/resnet18-f37072fd.pth",
                              sha256_prefix="f37072fd"),
@@ -93,7 +107,7 @@ def fetch_imagenet(backbone: str) -> Path:
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             path = Path(keras.utils.get_file(spec.fname, spec.url, cache_dir=str(folder.parent),
-                                             cache_subdir=folder.name, file_hash=spec.md5))
+                                             cache_subdir=folder.name, file_hash=spec.keras_hash))
     except Exception as err:  # get_file raises a bare Exception wrapping URLError/HTTPError
         if cached.exists():  # downloaded, but Keras found the wrong md5 (it removes partial files)
             _check_hash(cached, spec)
@@ -105,7 +119,7 @@ def fetch_imagenet(backbone: str) -> Path:
             "--weights FILE (a .keras, .weights.h5, keras.applications .h5, or torchvision "
             ".safetensors/.pth file), or --weights none to train from scratch."
         ) from None
-    if not spec.md5:  # get_file checked the md5; torchvision's sha256 prefix is ours to check
+    if not spec.keras_hash:  # get_file checked Keras's hash; torchvision's sha256 prefix is ours
         _check_hash(path, spec)
     return path
 
@@ -124,6 +138,9 @@ def _check_hash(path: Path, spec: ImagenetFile) -> None:
         if spec.md5:
             digest = _file_digest(path, "md5")
             good, shown, expected = digest == spec.md5, f"md5 is {digest}", spec.md5
+        elif spec.sha256:
+            digest = _file_digest(path, "sha256")
+            good, shown, expected = digest == spec.sha256, f"sha256 is {digest}", spec.sha256
         elif spec.sha256_prefix:
             digest = _file_digest(path, "sha256")
             good = digest.startswith(spec.sha256_prefix)

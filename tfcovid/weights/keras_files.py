@@ -99,6 +99,27 @@ def _snake(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
+def _layer_keys(layers) -> dict:
+    """{group name in a .weights.h5: layer}: the class in snake case, numbered per class."""
+    keys, used = {}, {}
+    for layer in layers:
+        key = _snake(type(layer).__name__)
+        used[key] = used.get(key, -1) + 1
+        keys[key if used[key] == 0 else f"{key}_{used[key]}"] = layer
+    return keys
+
+
+def _group_arrays(group, layer=None) -> list:
+    """One layer's arrays from its .weights.h5 group, in ``layer.weights`` order; a nested model
+    (ConvNeXt's stem and downsampling blocks are Sequential) keeps them in its own layers' groups."""
+    values = [group["vars"][str(i)][()] for i in range(len(group["vars"]))] if group.get("vars") is not None else []
+    if not values and isinstance(layer, keras.Model) and group.get("layers") is not None:
+        inner = group["layers"]
+        return [a for key, sub in _layer_keys(layer.layers).items() if key in inner
+                for a in _group_arrays(inner[key], sub)]
+    return values
+
+
 def weights_h5_arrays(path: Path, model) -> dict[str, list]:
     """Read a Keras 3 ``.weights.h5`` for ``model``.
 
@@ -107,16 +128,11 @@ def weights_h5_arrays(path: Path, model) -> dict[str, list]:
     """
     import h5py
 
-    keys, used = {}, {}
-    for layer in model.layers:
-        key = _snake(type(layer).__name__)
-        used[key] = used.get(key, -1) + 1
-        keys[key if used[key] == 0 else f"{key}_{used[key]}"] = layer
+    keys = _layer_keys(model.layers)
     arrays, problems = {}, []
     with h5py.File(path, "r") as f:
         groups = f["layers"]
-        found = {key: [groups[key]["vars"][str(i)][()] for i in range(len(groups[key]["vars"]))]
-                 if groups[key].get("vars") is not None else [] for key in groups}
+        found = {key: _group_arrays(groups[key], keys.get(key)) for key in groups}
         # keras.applications' classifier (VGG16: fc1, fc2, predictions; ResNet50: predictions)
         # is saved as dense, dense_1, ...: with a 1000-class output, all of them are that top,
         # returned under keras.applications' names so the caller drops them and says so.

@@ -85,9 +85,7 @@ def resolve_preprocessing(backbone: str, weights: str, preprocessing: str = "aut
     if kind == "keras":
 
         return keras_files.preprocessing_of(path) or spec.imagenet_preprocessing
-    if kind == "legacy_h5":
-        return "caffe" if spec.keras_imagenet else spec.imagenet_preprocessing
-    return spec.imagenet_preprocessing
+    return spec.imagenet_preprocessing  # .weights.h5 and keras.applications .h5
 
 
 def load_file(model, path: str | Path, backbone: str) -> str:
@@ -139,16 +137,27 @@ def initial_model(backbone: str, num_outputs: int, image_size: int, weights: str
             _require_torch_for(IMAGENET.get(backbone))
         path = fetch_imagenet(backbone)
         if spec.keras_imagenet:
-            try:
-                model = build_model(backbone, num_outputs, image_size, mode, str(path), head_units, name)
-            except (ValueError, OSError) as err:  # a truncated or foreign .h5 in the cache
-                raise WeightsError(f"Could not load {path}: {err}. Delete it to re-download.") from None
+            model = _keras_loaded(backbone, num_outputs, image_size, mode, path, head_units, name,
+                                  "Delete it to re-download.")
             return model, mode, f"Keras ImageNet weights ({path.name})"
         model = build_model(backbone, num_outputs, image_size, mode, None, head_units, name)
         return model, mode, "torchvision ImageNet " + load_file(model, path, backbone)
     path = _existing(weights)
+    if spec.h5_by_order and file_kind(path) == "legacy_h5":
+        model = _keras_loaded(backbone, num_outputs, image_size, mode, path, head_units, name,
+                              f"Use keras.applications' {backbone} notop .h5 or a tfcovid .keras file.")
+        return model, mode, f"Keras .h5 weights from {path} (loaded by keras.applications; fresh study head)"
     model = build_model(backbone, num_outputs, image_size, mode, None, head_units, name)
     return model, mode, load_file(model, path, backbone)
+
+
+def _keras_loaded(backbone, num_outputs, image_size, mode, path, head_units, name, advice):
+    """The model with ``path`` loaded into its backbone by keras.applications."""
+    try:
+        return build_model(backbone, num_outputs, image_size, mode, str(path), head_units, name)
+    except (ValueError, OSError) as err:  # a truncated or foreign .h5
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"Could not load {path} into {backbone}: {reason}. {advice}") from None
 
 
 # The study's outputs, in its ImageFolder (sorted folder) order: Part 1 infected = 0, normal = 1.
