@@ -9,6 +9,7 @@ from tfcovid.config import operating_point
 from tfcovid.config.schema import (
     BACKBONES,
     CACHES,
+    CALIBRATIONS,
     CONV_LAYERS,
     JIT_COMPILE,
     LOSSES,
@@ -40,6 +41,7 @@ def validate(exp: Experiment) -> None:
     _check_names(exp)
     _check_ranges(exp)
     _check_task(exp)
+    _check_calibration(exp)
 
 
 def _check_choices(exp: Experiment) -> None:
@@ -178,3 +180,8 @@ def resample_processes(setting: int | str) -> int | None:
         raise ValueError(f"data.resample_processes must be auto, 0 (threads) or a number of worker "
                          f"processes. Received: {shown(setting)}")
     return int(setting)
+
+
+def _check_calibration(exp: Experiment) -> None:
+    """train.calibrate: how the probabilities are calibrated on validation (issue 23.5)."""
+    _check_choice("train.calibrate", exp.train.calibrate, CALIBRATIONS)

@@ -43,6 +43,9 @@ JIT_COMPILE = ("auto", "true", "false")
 CACHES = ("auto", "memory", "disk", "none")
 
 
+CALIBRATIONS = ("none", "temperature")  # train.calibrate (results/calibration.py)
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -158,6 +161,9 @@ class TrainConfig:
     # input pipeline is ordered either way, its shuffle and augmentation keyed on (seed, epoch,
     # image), so a resumed or repeated run sees the same batches in the same order.
     deterministic: bool = False
+    # Temperature scaling of the logits, fitted on the validation split at the end of fit,
+    # before the operating point is chosen: none (the study's) | temperature.
+    calibrate: str = "none"
 
 
 @dataclass(frozen=True)

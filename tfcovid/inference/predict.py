@@ -182,7 +182,7 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     def flush():
         if pixels:
             logits = trained.model.predict_on_batch(np.stack(pixels))
-            probs.append(probabilities(logits, trained.task))
+            probs.append(probabilities(logits, trained.task, trained.temperature))
             pixels.clear()
 
     for i, (name, path) in enumerate(sorted(found)):

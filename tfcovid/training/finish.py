@@ -13,8 +13,7 @@ import numpy as np
 from tfcovid.config import Experiment
 from tfcovid.data import datasets, records, types
 from tfcovid.data import folders as data_folders
-from tfcovid.models.outputs import probabilities
-from tfcovid.results import operating_point, plots, scores, tables
+from tfcovid.results import calibration, operating_point, plots, scores, tables
 from tfcovid.training import distribute, inputs, stops
 from tfcovid.training.context import BuiltModel, Run
 from tfcovid.utils import atomic, signals
@@ -23,9 +22,9 @@ from tfcovid.weights import metadata
 
 def evaluate_split(model, split: types.Split, exp: Experiment, manifest: types.Manifest,
                    batch_size: int | None = None) -> np.ndarray:
-    """Predict one labeled split: its probabilities (n, outputs)."""
+    """Predict one labeled split: its logits (n, outputs), before any temperature."""
     ds = datasets.dataset(split, exp.data.image_size, batch_size or exp.train.batch_size)
-    return probabilities(model.predict(ds.map(lambda x, y: x), verbose=0), exp.data.task)
+    return model.predict(ds.map(lambda x, y: x), verbose=0)
 
 
 def positive_class(exp: Experiment, manifest: types.Manifest) -> str | None:
@@ -51,17 +50,22 @@ def evaluate(run: Run, data: inputs.Inputs, model) -> dict:
         f"{manifest.splits[name].dir}` predicts it)" for name in unlabeled))
     try:
         with signals.RaiseOnSignal():
-            probs = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
+            logits = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
     except records.READ_ERRORS as err:
         records.raise_if_damaged(manifest, err)
         raise
     except signals.Interrupted as err:
         raise stops.evaluation_interrupted(run.dir, err, exp.train.epochs) from None
-    point = choose_operating_point(exp, manifest, probs["validation"])
     positive = positive_class(exp, manifest)
+    # train.calibrate's temperature on validation first: the operating point is chosen on the
+    # calibrated probabilities (results.calibration).
+    probs, calibrated = calibration.fit_probabilities(exp.data.task, exp.train.calibrate,
+                                                      manifest.splits["validation"].labels, logits,
+                                                      manifest.output_names, positive)
+    point = choose_operating_point(exp, manifest, probs["validation"])
     reports = {name: scores.report(exp.data.task, manifest.splits[name].labels, probs[name],
                                    manifest.output_names, positive, point["thresholds"]) for name in labeled}
-    return {"splits": reports, "operating_point": point}
+    return {"splits": reports, "operating_point": point, **({"calibration": calibrated} if calibrated else {})}
 
 
 def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_seconds: list[float],
@@ -83,18 +87,19 @@ def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_second
         "precision": run.precision,
         "replicas": run.replicas,
         "workers": run.workers,
-        **results,  # splits, operating_point
+        **results,  # splits, operating_point, calibration (when train.calibrate fitted one)
     }
     # The chosen operating point goes into the model metrics.json describes (last.keras), and
     # into best.keras when that holds the same weights (a hard link or copy of the last epoch's).
     last, best = run.dir / "checkpoints" / "last.keras", run.dir / "checkpoints" / "best.keras"
     same = best.is_file() and (os.path.samefile(best, last) or filecmp.cmp(best, last, shallow=False))
     for path in (last, best) if same else (last,):
-        metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"]))
+        metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"], results.get("calibration")))
     atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
     plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
     run.log(tables.format_run(exp.to_dict(), summary))
-    run.log(operating_point.describe(summary["operating_point"]))
+    run.log("\n".join(filter(None, [calibration.describe(results.get("calibration")),
+                                     operating_point.describe(summary["operating_point"])])))
     if run.scratch:  # a non-chief worker: its copy of the run is not needed
         distribute.release(run.scratch)
         return None
