@@ -124,3 +124,44 @@ def test_a_recorded_temperature_is_loaded_and_a_bad_one_refused(tmp_path):
                 metadata.load(path)
         metadata.embed(path, {**info, "calibration": {"method": "none"}})
         assert metadata.load(path).temperature == ()
+
+
+def test_calibrate_fits_per_label_temperatures_that_predict_and_the_export_apply(multilabel_tree, tmp_path):
+    """`calibrate --calibrate temperature` on a three-label model: one T per label, the minimum
+    of each label's validation NLL; predict and the SavedModel give sigmoid(logit / T); then
+    `--calibrate none` removes it, and calibrate without a flag says what to give."""
+    import tensorflow as tf
+    from click.testing import CliRunner
+    from fake_run import make_run, reference_probs
+
+    from tfcovid.cli import main
+    from tfcovid.data import folders
+    from tfcovid.inference import export
+    from tfcovid.inference import predict as inference_predict
+
+    run = make_run(tmp_path, multilabel_tree, "multilabel", bias=[0.3, -0.2, 0.1])
+    done = CliRunner().invoke(main, ["calibrate", str(run), "--calibrate", "temperature", "--operating-point", "0.5"])
+    assert done.exit_code == 0, done.output
+    assert "Calibration: temperature " in done.output and "fitted on validation" in done.output
+    trained = metadata.load(run)
+    validation = folders.scan(multilabel_tree, "multilabel", trained.outputs, config.STUDY_LABEL_MAP).splits["validation"]
+    raw = reference_probs(run, validation.paths, "multilabel")
+    logits = np.log(raw) - np.log1p(-raw)  # the logits back from the sigmoids
+    assert len(trained.temperature) == 3
+    np.testing.assert_allclose(trained.temperature, calibration.fit_temperature(logits, validation.labels, "multilabel"),
+                               rtol=1e-4)
+    files = sorted((multilabel_tree / "test").rglob("*.*"))
+    z = np.log(reference_probs(run, files, "multilabel")) - np.log1p(-reference_probs(run, files, "multilabel"))
+    want = 1 / (1 + np.exp(-z / np.asarray(trained.temperature)))
+    got = inference_predict.predict(trained, files)
+    np.testing.assert_allclose(np.asarray(got.probs)[[got.paths.index(str(f)) for f in files]], want, atol=2e-5)
+    saved = tf.saved_model.load(str(export.export(run, tmp_path / "sm", log=lambda s: None)))
+    out = saved.signatures["serving_default"](image_bytes=tf.constant([f.read_bytes() for f in files]))
+    np.testing.assert_allclose(out["probabilities"].numpy(), want, atol=2e-5)
+
+    done = CliRunner().invoke(main, ["calibrate", str(run), "--calibrate", "none"])
+    assert done.exit_code == 0, done.output
+    assert metadata.load(run).temperature == () and "calibration" not in metadata.read_embedded(
+        run / "checkpoints" / "last.keras")
+    done = CliRunner().invoke(main, ["calibrate", str(run)])
+    assert done.exit_code == 2 and "Give --operating-point SPEC, --calibrate temperature|none, or both." in done.output

@@ -50,8 +50,8 @@ def calibrate(run_or_model, spec: str | None = None, data=None, checkpoint: str 
     info.pop("calibration", None)
     metadata.embed(trained.path, {**info, **({"calibration": found} if found else {})})
     if found:
-        log(calibration.describe(found))
-    log(f"Recorded the operating point{' and the temperature' if found else ''} in {trained.path}")
+        log(calibration.describe(found) + (" (the model's, kept)" if method is None else ""))
+    log(f"Recorded the operating point{' and the temperature' if method == 'temperature' else ''} in {trained.path}")
     trained = dataclasses.replace(trained, thresholds=tuple(point["thresholds"]), operating_point=point,
                                   temperature=temperatures(found), calibration=found or {"method": "none"})
     if evaluate.run_checkpoint(trained) == "last" and (trained.run_dir / "metrics.json").is_file():

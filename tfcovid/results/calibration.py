@@ -120,7 +120,9 @@ def describe(calibration: dict | None) -> str:
     def show(v, fmt):
         return ", ".join(format(x, fmt) for x in (v if isinstance(v, list) else [v]))
 
-    c = calibration
-    return (f"Calibration: temperature {show(c['temperature'], '.4g')}, fitted on {c['fitted_on']}; "
-            f"NLL {show(c['nll_before'], '.4f')} -> {show(c['nll_after'], '.4f')}, "
-            f"ECE {show(c['ece_before'], '.4f')} -> {show(c['ece_after'], '.4f')}")
+    c = calibration  # a record written by hand may hold the temperature alone
+    line = f"Calibration: temperature {show(c['temperature'], '.4g')}"
+    if c.get("fitted_on") and all(k in c for k in ("nll_before", "nll_after", "ece_before", "ece_after")):
+        line += (f", fitted on {c['fitted_on']}; NLL {show(c['nll_before'], '.4f')} -> "
+                 f"{show(c['nll_after'], '.4f')}, ECE {show(c['ece_before'], '.4f')} -> {show(c['ece_after'], '.4f')}")
+    return line

@@ -98,8 +98,9 @@ def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_second
     atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
     plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
     run.log(tables.format_run(exp.to_dict(), summary))
-    run.log("\n".join(filter(None, [calibration.describe(results.get("calibration")),
-                                     operating_point.describe(summary["operating_point"])])))
+    if results.get("calibration"):
+        run.log(calibration.describe(results["calibration"]))
+    run.log(operating_point.describe(summary["operating_point"]))
     if run.scratch:  # a non-chief worker: its copy of the run is not needed
         distribute.release(run.scratch)
         return None
