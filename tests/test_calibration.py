@@ -165,3 +165,19 @@ def test_calibrate_fits_per_label_temperatures_that_predict_and_the_export_apply
         run / "checkpoints" / "last.keras")
     done = CliRunner().invoke(main, ["calibrate", str(run)])
     assert done.exit_code == 2 and "Give --operating-point SPEC, --calibrate temperature|none, or both." in done.output
+
+
+def test_report_names_a_calibrated_run_even_at_0_5():
+    """At 0.5 a temperature never changes a decision (softmax/sigmoid of z / T >= 0.5 iff z >= 0),
+    but the probabilities differ: report lists the run with its temperature."""
+    from tfcovid.results import operating_point, tables
+
+    record = {"method": "temperature", "temperature": 0.5566, "fitted_on": "validation",
+              "nll_before": 0.1606, "nll_after": 0.1284, "ece_before": 0.0719, "ece_after": 0.0367}
+    plain = {"operating_point": operating_point.fixed([0.5])}
+    lines = tables._operating_points([(Path("plain"), {}, plain), (Path("calib"), {}, {**plain, "calibration": record})])
+    assert lines[4:-1] == ["- `calib`: threshold (fixed); Calibration: temperature 0.5566, fitted on validation; "
+                           "NLL 0.1606 -> 0.1284, ECE 0.0719 -> 0.0367"]
+    assert tables._operating_points([(Path("plain"), {}, plain)]) == []
+    z = np.array([[0.3, -0.2], [-1.0, 2.0], [0.0, 0.0]])
+    assert (probabilities(z, "binary", (0.3,))[:, 0] >= 0.5).tolist() == (probabilities(z, "binary")[:, 0] >= 0.5).tolist()
