@@ -4,6 +4,7 @@ also when it is not 0.5 and per label."""
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn import metrics as skm
 
 from tfcovid import config
 from tfcovid.cli import main
+from tfcovid.data import decode
 from tfcovid.inference import calibrate, evaluate, explain, export
 from tfcovid.inference import predict as inference_predict
 from tfcovid.models.outputs import decide, probabilities
@@ -23,13 +25,15 @@ from tfcovid.weights import metadata
 
 DATA = Path(__file__).parent / "data"
 
-def _every_path(run, tree, tmp_path):
-    """{path: decision} from evaluate's CSV, predict, explain and the SavedModel, per path."""
+def _every_path(run, tree, tmp_path, seen=None):
+    """{path: decision} from evaluate's CSV, predict, explain and the SavedModel, per path;
+    ``seen``: a dict that gets each path's probabilities {path: (n, outputs)}, in file order."""
     files = sorted((tree / "test").rglob("*.*"))
     trained = metadata.load(run)
     result = evaluate.evaluate(run, split="test", make_plots=False, log=lambda s: None)
     with open(result["files"][1], newline="") as fh:
-        by_evaluate = {row["path"]: row["predicted"] for row in csv.DictReader(fh)}
+        rows = list(csv.DictReader(fh))
+    by_evaluate = {row["path"]: row["predicted"] for row in rows}
     got = inference_predict.predict(trained, [tree / "test"])
     if trained.task == "binary":
         by_predict = dict(zip(got.paths, got.predicted))
@@ -42,6 +46,13 @@ def _every_path(run, tree, tmp_path):
     saved = tf.saved_model.load(str(export.export(run, tmp_path / "sm", log=lambda s: None)))
     labels = saved.signatures["serving_default"](image_bytes=tf.constant([f.read_bytes() for f in files]))
     by_saved = {str(f): s.decode().replace(",", "+") for f, s in zip(files, labels["labels"].numpy())}
+    if seen is not None:
+        order = [str(f) for f in files]
+        seen["evaluate"] = np.array([[float(row[o]) for o in trained.outputs]
+                                     for row in sorted(rows, key=lambda r: order.index(r["path"]))])
+        seen["predict"] = np.asarray(got.probs)[[got.paths.index(p) for p in order]]
+        seen["explain"] = {item["image"]: (trained.outputs.index(item["label"]), item["probability"]) for item in shown}
+        seen["saved_model"] = labels["probabilities"].numpy()
     return files, result, by_evaluate, by_predict, {k: "+".join(v) for k, v in by_explain.items()}, by_saved
 
 
@@ -97,7 +108,8 @@ def test_fit_chooses_on_validation_and_every_path_agrees(binary_tree, tmp_path):
     exp = config.resolve(None, {
         "data.dir": str(binary_tree), "data.image_size": 32, "model.backbone": "resnet18",
         "model.weights": "none", "train.epochs": 1, "train.batch_size": 4,
-        "train.operating_point": "sensitivity:1.0", "out": str(tmp_path / "runs")})
+        "train.operating_point": "sensitivity:1.0", "train.calibrate": "temperature",
+        "out": str(tmp_path / "runs")})
     lines = []
     run = train.fit(exp, log=lines.append)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -111,6 +123,67 @@ def test_fit_chooses_on_validation_and_every_path_agrees(binary_tree, tmp_path):
     again = evaluate.evaluate(run, split="test", make_plots=False, log=lambda s: None)
     assert again["report"] == metrics["splits"]["test"]
     assert metrics["splits"]["validation"]["sensitivity"] == 1.0
+    # Calibrated first (train.calibrate), then the point chosen on the calibrated probabilities:
+    # sensitivity:1.0 is the lowest calibrated probability of a validation positive.
+    calib = metrics["calibration"]
+    assert calib["method"] == "temperature" and calib["fitted_on"] == "validation"
+    assert set(calib) >= {"temperature", "nll_before", "nll_after", "ece_before", "ece_after"}
+    assert calib["nll_after"] <= calib["nll_before"]
+    assert metadata.load(run).temperature == (calib["temperature"],) and metadata.load(run).calibration == calib
+    val = evaluate.evaluate(run, split="validation", make_plots=False, log=lambda s: None)
+    with open(val["files"][1], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    lowest = min(float(r["infected"]) for r in rows if r["true_folder"] == "infected")
+    assert point["thresholds"][0] == pytest.approx(lowest, abs=1e-6)  # the CSV keeps 6 decimals
+    assert val["calibration"] == calib
+    for name in ("validation_reliability", "test_reliability", "test_pr", "test_roc"):
+        assert (run / "plots" / f"{name}.png").is_file()
+    assert any(line.startswith("Calibration: temperature ") for line in lines)
+
+
+def _flipping_threshold(raw, calibrated):
+    """A threshold that the calibrated and the raw probabilities fall on different sides of for
+    some image, as far as possible from every probability (so float32 paths decide alike)."""
+    values = np.sort(np.concatenate([raw, calibrated]))
+    mids = (values[1:] + values[:-1]) / 2
+    flips = [(min(np.abs(values - m)), m) for m in mids if ((raw >= m) != (calibrated >= m)).any()]
+    margin, t = max(flips)
+    assert margin > 1e-3
+    return float(t)
+
+
+def test_a_calibrated_model_gives_the_same_probabilities_and_decisions_everywhere(binary_tree, tmp_path):
+    """T = 0.4 recorded in the model: evaluate, predict, explain, the SavedModel and TFLite all
+    give softmax(logits / T), and decide on it (issue 23.6)."""
+    run = make_run(tmp_path, binary_tree, "binary", bias=[0.2, -0.2])
+    path = run / "checkpoints" / "last.keras"
+    metadata.embed(path, {**metadata.read_embedded(path),
+                          "calibration": {"method": "temperature", "temperature": 0.4}})
+    files = sorted((binary_tree / "test").rglob("*.*"))
+    raw = reference_probs(run, files, "binary")
+    calibrated = probabilities(np.log(raw), "binary", (0.4,))  # log-softmax: the logits up to a shift
+    t = _flipping_threshold(raw[:, 0], calibrated[:, 0])
+    done = CliRunner().invoke(main, ["calibrate", str(run), "--operating-point", f"{t!r}"])
+    assert done.exit_code == 0, done.output
+    assert metadata.load(run).temperature == (0.4,) and metadata.load(run).thresholds == (t,)
+    want = {str(f): "infected" if q >= t else "normal" for f, q in zip(files, calibrated[:, 0])}
+    assert want != {str(f): "infected" if q >= t else "normal" for f, q in zip(files, raw[:, 0])}
+    seen = {}
+    _, _, *paths = _every_path(run, binary_tree, tmp_path, seen)
+    for decided in paths:
+        assert decided == want
+    for name in ("evaluate", "predict", "saved_model"):
+        np.testing.assert_allclose(seen[name], calibrated, atol=2e-5, err_msg=name)
+    for image, (k, p) in seen["explain"].items():
+        assert p == pytest.approx(calibrated[[str(f) for f in files].index(image), k], abs=2e-5)
+    tflite = export.export(run, tmp_path / "tflite", format="tflite", log=lambda s: None)
+    info = json.loads((tflite.parent / "tfcovid.json").read_text())
+    assert info["temperature"] == [0.4] and info["thresholds"] == [t]
+    with warnings.catch_warnings():  # tf.lite.Interpreter warns that LiteRT replaces it
+        warnings.simplefilter("ignore")
+        runner = tf.lite.Interpreter(model_path=str(tflite)).get_signature_runner()
+    x = np.stack([decode.load_image(str(f), 32).numpy() for f in files]).astype("float32")
+    np.testing.assert_allclose(runner(pixels=x)["probabilities"], calibrated, atol=1e-4)
 
 
 def test_a_model_without_an_operating_point_decides_as_before():

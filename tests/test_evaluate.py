@@ -131,8 +131,8 @@ def test_best_checkpoint_results_sit_beside_the_last_ones(binary_tree, tmp_path)
     lines = []
 
     got = evaluate.evaluate(run, split="validation", checkpoint="best", log=lines.append)
-    names = ["validation-best.json", "validation-best_predictions.csv",
-             "validation-best_confusion.png", "validation-best_roc.png"]
+    names = ["validation-best.json", "validation-best_predictions.csv", "validation-best_confusion.png",
+             "validation-best_roc.png", "validation-best_pr.png", "validation-best_reliability.png"]
     assert [f.split("/")[-1] for f in got["files"]] == names
     assert got["checkpoint"] == "best" and got["model"] == str(best) and got["replaced"] == []
     last = evaluate.evaluate(run, split="validation", log=lines.append)
@@ -157,9 +157,10 @@ def test_best_checkpoint_results_sit_beside_the_last_ones(binary_tree, tmp_path)
     again = evaluate.evaluate(best, split="validation", log=lines.append)
     assert again["checkpoint"] == "best" and again["files"] == got["files"]
     assert again["replaced"] == got["files"]
-    assert lines[-1] == (f"Replaced 4 file(s) of an earlier evaluation in {out}: "
+    assert lines[-1] == (f"Replaced 6 file(s) of an earlier evaluation in {out}: "
                          "validation-best.json, validation-best_predictions.csv, "
-                         "validation-best_confusion.png, validation-best_roc.png.")
+                         "validation-best_confusion.png, validation-best_roc.png, "
+                         "validation-best_pr.png, validation-best_reliability.png.")
     assert (out / "validation.json").read_text() == kept
 
     # Any other model file inside the run writes beside itself, never over the run's results.
@@ -172,8 +173,9 @@ def test_best_checkpoint_results_sit_beside_the_last_ones(binary_tree, tmp_path)
     # The command line says what it replaced.
     cli_run = CliRunner().invoke(cli.main, ["evaluate", str(run), "--split", "validation"])
     assert cli_run.exit_code == 0, cli_run.output
-    assert (f"Replaced 4 file(s) of an earlier evaluation in {out}: validation.json, "
-            "validation_predictions.csv, validation_confusion.png, validation_roc.png.") in cli_run.output
+    assert (f"Replaced 6 file(s) of an earlier evaluation in {out}: validation.json, "
+            "validation_predictions.csv, validation_confusion.png, validation_roc.png, "
+            "validation_pr.png, validation_reliability.png.") in cli_run.output
 
 
 def test_scan_notes_are_shown(binary_run, binary_tree, tmp_path):

@@ -111,4 +111,7 @@ def test_fit_writes_plots_and_tensorboard_images(binary_tree, tmp_path):
     tags = _image_tags(run / "tensorboard" / "images")
     assert tags["augmented_training_images"] == [0]
     assert tags["validation_confusion_matrix"] == [0, 1]  # one per epoch
-    assert any("Plots: 6 files" in line for line in lines)
+    for split in ("validation", "test"):  # the decision plots, once, at the last epoch (issue 23.5)
+        for kind in ("roc", "pr", "reliability"):
+            assert tags[f"{split}_{kind}"] == [2] and (plots_dir / f"{split}_{kind}.png").is_file()
+    assert any("Plots: 10 files" in line for line in lines)

@@ -14,6 +14,7 @@ from tfcovid import config
 from tfcovid.cli.common import fail, tensorflow, user_errors
 from tfcovid.config.schema import (
     BACKBONES,
+    CALIBRATIONS,
     CLASS_WEIGHTS,
     DEMO_MULTILABEL,
     DEMO_PRESET,
@@ -127,6 +128,9 @@ def demo_data(out, task, label_file, per_class, seed, imbalance):
 @click.option("--operating-point", "train__operating_point", default=None, metavar="SPEC",
               help="Decision threshold(s), chosen at the end on the validation split: a number, youden, "
                    "sensitivity:S or specificity:S. Default: train.threshold (0.5).")
+@click.option("--calibrate", "train__calibrate", type=click.Choice(CALIBRATIONS), default=None,
+              help="temperature: fit temperature scaling on the validation split at the end, before "
+                   f"the operating point is chosen (docs/operating-points.md). {_default('train.calibrate')}")
 @click.option("--focal-alpha", "train__focal_alpha", type=click.FloatRange(0, 1), default=None,
               help=f"Focal loss's class balance. {_default('train.focal_alpha')}")
 @click.option("--focal-gamma", "train__focal_gamma", type=click.FloatRange(min=0), default=None,

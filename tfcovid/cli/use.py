@@ -18,7 +18,7 @@ from tfcovid.cli.common import (
     tensorflow,
     trained_model_errors,
 )
-from tfcovid.config.schema import TASKS
+from tfcovid.config.schema import CALIBRATIONS, TASKS
 from tfcovid.utils.text import escape, one_line, plural
 
 # Test-time augmentation (issue 25.5; docs/beyond.md#recipes): one more pass per image.
@@ -129,29 +129,38 @@ def evaluate(target, data_dir, split, out, batch_size, checkpoint, task, model_l
 
 @click.command()
 @click.argument("target", metavar="RUN_DIR|MODEL")
-@click.option("--operating-point", "spec", required=True, metavar="SPEC",
+@click.option("--operating-point", "spec", default=None, metavar="SPEC",
               help="0.5 or another number in (0, 1), youden, sensitivity:S or specificity:S "
-                   "(e.g. sensitivity:0.95), chosen on the validation split.")
+                   "(e.g. sensitivity:0.95), chosen on the validation split. Default with "
+                   "--calibrate: the model's own, chosen again on the calibrated probabilities.")
+@click.option("--calibrate", "method", type=click.Choice(CALIBRATIONS), default=None,
+              help="temperature: fit temperature scaling on the validation split first; none: "
+                   "remove it. Default: keep the model's.")
 @click.option("--data", "data_dir", default=None,
               help="ImageFolder tree (or 'demo') with the validation split. Default: the run's own data.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per prediction batch.")
 @model_options
 @max_pixels_option
-def calibrate(target, spec, data_dir, batch_size, checkpoint, task, model_labels, max_pixels):
+def calibrate(target, spec, method, data_dir, batch_size, checkpoint, task, model_labels, max_pixels):
     """Choose the model's decision threshold(s) on the validation split and record them in it.
 
-    For a run's last checkpoint, metrics.json is rescored at them. Never chooses on test.
+    With --calibrate temperature, first fit temperature scaling there. For a run's last
+    checkpoint, metrics.json is rescored. Never chooses on test.
     """
+    if spec is None and method is None:
+        raise click.UsageError("Give --operating-point SPEC, --calibrate temperature|none, or both.")
     checkpoint_only_for_runs(target)
     tensorflow()
     from tfcovid.inference import calibrate as inference_calibrate  # heavy: TensorFlow
+    from tfcovid.results.calibration import CalibrationError
     from tfcovid.results.operating_point import OperatingPointError, describe
 
     try:
         point = inference_calibrate.calibrate(target, spec, data_dir, checkpoint, batch_size, task,
-                                              names(model_labels), log=click.echo, max_pixels=max_pixels)
-    except trained_model_errors() + (OperatingPointError,) as err:
+                                              names(model_labels), log=click.echo, max_pixels=max_pixels,
+                                              method=method)
+    except trained_model_errors() + (OperatingPointError, CalibrationError) as err:
         fail(err)
     click.echo(describe(point))
 

@@ -14,6 +14,7 @@ from tfcovid.config.schema import (
     AUGMENT_ON,
     BACKBONES,
     CACHES,
+    CALIBRATIONS,
     CLASS_WEIGHTS,
     CONV_LAYERS,
     EARLY_STOPPING,
@@ -57,6 +58,7 @@ def validate(exp: Experiment) -> None:
     _check_recipe(exp)
     _check_bootstrap(exp.train.bootstrap_resamples)
     _check_imbalance(exp)
+    _check_calibration(exp)
 
 
 BOOTSTRAP_RESAMPLES = (100, 100_000)  # fewer make a poor 2.5th percentile; more take seconds per split
@@ -289,3 +291,8 @@ def _check_imbalance(exp: Experiment) -> None:
         if unknown:
             raise ConfigError(f"Bad value for 'train.class_weight': {shown(unknown)} not in data.labels "
                               f"({', '.join(exp.data.labels)}). Weigh those labels by name.")
+
+
+def _check_calibration(exp: Experiment) -> None:
+    """train.calibrate: how the probabilities are calibrated on validation (issue 23.5)."""
+    _check_choice("train.calibrate", exp.train.calibrate, CALIBRATIONS)

@@ -78,6 +78,9 @@ CLASS_WEIGHTS = ("none", "balanced")
 AUGMENT_ON = ("auto", "cpu", "device")
 
 
+CALIBRATIONS = ("none", "temperature")  # train.calibrate (results/calibration.py)
+
+
 # The smallest input side each backbone takes, found by building the models at decreasing sizes.
 # VGG16: five 2x2 max-pools and a Flatten head, so 32 px leaves a 1x1 map and 31 px a zero-size
 # one (a structural limit). The ResNets pad before every strided conv and pool globally, so they
@@ -244,6 +247,9 @@ class TrainConfig:
     # none | balanced (from the train split) | {class or label: weight}: the binary task's
     # per-class weights, the three-label task's per-label positive weights (docs/imbalance.md).
     class_weight: str | Mapping[str, float] = "none"
+    # Temperature scaling of the logits, fitted on the validation split at the end of fit,
+    # before the operating point is chosen: none (the study's) | temperature.
+    calibrate: str = "none"
 
 
 @dataclass(frozen=True)

@@ -187,22 +187,32 @@ def result_stem(trained, split: str, tta: str = "none") -> str:
     return stem + ("-tta" if tta != "none" else "")
 
 
-def predict_split(trained, split: types.Split, batch_size: int = 32, tta: str = "none") -> np.ndarray:
-    """Probabilities (n, outputs) for every image of ``split``, in file order; ``tta`` "flip":
-    averaged with each mirror image's (models.tta)."""
+def predict_logits(trained, split: types.Split, batch_size: int = 32, mirrored: bool = False) -> np.ndarray:
+    """The model's logits (n, outputs) for every image of ``split``, in file order (``mirrored``:
+    of each image's mirror, for test-time augmentation)."""
 
     ds = datasets.dataset(split, trained.image_size, batch_size)
     if split.labeled:
         ds = ds.map(lambda x, y: x)
     try:
-        probs = probabilities(trained.model.predict(ds, verbose=0), trained.task)
-        if test_time.check(tta) == "flip":
-            mirror = trained.model.predict(ds.map(test_time.mirrored), verbose=0)
-            probs = test_time.averaged(probs, probabilities(mirror, trained.task))
-        return probs
+        return trained.model.predict(ds.map(test_time.mirrored) if mirrored else ds, verbose=0)
     except records.READ_ERRORS as err:
         records.explain_read_error(split.dir, err)  # a damaged prepared shard, named
         raise
+
+
+def predict_split(trained, split: types.Split, batch_size: int = 32, tta: str = "none",
+                  logits: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities (n, outputs) for every image of ``split``, in file order, with the model's
+    temperature when it is calibrated; ``tta`` "flip": averaged with each mirror image's
+    (models.tta). ``logits``: the split's, when already predicted."""
+    if logits is None:
+        logits = predict_logits(trained, split, batch_size)
+    probs = probabilities(logits, trained.task, trained.temperature)
+    if test_time.check(tta) == "flip":
+        mirror = predict_logits(trained, split, batch_size, mirrored=True)
+        probs = test_time.averaged(probs, probabilities(mirror, trained.task, trained.temperature))
+    return probs
 
 
 def _write_predictions(path: Path, split: types.Split, probs: np.ndarray, trained) -> None:
@@ -255,7 +265,8 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     root = data_root(data, exp, trained)
     manifest, chosen = scan_split(root, split, trained, exp, log, max_pixels)
     log(f"Evaluating {trained.path} on {chosen.dir} ({plural(len(chosen), 'image')}, {trained.task})")
-    probs = predict_split(trained, chosen, batch_size, tta)
+    logits = predict_logits(trained, chosen, batch_size)
+    probs = predict_split(trained, chosen, batch_size, tta, logits)  # calibrated, as every path
     report = scores.report(trained.task, chosen.labels, probs, trained.outputs, trained.positive,
                            trained.thresholds, **uncertainty.settings(exp))  # at the model's operating point
     diseases = disease_classes(trained.task, trained.outputs, trained.positive)
@@ -264,13 +275,15 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
     out.mkdir(parents=True, exist_ok=True)
     stem = result_stem(trained, split, tta)
     earlier = {p for p in (out / f"{stem}.json", out / f"{stem}_predictions.csv",
-                           out / f"{stem}_confusion.png", out / f"{stem}_roc.png") if p.exists()}
+                           *(out / f"{stem}_{kind}.png" for kind in ("confusion", "roc", "pr", "reliability")))
+               if p.exists()}
     files = [out / f"{stem}.json", out / f"{stem}_predictions.csv"]
     _write_predictions(files[1], chosen, probs, trained)
     if make_plots:
         title = trained.run_dir.name if trained.run_dir else trained.path.stem
         files += plots.save_split_plots(out, stem, report, trained.task, chosen.labels, probs,
-                                        trained.outputs, trained.positive, title)
+                                        trained.outputs, trained.positive, title,
+                                        probabilities(logits, trained.task) if trained.temperature else None)
     replaced = [f for f in files if f in earlier]
     result = {
         "model": str(trained.path),
@@ -281,6 +294,7 @@ def evaluate(run_or_model, data=None, split: str = "test", out=None, checkpoint:
         "outputs": list(trained.outputs),
         "operating_point": trained.operating_point,
         "tta": tta,  # test-time augmentation: "flip" averages the image's and its mirror's
+        "calibration": trained.calibration,
         "report": report,
         "diseases": disease_summary(report, trained.task, diseases),
         "files": [str(f) for f in files],

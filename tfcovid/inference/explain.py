@@ -267,7 +267,7 @@ def explain(run_or_model, images: Sequence[str | Path], out: str | Path, labels=
     if not pixels:
         return Explanations(failed=failed)
     pixels = np.stack(pixels)
-    probs = probabilities(trained.model.predict(pixels, verbose=0), trained.task)
+    probs = probabilities(trained.model.predict(pixels, verbose=0), trained.task, trained.temperature)
     targets = choose_targets(probs, trained.task, trained.outputs, trained.thresholds, labels,
                              trained.positive_index)
     flat = [(i, t) for i, ts in enumerate(targets) for t in ts]

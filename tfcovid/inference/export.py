@@ -96,13 +96,17 @@ def _decode_one(encoded, size: int):
     return tf.cast(image, tf.float32)
 
 
-def _serving_fns(model: keras.Model, task: str, outputs, thresholds, positive_index: int, table):
+def _serving_fns(model: keras.Model, task: str, outputs, thresholds, positive_index: int, table,
+                 temperature=()):
     """The two signature functions (plain Python: ExportArchive wraps them in tf.function).
-    Their decisions are ``models.outputs.decisions`` at the model's operating point."""
+    Their probabilities include the model's temperature and their decisions are
+    ``models.outputs.decisions`` at the model's operating point."""
     size, n = int(model.input_shape[1]), len(outputs)
 
     def heads(x):
         logits = tf.cast(model(x, training=False), tf.float32)
+        if len(temperature):  # calibrated: the logits divided by T, as models.outputs.probabilities
+            logits = logits / tf.constant(temperature, tf.float32)
         names = table.lookup(tf.range(n, dtype=tf.int64))
         probs = tf.nn.softmax(logits, axis=-1) if task == "binary" else tf.sigmoid(logits)
         chosen = tf.cast(decisions(probs, task, thresholds, positive_index), tf.int32)
@@ -154,7 +158,8 @@ def reference_probabilities(trained, images) -> np.ndarray:
     batch = np.stack([
         data_decode.to_rgb_uint8(augment.resize_eval(tf.convert_to_tensor(im), size), size).numpy()
         for im in images])
-    return probabilities(trained.model.predict(batch.astype(np.float32), verbose=0), trained.task)
+    return probabilities(trained.model.predict(batch.astype(np.float32), verbose=0), trained.task,
+                         trained.temperature)
 
 
 def write_saved_model(trained, out: Path) -> Path:
@@ -165,7 +170,8 @@ def write_saved_model(trained, out: Path) -> Path:
         labels_txt.write_text("\n".join(trained.outputs) + "\n")
         table = _label_table(labels_txt)
         serve_bytes, serve_pixels = _serving_fns(trained.model, trained.task, trained.outputs,
-                                                 trained.thresholds, trained.positive_index, table)
+                                                 trained.thresholds, trained.positive_index, table,
+                                                 trained.temperature)
         archive = keras.export.ExportArchive()
         archive.track(trained.model)
         archive.track(table)
@@ -189,10 +195,14 @@ def write_saved_model(trained, out: Path) -> Path:
 
 def _decision_info(trained) -> dict:
     """What an export's user needs to decide as tfcovid does (models.outputs.decisions): the
-    outputs, the disease class and the operating point's thresholds (docs/inference.md)."""
+    outputs, the disease class, the operating point's thresholds, and the temperature that the
+    export's probabilities already include (1 per output when not calibrated; docs/inference.md)."""
+    n = 1 if trained.task == "binary" else len(trained.outputs)
     return {"task": trained.task, "outputs": list(trained.outputs), "image_size": trained.image_size,
             "threshold": trained.threshold, "positive": trained.positive,
-            "thresholds": list(trained.thresholds), "operating_point": trained.operating_point}
+            "thresholds": list(trained.thresholds), "operating_point": trained.operating_point,
+            "temperature": list(trained.temperature or (1.0,) * n), "temperature_applied": True,
+            "calibration": trained.calibration}
 
 
 def verify_saved_model(trained, out: Path, images=None) -> float:
@@ -229,17 +239,22 @@ def verify_saved_model(trained, out: Path, images=None) -> float:
     return worst
 
 
-def _probability_model(model: keras.Model, task: str) -> keras.Model:
-    """raw pixels -> {"probabilities": softmax/sigmoid of the logits}, for TFLite and ONNX."""
+def _probability_model(model: keras.Model, task: str, temperature=()) -> keras.Model:
+    """raw pixels -> {"probabilities": softmax/sigmoid of the logits / temperature}, for TFLite
+    and ONNX: a calibrated model's export gives the probabilities its thresholds were chosen on."""
     inputs = keras.Input(model.input_shape[1:], name="pixels")
     act = "softmax" if task == "binary" else "sigmoid"
-    probs = keras.layers.Activation(act, dtype="float32", name="probabilities")(model(inputs))
+    logits = model(inputs)
+    if len(temperature):
+        logits = keras.ops.divide(keras.ops.cast(logits, "float32"), np.asarray(temperature, np.float32))
+    probs = keras.layers.Activation(act, dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, {"probabilities": probs}, name=f"{model.name}_probabilities")
 
 
 def write_tflite(trained, path: Path) -> Path:
     """Write a .tflite file (float32 pixels in, probabilities out) via Keras's LiteRT export."""
-    _probability_model(trained.model, trained.task).export(str(path), format="litert", verbose=False)
+    _probability_model(trained.model, trained.task, trained.temperature).export(
+        str(path), format="litert", verbose=False)
     return path
 
 
@@ -310,7 +325,7 @@ def write_onnx(trained, path: Path) -> Path:
     spec = keras.InputSpec(shape=(None, *trained.model.input_shape[1:]), dtype="float32", name="pixels")
     with warnings.catch_warnings():  # tf2onnx's numpy-2 shims warn on import
         warnings.simplefilter("ignore")
-        _probability_model(trained.model, trained.task).export(
+        _probability_model(trained.model, trained.task, trained.temperature).export(
             str(path), format="onnx", input_signature=[spec], verbose=False)
     return path
 

@@ -201,10 +201,10 @@ def predict(trained: Trained, inputs: Sequence[str | Path], threshold: float | N
     def flush():
         if pixels:
             batch = np.stack(pixels)
-            batch_probs = probabilities(trained.model.predict_on_batch(batch), trained.task)
+            batch_probs = probabilities(trained.model.predict_on_batch(batch), trained.task, trained.temperature)
             if tta == "flip":
-                mirror = probabilities(trained.model.predict_on_batch(test_time.mirrored(batch)), trained.task)
-                batch_probs = test_time.averaged(batch_probs, mirror)
+                mirror = trained.model.predict_on_batch(test_time.mirrored(batch))
+                batch_probs = test_time.averaged(batch_probs, probabilities(mirror, trained.task, trained.temperature))
             probs.append(batch_probs)
             pixels.clear()
 

@@ -1,7 +1,7 @@
 """A model's logits -> probabilities -> decisions.
 
 Probabilities: softmax over the binary task's two logits (the disease column), sigmoids for the
-three-label task. Decisions: :func:`decisions`, the one rule that fit's evaluation, evaluate,
+three-label task, after dividing the logits by the model's temperature when it is calibrated. Decisions: :func:`decisions`, the one rule that fit's evaluation, evaluate,
 predict, explain, the plots and the exports all use (issue 23.1).
 """
 from __future__ import annotations
@@ -13,13 +13,26 @@ import scipy.special
 from keras import ops
 
 
-def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
-    """Softmax over the binary task's 2 logits, sigmoid per label for the multilabel task."""
+def probabilities(logits: np.ndarray, task: str, temperature: Sequence[float] = ()) -> np.ndarray:
+    """Softmax over the binary task's 2 logits, sigmoid per label for the multilabel task, of
+    the logits divided by the model's ``temperature`` (issue 23.5: binary one, three-label one
+    per label; empty: not calibrated, the logits as they are)."""
     logits = np.asarray(logits, dtype=np.float64)
+    if len(temperature):
+        logits = logits / np.asarray(temperature, dtype=np.float64)
     if task == "binary":
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
     return scipy.special.expit(logits)  # 1 / (1 + exp(-x)) without overflow warnings
+
+
+def temperatures(calibration: dict | None) -> tuple[float, ...]:
+    """The temperature(s) of a ``calibration`` record (results.calibration) as a tuple; () when
+    the model is not calibrated (no record, or method "none")."""
+    if not calibration or calibration.get("method") != "temperature":
+        return ()
+    t = calibration["temperature"]
+    return tuple(float(v) for v in (t if isinstance(t, list) else [t]))
 
 
 def decisions(probs, task: str, thresholds: Sequence[float], positive_index: int = 0):

@@ -6,10 +6,11 @@ headless server) into PNG files, or into PNG bytes that TensorBoard shows as ima
 * ``plot_history``: loss and accuracy/F1 (or Jaccard/F1) per epoch, train vs validation.
 * ``plot_confusion``: counts and row-normalised matrices; one row of panels per label for
   the three-label task.
-* ``plot_roc``: ROC curve(s) with AUC: the disease class (binary) or every label.
+* ``plot_roc``: ROC curve(s) with AUC: the disease class (binary) or every label, with the
+  operating point marked; PR curves and reliability diagrams are in ``results.curves``.
 * ``write_run_plots``: what ``fit()`` calls once at the end to fill ``RUN/plots/``.
-* ``TensorBoardImages``: a Keras callback writing a grid of augmented training images once
-  and the validation confusion matrix every epoch.
+* ``TensorBoardImages`` (training.callbacks): a Keras callback writing a grid of augmented
+  training images once and the validation confusion matrix every epoch.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from tfcovid.data import datasets
-from tfcovid.models.outputs import probabilities
+from tfcovid.models.outputs import probabilities, temperatures
+from tfcovid.results import curves as decision_curves
 from tfcovid.utils.text import plural
 
 # Keras metric names in history.csv and how to title them.
@@ -129,7 +131,7 @@ def plot_confusion(report: dict, task: str, path: str | Path, title: str = "") -
 
 
 def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
-             positive: str | None = None, title: str = "") -> Path | None:
+             positive: str | None = None, title: str = "", thresholds=None) -> Path | None:
     """ROC curve(s) with AUC: the positive class (binary) or one curve per label.
 
     Args:
@@ -140,23 +142,21 @@ def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
         path: PNG file to write.
         positive: binary: the disease class (default: column 0).
         title: figure title.
+        thresholds: the operating point (binary one, three-label one per label), marked on
+            each curve; None: not marked.
 
     Returns:
         The path, or None when no curve is defined (every split sample of one class).
     """
-    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
-    if task == "binary":
-        k = list(names).index(positive) if positive in names else 0
-        curves = [(names[k], y_true.reshape(-1) == k, probs[:, k])]
-    else:
-        curves = [(name, y_true[:, i] > 0.5, probs[:, i]) for i, name in enumerate(names)]
-    curves = [c for c in curves if 0 < c[1].sum() < len(c[1])]  # ROC needs both classes
-    if not curves:
+    found = decision_curves.curves(y_true, probs, task, names, positive, thresholds)
+    if not found:
         return None
     fig, ax = plt.subplots(figsize=(4.6, 4.4), layout="constrained")
-    for name, truth, score in curves:
+    for i, (name, truth, score, t) in enumerate(found):
         fpr, tpr, _ = skm.roc_curve(truth, score)
-        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {skm.roc_auc_score(truth, score):.3f})")
+        ax.plot(fpr, tpr, lw=1.8, color=f"C{i}", label=f"{name} (AUC {skm.roc_auc_score(truth, score):.3f})")
+        if t is not None:
+            decision_curves.mark_roc(ax, truth, score, t, f"C{i}")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
@@ -170,18 +170,27 @@ def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
 
 def save_split_plots(out_dir: str | Path, split: str, report: dict, task: str, y_true, probs,
                      names: Sequence[str], positive: str | None = None,
-                     title: str = "") -> list[Path]:
-    """Confusion matrices and ROC of one evaluated split: ``<split>_confusion.png``, ``<split>_roc.png``."""
+                     title: str = "", before=None) -> list[Path]:
+    """The plots of one evaluated split: ``<split>_confusion.png``, and where both classes are
+    present ``<split>_roc.png`` and ``<split>_pr.png`` (the report's operating point marked)
+    and ``<split>_reliability.png`` (``before``: the probabilities before calibration)."""
     out_dir = Path(out_dir)
     label = f"{title} — {split}" if title else split
-    paths = [plot_confusion(report, task, out_dir / f"{split}_confusion.png", label)]
-    roc = plot_roc(y_true, probs, task, names, out_dir / f"{split}_roc.png", positive, f"ROC — {label}")
-    return paths + ([roc] if roc else [])
+    cuts = report.get("threshold")
+    paths = [plot_confusion(report, task, out_dir / f"{split}_confusion.png", label),
+             plot_roc(y_true, probs, task, names, out_dir / f"{split}_roc.png", positive, f"ROC — {label}", cuts),
+             decision_curves.plot_pr(y_true, probs, task, names, out_dir / f"{split}_pr.png", positive, cuts,
+                                     f"Precision-recall — {label}"),
+             decision_curves.plot_reliability(y_true, probs, task, names, out_dir / f"{split}_reliability.png",
+                                              positive, before, f"Reliability — {label}")]
+    return [p for p in paths if p]
 
 
 def write_run_plots(run: str | Path, model, exp, manifest, summary: dict, log=print) -> list[Path]:
-    """Fill ``RUN/plots/``: curves, confusion matrices of every evaluated split, ROC of
-    validation and test (the splits people choose models on; skipping train saves a pass).
+    """Fill ``RUN/plots/``: curves, confusion matrices of every evaluated split, and for
+    validation and test (the splits people choose models on; skipping train saves a pass) the
+    ROC and PR curves at the operating point and the reliability diagram (before and after
+    calibration when the run is calibrated); the latter also as TensorBoard images.
 
     Called once by ``fit()`` after metrics.json is written. Never fails the run: a plotting
     problem is logged, because the model and its numbers are already saved.
@@ -190,21 +199,24 @@ def write_run_plots(run: str | Path, model, exp, manifest, summary: dict, log=pr
     out = Path(run) / "plots"
     out.mkdir(exist_ok=True)
     task, names = summary["task"], list(summary["outputs"])
+    temps = temperatures(summary.get("calibration"))
     title = Path(run).name
     written: list[Path] = []
     try:
         written.append(plot_history(Path(run) / "history.csv", out / "curves.png", title))
         for split, report in summary["splits"].items():
-            written.append(plot_confusion(report, task, out / f"{split}_confusion.png",
-                                          f"{title} — {split}"))
-            if split in ("validation", "test"):
-                s = manifest.splits[split]
-                ds = datasets.dataset(s, exp.data.image_size, exp.train.batch_size).map(lambda x, y: x)
-                probs = probabilities(model.predict(ds, verbose=0), task)
-                positive = report.get("positive_class")
-                roc = plot_roc(s.labels, probs, task, names, out / f"{split}_roc.png", positive,
-                               f"ROC — {title} — {split}")
-                written += [roc] if roc else []
+            if split not in ("validation", "test"):
+                written.append(plot_confusion(report, task, out / f"{split}_confusion.png", f"{title} — {split}"))
+                continue
+            s = manifest.splits[split]
+            ds = datasets.dataset(s, exp.data.image_size, exp.train.batch_size).map(lambda x, y: x)
+            logits = model.predict(ds, verbose=0)
+            probs, before = probabilities(logits, task, temps), probabilities(logits, task) if temps else None
+            shown = save_split_plots(out, split, report, task, s.labels, probs, names,
+                                     report.get("positive_class"), title, before)
+            written += shown
+            if (Path(run) / "tensorboard").is_dir():
+                decision_curves.to_tensorboard(Path(run) / "tensorboard" / "images", shown[1:], exp.train.epochs)
     except (OSError, ValueError) as err:
         log(f"      warning: could not write every plot to {out}: {err}")
     log(f"      Plots: {plural(len(written), 'file')} in {out}")

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import yaml
 
-from tfcovid.results import operating_point, scores
+from tfcovid.results import calibration, operating_point, scores
 
 _BACKBONE_NAMES = {"vgg16": "VGG16", "resnet18": "ResNet18", "resnet50": "ResNet50"}
 
@@ -202,10 +202,12 @@ def _operating_points(runs) -> list[str]:
     chosen and the validation figures at it (their tables' numbers are at that point)."""
     lines = []
     for run, _, summary in runs:
-        point = summary.get("operating_point") or {}
-        if point.get("chosen_on") or any(t != 0.5 for t in point.get("thresholds", [0.5])):
-            lines.append(f"- `{run.name}`: " + operating_point.describe(point).removeprefix("Operating point: ").replace("\n  ", "; "))
-    intro = "Runs that decide at other thresholds than 0.5; their numbers above are at these:"
+        point, calibrated = summary.get("operating_point") or {}, calibration.describe(summary.get("calibration"))
+        if calibrated or point.get("chosen_on") or any(t != 0.5 for t in point.get("thresholds", [0.5])):
+            lines.append(f"- `{run.name}`: " + operating_point.describe(point).removeprefix("Operating point: ").replace("\n  ", "; ")
+                         + (f"; {calibrated}" if calibrated else ""))
+    intro = ("Runs that decide at other thresholds than 0.5, or on calibrated probabilities (temperature "
+             "scaling); their numbers above are at these:")
     return ["## Operating points", "", intro, "", *lines, ""] if lines else []
 
 

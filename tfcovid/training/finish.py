@@ -13,8 +13,8 @@ import numpy as np
 from tfcovid.config import Experiment
 from tfcovid.data import datasets, records, types
 from tfcovid.data import folders as data_folders
-from tfcovid.models.outputs import probabilities
 from tfcovid.results import (
+    calibration,
     model_card,
     operating_point,
     plots,
@@ -30,9 +30,9 @@ from tfcovid.weights import metadata
 
 def evaluate_split(model, split: types.Split, exp: Experiment, manifest: types.Manifest,
                    batch_size: int | None = None) -> np.ndarray:
-    """Predict one labeled split: its probabilities (n, outputs)."""
+    """Predict one labeled split: its logits (n, outputs), before any temperature."""
     ds = datasets.dataset(split, exp.data.image_size, batch_size or exp.train.batch_size)
-    return probabilities(model.predict(ds.map(lambda x, y: x), verbose=0), exp.data.task)
+    return model.predict(ds.map(lambda x, y: x), verbose=0)
 
 
 def positive_class(exp: Experiment, manifest: types.Manifest) -> str | None:
@@ -58,18 +58,23 @@ def evaluate(run: Run, data: inputs.Inputs, model) -> dict:
         f"{manifest.splits[name].dir}` predicts it)" for name in unlabeled))
     try:
         with signals.RaiseOnSignal():
-            probs = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
+            logits = {name: evaluate_split(model, manifest.splits[name], exp, manifest) for name in labeled}
     except records.READ_ERRORS as err:
         records.raise_if_damaged(manifest, err)
         raise
     except signals.Interrupted as err:
         raise stops.evaluation_interrupted(run.dir, err, exp.train.epochs) from None
-    point = choose_operating_point(exp, manifest, probs["validation"])
     positive = positive_class(exp, manifest)
+    # train.calibrate's temperature on validation first: the operating point is chosen on the
+    # calibrated probabilities (results.calibration).
+    probs, calibrated = calibration.fit_probabilities(exp.data.task, exp.train.calibrate,
+                                                      manifest.splits["validation"].labels, logits,
+                                                      manifest.output_names, positive)
+    point = choose_operating_point(exp, manifest, probs["validation"])
     reports = {name: scores.report(exp.data.task, manifest.splits[name].labels, probs[name],
                                    manifest.output_names, positive, point["thresholds"],
                                    **uncertainty.settings(exp)) for name in labeled}
-    return {"splits": reports, "operating_point": point}
+    return {"splits": reports, "operating_point": point, **({"calibration": calibrated} if calibrated else {})}
 
 
 def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_seconds: list[float],
@@ -92,7 +97,7 @@ def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_second
         "replicas": run.replicas,
         "workers": run.workers,
         "augment_on": data.augment_line,
-        **results,  # splits, operating_point
+        **results,  # splits, operating_point, calibration (when train.calibrate fitted one)
         # train.class_weight and data.sampling as they took effect (docs/imbalance.md)
         "imbalance": {"sampling": exp.data.sampling, "class_weight": exp.to_dict()["train"]["class_weight"],
                       "weights": None if data.class_weight is None
@@ -103,11 +108,13 @@ def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_second
     last, best = run.dir / "checkpoints" / "last.keras", run.dir / "checkpoints" / "best.keras"
     same = best.is_file() and (os.path.samefile(best, last) or filecmp.cmp(best, last, shallow=False))
     for path in (last, best) if same else (last,):
-        metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"]))
+        metadata.embed(path, metadata.info_for(exp, manifest, results["operating_point"], results.get("calibration")))
     atomic.atomic_write_text(run.dir / "metrics.json", json.dumps(summary, indent=2))
     model_card.write(run.dir)  # MODEL_CARD.md, from config.yaml and metrics.json (issue 23.7)
     plots.write_run_plots(run.dir, built.model, exp, manifest, summary, run.log)
     run.log(tables.format_run(exp.to_dict(), summary))
+    if results.get("calibration"):
+        run.log(calibration.describe(results["calibration"]))
     run.log(operating_point.describe(summary["operating_point"]))
     if run.scratch:  # a non-chief worker: its copy of the run is not needed
         distribute.release(run.scratch)

@@ -22,6 +22,7 @@ import keras
 import yaml
 
 import tfcovid.models  # noqa: F401  (registers the Preprocess layer that load_model needs)
+from tfcovid.models.outputs import temperatures
 from tfcovid.weights import keras_files
 
 INFO_MEMBER = "tfcovid.json"
@@ -54,6 +55,10 @@ class Trained:
     # three-label one per label. A model without a recorded operating point: its threshold.
     thresholds: tuple[float, ...] = ()
     operating_point: dict = field(default_factory=dict)  # how they were chosen (results.operating_point)
+    # Temperature scaling (results.calibration): the logits are divided by these before the
+    # softmax/sigmoid (binary one, three-label one per label); () when not calibrated.
+    temperature: tuple[float, ...] = ()
+    calibration: dict = field(default_factory=dict)  # its record: method, fitted_on, NLL/ECE
 
     @property
     def positive_index(self) -> int:
@@ -61,9 +66,10 @@ class Trained:
         return self.outputs.index(self.positive) if self.task == "binary" else 0
 
 
-def info_for(exp, manifest, point: dict | None = None) -> dict:
+def info_for(exp, manifest, point: dict | None = None, calibration: dict | None = None) -> dict:
     """The info to embed for a run of ``exp`` on ``manifest`` (JSON-ready); ``point``: the
-    operating point chosen at the end of fit (None while training: train.threshold)."""
+    operating point chosen at the end of fit (None while training: train.threshold);
+    ``calibration``: the temperature fitted at the end of fit (None: not calibrated)."""
     positive = exp.data.positive if exp.data.task == "binary" else None
     if positive is not None and positive not in manifest.class_names:
         positive = manifest.class_names[0]
@@ -77,6 +83,7 @@ def info_for(exp, manifest, point: dict | None = None) -> dict:
         "threshold": exp.train.threshold,
         "backbone": exp.model.backbone,
         **({"operating_point": point} if point else {}),
+        **({"calibration": calibration} if temperatures(calibration) else {}),
     }
 
 
@@ -126,12 +133,13 @@ def info_from_run_dir(run_dir: Path) -> dict | None:
         task = data["task"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
-    outputs, point = data.get("labels"), None
+    outputs, point, calibration = data.get("labels"), None, None
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         try:
             metrics = json.loads(metrics_file.read_text())
             outputs, point = metrics.get("outputs", outputs), metrics.get("operating_point")
+            calibration = metrics.get("calibration")
         except json.JSONDecodeError:
             pass
     if task == "binary" and not metrics_file.is_file():
@@ -139,7 +147,8 @@ def info_from_run_dir(run_dir: Path) -> dict | None:
     return {"format": FORMAT_VERSION, "task": task, "outputs": list(outputs),
             "positive": data.get("positive") if task == "binary" else None,
             "image_size": data.get("image_size"), "threshold": train.get("threshold", 0.5),
-            **({"operating_point": point} if point else {})}
+            **({"operating_point": point} if point else {}),
+            **({"calibration": calibration} if calibration else {})}
 
 
 def model_file(target: str | Path, checkpoint: str = "last") -> tuple[Path, Path | None]:
@@ -238,11 +247,13 @@ def load(target: str | Path, checkpoint: str = "last", task: str | None = None,
     threshold = float(info.get("threshold") or 0.5)
     point = _operating_point(info.get("operating_point"), info["task"], n_out, path, source)
     thresholds = tuple(point["thresholds"]) if point else (threshold,) * (1 if info["task"] == "binary" else n_out)
+    calibration = _calibration(info.get("calibration"), info["task"], n_out, path, source)
     return Trained(model=model, path=path, run_dir=run_dir, task=info["task"], outputs=outputs,
                    positive=positive, image_size=int(model.input_shape[1]),
                    threshold=threshold, source=source, thresholds=thresholds,
                    operating_point=point or {"method": "threshold", "chosen_on": None,
-                                             "thresholds": list(thresholds), "split": None, "figures": {}})
+                                             "thresholds": list(thresholds), "split": None, "figures": {}},
+                   temperature=temperatures(calibration), calibration=calibration or {"method": "none"})
 
 
 def _operating_point(point, task: str, n_out: int, path: Path, source: str) -> dict | None:
@@ -260,3 +271,20 @@ def _operating_point(point, task: str, n_out: int, path: Path, source: str) -> d
             f"{want} number(s) in (0, 1). Choose it again with `tfcovid calibrate`, or remove "
             f"{INFO_MEMBER} from the file and pass --task/--labels.")
     return {**point, "thresholds": [float(v) for v in values]}
+
+
+def _calibration(record, task: str, n_out: int, path: Path, source: str) -> dict | None:
+    """The recorded temperature checked (the file is untrusted): a finite number > 0, one for
+    binary and one per output for the three-label task; method "none" or no record: None."""
+    if record is None or (isinstance(record, dict) and record.get("method") == "none"):
+        return None
+    want = 1 if task == "binary" else n_out
+    t = record.get("temperature") if isinstance(record, dict) and record.get("method") == "temperature" else None
+    values = t if isinstance(t, list) else [t]
+    if not (len(values) == want and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(v) and v > 0 for v in values)):
+        raise ModelInfoError(
+            f"{path} records a bad calibration in {source}: temperature {t!r}; expected {want} "
+            f"number(s) above 0. Use the run's own checkpoint, or remove {INFO_MEMBER} from the "
+            "file and pass --task/--labels.")
+    return record
