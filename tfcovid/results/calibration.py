@@ -19,13 +19,12 @@ import scipy.special
 
 from tfcovid.models.outputs import probabilities, temperatures
 from tfcovid.results.operating_point import columns
+from tfcovid.results.uncertainty import ECE_BINS
+from tfcovid.results.uncertainty import expected_calibration_error as ece
 
 # log T is searched in [log 0.01, log 100]: wider than any trained network needs (Guo et al.
 # 2017 report 1-3); a fit at a bound says the validation split cannot pin T down.
 LOG_T_BOUNDS = (math.log(0.01), math.log(100.0))
-
-
-ECE_BINS = 10  # equal-width bins over [0, 1], as calibration_curve(strategy="uniform")
 
 
 class CalibrationError(ValueError):
@@ -66,16 +65,6 @@ def fit_temperature(logits, y_true, task: str, split: str = "validation") -> lis
     if task == "binary":
         return [_fit_one(logits, y, task)]
     return [_fit_one(logits[:, [i]], y[:, [i]], task) for i in range(logits.shape[1])]
-
-
-def ece(is_pos, score, bins: int = ECE_BINS) -> float:
-    """Expected calibration error of one output: the image-weighted mean over equal-width bins
-    of |fraction positive - mean probability|, binned as sklearn's calibration_curve bins."""
-    is_pos, score = np.asarray(is_pos, dtype=np.float64), np.asarray(score, dtype=np.float64)
-    ids = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], score)
-    total = np.bincount(ids, minlength=bins)
-    gap = np.abs(np.bincount(ids, is_pos, bins) - np.bincount(ids, score, bins))
-    return float(gap.sum() / max(total.sum(), 1))  # sum over bins of n_b/n * |true_b - pred_b|
 
 
 def _one_or_list(values) -> float | list[float]:

@@ -19,8 +19,9 @@ import tensorflow as tf
 from sklearn import calibration as skc
 from sklearn import metrics as skm
 
-from tfcovid.results.calibration import ECE_BINS, ece
 from tfcovid.results.operating_point import columns
+from tfcovid.results.uncertainty import ECE_BINS
+from tfcovid.results.uncertainty import expected_calibration_error as ece
 
 
 def curves(y_true, probs, task: str, names: Sequence[str], positive: str | None,

@@ -149,6 +149,7 @@ def bootstrap(columns: dict, per_image: dict, n: int, resamples: int, seed: int)
 def calibration_bins(is_pos: np.ndarray, score: np.ndarray, bins: int = ECE_BINS):
     """Per equal-width bin of ``score``: (images, sum of scores, positives); see the module's
     docstring for the edges (calibration_curve's)."""
+    is_pos, score = np.asarray(is_pos), np.asarray(score, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.searchsorted(edges[1:-1], score)
     return (np.bincount(which, minlength=bins), np.bincount(which, weights=score, minlength=bins),
@@ -158,7 +159,7 @@ def calibration_bins(is_pos: np.ndarray, score: np.ndarray, bins: int = ECE_BINS
 def expected_calibration_error(is_pos: np.ndarray, score: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE = sum over bins of (n_b / n) |mean(y) - mean(p)| = sum_b |positives_b - sum(p)_b| / n."""
     _, total, positives = calibration_bins(is_pos, score, bins)
-    return float(np.abs(positives - total).sum() / len(score))
+    return float(np.abs(positives - total).sum() / max(len(score), 1))
 
 
 def point_figures(is_pos: np.ndarray, score: np.ndarray) -> dict:
