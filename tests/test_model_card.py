@@ -100,8 +100,22 @@ def test_calibration_is_shown_when_metrics_json_has_it(tmp_path):
            "nll_after": 0.48, "ece_before": 0.12, "ece_after": 0.04}
     card = model_card.write(_run(tmp_path, calibration=cal)).read_text()
     section = card.split("## Calibration", 1)[1].split("##", 1)[0]
-    assert "| temperature | 1.7321 |" in section and "| fitted on | validation |" in section
+    assert "| temperature | 1.7321 |" in section and "fitted on the validation split." in section
     assert "| ece after | 0.0400 |" in section and "Not calibrated" not in section
+
+
+def test_three_label_calibration_has_a_column_per_label(tmp_path):
+    """results.calibration records one temperature (and NLL, ECE) per label for the three-label
+    task: a column each, in the outputs' order."""
+    cal = {"method": "temperature", "temperature": [0.5, 1.25, 2.0], "fitted_on": "validation",
+           "nll_before": [0.3, 0.2, 0.1], "nll_after": [0.25, 0.15, 0.05],
+           "ece_before": [0.1, 0.2, 0.3], "ece_after": [0.01, 0.02, 0.03], "ece_bins": 10}
+    card = model_card.write(_run(tmp_path, task="multilabel", calibration=cal)).read_text()
+    section = card.split("## Calibration", 1)[1].split("##", 1)[0]
+    assert "(one temperature per label)" in section
+    assert "|  | covid-19 | normal | pneumonia |" in section
+    assert "| temperature | 0.5000 | 1.2500 | 2.0000 |" in section
+    assert "| ece after | 0.0100 | 0.0200 | 0.0300 |" in section and "[" not in section
 
 
 def test_names_cannot_break_the_markdown(tmp_path):

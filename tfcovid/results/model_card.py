@@ -241,10 +241,18 @@ def _calibration(summary: dict) -> list[str]:
         return ["## Calibration", "", ("Not calibrated: the probabilities are the trained model's "
                                        "softmax / sigmoid outputs. How far they are from observed "
                                        "frequencies: the ECE and Brier columns above."), ""]
-    rows = [(key.replace("_", " "), _num(cal[key], 4) if isinstance(cal[key], float) else cal[key])
-            for key in ("method", "temperature", "fitted_on", "nll_before", "nll_after",
-                        "ece_before", "ece_after") if key in cal]
-    return ["## Calibration", "", *_table(["", "value"], rows), ""]
+    keys = [k for k in ("temperature", "nll_before", "nll_after", "ece_before", "ece_after") if k in cal]
+    per_label = any(isinstance(cal[k], list) for k in keys)  # the three-label task: one T per label
+    outputs = [_inline(o) for o in summary.get("outputs") or []] if per_label else ["value"]
+
+    def cells(value):
+        values = value if isinstance(value, list) else [value] * len(outputs)
+        return [_num(v, 4) if isinstance(v, float) else v for v in values]
+
+    how = f"Method: {_inline(cal.get('method', 'temperature'))}, fitted on the {_inline(cal.get('fitted_on', 'validation'))} split"
+    rows = [[key.replace("_", " "), *cells(cal[key])] for key in keys]
+    return ["## Calibration", "", how + (" (one temperature per label)." if per_label else "."), "",
+            *_table(["", *outputs], rows), ""]
 
 
 def render(config: dict, summary: dict, name: str) -> str:
