@@ -170,6 +170,23 @@ def test_configs_lists_the_installed_study_configs():
     assert rows["part2/resnet18_focal.yaml"] == ["resnet18", "none", "focal", "22"]
 
 
+def test_configs_names_a_broken_config_and_still_lists_the_others(monkeypatch):
+    """An installed config that does not resolve (e.g. a backbone this install lacks) is named
+    after the table, exit 1; it used to stop the listing with no row shown."""
+    real = config.resolve
+
+    def resolve(name, *args):
+        if name == "part1/vgg16_head.yaml":
+            raise config.ConfigError("Bad value for 'model.backbone': 'x'.")
+        return real(name, *args)
+    monkeypatch.setattr(config, "resolve", resolve)
+    result = CliRunner().invoke(main, ["configs"])
+    assert result.exit_code == 1
+    assert "part1/vgg16_first7.yaml" in result.output and "part2/resnet18_focal.yaml" in result.output
+    assert result.output.rstrip().endswith("  part1/vgg16_head.yaml: Bad value for 'model.backbone': 'x'.")
+    assert "config(s) cannot be loaded" in result.output
+
+
 def _resolved_by_fit(args, monkeypatch):
     """The Experiment that fit would train, without training it."""
     from tfcovid.training import train

@@ -380,3 +380,20 @@ def test_voi_lut_sequence_is_applied_before_a_window():
     got = dicom.to_uint8(raw)[..., 0].astype(float)
     mapped = entries[np.minimum(stored, 127)] / 1023 * 255
     assert np.abs(got - mapped).max() <= 0.5 and got.max() < 64
+
+
+def test_quick_check_names_dicom_by_its_marker(tmp_path):
+    """A .dcm name without the DICM marker is not called a non-JPEG/PNG; a DICOM file without a
+    .dcm name (a PACS export) is told to be renamed; other names keep their reason."""
+    part10 = bytes(128) + b"DICM" + bytes(64)
+    files = {"text.dcm": b"hello, not a scan", "IM0001": part10, "notes.txt": b"hello",
+             "ok.dcm": part10, "short": b"DI"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    reasons = {name: headers.quick_check(tmp_path / name) for name in files}
+    assert reasons["text.dcm"] == ("has a .dcm name but is not a DICOM file (no 'DICM' marker at "
+                                   "byte 128; it is text)")
+    assert reasons["IM0001"] == "a DICOM file without a .dcm name: rename it to IM0001.dcm"
+    assert reasons["notes.txt"].startswith("not an image file: tfcovid reads .jpg")
+    assert reasons["short"].startswith("not an image file: tfcovid reads .jpg")
+    assert reasons["ok.dcm"] is None

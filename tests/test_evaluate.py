@@ -194,3 +194,20 @@ def test_scan_notes_are_shown(binary_run, binary_tree, tmp_path):
     lines = []
     data_prepare.prepare(tree, tmp_path / "rec", shards=1, max_side=16, log=lines.append)
     assert any(line.startswith(note) for line in lines), lines
+
+
+def test_the_table_says_positives_and_notes_an_undefined_figure():
+    """A test split of infected images only: the specificity's 0.0 is undefined and the table
+    says so under it (it printed a bare 0.0 %); the last column counts positives, not images."""
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    report = scores.binary_report(np.zeros(3, int), probs, ["infected", "normal"], resamples=0)
+    result = {"report": report, "task": "binary", "split": "test",
+              "diseases": evaluate.disease_summary(report, "binary", ["infected"])}
+    lines = evaluate.format_result(result).splitlines()
+    assert lines[0].startswith("test: 3 images;") and lines[1].endswith(" positives")
+    assert lines[2].endswith(" 3") and " 0.0 % " in lines[2]
+    assert lines[-1] == "note: no 'normal' images in this split: specificity is undefined (reported as 0.0)"
+    both = scores.binary_report(np.array([0, 1, 1]), probs, ["infected", "normal"], resamples=0)
+    text = evaluate.format_result({**result, "report": both,
+                                   "diseases": evaluate.disease_summary(both, "binary", ["infected"])})
+    assert "note:" not in text and text.splitlines()[2].endswith(" 1")

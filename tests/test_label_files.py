@@ -63,8 +63,8 @@ def test_covidx_files_read_as_published(tmp_path):
 
 def test_binary_task_with_three_classes_is_refused(tmp_path):
     path = _csv(tmp_path, "path,label\nimg/a.png,x\nimg/b.png,y\nimg/c.png,z\n")
-    with pytest.raises(ClassCountError, match="exactly 2"):
-        label_files.read(path, "binary")
+    with pytest.raises(ClassCountError, match=r"exactly 2 classes; .*labels.csv has 3: \['x', 'y', 'z'\]"):
+        label_files.read(path, "binary")  # a label file has classes, not class folders
 
 
 @pytest.mark.parametrize("text, message", [

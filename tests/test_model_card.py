@@ -67,6 +67,28 @@ def test_binary_card_holds_the_runs_counts_figures_and_intervals(tmp_path):
     assert "Not calibrated" in card and "the split folders found on disk" in card
 
 
+def test_the_card_names_the_recipes_beyond_the_study(tmp_path):
+    """Schedule, warm-up, EMA and early stopping (with metrics.json's outcome) are in the Recipe
+    table when set (they were missing), and absent for the study's constant rate."""
+    plain = model_card.write(_run(tmp_path, name="plain")).read_text()
+    assert "schedule" not in plain and "EMA" not in plain and "Early stopping" not in plain
+    run = _run(tmp_path, name="beyond", **{"train.schedule": "cosine", "train.warmup_epochs": 1,
+                                           "train.ema": 0.99, "train.early_stopping": "val_f1",
+                                           "train.patience": 1})
+    summary = json.loads((run / "metrics.json").read_text())
+    summary["early_stopping"] = {"metric": "val_f1", "patience": 1, "reason": "ran every epoch",
+                                 "restored_best": True}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    card = model_card.write(run).read_text()
+    assert "| Learning-rate schedule | cosine to 0, after 1 warm-up epoch(s) |" in card
+    assert "| Weight EMA | momentum 0.99 (the averaged weights are the model) |" in card
+    assert ("| Early stopping | on val_f1 (patience 1); ran every epoch; the best epoch's weights "
+            "restored |") in card
+    step = model_card.write(_run(tmp_path, name="step", **{
+        "train.schedule": "step", "train.step_gamma": 0.5, "train.step_epochs": 3})).read_text()
+    assert "| Learning-rate schedule | step: ×0.5 every 3 epochs |" in step
+
+
 def test_the_card_says_how_the_splits_were_made(tmp_path):
     """Folders: the tree's own splits; a label file: kept or made by patient, with the seed and
     shares, and the fold under cross-validation (issue 24.5's settings)."""

@@ -136,6 +136,8 @@ def test_early_stopping_on_f1_stops_records_why_and_resumes_its_count(tmp_path):
                    "best_epoch": 2, "best": 0.7,
                    "reason": "val_f1 did not improve for 2 epochs after epoch 2 (best 0.7)"}
     assert state.state["best"] == 0.7  # best.keras follows the metric, highest F1 first
+    assert recipes.summary("val_loss", 1, 1, 0, 0.25)["reason"] == ("val_loss did not improve for 1 epoch "
+                                                                    "after epoch 1 (best 0.25)")  # not "1 epochs"
     best = keras.saving.load_model(tmp_path / "a" / "checkpoints" / "best.keras")
     np.testing.assert_array_equal(best.layers[-1].kernel.numpy(), np.ones((3, 2)))
 

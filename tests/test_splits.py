@@ -170,6 +170,19 @@ def test_cv_summary_is_mean_and_sample_std():
     assert cv.describe(summary)[1] == "  validation: accuracy 0.700 ± 0.141, roc_auc 0.800 ± 0.141"
 
 
+def test_cv_of_a_folder_tree_stops_before_making_its_folder(tmp_path):
+    """cv needs patient ids: a folder tree (or the demo) is refused in one line, and no empty
+    ``-cvK`` folder is left under --out (it was, after the first fold's run failed)."""
+    tree = tmp_path / "tree"
+    (tree / "train" / "a").mkdir(parents=True)
+    result = CliRunner().invoke(cli.main, ["cv", "--folds", "2", "--data", str(tree),
+                                           "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 1
+    assert f"not --data {tree}. Pass --data FILE.csv" in result.output
+    assert "Traceback" not in result.output and "Fold 1" not in result.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_cv_runs_every_fold_by_patient_and_summarises(tmp_path):
     """A real 2-fold cross-validation at 16 px, 1 epoch: each fold's run keeps its splits.csv,
     [3/6] prints the counts per class, and evaluate repeats the run's split exactly."""

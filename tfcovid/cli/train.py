@@ -293,15 +293,19 @@ def prepare(data_dir, out_dir, shards, max_side, encoding, seed, max_pixels, ski
 @click.command()
 def configs():
     """List the study's configs installed with tfcovid: fit --config NAME --data DIR runs one."""
-    rows = [("NAME", "BACKBONE", "FREEZE", "LOSS", "EPOCHS")]
-    try:
-        for name in config.installed_configs():
+    rows, broken = [("NAME", "BACKBONE", "FREEZE", "LOSS", "EPOCHS")], []
+    for name in config.installed_configs():  # one bad file is named; it does not hide the others
+        try:
             exp = config.resolve(name)
-            rows.append((name, exp.model.backbone, exp.model.freeze, exp.train.loss, str(exp.train.epochs)))
-    except config.ConfigError as err:
-        fail(err)
+        except config.ConfigError as err:
+            broken.append(f"{name}: {err}")
+            continue
+        rows.append((name, exp.model.backbone, exp.model.freeze, exp.train.loss, str(exp.train.epochs)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     click.echo(f"Installed in {config.configs_folder()}:")
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     click.echo("Train one: tfcovid fit --config NAME --data DIR (a file of that name here wins).")
+    if broken:
+        fail(ValueError(f"{len(broken)} installed config(s) cannot be loaded (reinstall tfcovid, or "
+                        "report it):\n  " + "\n  ".join(broken)))

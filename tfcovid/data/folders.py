@@ -306,7 +306,8 @@ def _output_names(task: str, labels: Sequence[str], class_names: tuple[str, ...]
     if task == "binary":
         if len(class_names) != 2:
             raise ClassCountError(
-                f"The binary task needs exactly 2 class folders; {root} has {len(class_names)}: "
+                f"The binary task needs exactly 2 {'classes' if root.is_file() else 'class folders'}; "
+                f"{root} has {len(class_names)}: "
                 f"{list(class_names)}. Use --task multilabel for more labels.", root, class_names
             )
         return class_names

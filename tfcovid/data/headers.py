@@ -139,15 +139,30 @@ def quick_check(path) -> str | None:
         return reason
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
-        hint = f" ({_HINTS[suffix]})" if suffix in _HINTS else ""
-        return f"not an image file{hint}: tfcovid reads {', '.join(IMAGE_EXTENSIONS)} files"
+        return _not_image_name(path, suffix)
     try:
         head = _head(path)
     except Unusable as err:
         return str(err)
     if sniff(head) is None:
+        if suffix in DICOM_EXTENSIONS:  # the DICOM reader's words, not the other formats'
+            return (f"has a {suffix} name but is not a DICOM file (no 'DICM' marker at byte 128; "
+                    f"{what_it_is(head)})")
         return f"has a {suffix} name but is not a JPEG/PNG/BMP/GIF image ({what_it_is(head)})"
     return None
+
+
+def _not_image_name(path, suffix: str) -> str:
+    """Why a file named other than an image is left out; a DICOM file (many PACS exports have
+    no extension) is told to be renamed, since files are listed by their names."""
+    try:
+        dicom = is_dicom(read_bytes(path, HEAD_BYTES))
+    except OSError:
+        dicom = False
+    if dicom:
+        return f"a DICOM file without a .dcm name: rename it to {Path(path).stem}.dcm"
+    hint = f" ({_HINTS[suffix]})" if suffix in _HINTS else ""
+    return f"not an image file{hint}: tfcovid reads {', '.join(IMAGE_EXTENSIONS)} files"
 
 
 def _field(data: bytes, at: int, fmt: str = "<I") -> int:

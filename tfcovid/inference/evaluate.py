@@ -351,8 +351,8 @@ def format_result(result: dict) -> str:
                 f"sample F1 {_with_ci(r['f1'], ci.get('f1'), False)}, "
                 f"exact match {_pct(r['exact_match'])}, threshold {', '.join(f'{t:.4g}' for t in shown)}")
     lines = [f"{result['split']}: {plural(r['n'], 'image')}; {head}",
-             f"{'disease class':<16} {'sensitivity':>22} {'specificity':>22} {'F1':>21} {'ROC AUC':>21} "
-             f"{'PR AUC':>6} {'Brier':>6} {'ECE':>6} {'n':>6}"]
+             (f"{'disease class':<16} {'sensitivity':>22} {'specificity':>22} {'F1':>21} {'ROC AUC':>21} "
+              f"{'PR AUC':>6} {'Brier':>6} {'ECE':>6} {'positives':>9}")]
     for name, d in result["diseases"].items():
         shown = d.get("intervals") or {}
         lines.append(f"{name:<16} {_with_ci(d['sensitivity'], shown.get('sensitivity')):>22} "
@@ -360,5 +360,6 @@ def format_result(result: dict) -> str:
                      f"{_with_ci(d['f1'], shown.get('f1'), False):>21} "
                      f"{_with_ci(d['roc_auc'], shown.get('roc_auc'), False):>21} "
                      + " ".join(f"{'–' if d[k] is None else format(d[k], '.3f'):>6}"
-                                for k in ("average_precision", "brier", "ece")) + f" {d['support']:>6}")
-    return "\n".join([*lines, _uncertainty_note(r)])
+                                for k in ("average_precision", "brier", "ece")) + f" {d['support']:>9}")
+    notes = [f"note: {n}" for n in r.get("notes", [])]  # e.g. a figure undefined in this split
+    return "\n".join([*lines, _uncertainty_note(r), *notes])

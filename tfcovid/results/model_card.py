@@ -143,6 +143,7 @@ def _recipe(config: dict, summary: dict) -> list[str]:
         ("Precision", summary.get("precision", train.get("precision", "?"))),
         ("Seed", f"{train.get('seed', '?')}" + (", deterministic ops" if train.get("deterministic") else "")),
     ]
+    rows += _beyond_rows(train, summary)
     rows += [(f"`{key}`", value) for key, value in (("train.class_weight", train.get("class_weight")),
                                                      ("data.sampling", data.get("sampling"))) if value is not None]
     if summary.get("trainable_params") is not None:
@@ -151,6 +152,27 @@ def _recipe(config: dict, summary: dict) -> list[str]:
         took = f"{tables.format_duration(summary['train_seconds'])} ({summary.get('replicas', 1)} replica(s))"
         rows.append(("Training time", took))
     return ["## Recipe", "", *_table(["setting", "value"], rows), ""]
+
+
+def _beyond_rows(train: dict, summary: dict) -> list[tuple[str, str]]:
+    """Rows for the recipes beyond the study (docs/beyond.md) a run used: schedule, warm-up,
+    weight EMA, early stopping (metrics.json's outcome when it has one). None when all are off."""
+    rows = []
+    schedule, warmup = train.get("schedule", "constant"), train.get("warmup_epochs", 0) or 0
+    if schedule != "constant" or warmup:
+        what = {"cosine": "cosine to 0", "step": f"step: ×{train.get('step_gamma')} every "
+                f"{train.get('step_epochs')} epochs"}.get(schedule, "constant")
+        rows.append(("Learning-rate schedule", what + (f", after {warmup} warm-up epoch(s)" if warmup else "")))
+    if train.get("ema"):
+        rows.append(("Weight EMA", f"momentum {train['ema']} (the averaged weights are the model)"))
+    stop = summary.get("early_stopping")
+    if stop or train.get("early_stopping", "none") != "none":
+        stop = stop or {"metric": train.get("early_stopping"), "patience": train.get("patience")}
+        outcome = f"; {stop['reason']}" if stop.get("reason") else ""
+        restored = "; the best epoch's weights restored" if stop.get("restored_best") else ""
+        how = f"on {stop.get('metric')} (patience {stop.get('patience')})"
+        rows.append(("Early stopping", how + outcome + restored))
+    return rows
 
 
 def _operating_point(summary: dict) -> list[str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from tfcovid.config import Experiment
+from tfcovid.data import label_files
+from tfcovid.data.types import DataError
 from tfcovid.training import train
 from tfcovid.utils import atomic
 
@@ -22,6 +24,9 @@ SKIPPED = ("n", "positive_index", "threshold")  # numbers in a report that are n
 def run(exp: Experiment, folds: int, log=print) -> Path:
     """Train ``folds`` runs, fold 0 .. folds-1 as validation; return the folder holding them and
     ``cv.json``."""
+    if not label_files.is_label_file(exp.data.dir):  # checked before the cv folder is made
+        raise DataError(f"Cross-validation needs a label file with patient ids (the folds are made by "
+                        f"patient), not --data {exp.data.dir}. Pass --data FILE.csv (docs/own-data.md).")
     label = f"{exp.name}-cv{folds}" if exp.name else f"cv{folds}"
     folder = train.new_run_dir(dataclasses.replace(exp, name=label))
     runs = []

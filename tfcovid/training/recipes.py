@@ -82,7 +82,7 @@ def summary(metric: str, patience: int, stopped: int | None, best_epoch: int | N
            "stopped_epoch": None if stopped is None else stopped + 1,
            "best_epoch": None if best_epoch is None else best_epoch + 1,
            "best": None if best is None else float(best)}
-    out["reason"] = (f"{metric} did not improve for {patience} epochs after epoch {best_epoch + 1} "
+    out["reason"] = (f"{metric} did not improve for {plural(patience, 'epoch')} after epoch {best_epoch + 1} "
                      f"(best {float(best):.4g})" if stopped is not None else "ran every epoch")
     return out
 
