@@ -106,11 +106,11 @@ def _tiny(ema: float = 0.0):
     return model
 
 
-def _epochs(model, callbacks, values, first=0):
+def _epochs(model, callbacks, values, first=0, epochs=10):
     """Run callbacks over epochs whose validation F1 is ``values``; the kernel holds the epoch."""
     for cb in callbacks:
         cb.set_model(model)
-        cb.set_params({"epochs": 10})
+        cb.set_params({"epochs": epochs})
         cb.on_train_begin()
     for epoch, value in enumerate(values, start=first):
         for cb in callbacks:
@@ -165,6 +165,19 @@ def test_early_stopping_off_never_stops_and_ran_every_epoch_is_recorded(tmp_path
     got = recipes.results(exp, tmp_path)["early_stopping"]
     assert (got["stopped_early"], got["best_epoch"], got["reason"]) == (False, 1, "ran every epoch")
     assert recipes.results(config.Experiment(), tmp_path) == {}  # off: nothing in metrics.json
+
+
+def test_patience_running_out_at_the_last_epoch_is_not_an_early_stop(tmp_path):
+    """Keras's EarlyStopping stops on the last epoch too when patience runs out there; every
+    configured epoch ran, so metrics.json says so (and fit does not log an early stop)."""
+    exp = config.from_dict({"train": {"early_stopping": "val_f1", "patience": 1, "epochs": 2}})
+    state = run_state.RunState(tmp_path / "last", monitor="val_f1", mode="max")
+    _epochs(_tiny(), [recipes.EarlyStop(exp, state), state], [0.9, 0.1], epochs=2)
+    got = recipes.results(exp, tmp_path / "last")["early_stopping"]
+    assert (got["stopped_early"], got["stopped_epoch"], got["reason"]) == (False, None, "ran every epoch")
+    state = run_state.RunState(tmp_path / "earlier", monitor="val_f1", mode="max")  # one epoch sooner: a stop
+    assert _epochs(_tiny(), [recipes.EarlyStop(exp, state), state], [0.9, 0.1], epochs=3) == 1
+    assert recipes.results(exp, tmp_path / "earlier")["early_stopping"]["stopped_epoch"] == 2
 
 
 # ----------------------------------------------------------------------------- EMA

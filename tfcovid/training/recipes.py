@@ -71,7 +71,8 @@ class EarlyStop(keras.callbacks.EarlyStopping):
     def on_epoch_end(self, epoch, logs=None):
         before = self.model.stop_training  # another callback's stop (the NaN guard) is not ours
         super().on_epoch_end(epoch, logs)
-        if not before and self.model.stop_training and self.stopped_epoch == epoch:
+        last = epoch == self.params["epochs"] - 1  # patience out at the end: every epoch ran anyway
+        if not before and self.model.stop_training and self.stopped_epoch == epoch and not last:
             self.state.state["early_stopping"] = summary(self.monitor, self.patience, epoch, self.best_epoch,
                                                          self.best)
 
