@@ -170,6 +170,22 @@ def test_cv_summary_is_mean_and_sample_std():
     assert cv.describe(summary)[1] == "  validation: accuracy 0.700 ± 0.141, roc_auc 0.800 ± 0.141"
 
 
+def test_cv_leaves_a_folds_undefined_figure_out_of_its_mean():
+    """A test split without negatives stores specificity 0.0 with a note (results.scores): that
+    fold is left out of the specificity's mean instead of pulling it to 0."""
+    note = "no 'normal' images in this split: specificity is undefined (reported as 0.0)"
+    metrics = [{"splits": {"test": {"accuracy": a, "specificity": s, "sensitivity": 0.5, "recall": 0.5,
+                                    "notes": notes}}}
+               for a, s, notes in ((0.8, 0.0, [note]), (0.6, 0.9, []), (0.7, 0.7, []))]
+    test = cv.summarise(metrics)["test"]
+    assert test["specificity"]["values"] == [0.9, 0.7] and test["specificity"]["folds_used"] == 2
+    assert test["specificity"]["mean"] == pytest.approx(0.8) and "folds_used" not in test["accuracy"]
+    assert test["sensitivity"]["values"] == [0.5, 0.5, 0.5]  # defined in every fold
+    one = cv.summarise(metrics[:2])["test"]["specificity"]  # one fold left: no spread
+    assert one == {"mean": 0.9, "std": None, "values": [0.9], "folds_used": 1}
+    assert "specificity 0.900 (1 of the folds: undefined in the others)" in cv.describe(cv.summarise(metrics[:2]))[1]
+
+
 def test_cv_of_a_folder_tree_stops_before_making_its_folder(tmp_path):
     """cv needs patient ids: a folder tree (or the demo) is refused in one line, and no empty
     ``-cvK`` folder is left under --out (it was, after the first fold's run failed)."""

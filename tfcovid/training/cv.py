@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,16 @@ from tfcovid.training import train
 from tfcovid.utils import atomic
 
 SKIPPED = ("n", "positive_index", "threshold")  # numbers in a report that are not figures
+
+
+# A binary report stores an undefined sensitivity or specificity as 0.0 with a note
+# (results.scores): such a fold is left out of that figure's mean, not averaged in as 0.
+_UNDEFINED = re.compile(r": (sensitivity|specificity) is undefined")
+
+
+def _undefined(report: dict) -> set[str]:
+    found = {m.group(1) for note in report.get("notes", []) for m in [_UNDEFINED.search(note)] if m}
+    return found | ({"recall"} if "sensitivity" in found else set())
 
 
 def run(exp: Experiment, folds: int, log=print) -> Path:
@@ -55,10 +66,12 @@ def summarise(metrics: list[dict]) -> dict:
         for key, value in reports[0].items():
             if key in SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            values = [float(r[key]) for r in reports if isinstance(r.get(key), (int, float))]
-            if len(values) == len(reports):
-                figures[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
-                                "values": values}
+            values = [float(r[key]) for r in reports
+                      if isinstance(r.get(key), (int, float)) and key not in _undefined(r)]
+            if values:  # std: None from one fold; folds_used: fewer folds than all had it defined
+                figures[key] = {"mean": float(np.mean(values)),
+                                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                                "values": values, **({"folds_used": len(values)} if len(values) < len(reports) else {})}
         out[split] = figures
     return out
 
@@ -68,6 +81,11 @@ def describe(summary: dict) -> list[str]:
     lines = [f"Cross-validation over {summary['folds']} folds (mean ± standard deviation):"]
     for split in ("validation", "test"):
         if split in summary:
-            lines.append(f"  {split}: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}"
-                                                    for k, v in summary[split].items()))
+            lines.append(f"  {split}: " + ", ".join(_figure(k, v) for k, v in summary[split].items()))
     return lines
+
+
+def _figure(key: str, value: dict) -> str:
+    spread = "" if value["std"] is None else f" ± {value['std']:.3f}"
+    used = f" ({value['folds_used']} of the folds: undefined in the others)" if "folds_used" in value else ""
+    return f"{key} {value['mean']:.3f}{spread}{used}"
