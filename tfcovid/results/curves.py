@@ -58,12 +58,7 @@ def plot_pr(y_true, probs, task: str, names: Sequence[str], path: str | Path, po
             hit = score >= t
             ax.plot([hit[is_pos].mean()], [is_pos[hit].mean()], "o", ms=7, mfc="none", mew=1.8,
                     color=color, label=f"operating point {t:.3g}")
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (positive predictive value)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    unit_axes(ax, "recall (sensitivity)", "precision (positive predictive value)", "lower left")
     ax.set_title(title or "Precision-recall", fontsize=10)
     return save(fig, path)
 
@@ -86,15 +81,20 @@ def plot_reliability(y_true, probs, task: str, names: Sequence[str], path: str |
             true, pred = skc.calibration_curve(is_pos, s, n_bins=ECE_BINS, strategy="uniform")
             ax.plot(pred, true, style, color=color, ms=4, label=f"{label} (ECE {ece(is_pos, s):.3f})")
         ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfectly calibrated")
-        ax.set_xlabel("mean predicted probability")
-        ax.set_ylabel("fraction positive")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
+        unit_axes(ax, "mean predicted probability", "fraction positive", "upper left")
         ax.set_title(name, fontsize=9)
     fig.suptitle(title or "Reliability", fontsize=10)
     return save(fig, path)
+
+
+def unit_axes(ax, xlabel: str, ylabel: str, legend: str) -> None:
+    """The [0, 1] x [0, 1] axes of a ROC, PR or reliability plot: labels, limits, grid, legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend, fontsize=8)
 
 
 def save(fig, path) -> Path:

@@ -158,12 +158,8 @@ def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
         if t is not None:
             decision_curves.mark_roc(ax, truth, score, t, f"C{i}")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    decision_curves.unit_axes(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)",
+                              "lower right")
     ax.set_title(title or "ROC", fontsize=10)
     return _save(fig, path)
 
