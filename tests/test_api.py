@@ -145,7 +145,8 @@ def test_build_classifier_keeps_the_head_trainable_under_every_freeze():
 
 
 def test_build_classifier_errors_list_the_valid_choices():
-    with pytest.raises(ValueError, match=r"Unknown backbone 'vgg19'\. Valid backbones: resnet18, resnet50, vgg16\."):
+    with pytest.raises(ValueError, match=r"Unknown backbone 'vgg19'\. Valid backbones: convnext_tiny, densenet121, "
+                       r"efficientnetv2_b0, resnet18, resnet50, vgg16\."):
         tfcovid.build_classifier("vgg19")
     with pytest.raises(ValueError, match=r"Unknown task 'multiclass'\. Valid tasks: binary, multilabel\."):
         tfcovid.build_classifier(task="multiclass")

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from tfcovid import config
 from tfcovid.cli import main
 from tfcovid.config import schema
+from tfcovid.models import tta
 
 
 def test_help_says_not_for_clinical_use():
@@ -107,6 +108,9 @@ CHOICES = {
     ("fit", "--preprocessing"): schema.PREPROCESSING, ("fit", "--strategy"): schema.STRATEGIES,
     ("fit", "--task"): schema.TASKS, ("import-torch", "--task"): schema.TASKS,
     ("predict", "--task"): schema.TASKS,
+    ("fit", "--class-weight"): schema.CLASS_WEIGHTS, ("fit", "--sampling"): schema.SAMPLINGS,
+    ("bench", "--augment-on"): schema.AUGMENT_ON,
+    ("evaluate", "--tta"): tta.TTA, ("predict", "--tta"): tta.TTA,  # not config keys: the models' TTA
 }
 CHOICES.update({("cv", option): choices for (name, option), choices in list(CHOICES.items()) if name == "fit"})
 

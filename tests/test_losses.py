@@ -196,6 +196,7 @@ def test_config_round_trip():
         "from_logits": True,
         "alpha": 0.4,
         "gamma": 1.5,
+        "pos_weight": None,  # train.class_weight's per-label positive weights (tests/test_imbalance.py)
     }
     assert SigmoidFocalCrossEntropy.from_config(config).get_config() == config
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))

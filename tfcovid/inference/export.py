@@ -13,8 +13,7 @@ Both decode/resize exactly as ``tfcovid evaluate`` does (antialiased resize to S
 to uint8) and the model's own first layer normalises, so nothing outside the SavedModel needs
 to know the preprocessing. The label names are an asset (``assets/labels.txt``) read by a
 lookup table inside the graph. Every export is reloaded and compared with the in-memory model
-before it is reported as written. A run's model card (``MODEL_CARD.md``) is copied into the
-export folder of every format.
+before it is reported as written; a run's ``MODEL_CARD.md`` is copied into every export folder.
 
 TFLite and ONNX take float32 raw pixels (N, S, S, 3) in [0, 255], already resized to S x S,
 and return ``probabilities``; ``labels.txt`` is written beside them. They give ``predict``'s
