@@ -80,7 +80,7 @@ def plot_history(history_csv: str | Path, path: str | Path, title: str = "") -> 
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return decision_curves.save(fig, path)
 
 
 def _matrix_panel(ax, matrix, names, normalised: bool, title: str) -> None:
@@ -127,7 +127,7 @@ def confusion_figure(report: dict, task: str, title: str = ""):
 
 def plot_confusion(report: dict, task: str, path: str | Path, title: str = "") -> Path:
     """Write :func:`confusion_figure` to ``path`` (PNG)."""
-    return _save(confusion_figure(report, task, title), path)
+    return decision_curves.save(confusion_figure(report, task, title), path)
 
 
 def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
@@ -161,7 +161,7 @@ def plot_roc(y_true, probs, task: str, names: Sequence[str], path: str | Path,
     decision_curves.unit_axes(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)",
                               "lower right")
     ax.set_title(title or "ROC", fontsize=10)
-    return _save(fig, path)
+    return decision_curves.save(fig, path)
 
 
 def save_split_plots(out_dir: str | Path, split: str, report: dict, task: str, y_true, probs,
@@ -225,14 +225,6 @@ def figure_png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def image_grid_figure(images, captions: Sequence[str], columns: int = 4):
