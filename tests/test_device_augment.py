@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcovid.data import augment, batches, pipeline
+from tfcovid.data import augment, batches, pipeline, working
 from tfcovid.data.folders import scan
 from tfcovid.data.opencv import images as opencv_images
 from tfcovid.training import device_augment
@@ -124,9 +124,9 @@ def test_device_pipeline_carries_the_cpu_pipelines_plans(binary_tree):
     (views, labels), (x, device_labels) = cpu[0], device[0]
     np.testing.assert_array_equal(labels, device_labels)
     assert sorted(x) == sorted(device_augment.KEYS) and x["source"].dtype == tf.uint8
-    pad = batches.device_pad(pipeline.working_sizes(split, SIZE, 2.0), np.ones((len(split), 2), np.int32))
+    pad = batches.device_pad(working.working_sizes(split, SIZE, 2.0), np.ones((len(split), 2), np.int32))
     assert tuple(x["source"].shape[1:3]) == pad[:2]  # one shape for the split: one compiled step
-    levels = batches.max_shrink(pipeline.working_sizes(split, SIZE, 2.0), SIZE)
+    levels = batches.max_shrink(working.working_sizes(split, SIZE, 2.0), SIZE)
     ours = resample(x["source"], x["hw"], x["transform"], x["k"], SIZE, levels).numpy()
     plain = x["k"].numpy() == 1
     assert plain.any()

@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from tfcovid import config  # noqa: E402
 from tfcovid.cli import main  # noqa: E402
 from tfcovid.config.schema import HIGH_BIT  # noqa: E402
-from tfcovid.data import bounds, checks, decode, dicom, headers, highbit, pipeline  # noqa: E402
+from tfcovid.data import bounds, checks, decode, dicom, headers, highbit, working  # noqa: E402
 from tfcovid.data.opencv import images  # noqa: E402
 from tfcovid.inference import predict  # noqa: E402
 
@@ -319,7 +319,7 @@ def test_16_bit_png_scaled_by_the_bits_it_uses(largest, sbit, bits):
     np.testing.assert_array_equal(_decode(raw), expected)  # TensorFlow's decode
     np.testing.assert_array_equal(images.decode_png(raw, 1, 0), expected)  # OpenCV's
     # The train side's working resolution: OpenCV's halved decode = decode_base's.
-    np.testing.assert_array_equal(images.decode_png(raw, 1, 1), pipeline.decode_base(tf.constant(raw), 5).numpy())
+    np.testing.assert_array_equal(images.decode_png(raw, 1, 1), working.decode_base(tf.constant(raw), 5).numpy())
 
 
 def test_16_bit_png_rule_is_recorded_in_the_config(tmp_path):

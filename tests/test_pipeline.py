@@ -8,7 +8,8 @@ import tensorflow as tf
 from PIL import Image
 
 from tfcovid import config
-from tfcovid.data import cache, datasets, decode as data_decode, sizes, types, pipeline
+from tfcovid.data import cache, datasets, pipeline, sizes, types, working
+from tfcovid.data import decode as data_decode
 from tfcovid.data.opencv import images
 
 AUG = config.AugmentConfig()
@@ -45,28 +46,28 @@ def _bytes(path):
 
 def test_decode_base_jpeg_uses_dct_scaling(tmp_path):
     path = _write(tmp_path / "big.jpg", _smooth(1000, 1200), "JPEG")
-    image = pipeline.decode_base(_bytes(path), 200).numpy()
+    image = working.decode_base(_bytes(path), 200).numpy()
     assert image.shape == (250, 300, 1) and image.dtype == np.uint8  # 1/4 scale: 250 >= 200 > 125
     full = data_decode.decode_image(_bytes(path)).numpy().astype(np.float32)
     box = full.reshape(250, 4, 300, 4, 1).mean(axis=(1, 3))
     assert np.abs(image - box).mean() < 2  # libjpeg's scaled IDCT is a proper 4x downscale
-    np.testing.assert_array_equal(pipeline.decode_base(_bytes(path), None), data_decode.decode_image(_bytes(path)))
+    np.testing.assert_array_equal(working.decode_base(_bytes(path), None), data_decode.decode_image(_bytes(path)))
 
 
 def test_decode_base_png_box_average_and_never_upscales(tmp_path):
     rgb = _smooth(203, 161, 3)
     path = _write(tmp_path / "x.png", rgb)
-    image = pipeline.decode_base(_bytes(path), 40).numpy()
+    image = working.decode_base(_bytes(path), 40).numpy()
     assert image.shape == (50, 40, 3)  # 161 / 4 >= 40: halved twice, odd rows dropped
     expected = rgb[:200, :160].astype(np.float64).reshape(50, 4, 40, 4, 3).mean(axis=(1, 3))
     assert np.abs(image - expected).max() <= 1
-    small = pipeline.decode_base(_bytes(path), 400).numpy()
+    small = working.decode_base(_bytes(path), 400).numpy()
     np.testing.assert_array_equal(small, rgb)
 
 
 def test_working_side():
-    assert pipeline.working_side(224, 2.0) == 448
-    assert pipeline.working_side(224, 0) is None
+    assert working.working_side(224, 2.0) == 448
+    assert working.working_side(224, 0) is None
 
 
 @pytest.mark.parametrize("resampler", ["opencv", "tensorflow"])
@@ -86,7 +87,7 @@ def test_cache_holds_exactly_a_fresh_decode(mixed_split, mode, resampler, tmp_pa
     total = 0
     for i, path in enumerate(mixed_split.paths):
         found, cached = store.lookup(tf.constant(i, tf.int64))
-        fresh = pipeline.decode_base(_bytes(path), 64)
+        fresh = working.decode_base(_bytes(path), 64)
         assert bool(found)
         np.testing.assert_array_equal(cached.numpy(), fresh.numpy())
         total += cached.numpy().size
@@ -189,16 +190,16 @@ def test_unlabeled_split_and_disabled_augmentation(mixed_split):
 
 def test_file_plan_sizes_and_decoders_match_decode_base(mixed_split, tmp_path):
     # Mixed formats: sizes from the headers equal the decoded working sizes; general decoder.
-    shapes, decode, _ = pipeline._file_plan(mixed_split.paths, 64)
+    shapes, decode, _ = working.file_plan(mixed_split.paths, 64)
     for path, shape in zip(mixed_split.paths, shapes):
-        expected = pipeline.decode_base(_bytes(path), 64)
+        expected = working.decode_base(_bytes(path), 64)
         assert tuple(shape) == tuple(expected.shape[:2])
         np.testing.assert_array_equal(decode(_bytes(path)), expected)
     # One kind of JPEG (grey, 1/4 scale here): a single decode_jpeg, the same pixels.
     same = [_write(tmp_path / f"g{i}.jpg", _smooth(1000, 1200 - 8 * i, seed=i), "JPEG") for i in range(2)]
-    shapes, decode, _ = pipeline._file_plan(same, 200)
+    shapes, decode, _ = working.file_plan(same, 200)
     for path, shape in zip(same, shapes):
-        expected = pipeline.decode_base(_bytes(path), 200)
+        expected = working.decode_base(_bytes(path), 200)
         assert tuple(shape) == tuple(expected.shape[:2]) and expected.shape[0] == 250
         np.testing.assert_array_equal(decode(_bytes(path)), expected)
     # Powers of two exactly at the limit: halved while the shorter side stays >= min_side.
@@ -223,8 +224,8 @@ def test_header_sizes_are_only_a_shortcut(mixed_split, monkeypatch):
         head = real(path)
         return None if path.endswith(".png") else head._replace(height=head.height + 64)
 
-    monkeypatch.setattr(pipeline, "header", lying)
-    shapes, _, _ = pipeline._file_plan(mixed_split.paths, 64)
+    monkeypatch.setattr(working, "header", lying)
+    shapes, _, _ = working.file_plan(mixed_split.paths, 64)
     assert (shapes[[2, 3, 5]] == -1).all()  # the PNGs: unknown
     np.testing.assert_array_equal(epoch(), truth)
 
@@ -264,7 +265,7 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
     split = dataclasses.replace(mixed_split, dir=str(tmp_path), paths=tuple(map(str, copies)))
     real = sizes.header
     # The first file's header is wrong: the store's true size must replace it in later plans.
-    monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=999) if p == split.paths[0] else real(p))
+    monkeypatch.setattr(working, "header", lambda p: real(p)._replace(height=999) if p == split.paths[0] else real(p))
 
     def uncached(e):  # (images, labels) of epoch e without a cache
         epoch = tf.Variable(e, dtype=tf.int64)
@@ -281,7 +282,7 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
     assert isinstance(store, cache.ArrayStore)
     # As if an interrupted first pass had stored two images: this epoch decodes the others.
     for i in (1, 3):
-        store.put(i, pipeline.decode_base(_bytes(split.paths[i]), 64).numpy())
+        store.put(i, working.decode_base(_bytes(split.paths[i]), 64).numpy())
     assert np.flatnonzero(store.state()[0]).tolist() == [1, 3]
     for e in range(3):
         if e == 2:  # everything is stored now: the files are not needed any more
@@ -293,7 +294,7 @@ def test_later_epochs_read_the_array_store_and_equal_fresh_decodes(mixed_split, 
         np.testing.assert_array_equal(np.concatenate([y for _, y in got]), truth[e][1])
     assert store.count() == len(split)
     for i, path in enumerate(mixed_split.paths):
-        np.testing.assert_array_equal(store.get(i), pipeline.decode_base(_bytes(path), 64).numpy())
+        np.testing.assert_array_equal(store.get(i), working.decode_base(_bytes(path), 64).numpy())
     assert store.state()[1][0].tolist() == list(store.get(0).shape[:2])  # not the header's
     assert store.nbytes() == sum(store.get(i).nbytes for i in range(len(split))) + cache._OVERHEAD * len(split)
     assert "6 images" in store.describe() and "in memory" in store.describe()
@@ -321,7 +322,7 @@ def test_opencv_jpeg_decode_is_tensorflows_exact_decode(tmp_path, channels, opti
         theirs = tf.io.decode_jpeg(data, channels=channels, ratio=2**halvings, dct_method="INTEGER_ACCURATE")
         assert ours.shape == (-(-301 // 2**halvings), -(-403 // 2**halvings), channels)
         np.testing.assert_array_equal(ours, theirs.numpy())
-    np.testing.assert_array_equal(images.decode_jpeg(data, channels, 1), pipeline.decode_base(tf.constant(data), 150))
+    np.testing.assert_array_equal(images.decode_jpeg(data, channels, 1), working.decode_base(tf.constant(data), 150))
     assert images.decode_jpeg(data[: len(data) // 2], channels, 1) is None
 
 
@@ -354,7 +355,7 @@ def test_all_jpeg_split_opencv_path_matches_tensorflow_and_its_cache(jpeg_split,
     from tfcovid.data import augment
     from tfcovid.data.opencv import images
 
-    assert (pipeline._file_plan(jpeg_split.paths, 64)[2][:, 0] > 0).all()  # all OpenCV-decodable
+    assert (working.file_plan(jpeg_split.paths, 64)[2][:, 0] > 0).all()  # all OpenCV-decodable
     decoded = []
     real_decode = images.decode_jpeg  # decode_file's decoder (augment.decode_file is cvops's)
     monkeypatch.setattr(images, "decode_jpeg", lambda *a: decoded.append(1) or real_decode(*a))
@@ -386,15 +387,15 @@ def test_opencv_path_wrong_header_and_broken_file(jpeg_split, monkeypatch):
     TensorFlow, same batches. A file that cannot be decoded is named in the error."""
     truth = _epochs(jpeg_split, 1, "memory")
     real = sizes.header
-    monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
+    monkeypatch.setattr(working, "header", lambda p: real(p)._replace(height=real(p).height * 2))
     shapes = []
     real_decode = images.decode_jpeg
     monkeypatch.setattr(images, "decode_jpeg", lambda *a: shapes.append(real_decode(*a).shape) or real_decode(*a))
     again = _epochs(jpeg_split, 1, "memory")
-    planned = pipeline._file_plan(jpeg_split.paths, 64)[0]
+    planned = working.file_plan(jpeg_split.paths, 64)[0]
     assert any(tuple(s[:2]) != tuple(p) for s, p in zip(shapes, planned))  # the fallback ran
     np.testing.assert_array_equal(again[0][0], truth[0][0])
-    monkeypatch.setattr(pipeline, "header", real)
+    monkeypatch.setattr(working, "header", real)
     monkeypatch.setattr(images, "decode_jpeg", real_decode)
     broken = jpeg_split.paths[3]
     with open(broken, "r+b") as f:
@@ -425,17 +426,17 @@ def test_halve_is_avg_pool():
     for shape in [(7, 9, 1), (10, 6, 3), (2, 2, 1), (33, 65, 3)]:
         x = tf.constant(rng.integers(0, 256, shape).astype(np.float32))
         pooled = tf.nn.avg_pool2d(x[None], 2, 2, "VALID")
-        np.testing.assert_array_equal(pipeline._halve(x).numpy(), pooled[0].numpy())
+        np.testing.assert_array_equal(working._halve(x).numpy(), pooled[0].numpy())
         if min(shape[:2]) >= 4:
             twice = tf.nn.avg_pool2d(pooled, 2, 2, "VALID")[0]
-            np.testing.assert_array_equal(pipeline._halve(pipeline._halve(x)).numpy(), twice.numpy())
+            np.testing.assert_array_equal(working._halve(working._halve(x)).numpy(), twice.numpy())
 
 
 def _halved(path, halvings):
     """decode_image, then decode_base's 2 x 2 box average ``halvings`` times, rounded once."""
     x = tf.cast(data_decode.decode_image(_bytes(path)), tf.float32)
     for _ in range(halvings):
-        x = pipeline._halve(x)
+        x = working._halve(x)
     return tf.cast(tf.round(x), tf.uint8).numpy()
 
 
@@ -454,7 +455,7 @@ def test_opencv_png_decode_is_decode_bases_box_average(tmp_path, channels):
         assert ours.shape == (301 // 2**halvings, 403 // 2**halvings, channels)
         np.testing.assert_array_equal(ours, _halved(path, halvings))
     # decode_base halves while the shorter side stays >= min_side: twice for 301 at 75.
-    np.testing.assert_array_equal(images.decode_png(raw, channels, 2), pipeline.decode_base(_bytes(path), 75))
+    np.testing.assert_array_equal(images.decode_png(raw, channels, 2), working.decode_base(_bytes(path), 75))
     assert images.decode_png(raw[: len(raw) // 2], channels, 1) is None
     assert images.decode_png(raw, 4 - channels, 0) is None  # the header says otherwise
     # 16 bits per sample (the high byte, as TensorFlow's decode), and alpha (dropped).
@@ -525,7 +526,7 @@ def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
     from tfcovid.data import augment
     from tfcovid.data.opencv import images
 
-    readable = pipeline._file_plan(formats_split.paths, 64)[2]
+    readable = working.file_plan(formats_split.paths, 64)[2]
     assert (readable[:, 0] > 0).tolist() == [True] * 8 + [False] * 2
     assert readable[5].tolist() == [3, 2]  # RGB PNG, shorter side 280 >= 4 * 64: halved twice
     decoded = []
@@ -539,7 +540,7 @@ def test_every_file_kind_on_the_opencv_path(formats_split, monkeypatch):
     channels = [store.get(i).shape[-1] for i in range(10)]
     assert channels == [1, 3, 1, 1, 3, 1, 1, 3, 3, 1]
     for i, path in enumerate(formats_split.paths):
-        expected = pipeline.decode_base(_bytes(path), 64).numpy()
+        expected = working.decode_base(_bytes(path), 64).numpy()
         np.testing.assert_array_equal(store.get(i), expected[..., : channels[i]])
         if channels[i] == 1 and expected.shape[-1] == 3:  # lossless: the channels were equal
             assert (expected == expected[..., :1]).all()
@@ -586,7 +587,7 @@ def test_png_bit_depth_decides_the_decoder(tmp_path):
     grey8 = _write(tmp_path / "g8.png", _smooth(6, 8))
     heads = [sizes.header(p) for p in (grey4, rgb16, grey8)]
     assert [(h.mode, h.depth) for h in heads] == [("L", 4), ("RGB", 16), ("L", 8)]
-    readable = pipeline._file_plan([grey4, rgb16, grey8], 2)[2]
+    readable = working.file_plan([grey4, rgb16, grey8], 2)[2]
     assert readable[:, 0].tolist() == [0, 3, 1]
     from tfcovid.data.opencv import images
 
@@ -660,13 +661,13 @@ def test_resample_processes_wrong_header_broken_file_and_a_dead_worker(jpeg_spli
     assert process_pool.available()  # Linux with OpenCV, a dependency: what this project runs on
     truth = _epochs(jpeg_split, 2, "memory")
     real = sizes.header
-    monkeypatch.setattr(pipeline, "header", lambda p: real(p)._replace(height=real(p).height * 2))
+    monkeypatch.setattr(working, "header", lambda p: real(p)._replace(height=real(p).height * 2))
     policy = cache.Cache("memory", processes=2)
     again = _epochs(jpeg_split, 2, policy=policy)
     for (x, y), (x2, y2) in zip(again, truth):
         np.testing.assert_array_equal(x, x2)
     policy.stores[0].close()
-    monkeypatch.setattr(pipeline, "header", real)
+    monkeypatch.setattr(working, "header", real)
     broken = jpeg_split.paths[3]
     with open(broken, "r+b") as f:
         f.truncate(os.path.getsize(broken) // 2)
@@ -715,8 +716,8 @@ def test_workers_that_cannot_start_leave_the_rows_to_threads(jpeg_split, tmp_pat
     import dataclasses
     import sys
 
-    from tfcovid.training import inputs
     from tfcovid.data.opencv import process_pool
+    from tfcovid.training import inputs
 
     truth = _epochs(jpeg_split, 2, "disk")
 

@@ -13,7 +13,7 @@ from fake_run import make_run, reference_probs
 from PIL import Image
 
 from tfcovid.cli import main
-from tfcovid.data import bounds, checks, decode, headers, pipeline, tiff
+from tfcovid.data import bounds, checks, decode, headers, tiff, working
 from tfcovid.inference import predict
 
 COMPRESSIONS = [None, "tiff_lzw", "tiff_adobe_deflate"]
@@ -87,8 +87,8 @@ def test_16_bit_tiff_scaled_like_the_same_16_bit_png(compression, largest):
     for got in _all_paths(raw):
         np.testing.assert_array_equal(got, png)
     # The train side's working resolution (halved once) as for the PNG.
-    np.testing.assert_array_equal(pipeline.decode_base(tf.constant(raw), 5).numpy(),
-                                  pipeline.decode_base(tf.constant(_png(pixels)), 5).numpy())
+    np.testing.assert_array_equal(working.decode_base(tf.constant(raw), 5).numpy(),
+                                  working.decode_base(tf.constant(_png(pixels)), 5).numpy())
 
 
 def test_bits_per_sample_12_counts_like_sbit():
@@ -205,5 +205,5 @@ def test_train_plan_sizes_a_tiff_from_its_header(tmp_path):
     with data.tiff, as decode_base above."""
     path = tmp_path / "x.tif"
     path.write_bytes(_tiff(np.zeros((40, 36), np.uint16), "tiff_lzw"))
-    shapes, _, readable = pipeline._file_plan([str(path)], 16)
+    shapes, _, readable = working.file_plan([str(path)], 16)
     assert shapes[0].tolist() == [20, 18] and readable[0].tolist() == [0, 0]

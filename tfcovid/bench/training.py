@@ -12,7 +12,7 @@ from tfcovid.bench.files import as_split
 from tfcovid.bench.flops import model_flops
 from tfcovid.bench.pipeline import processes_fields
 from tfcovid.bench.timing import machine, median_rate, timed_pass
-from tfcovid.data import augment, batches, datasets, pipeline
+from tfcovid.data import augment, batches, datasets, working
 from tfcovid.data import cache as data_cache
 from tfcovid.models import apply_freeze, build_model, get_backbone, is_head_layer
 from tfcovid.training import compile, device_augment, devices
@@ -129,7 +129,7 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
     fill_s = timed_pass(pipe)
     log(f"  cache filled in {fill_s:.1f} s ({policy.usage()}); {line}")
     if where == "device":
-        levels = batches.max_shrink(pipeline.working_sizes(split, size, decode_scale), size)
+        levels = batches.max_shrink(working.working_sizes(split, size, decode_scale), size)
         with devices.dtype_policy(precision):
             trainer = device_augment.DeviceTrainer(model, size, levels)
             compile.compile_model(trainer, exp, 0, optimizer=model.optimizer)

@@ -2,7 +2,7 @@
 
 Decoding an X-ray costs more CPU than everything else the train pipeline does to it
 (docs/performance.md), and it gives the same pixels every epoch. So the first epoch
-decodes each image once, at a bounded resolution (see ``pipeline.decode_base``), and stores
+decodes each image once, at a bounded resolution (see ``working.decode_base``), and stores
 it here; later epochs read it back instead of decoding.
 
 The store is random access by image index, so every epoch is still a full reshuffle of the

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from tfcovid.data import augment, decode, pipeline
+from tfcovid.data import augment, decode, pipeline, working
 from tfcovid.data.cache import as_cache
 from tfcovid.data.opencv import images as opencv_images
 from tfcovid.data.opencv.process_pool import WorkerStore
@@ -139,10 +139,10 @@ def _load(s: _Loading, index, serialized):
 
 def train_decode(encoded):
     """``data.decode_image`` with libjpeg's exact IDCT for JPEGs, as the train side decodes
-    them everywhere (``pipeline.decode_base``): OpenCV's pixels, so both resamplers' paths
+    them everywhere (``working.decode_base``): OpenCV's pixels, so both resamplers' paths
     start from the same image."""
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), opencv_images.JPEG_MAGIC)
-    return tf.cond(is_jpeg, lambda: pipeline.exact_jpeg(encoded), lambda: decode.decode_image(encoded))
+    return tf.cond(is_jpeg, lambda: working.exact_jpeg(encoded), lambda: decode.decode_image(encoded))
 
 
 def encoded_shape(encoded):

@@ -2,7 +2,7 @@
 image has at its working resolution, and the cache size a split will take.
 
 The pipeline plans a whole epoch's augmentation from these sizes before any pixel is decoded
-(``pipeline._file_plan``); the cache policy picks memory or disk from the estimate.
+(``working.file_plan``); the cache policy picks memory or disk from the estimate.
 """
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ def header(path: str) -> Header | None:
 
 
 def halvings(short: int, min_side: int, jpeg: bool) -> int:
-    """How many times ``pipeline.decode_base`` halves an image whose shorter side is ``short``:
+    """How many times ``working.decode_base`` halves an image whose shorter side is ``short``:
     as often as the shorter side stays >= ``min_side`` (libjpeg: 1/8 at most)."""
     cap = 3 if jpeg else 30
     return sum(short >= min_side * 2**j for j in range(1, cap + 1))
 
 
 def working_shape(height: int, width: int, jpeg: bool, min_side: int | None) -> tuple[int, int]:
-    """(height, width) of a train image at its working resolution (mirrors ``pipeline.decode_base``)."""
+    """(height, width) of a train image at its working resolution (mirrors ``working.decode_base``)."""
     if not min_side:
         return height, width
     k = halvings(min(height, width), min_side, jpeg)
@@ -76,7 +76,7 @@ def working_shape(height: int, width: int, jpeg: bool, min_side: int | None) -> 
 
 def cached_pixels(height: int, width: int, channels: int, jpeg: bool, image_size: int,
                   min_side: int | None, training: bool) -> int:
-    """Bytes of pixels one image takes in the cache (mirrors ``pipeline.decode_base``)."""
+    """Bytes of pixels one image takes in the cache (mirrors ``working.decode_base``)."""
     if not training:
         return image_size * image_size * channels
     height, width = working_shape(height, width, jpeg, min_side)

@@ -20,10 +20,10 @@ from tfcovid.data import (
     demo,
     label_files,
     leakage,
-    pipeline,
     records,
     splits,
     types,
+    working,
 )
 from tfcovid.data import folders as data_folders
 from tfcovid.data.cache import Cache
@@ -132,7 +132,7 @@ def input_pipeline(exp: Experiment, run: Path, workers: int, log: Callable[[str]
         log(f"      {line}")
     elif exp.augment.enabled:
         log(f"      {line}; resampled with {augment.describe_resampler()}{_where_resampled(exp, cache)}")
-    levels = batches.max_shrink(pipeline.working_sizes(train, exp.data.image_size, exp.data.decode_scale),
+    levels = batches.max_shrink(working.working_sizes(train, exp.data.image_size, exp.data.decode_scale),
                                  exp.data.image_size) if augment_on == "device" else 1
     return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds, class_weight=weights,
                        augment_on=augment_on, augment_line=line, shrink_levels=levels)

@@ -3,7 +3,7 @@ the grey check, and the bilinear resample of a planned view.
 
 No TensorFlow here: ``tfcovid.data.opencv.process_pool`` runs these in processes of their own. The plans
 (``tfcovid.data.augment.plan``) and the TensorFlow equivalents (``augment.apply_uint8``,
-``pipeline.decode_base``) are elsewhere; ``tests/test_pipeline.py`` and
+``working.decode_base``) are elsewhere; ``tests/test_pipeline.py`` and
 ``tests/test_augment.py`` check that both sides give the same pixels.
 """
 from __future__ import annotations
@@ -185,7 +185,7 @@ def decode_png(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
     channels), RGB, or None for any other PNG (palette, 1-4 bits: TensorFlow's
     ``decode_base`` converts those) or a broken file.
 
-    The same pixels as ``pipeline.decode_base``: 16-bit samples are scaled by the bits they
+    The same pixels as ``working.decode_base``: 16-bit samples are scaled by the bits they
     use (``highbit``), as ``decode.decode_image`` scales them, alpha is dropped; its repeated 2 x 2 box average in float,
     with the odd last row or column dropped at each step, rounded once, is the mean of each
     2**h x 2**h block of the cropped image, which an area resize of the float image computes
@@ -234,7 +234,7 @@ def one_channel_if_gray(image: np.ndarray) -> np.ndarray:
 
 def decode_file(data: bytes, channels: int, halvings: int) -> np.ndarray | None:
     """A train file's working-resolution pixels with OpenCV (``decode_jpeg`` or ``decode_png``,
-    by the file's first bytes; the same pixels as ``pipeline.decode_base``), grey content kept
+    by the file's first bytes; the same pixels as ``working.decode_base``), grey content kept
     as one channel; None where OpenCV cannot give them."""
     if data[:3] == JPEG_MAGIC:
         image = decode_jpeg(data, channels, halvings)
