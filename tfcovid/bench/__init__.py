@@ -38,6 +38,7 @@ from tfcovid.bench.training import (
     time_alternating,
     time_training,
 )
+from tfcovid.config.schema import DataConfig
 from tfcovid.data import augment, types
 
 __all__ = [
@@ -54,7 +55,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
     """Run one benchmark (``tfcovid bench KIND``); images are generated when data_dir is None.
 
     ``options``: image_size, batch_size, backbone, precision, jit_compile, steps_per_execution,
-    freeze, steps, repeats, cache, budget_mb, decode_scale, processes, augment_on (fit), max_pixels (the
+    freeze, steps, repeats, cache, budget_mb, decode_scale, processes, augment_on and device_cache_mb (fit), max_pixels (the
     limit a --data folder's images are checked against; default fit's data.max_pixels).
     """
     if kind not in KINDS:
@@ -62,7 +63,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
     o = {"image_size": 224, "batch_size": 60, "backbone": "vgg16", "precision": "auto",
          "jit_compile": "auto", "steps_per_execution": 1, "freeze": "none", "steps": 10,
          "repeats": 3, "cache": "auto", "budget_mb": 2048, "decode_scale": 2.0, "processes": "auto",
-         "augment_on": "auto", **options}
+         "augment_on": "auto", "device_cache_mb": DataConfig.device_cache_mb, **options}
     exp = experiment(o["backbone"], o["image_size"], o["batch_size"], o["precision"],
                      o["jit_compile"], o["steps_per_execution"], o["freeze"])
     if kind == "model":
@@ -83,7 +84,7 @@ def run(kind: str, data_dir: str | None = None, images: int = 300, log=print, **
                 raise types.DataError(f"{len(paths)} images are fewer than one batch of {o['batch_size']}; "
                                      "use more images or a smaller --batch-size.")
             result = bench_fit(paths, exp, o["steps"], o["repeats"], o["cache"], o["budget_mb"],
-                               o["decode_scale"], log, o["processes"], o["augment_on"])
+                               o["decode_scale"], log, o["processes"], o["augment_on"], o["device_cache_mb"])
     return {**result, "data": source}
 
 

@@ -12,7 +12,7 @@ from tfcovid.bench.files import as_split
 from tfcovid.bench.flops import model_flops
 from tfcovid.bench.pipeline import processes_fields
 from tfcovid.bench.timing import machine, median_rate, timed_pass
-from tfcovid.data import augment, batches, datasets, working
+from tfcovid.data import augment, batches, datasets, resident, working
 from tfcovid.data import cache as data_cache
 from tfcovid.models import apply_freeze, build_model, get_backbone, is_head_layer
 from tfcovid.training import compile, device_augment, devices
@@ -113,25 +113,35 @@ def bench_model(exp: config.Experiment, steps: int = 10, repeats: int = 3, log=p
 
 def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats: int = 3,
               cache: str = "auto", budget_mb: float = 2048, decode_scale: float = 2.0,
-              log=print, processes: int | str = "auto", augment_on: str = "auto") -> dict:
+              log=print, processes: int | str = "auto", augment_on: str = "auto",
+              device_cache_mb: int = config.DataConfig.device_cache_mb) -> dict:
     """Training fed by the real train pipeline (cache filled first) against the model alone.
 
     ``augment_on`` (data.augment_on): on the device path the model trains through
     ``device_augment.DeviceTrainer`` and the two are timed one after the other (their batches
-    differ in kind, so they cannot alternate in one dataset); the model alone is the classifier."""
+    differ in kind, so they cannot alternate in one dataset); the model alone is the classifier.
+    There the images are resident on the device when they fit ``device_cache_mb``
+    (data.device_cache_mb), decoded once first instead of the cache fill."""
     model, precision = build(exp)
     size, batch = exp.data.image_size, exp.train.batch_size
     split = as_split(paths)
     where, line = device_augment.choose(augment_on, True, True, 1, augment.resampler() == "opencv")
     policy = data_cache.Cache(cache, budget_mb, processes=0 if where == "device" else processes)
-    pipe = datasets.dataset(split, size, batch, training=True, aug=exp.augment,
-                            cache=policy, decode_scale=decode_scale, drop_remainder=True, augment_on=where)
-    fill_s = timed_pass(pipe)
-    log(f"  cache filled in {fill_s:.1f} s ({policy.usage()}); {line}")
+    held, planned = None, resident.planned_bytes(split, size, decode_scale) if where == "device" else 0
+    started = time.perf_counter()
+    if where == "device" and resident.fits(planned, device_cache_mb):
+        held = resident.decode_all(split, size, decode_scale)
+    pipe = datasets.dataset(split, size, batch, training=True, aug=exp.augment, cache=policy,
+                            decode_scale=decode_scale, drop_remainder=True,
+                            augment_on="resident" if held else where, sizes=held.hw if held else None)
+    fill_s = time.perf_counter() - started if held else timed_pass(pipe)
+    if where == "device":
+        line = f"{line}; {resident.describe(held.nbytes if held else planned, device_cache_mb)}"
+    log(f"  {'decoded for the device' if held else 'cache filled'} in {fill_s:.1f} s ({policy.usage()}); {line}")
     if where == "device":
         levels = batches.max_shrink(working.working_sizes(split, size, decode_scale), size)
         with devices.dtype_policy(precision):
-            trainer = device_augment.DeviceTrainer(model, size, levels)
+            trainer = device_augment.DeviceTrainer(model, size, levels, held)
             compile.compile_model(trainer, exp, 0, optimizer=model.optimizer)
         log(f"  model alone, then fed by the pipeline: {repeats} x {steps} steps each after a warm-up")
         alone = time_training(trainer, random_batches(size, batch), steps, repeats)

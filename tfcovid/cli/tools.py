@@ -11,8 +11,8 @@ import click
 
 from tfcovid.cli.common import fail, names, tensorflow, user_errors
 from tfcovid.config.checks import resample_processes
-from tfcovid.config.schema import (AUGMENT_ON, BACKBONES, CACHES, JIT_COMPILE, PRECISIONS, TASKS, ConfigError,
-                                   Experiment)
+from tfcovid.config.schema import (AUGMENT_ON, BACKBONES, CACHES, JIT_COMPILE, MAX_DEVICE_CACHE_MB, PRECISIONS,
+                                   TASKS, ConfigError, Experiment)
 
 # The backbones of the study's PyTorch code: torchvision layouts that import-torch maps.
 TORCH_BACKBONES = ("vgg16", "resnet18")
@@ -113,6 +113,9 @@ _DATA = Experiment().data
                    "with 8 or more cores, else threads.")
 @click.option("--augment-on", type=click.Choice(AUGMENT_ON), default=_DATA.augment_on, show_default=True,
               help="fit: where the augmentation resamples (data.augment_on); auto: the device on a GPU/TPU.")
+@click.option("--device-cache-mb", type=click.IntRange(0, MAX_DEVICE_CACHE_MB), default=_DATA.device_cache_mb,
+              show_default=True, help="fit on the device path: the train images stay on the device up "
+                                      "to this many MB (data.device_cache_mb); 0: streamed in batches.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=_DATA.max_pixels, show_default=True,
               help="Refuse --data images larger than this (data.max_pixels), before decoding them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")

@@ -21,6 +21,7 @@ from tfcovid.config.schema import (
     HIGH_BIT,
     JIT_COMPILE,
     LOSSES,
+    MAX_DEVICE_CACHE_MB,
     MAX_FOLDS,
     MAX_SEED,
     MIN_IMAGE_SIZE,
@@ -99,6 +100,9 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"Bad value for 'data.resample_processes': {shown(d.resample_processes)}. Use auto "
                           "(worker processes on hosts with 8 or more cores, threads below), 0 (threads) "
                           "or a number of worker processes.") from None
+    if not 0 <= d.device_cache_mb <= MAX_DEVICE_CACHE_MB:
+        raise ConfigError(f"Bad value for 'data.device_cache_mb': {d.device_cache_mb}. Use 0 (stream "
+                          f"every batch to the device) to {MAX_DEVICE_CACHE_MB:,} MB.")
     if d.decode_scale != 0 and d.decode_scale < 1:
         raise ConfigError(f"Bad value for 'data.decode_scale': {d.decode_scale}. Use 0 (full resolution) "
                           "or at least 1 (shorter side >= decode_scale x image_size).")

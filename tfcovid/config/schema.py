@@ -49,6 +49,7 @@ CACHES = ("auto", "memory", "disk", "none")
 SPLIT_MODES = ("patient", "given")
 
 
+MAX_DEVICE_CACHE_MB = 1 << 20  # data.device_cache_mb: 1 TiB, above any single accelerator's memory
 MAX_FOLDS = 20  # data.folds: more folds than this leave validation splits too small to mean much
 
 
@@ -174,6 +175,10 @@ class DataConfig:
     # Where the train augmentation resamples: cpu (OpenCV, in tf.data), device (the planned affine
     # maps applied inside the compiled train step; docs/performance.md), or auto (device on a GPU/TPU).
     augment_on: str = "auto"
+    # On the device path: the decoded train images (uint8, padded to one shape) stay in the
+    # accelerator's memory when they take at most this many MB; above it, or at 0, they are
+    # streamed in uint8 batches (docs/performance.md).
+    device_cache_mb: int = 8192
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ def dataset(
     readers: int = 1,
     balanced: str | None = None,
     augment_on: str = "cpu",
+    sizes=None,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -50,7 +51,8 @@ def dataset(
         balanced: training only: the task ("binary" or "multilabel") whose groups each epoch
             draws equally from (``data.sampling: balanced``, tfcovid.data.sampling); None: natural.
         augment_on: "cpu", or "device" for an ImageFolder split (see ``pipeline.dataset``);
-            prepared TFRecord splits are always augmented on the CPU.
+            prepared TFRecord splits are always augmented on the CPU. "resident": the device
+            holds the decoded images (``tfcovid.data.resident``), whose (height, width) are ``sizes``.
     """
     if balanced:
         sampling.refuse_records(split, "balanced")
@@ -60,4 +62,5 @@ def dataset(
 
     return pipeline.dataset(split, image_size, batch_size, training, aug, seed, drop_remainder,
                             cache, decode_scale, epoch, deterministic,
-                            sampling.groups(split, balanced) if balanced and training else None, augment_on)
+                            sampling.groups(split, balanced) if balanced and training else None, augment_on,
+                            sizes)

@@ -59,6 +59,7 @@ class _Stages:
     readable: np.ndarray | None = None
     groups: np.ndarray | None = None  # data.sampling balanced: each image's group (data/sampling.py)
     device: bool = False  # data.augment_on device: batches of decoded images for the train step
+    resident: bool = False  # ... or of indices into the images the device holds (data.resident)
 
 
 def dataset(
@@ -75,6 +76,7 @@ def dataset(
     deterministic: bool = True,
     groups: np.ndarray | None = None,
     augment_on: str = "cpu",
+    sizes: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Build the tf.data pipeline for one split: (uint8 images (N, S, S, 3), labels).
 
@@ -100,9 +102,14 @@ def dataset(
             (``sampling.groups``); None keeps the natural order (each image once per epoch).
         augment_on: "cpu" (OpenCV, in tf.data) or "device": train batches are the decoded
             images padded to one shape with their plans (``batches.gatherer``), resampled in
-            the train step by ``tfcovid.training.device_augment``. Needs OpenCV.
+            the train step by ``tfcovid.training.device_augment``. Needs OpenCV. "resident":
+            the images are on the device already (``resident.decode_all``): batches of their
+            indices and plans only, planned from ``sizes``, their decoded (height, width).
     """
     s = _stages(split, image_size, batch_size, training, aug, cache, decode_scale, augment_on)
+    if augment_on == "resident" and s.augmenting:
+        s = replace(s, shapes=np.asarray(sizes, np.int32).reshape(-1, 2), store=None, arrays=False,
+                    opencv_decodes=False, resident=True)
     if groups is not None:
         s = replace(s, groups=np.asarray(groups, np.int64))
     if training:
@@ -126,7 +133,7 @@ def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug,
     min_side = working_side(image_size, decode_scale) if augmenting else None
     # With OpenCV a whole batch is resampled in one call after batching.
     warp_batches = augmenting and augment.resampler() == "opencv"
-    device = warp_batches and augment_on == "device"  # the same batches, resampled in the step
+    device = warp_batches and augment_on in ("device", "resident")  # the same batches, resampled in the step
     planned = {}
     if augmenting:
         shapes, decode, readable = file_plan(split.paths, min_side)
@@ -139,7 +146,8 @@ def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug,
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting,
                                    gray_as_one=warp_batches or not augmenting)
         arrays = max(len(split), 1) if warp_batches else None
-        store = policy.store_for(split.name, estimated, arrays=arrays, workers=not device)
+        store = (None if augment_on == "resident" else
+                 policy.store_for(split.name, estimated, arrays=arrays, workers=not device))
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
     if policy is not None:  # worker processes started now (threads where they cannot start)
@@ -265,10 +273,19 @@ def _batch_of_plans(s: _Stages, indices, plans):
     return item if s.labels is None else (item, tf.gather(s.labels, indices))
 
 
+def _resident_batch(s: _Stages, indices, plans):
+    """A batch of (index, plan) as ``device_augment.DeviceAugment`` takes it with resident images."""
+    _, transforms, shrink, _, _, _ = tf.split(plans, _PLAN, axis=1)
+    x = {"index": tf.cast(indices, tf.int32), "transform": transforms, "k": tf.cast(shrink[:, 0], tf.int32)}
+    return x if s.labels is None else (x, tf.gather(s.labels, indices))
+
+
 def _batched(s: _Stages, ds: tf.data.Dataset, batch_size: int, drop_remainder: bool,
              in_order: bool) -> tf.data.Dataset:
     """(index, plan) elements to batches of images: per-image map then batch, or with OpenCV
     batch then resample (``batches.resampler``)."""
+    if s.resident:  # the device holds the pixels: each image's index and plan
+        return ds.batch(batch_size, drop_remainder=drop_remainder).map(functools.partial(_resident_batch, s))
     store = s.store if s.arrays else None
     fallback = functools.partial(_fallback, s)
     if s.device:  # the same rows, padded to one shape for the device, not resampled here

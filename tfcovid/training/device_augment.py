@@ -8,6 +8,10 @@ transform and shrink factor. ``DeviceAugment`` resamples them with backend-agnos
 same anti-aliasing (a k x k box average first when the crop is k >= 2 times the output),
 rounded to uint8 values. ``DeviceTrainer`` puts it before the classifier for ``fit``; the
 classifier itself, what is saved and exported, never contains it.
+
+Resident (``data.device_cache_mb``): the split's decoded images (``data.resident``) are a
+non-trainable uint8 variable of ``DeviceAugment``, put on the device once; a batch is then
+each image's index, transform and shrink factor, and the layer gathers its images itself.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from keras import ops
 from tfcovid.training import devices
 from tfcovid.training.compile import compile_model
 
-KEYS = ("source", "hw", "transform", "k")  # a device batch's inputs (data.batches.gatherer)
+KEYS = ("source", "hw", "transform", "k")  # a streamed device batch's inputs (data.batches.gatherer)
+RESIDENT_KEYS = ("index", "transform", "k")  # a resident one's (data.pipeline, augment_on resident)
 
 
 def _levels(x, levels: int):
@@ -88,17 +93,31 @@ def resample(source, hw, transform, k, size: int, levels: int = 1):
 
 @keras.saving.register_keras_serializable(package="tfcovid")
 class DeviceAugment(keras.layers.Layer):
-    """``resample`` as a layer: a device batch (a dict of ``KEYS``) in, views (B, S, S, 3) out."""
+    """``resample`` as a layer: a device batch (a dict of ``KEYS``, or of ``RESIDENT_KEYS`` when
+    built with ``resident`` images) in, views (B, S, S, 3) out."""
 
-    def __init__(self, size: int, levels: int = 1, **kwargs):
+    def __init__(self, size: int, levels: int = 1, resident=None, **kwargs):
         super().__init__(**{"dtype": "float32", **kwargs})
         self.size, self.levels = int(size), max(int(levels), 1)
+        self.images = self.sizes = None
+        if resident is not None:  # the values themselves as initializers: one copy to the device
+            self.images = self.add_weight(shape=resident.images.shape, dtype="uint8", trainable=False,
+                                          initializer=lambda shape, dtype=None: resident.images,
+                                          name="resident_images")
+            self.sizes = self.add_weight(shape=resident.hw.shape, dtype="int32", trainable=False,
+                                         initializer=lambda shape, dtype=None: resident.hw,
+                                         name="resident_sizes")
 
     def call(self, inputs):
+        if "index" in inputs:
+            index = ops.cast(inputs["index"], "int32")
+            source, hw = ops.take(self.images, index, axis=0), ops.take(self.sizes, index, axis=0)
+            return resample(source, hw, inputs["transform"], inputs["k"], self.size, self.levels)
         return resample(*(inputs[key] for key in KEYS), self.size, self.levels)
 
     def compute_output_shape(self, input_shape):
-        return (input_shape["source"][0], self.size, self.size, 3)
+        first = input_shape["index" if "index" in input_shape else "source"][0]
+        return (first, self.size, self.size, 3)
 
     def get_config(self):
         return {**super().get_config(), "size": self.size, "levels": self.levels}
@@ -111,10 +130,10 @@ class DeviceTrainer(keras.Model):
     ``save_weights`` and ``load_weights`` act on the classifier, and the checkpoints, backups
     and exported models are the same as on the CPU path."""
 
-    def __init__(self, classifier: keras.Model, size: int, levels: int = 1, **kwargs):
+    def __init__(self, classifier: keras.Model, size: int, levels: int = 1, resident=None, **kwargs):
         super().__init__(name=f"{classifier.name}_device_augmented", dtype="float32", **kwargs)
         self.classifier = classifier
-        self.augment = DeviceAugment(size, levels, name="device_augment")
+        self.augment = DeviceAugment(size, levels, resident, name="device_augment")
 
     def build(self, input_shape=None):  # the classifier is built; the augmentation has no state
         self.built = True
@@ -140,7 +159,7 @@ def trainer_for(model: keras.Model, exp, data) -> keras.Model:
     its optimizer (so the checkpoints and backups save the state that trains)."""
     if data.augment_on != "device":
         return model
-    trainer = DeviceTrainer(model, exp.data.image_size, data.shrink_levels)
+    trainer = DeviceTrainer(model, exp.data.image_size, data.shrink_levels, data.resident)
     compile_model(trainer, exp, data.positive_index, class_weight=data.class_weight,
                   optimizer=model.optimizer)
     return trainer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ from tfcovid.data import (
     working,
 )
 from tfcovid.data import folders as data_folders
+from tfcovid.data import resident as resident_images
 from tfcovid.data.cache import Cache
 from tfcovid.data.folders import disease_class
 from tfcovid.data.opencv.process_pool import WorkerStore, usable_cores
@@ -47,6 +49,7 @@ class Inputs:
     augment_on: str = "cpu"  # "device": train batches are for device_augment.DeviceTrainer
     augment_line: str = ""  # where the augmentation runs, as logged and put in metrics.json
     shrink_levels: int = 1  # the device resampler's largest pre-shrink factor
+    resident: resident_images.Resident | None = None  # the train images the device holds, if it does
 
 
 def load_manifest(exp: Experiment, log=print, run_dir=None) -> types.Manifest:
@@ -118,11 +121,13 @@ def input_pipeline(exp: Experiment, run: Path, workers: int, log: Callable[[str]
     # The epoch about to run, set before each epoch: the train pipeline keys its shuffle and
     # augmentation on it, so a resumed run continues with the batches it would have seen.
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfcovid_epoch")
+    held, line = _resident(exp, train, augment_on, line, log)
     train_ds = datasets.dataset(train, exp.data.image_size, exp.train.batch_size,
                                 training=True, aug=exp.augment, seed=exp.train.seed, cache=cache,
                                 decode_scale=exp.data.decode_scale, epoch=epoch, readers=workers,
                                 balanced=exp.data.task if exp.data.sampling == "balanced" else None,
-                                augment_on=augment_on)
+                                augment_on="resident" if held else augment_on,
+                                sizes=held.hw if held else None)
     val_ds = datasets.dataset(manifest.splits["validation"], exp.data.image_size, exp.train.batch_size,
                               cache=cache)
     log(f"      {cache.describe()}")
@@ -135,7 +140,22 @@ def input_pipeline(exp: Experiment, run: Path, workers: int, log: Callable[[str]
     levels = batches.max_shrink(working.working_sizes(train, exp.data.image_size, exp.data.decode_scale),
                                  exp.data.image_size) if augment_on == "device" else 1
     return exp, Inputs(manifest, counts, positive_index, epoch, train_ds, val_ds, class_weight=weights,
-                       augment_on=augment_on, augment_line=line, shrink_levels=levels)
+                       augment_on=augment_on, augment_line=line, shrink_levels=levels, resident=held)
+
+
+def _resident(exp: Experiment, train, augment_on: str, line: str, log):
+    """On the device path, the train images decoded once for the device to hold when they fit
+    data.device_cache_mb (else None: streamed), and the augmentation line saying which."""
+    if augment_on != "device":
+        return None, line
+    d = exp.data
+    nbytes = resident_images.planned_bytes(train, d.image_size, d.decode_scale)
+    if not resident_images.fits(nbytes, d.device_cache_mb):
+        return None, f"{line}; {resident_images.describe(nbytes, d.device_cache_mb)}"
+    started = time.perf_counter()
+    held = resident_images.decode_all(train, d.image_size, d.decode_scale)
+    log(f"      decoded {len(train):,} train images once for the device in {time.perf_counter() - started:.1f} s")
+    return held, f"{line}; {resident_images.describe(held.nbytes, d.device_cache_mb)}"
 
 
 def resolve_class_weights(exp: Experiment, manifest: types.Manifest) -> tuple[float, ...] | None:
