@@ -9,7 +9,9 @@
 #      --train: torchvision VGG16 first7 and ResNet18, its DataLoader and transforms,
 #      num_workers = cores, batch 60), images/s and the Part 1 wall time, as ratios;
 #   5. what time is left: bench fit ResNet18 on today's CPU path (data.augment_on cpu, OpenCV
-#      with resample processes auto) and bench pipeline with threads and processes.
+#      with resample processes auto), on the device path with every batch streamed
+#      (data.device_cache_mb 0; steps 2 and 3 hold the images on the device, within its default
+#      8192 MB) and bench pipeline with threads and processes.
 #
 #   scripts/gpu_bench.sh [RESULTS_DIR]      (default: bench-results/)
 #
@@ -116,6 +118,9 @@ step "reference-resnet18" 60 python3 scripts/bench_reference.py "$work/part1" \
 step "fit-resnet18-$batch-cpu" 100 $tfcovid bench fit --data "$work/part1" --backbone resnet18 \
   --batch-size "$batch" --image-size "$size" --precision "$precision" --steps "$steps" --repeats 3 \
   --cache memory --cache-budget-mb 16384 --augment-on cpu --resample-processes auto --json
+step "fit-resnet18-$batch-device-streamed" 100 $tfcovid bench fit --data "$work/part1" --backbone resnet18 \
+  --batch-size "$batch" --image-size "$size" --precision "$precision" --steps "$steps" --repeats 3 \
+  --cache memory --cache-budget-mb 16384 --augment-on device --device-cache-mb 0 --json
 for p in 0 auto; do
   step "pipeline-procs$p" 45 $tfcovid bench pipeline --data "$work/sources" --resample-processes "$p" --json
 done
@@ -138,6 +143,9 @@ for name in ("resnet18", "vgg16"):
 cpu = load("fit-resnet18-256-cpu")
 if cpu:
     out["resnet18_cpu_path_ratio"] = cpu["ratio_to_model_only"]
+streamed = load("fit-resnet18-256-device-streamed")
+if streamed:
+    out["resnet18_device_streamed_ratio"] = streamed["ratio_to_model_only"]
 part1, ref = load(f"part1-vgg16-first7-{on}"), load("reference-vgg16-first7")
 if part1:
     out["part1_train_seconds"] = part1["train_seconds"]
