@@ -155,7 +155,8 @@ def _resident(exp: Experiment, train, augment_on: str, line: str, log):
     started = time.perf_counter()
     held = resident_images.decode_all(train, d.image_size, d.decode_scale)
     log(f"      decoded {len(train):,} train images once for the device in {time.perf_counter() - started:.1f} s")
-    return held, f"{line}; {resident_images.describe(held.nbytes, d.device_cache_mb)}"
+    said = f"{line}; {resident_images.describe(held.nbytes, d.device_cache_mb)}"
+    return (held if resident_images.fits(held.nbytes, d.device_cache_mb) else None), said  # headers may understate
 
 
 def resolve_class_weights(exp: Experiment, manifest: types.Manifest) -> tuple[float, ...] | None:
