@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 import tfcovid
@@ -198,6 +199,12 @@ def test_predict_takes_a_run_a_loaded_model_or_a_file_and_refuses_a_bare_model(e
         tfcovid.predict(ns["result"].model, one)
     with pytest.raises(ValueError, match=re.escape(f"found in {tmp_path}")):
         tfcovid.predict(run_dir, tmp_path)
+    # max_pixels as --max-pixels: the image's header is over it, so it is refused undecoded.
+    pixels = Image.open(one).width * Image.open(one).height
+    refused = tfcovid.predict(run_dir, one, max_pixels=pixels - 1)
+    assert refused.probs.shape[0] == 0 and [name for name, _ in refused.failed] == [str(one)]
+    assert f"larger than the limit of {pixels - 1:,} pixels (--max-pixels)" in refused.failed[0][1]
+    assert tfcovid.predict(run_dir, one, max_pixels=pixels).probs.shape == (1, 2)
 
 
 def test_evaluate_and_export_take_a_loaded_model_and_name_bad_choices(run_dir, tmp_path):
@@ -207,6 +214,8 @@ def test_evaluate_and_export_take_a_loaded_model_and_name_bad_choices(run_dir, t
     trained = tfcovid.load(run_dir)
     result = tfcovid.evaluate(trained, split="validation", out=tmp_path / "eval", log=None)
     assert result["report"]["n"] == 4 and (tmp_path / "eval" / "validation.json").is_file()
+    with pytest.raises(Exception, match=r"larger than the limit of 100 pixels \(--max-pixels\)"):
+        tfcovid.evaluate(run_dir, split="validation", out=tmp_path / "small", log=None, max_pixels=100)
     with pytest.raises(EvaluateError, match=r"Unknown split 'dev'\. Valid splits: train, validation, test\."):
         tfcovid.evaluate(run_dir, split="dev", log=None)
     with pytest.raises(ExportError, match=r"Unknown export format 'pb'\. Valid formats: saved_model, tflite, onnx\."):

@@ -233,7 +233,8 @@ def load_model(path: str | Path, compile: bool = True) -> keras.Model:
 
 
 def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: float | None = None,
-            checkpoint: str = "last", batch_size: int = 32, tta: str = "none") -> Predictions:
+            checkpoint: str = "last", batch_size: int = 32, tta: str = "none",
+            max_pixels: int | None = None) -> Predictions:
     """Predict image files and folders (walked recursively), as ``tfcovid predict`` does.
 
     Args:
@@ -245,6 +246,8 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
         checkpoint: "last" or "best", for a run directory.
         batch_size: images per forward pass.
         tta: "flip" averages each image's probabilities with its mirror image's (docs/beyond.md).
+        max_pixels: larger images are refused from their headers, before decoding, and listed
+            in ``.failed``; None: the run's ``data.max_pixels`` (``--max-pixels``).
 
     Returns:
         :class:`tfcovid.inference.predict.Predictions`: ``.names`` and ``.probs`` (one row per
@@ -266,7 +269,7 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
 
     inputs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     result = inference_predict.predict(_trained(model_or_run, checkpoint), inputs, threshold, batch_size,
-                                       tta=tta)
+                                       max_pixels=max_pixels, tta=tta)
     if not result.names and not result.failed:
         kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
         raise ValueError(f"No images ({kinds}) found in {', '.join(map(str, inputs))}.")
@@ -275,7 +278,7 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
 
 def evaluate(run, data: str | Path | None = None, split: str = "test", checkpoint: str = "last",
              out: str | Path | None = None, batch_size: int = 32, log: Callable[[str], Any] | None = print,
-             tta: str = "none") -> dict:
+             tta: str = "none", max_pixels: int | None = None) -> dict:
     """Recompute a trained model's metrics on one labeled split, as ``tfcovid evaluate`` does.
 
     Writes ``<split>.json``, ``<split>_predictions.csv`` and the split's plots to ``out``
@@ -292,6 +295,8 @@ def evaluate(run, data: str | Path | None = None, split: str = "test", checkpoin
         log: where progress lines go; None for silence.
         tta: "flip" averages each image's probabilities with its mirror image's; the files are
             then ``<split>-tta*`` (docs/beyond.md).
+        max_pixels: a larger image stops it before decoding, named (``--max-pixels``); None:
+            the run's ``data.max_pixels``.
 
     Returns:
         The dict written to ``<split>.json``: ``report`` (accuracy, F1, ...), ``diseases``
@@ -311,7 +316,7 @@ def evaluate(run, data: str | Path | None = None, split: str = "test", checkpoin
 
     target, checkpoint, task, labels = _target(run, checkpoint)
     return inference_evaluate.evaluate(target, data, split, out, checkpoint, batch_size, task, labels,
-                                       log=log or (lambda line: None), tta=tta)
+                                       log=log or (lambda line: None), max_pixels=max_pixels, tta=tta)
 
 
 def export(run, out: str | Path | None = None, format: str = "saved_model", checkpoint: str = "last",
