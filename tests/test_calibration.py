@@ -3,6 +3,7 @@ fixed logits (both tasks), the ECE against scikit-learn's calibration_curve, the
 temperature checked when a model is loaded, and train.calibrate's values."""
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -181,3 +182,29 @@ def test_report_names_a_calibrated_run_even_at_0_5():
     assert tables._operating_points([(Path("plain"), {}, plain)]) == []
     z = np.array([[0.3, -0.2], [-1.0, 2.0], [0.0, 0.0]])
     assert (probabilities(z, "binary", (0.3,))[:, 0] >= 0.5).tolist() == (probabilities(z, "binary")[:, 0] >= 0.5).tolist()
+
+
+def test_calibrate_refuses_a_run_a_fit_is_training_in(binary_tree, tmp_path):
+    """calibrate writes the run's checkpoint and metrics.json: while a fit holds the run's lock
+    it stops, naming the run and the process, and changes nothing; once free it calibrates."""
+    from click.testing import CliRunner
+    from fake_run import make_run
+
+    from tfcovid.cli import main
+    from tfcovid.utils import run_lock
+
+    run = make_run(tmp_path, binary_tree, "binary", bias=[0.3, -0.2])
+    before = (run / "checkpoints" / "last.keras").read_bytes()
+    held = run_lock.RunLock(run).acquire()  # as fit holds it while it trains
+    try:
+        done = CliRunner().invoke(main, ["calibrate", str(run), "--calibrate", "temperature"])
+    finally:
+        held.release()
+    assert done.exit_code == 1, done.output
+    assert f"{run} is in use: process {os.getpid()} is training in it. Wait for it to end" in done.output
+    assert "calibrate writes the checkpoint and metrics.json" in done.output and "Traceback" not in done.output
+    assert (run / "checkpoints" / "last.keras").read_bytes() == before
+    done = CliRunner().invoke(main, ["calibrate", str(run), "--calibrate", "temperature"])
+    assert done.exit_code == 0, done.output
+    assert "temperature" in metadata.read_embedded(run / "checkpoints" / "last.keras")["calibration"]["method"]
+    assert not (run / run_lock.LOCK_NAME).exists()  # released after

@@ -9,6 +9,7 @@ every split of metrics.json and redraws their confusion matrices at the new poin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -23,6 +24,7 @@ from tfcovid.results import (
     scores,
     uncertainty,
 )
+from tfcovid.utils import run_lock
 from tfcovid.utils.atomic import atomic_write_text
 from tfcovid.weights import metadata
 
@@ -41,6 +43,32 @@ def calibrate(run_or_model, spec: str | None = None, data=None, checkpoint: str 
         EvaluateError, metadata.ModelInfoError, data.DataError: as ``evaluate``.
     """
     trained = metadata.load(run_or_model, checkpoint, task, labels)
+    with _lock(trained.run_dir):
+        return _calibrate(trained, spec, data, batch_size, log, max_pixels, method)
+
+
+@contextlib.contextmanager
+def _lock(run_dir: Path | None):
+    """The run's training lock (utils.run_lock), held while calibrate writes its checkpoint,
+    metrics.json and plots: a fit training in it would overwrite them at its next epoch."""
+    if run_dir is None:
+        yield
+        return
+    lock = run_lock.RunLock(run_dir)
+    try:
+        lock.acquire()
+    except run_lock.RunLocked as err:
+        busy = str(err).split(";")[0]
+        raise evaluate.EvaluateError(f"{busy}; calibrate writes the checkpoint and metrics.json that it "
+                                     "rewrites at every epoch.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _calibrate(trained, spec, data, batch_size, log, max_pixels, method) -> dict:
+    """``calibrate`` on a loaded model, the run (if any) locked."""
     exp = evaluate.run_config(trained.run_dir)
     root = evaluate.data_root(data, exp, trained)
     _, validation = evaluate.scan_split(root, "validation", trained, exp, log, max_pixels)

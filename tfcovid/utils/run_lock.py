@@ -3,7 +3,8 @@
 ``fit`` holds an exclusive ``flock`` on ``RUN/.lock`` (which holds its PID) while it trains, so
 a second ``fit --resume`` of the same run cannot write the same temporary files and leave broken
 checkpoints. The kernel drops the lock when the holder exits, however it exits (SIGKILL, the
-OOM killer), so a killed run is never locked for good. Readers (evaluate, predict, export,
+OOM killer), so a killed run is never locked for good. ``calibrate``, which rewrites the run's
+checkpoint and metrics.json, takes it too. Readers (evaluate, predict, export,
 explain) take no lock. No TensorFlow.
 """
 from __future__ import annotations
