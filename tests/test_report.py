@@ -166,3 +166,27 @@ def test_the_test_split_is_called_unlabeled_only_when_it_is(runs):
     assert "The test split is labeled for `r8-resnet18-bce` (the study's" in part2
     assert "The other runs' test split is unlabeled: use `tfcovid predict" in part2
     assert unlabeled not in part2
+
+
+@pytest.mark.parametrize("early, cell", [
+    (None, "10"),  # no early stopping configured
+    ({"stopped_early": False, "stopped_epoch": None}, "10"),  # on, but every epoch ran
+    ({"stopped_early": True, "stopped_epoch": 4}, "4 of 10"),
+    ({"stopped_early": True, "stopped_epoch": 1}, "1 of 10"),
+])
+def test_the_epochs_column_says_when_early_stopping_ended_the_run(tmp_path, early, cell):
+    """metrics.json's epochs are the configured ones; a run early stopping ended shows the
+    epoch it stopped after, in the study's table and in the model card."""
+    from tfcovid.results import model_card
+
+    run = _write_run(tmp_path, "r-vgg16-all", "binary", "vgg16", "all", epochs=10,
+                     correct={"train": 8, "validation": 8, "test": 8})
+    summary = json.loads((run / "metrics.json").read_text())
+    if early is not None:
+        summary["early_stopping"] = early
+    (run / "metrics.json").write_text(json.dumps(summary))
+    assert tables.epochs_cell(summary) == cell
+    row = _table(tables.build_report([tmp_path])[0], "## Part 1")[1]
+    assert row.startswith(f"| VGG16 | all conv (head only) | {cell} | ")
+    model_card.write(run)
+    assert f"| Epochs | {cell} |" in (run / "MODEL_CARD.md").read_text()

@@ -137,7 +137,7 @@ def _recipe(config: dict, summary: dict) -> list[str]:
         ("Loss", loss),
         ("Optimizer", optimizer),
         ("Learning rate", train.get("lr", "?")),
-        ("Epochs", summary.get("epochs", train.get("epochs", "?"))),
+        ("Epochs", tables.epochs_cell(summary, train.get("epochs", "?"))),
         ("Batch size (global)", train.get("batch_size", "?")),
         ("Augmentation", augment),
         ("Precision", summary.get("precision", train.get("precision", "?"))),

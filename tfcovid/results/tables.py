@@ -41,6 +41,13 @@ def _cell(values) -> str:
     return "–" if values is None else values
 
 
+def epochs_cell(summary: dict, configured="?") -> str:
+    """The run's epochs: "10", or "4 of 10" when early stopping ended it after epoch 4."""
+    epochs = summary.get("epochs", configured)
+    early = summary.get("early_stopping") or {}
+    return f"{early['stopped_epoch']} of {epochs}" if early.get("stopped_early") else str(epochs)
+
+
 def table_row(config: dict, summary: dict) -> list[str]:
     """One row of the study's table for a finished run.
 
@@ -53,13 +60,13 @@ def table_row(config: dict, summary: dict) -> list[str]:
     time_cell = format_duration(summary["train_seconds"])
     if task == "binary":
         frozen = freeze_label(config["model"]["freeze"], config["model"]["backbone"])
-        cells = [backbone, frozen, str(summary["epochs"]), time_cell]
+        cells = [backbone, frozen, epochs_cell(summary), time_cell]
         for split in ("train", "validation", "test"):
             s = summary["splits"].get(split)
             cells.append(_cell(s and f"{s['accuracy'] * 100:.0f}/{s['f1']:.3f}"))
         return cells
     cells = [backbone, _LOSS_NAMES.get(config["train"]["loss"], config["train"]["loss"]),
-             str(summary["epochs"]), time_cell]
+             epochs_cell(summary), time_cell]
     for split in ("train", "validation"):
         cells.append(_cell(split in row and "{:.0f}/{:.0f}".format(*row[split])))
     return cells
