@@ -294,7 +294,7 @@ def test_fit_leaves_out_gifs_that_decode_past_the_limit(binary_tree, tmp_path):
     _write(tree / "train" / "normal" / "wide.gif", _gif((16, 16), [(1000, 800)]))
     exp = config.resolve(None, {
         "data.dir": str(tree), "data.image_size": 16, "data.max_pixels": 500_000,
-        "data.skip_bad": True, "model.backbone": "resnet18", "model.weights": "none",
+        "data.skip_bad": True, "model.backbone": "resnet18", "model.weights": "none", "model.freeze": "all",
         "train.epochs": 1, "train.batch_size": 4, "out": str(tmp_path / "runs")})
     run = train.fit(exp, log=lambda line: None)
     skipped = (run / "skipped.txt").read_text().splitlines()[1:]

@@ -107,7 +107,7 @@ def test_three_label_paths_decide_per_label(multilabel_tree, tmp_path):
 def test_fit_chooses_on_validation_and_every_path_agrees(binary_tree, tmp_path):
     exp = config.resolve(None, {
         "data.dir": str(binary_tree), "data.image_size": 32, "model.backbone": "resnet18",
-        "model.weights": "none", "train.epochs": 1, "train.batch_size": 4,
+        "model.weights": "none", "model.freeze": "all", "train.epochs": 1, "train.batch_size": 4,
         "train.operating_point": "sensitivity:1.0", "train.calibrate": "temperature",
         "out": str(tmp_path / "runs")})
     lines = []

@@ -247,7 +247,8 @@ def test_parse_imbalance(text, ok):
 def test_tiny_fit_records_both_keys(imbalanced_tree, tmp_path):
     exp = config.resolve(None, {
         "data.dir": str(imbalanced_tree), "data.image_size": 16, "model.backbone": "resnet18",
-        "model.weights": "none", "train.epochs": 1, "train.batch_size": 2, "out": str(tmp_path),
+        "model.weights": "none", "model.freeze": "all", "train.epochs": 1, "train.batch_size": 2,
+        "out": str(tmp_path),
         "data.sampling": "balanced"}, {"train": {"class_weight": {"infected": 4}}})
     lines = []
     run = train.fit(exp, log=lines.append)

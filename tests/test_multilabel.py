@@ -113,7 +113,7 @@ def test_multilabel_demo_preset():
 def test_two_epoch_multilabel_fit(loss, multilabel_tree, tmp_path):
     exp = config.resolve(None, {
         "data.dir": str(multilabel_tree), "data.task": "multilabel", "data.image_size": 32,
-        "model.backbone": "resnet18", "model.weights": "none", "train.loss": loss,
+        "model.backbone": "resnet18", "model.weights": "none", "model.freeze": "all", "train.loss": loss,
         "train.epochs": 2, "train.batch_size": 4, "train.optimizer": "adam", "train.lr": 1e-3,
         "out": str(tmp_path)})
     lines = []

@@ -104,7 +104,7 @@ def test_fit_with_skip_bad_leaves_the_name_out_and_trains(tmp_path, multilabel_t
     root, folder = _tree_with_hostile_names(tmp_path, multilabel_tree)
     exp = config.resolve(None, {
         "data.dir": str(root), "data.task": "multilabel", "data.image_size": 32,
-        "data.skip_bad": True, "model.backbone": "resnet18", "model.weights": "none",
+        "data.skip_bad": True, "model.backbone": "resnet18", "model.weights": "none", "model.freeze": "all",
         # _png copies an image of another split: the leakage check would stop fit (and says so)
         "data.allow_duplicates": True,
         "train.loss": "bce", "train.epochs": 1, "train.batch_size": 6, "out": str(tmp_path / "runs")})

@@ -93,7 +93,7 @@ def _image_tags(logdir):
 @pytest.mark.slow
 def test_fit_writes_plots_and_tensorboard_images(binary_tree, tmp_path):
     exp = config.resolve(None, {"data.dir": str(binary_tree), "data.image_size": 32,
-                                "model.backbone": "resnet18", "model.weights": "none",
+                                "model.backbone": "resnet18", "model.weights": "none", "model.freeze": "all",
                                 "train.epochs": 2, "train.batch_size": 4, "train.optimizer": "adam",
                                 "out": str(tmp_path)})
     lines = []

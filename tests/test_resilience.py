@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -32,10 +33,12 @@ def tree(tmp_path_factory):
                                image_size=(40, 72))
 
 
-def _config(tree, out: Path, seed: int = 3, epochs: int = 3) -> dict:
+def _config(tree, out: Path, seed: int = 3, epochs: int = 3, freeze: str = "none") -> dict:
+    """freeze "all" (only the head trains: a cheaper fit) where the test is about the process,
+    not the weights."""
     return {"out": str(out),
             "data": {"dir": str(tree), "image_size": 16},
-            "model": {"backbone": "resnet18", "freeze": "none", "weights": "none"},
+            "model": {"backbone": "resnet18", "freeze": freeze, "weights": "none"},
             "train": {"epochs": epochs, "batch_size": 2, "optimizer": "adam", "lr": 1e-3,
                       "seed": seed, "deterministic": True}}
 
@@ -145,12 +148,12 @@ def test_a_missing_backup_weights_file_is_named(tmp_path):
 @pytest.mark.slow
 def test_seeded_deterministic_runs_give_the_same_weights(binary_tree, tmp_path):
     runs = []
-    for name, seed, epochs in (("a", 3, 2), ("b", 3, 2), ("c", 4, 1)):
-        exp = config.from_dict(_config(binary_tree, tmp_path / name, seed=seed, epochs=epochs))
+    for name, seed, epochs, freeze in (("a", 3, 2, "none"), ("b", 3, 2, "none"), ("c", 4, 1, "all")):
+        exp = config.from_dict(_config(binary_tree, tmp_path / name, seed=seed, epochs=epochs, freeze=freeze))
         runs.append(train.fit(exp, log=lambda s: None))
     a, b, c = (_weights(run) for run in runs)
     assert _max_diff(a, b) == 0.0
-    assert _max_diff(a, c) > 1e-4  # another seed (and length): another run, so the comparison can fail
+    assert _max_diff(a, c) > 1e-4  # another seed (length, freeze): another run, so the comparison can fail
 
 
 def test_training_batches_come_in_a_fixed_order_by_default(binary_tree):
@@ -257,7 +260,7 @@ def test_ctrl_c_stops_at_the_next_batch_and_restores_the_handler():
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])
 def test_sigterm_stops_cleanly_and_prints_the_resume_command(tree, tmp_path, sig, code):
     out = tmp_path / "runs"
-    proc, log = _start(["--config", str(_write_config(tmp_path, tree, out, epochs=30))], tmp_path)
+    proc, log = _start(["--config", str(_write_config(tmp_path, tree, out, epochs=30, freeze="all"))], tmp_path)
     run = _wait_for_epochs(out, 1, proc)
     proc.send_signal(sig)
     assert proc.wait(120) == code
@@ -329,7 +332,7 @@ def test_resample_workers_end_with_a_stopped_or_killed_fit(tree, tmp_path):
     assert process_pool.available() and Path("/proc").is_dir()  # Linux, as this project's machines
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGKILL, -9)):
         out = tmp_path / f"runs-{sig.name}"
-        cfg = _config(tree, out, epochs=30)
+        cfg = _config(tree, out, epochs=30, freeze="all")
         cfg["data"]["resample_processes"] = 2
         path = tmp_path / f"config-{sig.name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -352,10 +355,11 @@ def test_resample_workers_end_with_a_stopped_or_killed_fit(tree, tmp_path):
             assert "tfcovid fit --resume" in _output(log) and "Traceback" not in _output(log)
 
 
-def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path, monkeypatch):
-    """SIGTERM while [6/6] evaluates the splits: a clean Interrupted with the resume command
-    (it ended the process silently), then --resume evaluates and finishes without training."""
-    exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
+@pytest.fixture(scope="module")
+def stopped_in_evaluation(tree, tmp_path_factory):
+    """One 1-epoch fit stopped by SIGTERM while [6/6] evaluates its first split: training has
+    ended, metrics.json is not written. Tests resume copies of its run (one fit, not one each)."""
+    exp = config.from_dict(_config(tree, tmp_path_factory.mktemp("stopped") / "runs", epochs=1, freeze="all"))
     real, calls = finish.evaluate_split, []
 
     def evaluate_then_signal(*args, **kwargs):
@@ -364,21 +368,34 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path,
         time.sleep(5)  # not reached: the handler raises
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(finish, "evaluate_split", evaluate_then_signal)
     before = signal.getsignal(signal.SIGTERM)
-    lines = []
-    with pytest.raises(train.Interrupted) as caught:
-        train.fit(exp, log=lines.append)
-    assert signal.getsignal(signal.SIGTERM) is before  # the usual handler is back
-    assert calls == ["train"] and caught.value.exit_code == 143
-    run = next((tmp_path / "runs").iterdir())
-    message = str(caught.value)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finish, "evaluate_split", evaluate_then_signal)
+        with pytest.raises(train.Interrupted) as caught:
+            train.fit(exp, log=lambda line: None)
+    return SimpleNamespace(run=next(Path(exp.out).iterdir()), caught=caught.value, calls=calls,
+                           handler_restored=signal.getsignal(signal.SIGTERM) is before)
+
+
+def _copy_run(run: Path, where: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, where / run.name))
+
+
+def test_a_signal_during_the_final_evaluation_says_how_to_finish(stopped_in_evaluation, tmp_path):
+    """SIGTERM while [6/6] evaluates the splits: a clean Interrupted with the resume command
+    (it ended the process silently), then --resume evaluates and finishes without training."""
+    stopped, run = stopped_in_evaluation, stopped_in_evaluation.run
+    assert stopped.handler_restored  # the usual handler is back
+    assert stopped.calls == ["train"] and stopped.caught.exit_code == 143
+    message = str(stopped.caught)
     assert message.startswith(f"Evaluation stopped by SIGTERM. Training has finished (1 epoch, saved in {run}")
     assert f"tfcovid fit --resume {run}" in message
     assert not (run / "metrics.json").exists() and (run / "checkpoints" / "last.keras").is_file()
     assert json.loads((run / "backup" / "state.json").read_text())["epochs_done"] == 1
 
-    monkeypatch.setattr(finish, "evaluate_split", real)
+    run = _copy_run(run, tmp_path)
     lines = []
     assert train.fit(config.resolve(run / "config.yaml"), run_dir=run, log=lines.append) == run
     assert "[5/6] Training: done before (1 epoch); nothing left to train" in lines
@@ -386,23 +403,13 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish(tree, tmp_path,
     assert set(json.loads((run / "metrics.json").read_text())["splits"]) == {"train", "validation", "test"}
 
 
-def test_resume_refuses_other_data_and_takes_a_moved_copy(tree, tmp_path, monkeypatch):
+def test_resume_refuses_other_data_and_takes_a_moved_copy(tree, stopped_in_evaluation, tmp_path):
     """--resume RUN --data DIR: the same files in a new place continue; other data (another
     count, other names) is refused with what changed, instead of training on it silently."""
     import shutil
 
-    exp = config.from_dict(_config(tree, tmp_path / "runs", epochs=1))
-    real = finish.evaluate_split
-
-    def stop(*args, **kwargs):  # leaves a run whose training has ended, without metrics.json
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-
-    monkeypatch.setattr(finish, "evaluate_split", stop)
-    with pytest.raises(train.Interrupted):
-        train.fit(exp, log=lambda line: None)
-    monkeypatch.setattr(finish, "evaluate_split", real)
-    run = next((tmp_path / "runs").iterdir())
+    run = _copy_run(stopped_in_evaluation.run, tmp_path)  # a run whose training has ended, without metrics.json
+    assert not (run / "metrics.json").exists()
     recorded = json.loads((run / "backup" / "state.json").read_text())["data"]
     assert recorded["train"]["images"] == 16 and recorded["class_names"] == ["infected", "normal"]
 

@@ -141,7 +141,7 @@ def test_a_full_disk_keeps_epoch_1_and_a_locked_run_is_read_but_not_resumed(bina
         return real_save(model, filepath, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "save", save_until_full)
-    inputs.write_config(tmp_path, _exp(binary_tree, tmp_path / "runs", **{"train.epochs": 2}))
+    inputs.write_config(tmp_path, _exp(binary_tree, tmp_path / "runs", **{"train.epochs": 2, "model.freeze": "all"}))
     result = CliRunner().invoke(main, ["fit", "--config", str(tmp_path / "config.yaml")])
     monkeypatch.setattr(keras.Model, "save", real_save)
     run = next((tmp_path / "runs").iterdir())

@@ -206,7 +206,7 @@ def test_cv_runs_every_fold_by_patient_and_summarises(tmp_path):
     labels = demo_labels.write_label_file(root)
     result = CliRunner().invoke(cli.main, [
         "cv", "--folds", "2", "--data", str(labels), "--backbone", "resnet18", "--weights", "none",
-        "--image-size", "16", "--epochs", "1", "--batch-size", "2", "--set", "data.test_fraction=0.34",
+        "--image-size", "16", "--epochs", "1", "--batch-size", "2", "--freeze", "all", "--set", "data.test_fraction=0.34",
         "--out", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     (folder,) = (tmp_path / "runs").iterdir()
