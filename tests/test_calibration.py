@@ -202,7 +202,7 @@ def test_report_names_a_calibrated_run_even_at_0_5():
     assert (probabilities(z, "binary", (0.3,))[:, 0] >= 0.5).tolist() == (probabilities(z, "binary")[:, 0] >= 0.5).tolist()
 
 
-def test_calibrate_refuses_a_run_a_fit_is_training_in(binary_tree, tmp_path):
+def test_calibrate_refuses_a_run_a_fit_is_training_in(binary_tree, tmp_path, monkeypatch):
     """calibrate writes the run's checkpoint and metrics.json: while a fit holds the run's lock
     it stops, naming the run and the process, and changes nothing; once free it calibrates."""
     from click.testing import CliRunner
@@ -214,10 +214,14 @@ def test_calibrate_refuses_a_run_a_fit_is_training_in(binary_tree, tmp_path):
     run = make_run(tmp_path, binary_tree, "binary", bias=[0.3, -0.2])
     before = (run / "checkpoints" / "last.keras").read_bytes()
     held = run_lock.RunLock(run).acquire()  # as fit holds it while it trains
+    loads = []  # the model is not read before the lock is held: weights read then could be stale
+    real_load = metadata.load
+    monkeypatch.setattr(metadata, "load", lambda *args, **kw: loads.append(args) or real_load(*args, **kw))
     try:
         done = CliRunner().invoke(main, ["calibrate", str(run), "--calibrate", "temperature"])
     finally:
         held.release()
+    assert loads == []
     assert done.exit_code == 1, done.output
     assert f"{run} is in use: process {os.getpid()} is training in it. Wait for it to end" in done.output
     assert "calibrate writes the checkpoint and metrics.json" in done.output and "Traceback" not in done.output
