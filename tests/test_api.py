@@ -226,6 +226,27 @@ def test_evaluate_and_export_take_a_loaded_model_and_name_bad_choices(run_dir, t
         tfcovid.export(run_dir, tmp_path / "full", log=None)
 
 
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 1e8, True, "abc", "100"])
+def test_predict_and_evaluate_refuse_a_max_pixels_that_is_not_a_whole_number_from_1(bad, tmp_path):
+    # Before: 0, -1 and True refused every image as "larger than the limit of -1 pixels", 1.5
+    # became 1 and "abc" failed in int(); now one ValueError, before any model is loaded.
+    message = re.escape(f"Bad max_pixels {bad!r}: use a whole number of pixels >= 1")
+    with pytest.raises(ValueError, match=message):
+        tfcovid.predict(tmp_path / "no-run", tmp_path, max_pixels=bad)
+    with pytest.raises(ValueError, match=message):
+        tfcovid.evaluate(tmp_path / "no-run", max_pixels=bad, log=None)
+
+
+@pytest.mark.parametrize("good", [1, np.int64(150_000_000), None])
+def test_a_whole_max_pixels_from_1_goes_on_to_the_run(good, tmp_path):
+    # The edge 1 and a NumPy integer pass the check: the next error is the missing run's.
+    for call in (lambda: tfcovid.predict(tmp_path / "no-run", tmp_path, max_pixels=good),
+                 lambda: tfcovid.evaluate(tmp_path / "no-run", max_pixels=good, log=None)):
+        with pytest.raises(Exception, match="no-run") as caught:
+            call()
+        assert "Bad max_pixels" not in str(caught.value)
+
 # --- import tfcovid: cheap, and keras.saving.load_model works after it --------------------------
 
 LIGHT = """

@@ -68,18 +68,36 @@ def test_the_fit_stops_at_its_bounds_and_refuses_what_cannot_be_fitted():
     # Separable logits: the NLL falls as T falls, so the fit ends at the lower bound.
     logits = np.array([[2.0, -2.0], [-1.0, 1.0], [3.0, 0.0], [0.0, 1.0]])
     y = np.array([0, 1, 0, 1])
-    # (The NLL is flat there, so Brent's method stops short of the bound itself.)
+    # (The NLL is flat there, so Brent's method stops short of the bound: the bound is taken.)
     (t,) = calibration.fit_temperature(logits, y, "binary")
-    assert math.exp(calibration.LOG_T_BOUNDS[0]) <= t < 0.05
+    assert t == pytest.approx(0.01, rel=1e-12) and calibration.at_bound(t)
     assert calibration.nll(logits, y, "binary", t)[0] < 1e-12
     # Every prediction wrong: the NLL falls as T rises (towards log 2), to the upper bound.
     (t,) = calibration.fit_temperature(logits, 1 - y, "binary")
-    assert 20 < t <= math.exp(calibration.LOG_T_BOUNDS[1])
+    assert t == pytest.approx(100.0, rel=1e-12) and calibration.at_bound(t)
     with pytest.raises(calibration.CalibrationError, match="validation split: it has no images"):
         calibration.fit_temperature(np.zeros((0, 2)), np.zeros(0), "binary")
     with pytest.raises(calibration.CalibrationError, match="non-finite"):
         calibration.fit_temperature(np.array([[np.nan, 0.0]]), np.array([0]), "binary")
 
+
+
+def test_a_temperature_at_a_search_bound_is_said_so_and_an_inner_one_is_not():
+    # A user saw "temperature 100" for a model no better than chance, with nothing saying that
+    # 100 is where the search stops; inner values, even just inside the bounds, get no note.
+    note = "T at the search bound (0.01 or 100): the validation split cannot pin it down"
+    record = {"method": "temperature", "fitted_on": "validation", "nll_before": 0.9, "nll_after": 0.69,
+              "ece_before": 0.4, "ece_after": 0.01}
+    for t, said in [(100.0, True), (0.01, True), (99.9, False), (0.0101, False), (1.3, False),
+                    ([1.2, 100.0, 0.8], True), ([1.2, 0.9, 0.8], False)]:
+        line = calibration.describe({**record, "temperature": t})
+        assert (note in line) is said, (t, line)
+    # The fit gives the bound only when the NLL keeps falling towards it: an inner minimum stays.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    logits = np.stack([np.zeros(400), (2 * y - 1) * 1.0 + rng.normal(0, 1.5, 400)], axis=1)
+    (t,) = calibration.fit_temperature(logits, y, "binary")
+    assert not calibration.at_bound(t) and 0.05 < t < 20
 
 def test_ece_matches_calibration_curve_also_on_bin_edges():
     rng = np.random.default_rng(1)
@@ -184,7 +202,7 @@ def test_report_names_a_calibrated_run_even_at_0_5():
     assert (probabilities(z, "binary", (0.3,))[:, 0] >= 0.5).tolist() == (probabilities(z, "binary")[:, 0] >= 0.5).tolist()
 
 
-def test_calibrate_refuses_a_run_a_fit_is_training_in(binary_tree, tmp_path):
+def test_calibrate_refuses_a_run_a_fit_is_training_in(binary_tree, tmp_path, monkeypatch):
     """calibrate writes the run's checkpoint and metrics.json: while a fit holds the run's lock
     it stops, naming the run and the process, and changes nothing; once free it calibrates."""
     from click.testing import CliRunner
@@ -196,10 +214,14 @@ def test_calibrate_refuses_a_run_a_fit_is_training_in(binary_tree, tmp_path):
     run = make_run(tmp_path, binary_tree, "binary", bias=[0.3, -0.2])
     before = (run / "checkpoints" / "last.keras").read_bytes()
     held = run_lock.RunLock(run).acquire()  # as fit holds it while it trains
+    loads = []  # the model is not read before the lock is held: weights read then could be stale
+    real_load = metadata.load
+    monkeypatch.setattr(metadata, "load", lambda *args, **kw: loads.append(args) or real_load(*args, **kw))
     try:
         done = CliRunner().invoke(main, ["calibrate", str(run), "--calibrate", "temperature"])
     finally:
         held.release()
+    assert loads == []
     assert done.exit_code == 1, done.output
     assert f"{run} is in use: process {os.getpid()} is training in it. Wait for it to end" in done.output
     assert "calibrate writes the checkpoint and metrics.json" in done.output and "Traceback" not in done.output

@@ -483,3 +483,30 @@ def test_a_signal_before_training_removes_the_half_made_run(tree, tmp_path, monk
     assert str(caught.value).startswith("Stopped by SIGINT before training started; nothing to keep: removed ")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
+
+
+def test_a_signal_while_fit_writes_its_results_says_what_is_kept(tmp_path, monkeypatch):
+    """A SIGTERM after [6/6]'s plots said "Stopped by SIGTERM before training started" (seen
+    by a user on a finished 1-epoch run); now: evaluation's message until metrics.json is
+    written, after it that the run is complete and how to write the card and plots again."""
+    import types as pytypes
+
+    from tfcovid.training import stops
+
+    def stop(*args):
+        raise signals.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(finish, "_write_results", stop)
+    run = pytypes.SimpleNamespace(dir=tmp_path, exp=pytypes.SimpleNamespace(train=pytypes.SimpleNamespace(epochs=3)))
+    with pytest.raises(stops.Interrupted) as caught:
+        finish.write_results(run, None, None, [], {})
+    assert caught.value.exit_code == 143
+    assert str(caught.value).startswith(f"Evaluation stopped by SIGTERM. Training has finished (3 epochs, saved in {tmp_path}")
+    assert "metrics.json is not written" in str(caught.value)
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(stops.Interrupted) as caught:
+        finish.write_results(run, None, None, [], {})
+    assert str(caught.value) == (
+        f"Writing the results stopped by SIGTERM. The run is complete (3 epochs; metrics.json written in "
+        f"{tmp_path}) but MODEL_CARD.md or plots/ may be missing: `tfcovid report {tmp_path}` writes the "
+        f"card again, `tfcovid evaluate {tmp_path}` a split's plots.")

@@ -12,6 +12,7 @@ May import: every tfcovid package (this is the top layer, beside ``cli``).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,13 +257,15 @@ def predict(model_or_run, images: str | Path | Sequence[str | Path], threshold: 
         for files that could not be read).
 
     Raises:
-        ValueError: no images found under ``images`` (named), or a bare keras.Model given.
+        ValueError: no images found under ``images`` (named), a bare keras.Model given, or
+            ``max_pixels`` not a whole number >= 1.
 
     Example:
         >>> preds = tfcovid.predict("runs/RUN", "xrays/")
         >>> preds.probs.shape, preds.predicted[0]
         ((12, 2), 'infected')
     """
+    _check_max_pixels(max_pixels)
     _import_tensorflow()
     from tfcovid.data.folders import IMAGE_EXTENSIONS  # heavy: TensorFlow
     from tfcovid.inference import predict as inference_predict  # heavy: TensorFlow
@@ -304,13 +307,15 @@ def evaluate(run, data: str | Path | None = None, split: str = "test", checkpoin
 
     Raises:
         tfcovid.inference.evaluate.EvaluateError, tfcovid.data.types.DataError,
-        tfcovid.weights.metadata.ModelInfoError: with what to do.
+        tfcovid.weights.metadata.ModelInfoError: with what to do. ValueError: ``max_pixels``
+        not a whole number >= 1.
 
     Example:
         >>> report = tfcovid.evaluate("runs/RUN", split="validation")
         >>> report["report"]["accuracy"], report["diseases"]["infected"]["sensitivity"]
         (0.9, 0.85)
     """
+    _check_max_pixels(max_pixels)
     _import_tensorflow()
     from tfcovid.inference import evaluate as inference_evaluate  # heavy: TensorFlow
 
@@ -365,6 +370,15 @@ def _trained(model_or_run, checkpoint: str) -> Trained:
         f"Cannot use a {type(model_or_run).__name__} here: pass what tfcovid.fit or tfcovid.load "
         "returns, a run directory or a .keras file (a bare keras.Model does not say what it predicts)."
     )
+
+
+def _check_max_pixels(max_pixels) -> None:
+    """As --max-pixels' range: None or a whole number >= 1 (0, -1, 1.5 or True would refuse, or
+    silently truncate to, every image's size)."""
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
+                                   or max_pixels < 1):
+        raise ValueError(f"Bad max_pixels {max_pixels!r}: use a whole number of pixels >= 1 (as "
+                         "--max-pixels), or None for the run's data.max_pixels.")
 
 
 def _target(run, checkpoint: str) -> tuple[Any, str, str | None, tuple[str, ...] | None]:

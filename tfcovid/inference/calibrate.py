@@ -42,8 +42,11 @@ def calibrate(run_or_model, spec: str | None = None, data=None, checkpoint: str 
         CalibrationError: the temperature cannot be fitted (no images, non-finite outputs).
         EvaluateError, metadata.ModelInfoError, data.DataError: as ``evaluate``.
     """
-    trained = metadata.load(run_or_model, checkpoint, task, labels)
-    with _lock(trained.run_dir):
+    # The lock before the model is read: a fit ending while it loads would otherwise have its
+    # last epoch overwritten by the older weights calibrate read (and it refuses at once).
+    _, run_dir = metadata.model_file(run_or_model, checkpoint)
+    with _lock(run_dir):
+        trained = metadata.load(run_or_model, checkpoint, task, labels)
         return _calibrate(trained, spec, data, batch_size, log, max_pixels, method)
 
 

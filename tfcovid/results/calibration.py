@@ -43,11 +43,21 @@ def nll(logits, y_true, task: str, temperature: float = 1.0) -> np.ndarray:
 
 
 def _fit_one(logits, y_true, task: str) -> float:
-    """The T in the bounds with the lowest NLL (unimodal in log T: the NLL is convex in 1/T)."""
-    best = scipy.optimize.minimize_scalar(lambda u: float(nll(logits, y_true, task, math.exp(u))[0]),
-                                          bounds=LOG_T_BOUNDS, method="bounded",
-                                          options={"xatol": 1e-7})
-    return float(math.exp(best.x))
+    """The T in the bounds with the lowest NLL (unimodal in log T: the NLL is convex in 1/T).
+    Brent's method stops short of a bound where the NLL flattens towards it; the bound itself
+    is taken then, so that :func:`describe` can say T was not pinned down."""
+    def loss(u):
+        return float(nll(logits, y_true, task, math.exp(u))[0])
+
+    best = scipy.optimize.minimize_scalar(loss, bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-7})
+    near = min(LOG_T_BOUNDS, key=lambda bound: abs(bound - best.x))
+    return float(math.exp(near if loss(near) <= loss(best.x) else best.x))
+
+
+def at_bound(temperature: float) -> bool:
+    """Whether a fitted T is a search bound (0.01 or 100): the validation NLL kept falling
+    towards it (every image on the right side, or a model no better than chance there)."""
+    return any(math.isclose(math.log(temperature), bound, abs_tol=1e-9) for bound in LOG_T_BOUNDS)
 
 
 def fit_temperature(logits, y_true, task: str, split: str = "validation") -> list[float]:
@@ -114,4 +124,8 @@ def describe(calibration: dict | None) -> str:
     if c.get("fitted_on") and all(k in c for k in ("nll_before", "nll_after", "ece_before", "ece_after")):
         line += (f", fitted on {c['fitted_on']}; NLL {show(c['nll_before'], '.4f')} -> "
                  f"{show(c['nll_after'], '.4f')}, ECE {show(c['ece_before'], '.4f')} -> {show(c['ece_after'], '.4f')}")
+    temps = c["temperature"] if isinstance(c["temperature"], list) else [c["temperature"]]
+    if any(isinstance(t, (int, float)) and t > 0 and at_bound(t) for t in temps):
+        line += ("; T at the search bound (0.01 or 100): the validation split cannot pin it down "
+                 "(its NLL keeps falling towards the bound), so check the model and that split")
     return line

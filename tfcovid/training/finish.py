@@ -80,7 +80,16 @@ def evaluate(run: Run, data: inputs.Inputs, model) -> dict:
 def write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_seconds: list[float],
                    results: dict) -> Path | None:
     """metrics.json, the plots and the results table; a non-chief worker's scratch copy is
-    released instead of returned."""
+    released instead of returned. A signal meanwhile says what is kept (it said "before training
+    started")."""
+    try:
+        return _write_results(run, data, built, train_seconds, results)
+    except signals.Interrupted as err:
+        raise stops.results_interrupted(run.dir, err, run.exp.train.epochs) from None
+
+
+def _write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_seconds: list[float],
+                   results: dict) -> Path | None:
     exp, manifest = run.exp, data.manifest
     summary = {
         "task": exp.data.task,

@@ -102,3 +102,14 @@ def evaluation_interrupted(run: Path, err: signals.Interrupted, epochs: int) -> 
         f"Evaluation {err}. Training has finished ({plural(epochs, 'epoch')}, saved in {run}: "
         "checkpoints/, backup/), but metrics.json is not written. Finish the evaluation with:\n"
         f"  tfcovid fit --resume {run}", err.exit_code)
+
+
+def results_interrupted(run: Path, err: signals.Interrupted, epochs: int) -> Interrupted:
+    """A signal while [6/6] writes the results: as :func:`evaluation_interrupted` until
+    metrics.json is written; after it the run is complete but for its card and plots."""
+    if not (run / "metrics.json").exists():
+        return evaluation_interrupted(run, err, epochs)
+    return Interrupted(
+        f"Writing the results {err}. The run is complete ({plural(epochs, 'epoch')}; metrics.json "
+        f"written in {run}) but MODEL_CARD.md or plots/ may be missing: `tfcovid report {run}` writes "
+        f"the card again, `tfcovid evaluate {run}` a split's plots.", err.exit_code)
