@@ -54,6 +54,16 @@ def test_fit_command_on_tiny_data(binary_tree, tmp_path, monkeypatch):
     # --data may say where the data is now; this run has finished, so nothing is resumed.
     moved = CliRunner().invoke(main, ["fit", "--resume", str(runs[0]), "--data", str(binary_tree)])
     assert moved.exit_code == 1 and "has finished (it has metrics.json)" in moved.output
+    # --set may change how the same pixels are fed (caches, device memory), nothing else.
+    fed = CliRunner().invoke(main, ["fit", "--resume", str(runs[0]), "--set", "data.device_cache_mb=0",
+                                    "--set", "data.cache=none", "--set", "data.resample_processes=0"])
+    assert fed.exit_code == 1 and "has finished (it has metrics.json)" in fed.output
+    other = CliRunner().invoke(main, ["fit", "--resume", str(runs[0]), "--set", "data.cache_budget_mb=64",
+                                      "--set", "train.lr=0.5", "--set", "data.augment_on=cpu"])
+    assert other.exit_code == 2 and "; --set data.augment_on, --set train.lr would change the run halfway" in other.output
+    assert "--set may change data.cache, data.cache_budget_mb, data.device_cache_mb" in other.output
+    bad = CliRunner().invoke(main, ["fit", "--resume", str(runs[0]), "--set", "data.device_cache_mb=-1"])
+    assert bad.exit_code == 1 and "Bad value for 'data.device_cache_mb': -1" in bad.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,6 +25,7 @@ from tfcovid.config.schema import (
     OPTIMIZERS,
     PRECISIONS,
     PREPROCESSING,
+    RESUME_SETTABLE,
     SAMPLINGS,
     STRATEGIES,
     TASKS,
@@ -235,17 +236,22 @@ cv = click.Command(
 
 
 def _resume_config(run_dir, config_file, assignments, flags):
-    """The run's own config.yaml; ``--data`` may say where its data is now (a moved folder),
+    """The run's own config.yaml; ``--data`` may say where its data is now (a moved folder) and
+    ``--set`` the keys of RESUME_SETTABLE (how the same pixels are fed: caches, device memory);
     any other option would change the run halfway and is refused, not silently dropped."""
+    parsed = config.parse_assignments(assignments)
+    keys = [f"{section}.{key}" for section, values in parsed.items()
+            for key in (values if isinstance(values, dict) else {None: None})]
     given = [f"--{key.split('__')[-1].replace('_', '-')}" for key, value in flags.items()
              if value is not None and key != "data__dir"]
-    given += ["--config"] * (config_file is not None) + ["--set"] * bool(assignments)
+    given += ["--config"] * (config_file is not None) + [f"--set {k}" for k in keys if k not in RESUME_SETTABLE]
     if given:
         raise click.UsageError(
             f"--resume continues {run_dir} with its own config.yaml; {', '.join(given)} would change the "
-            "run halfway. Leave them out (only --data may point to where its data is now), or start a "
-            "new run.")
-    return config.resolve(os.path.join(run_dir, "config.yaml"), {"data.dir": flags.get("data__dir")})
+            "run halfway. Leave them out (--data may point to where its data is now, --set may change "
+            f"{', '.join(RESUME_SETTABLE)}), or start a new run.")
+    return config.resolve(os.path.join(run_dir, "config.yaml"), {"data.dir": flags.get("data__dir")},
+                          parsed)
 
 
 @click.command()

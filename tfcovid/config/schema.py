@@ -49,6 +49,9 @@ CACHES = ("auto", "memory", "disk", "none")
 SPLIT_MODES = ("patient", "given")
 
 
+# Keys that say how the same pixels reach the model, not which: fit --resume may --set them (a
+# run resumed on a host with less memory or a smaller GPU); the tests hold each to the same pixels.
+RESUME_SETTABLE = ("data.cache", "data.cache_budget_mb", "data.device_cache_mb", "data.resample_processes")
 MAX_DEVICE_CACHE_MB = 1 << 20  # data.device_cache_mb: 1 TiB, above any single accelerator's memory
 MAX_FOLDS = 20  # data.folds: more folds than this leave validation splits too small to mean much
 
