@@ -163,6 +163,7 @@ def test_fit_on_the_device_path_saves_the_plain_classifier(binary_tree, tmp_path
     assert any(x.startswith("      decoded 8 train images once for the device in ") for x in lines)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["augment_on"] == line.strip()
+    assert metrics["augmentation"] == {"on": "device", "images": "resident"}
     model = keras.saving.load_model(run / "checkpoints" / "last.keras", compile=False)
     assert model.input_shape == (None, 16, 16, 3)
     assert not any("device_augment" in layer.name for layer in model.layers)

@@ -34,6 +34,7 @@ def test_fit_writes_every_file_of_the_run_directory(binary_tree, tmp_path):
     assert history[0].split(",")[:3] == ["epoch", "accuracy", "f1"] and len(history) == 3
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["epochs"] == 2 and summary["train_seconds"] > 0
+    assert summary["augmentation"] == {"on": "cpu", "images": None}  # data.augment_on auto on a CPU
     # At 32 px VGG16 flattens 1x1x512 into the head: 14,771,340 in all, first7 leaves 13,035,852.
     assert (summary["trainable_params"], summary["total_params"]) == (13_035_852, 14_771_340)
     assert set(summary["splits"]) == {"train", "validation", "test"}

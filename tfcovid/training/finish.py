@@ -106,6 +106,9 @@ def _write_results(run: Run, data: inputs.Inputs, built: BuiltModel, train_secon
         "replicas": run.replicas,
         "workers": run.workers,
         "augment_on": data.augment_line,
+        "augmentation": {"on": data.augment_on if exp.augment.enabled else "off",  # for scripts
+                         "images": ("resident" if data.resident is not None else "streamed")
+                         if data.augment_on == "device" else None},
         **results,  # splits, operating_point, calibration (when train.calibrate fitted one)
         # train.class_weight and data.sampling as they took effect (docs/imbalance.md)
         "imbalance": {"sampling": exp.data.sampling, "class_weight": exp.to_dict()["train"]["class_weight"],
