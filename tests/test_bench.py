@@ -152,12 +152,12 @@ def test_bench_model_and_fit_fields(tmp_path):
     assert f["ratio_to_model_only"] == pytest.approx(f["images_per_s"] / f["model_only_images_per_s"], abs=2e-3)
     assert f["data"] == str(data_dir) and f["cache"]["bytes"] > 0
     assert "end to end" in bench.summary(f)
-    # The device path: the 4 images resident (decoded once, no cache fill), or streamed at 0 MB.
-    for budget, how in ((8192, "train images resident on the device: "), (0, "train images streamed to the device")):
-        d = bench.run("fit", str(data_dir), log=lambda s: None, augment_on="device", device_cache_mb=budget, **opts)
-        assert d["augment_on"].startswith("augmentation on CPU:0 (in the train step") and how in d["augment_on"]
-        assert d["images_per_s"] > 0 and d["model_only_images_per_s"] > 0
-        assert (d["cache"]["bytes"] > 0) == (budget == 0)  # resident: the host keeps no train cache
+    # The device path with the 4 images resident: decoded once, no host cache filled. (Streamed
+    # device batches are the pipeline's, tested in test_device_augment.)
+    d = bench.run("fit", str(data_dir), log=lambda s: None, augment_on="device", **opts)
+    assert d["augment_on"].startswith("augmentation on CPU:0 (in the train step")
+    assert "; train images resident on the device: " in d["augment_on"]
+    assert d["images_per_s"] > 0 and d["model_only_images_per_s"] > 0 and d["cache"]["bytes"] == 0
 
 
 def test_cli_bench_pipeline_json(tmp_path):
