@@ -127,16 +127,14 @@ def bench_fit(paths: list[str], exp: config.Experiment, steps: int = 10, repeats
     split = as_split(paths)
     where, line = device_augment.choose(augment_on, True, True, 1, augment.resampler() == "opencv")
     policy = data_cache.Cache(cache, budget_mb, processes=0 if where == "device" else processes)
-    held, planned = None, resident.planned_bytes(split, size, decode_scale) if where == "device" else 0
-    started = time.perf_counter()
-    if where == "device" and resident.fits(planned, device_cache_mb):
-        held = resident.decode_all(split, size, decode_scale)
+    started, held = time.perf_counter(), None
+    if where == "device":
+        held, said = resident.held_if_fits(split, size, decode_scale, device_cache_mb)
+        line = f"{line}; {said}"
     pipe = datasets.dataset(split, size, batch, training=True, aug=exp.augment, cache=policy,
                             decode_scale=decode_scale, drop_remainder=True,
                             augment_on="resident" if held else where, sizes=held.hw if held else None)
     fill_s = time.perf_counter() - started if held else timed_pass(pipe)
-    if where == "device":
-        line = f"{line}; {resident.describe(held.nbytes if held else planned, device_cache_mb)}"
     log(f"  {'decoded for the device' if held else 'cache filled'} in {fill_s:.1f} s ({policy.usage()}); {line}")
     if where == "device":
         levels = batches.max_shrink(working.working_sizes(split, size, decode_scale), size)

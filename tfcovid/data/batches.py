@@ -20,7 +20,8 @@ from tfcovid.data.opencv.worker import DECODE, PIXELS, STORED
 FROM_STORE, FROM_OPENCV, FROM_TENSORFLOW = STORED, DECODE, PIXELS
 
 
-def _read(path: str) -> bytes:
+def read_file(path: str) -> bytes:
+    """A file's bytes: local paths with ``open``, URL-like ones through TensorFlow's file systems."""
     if "://" in path:  # a URL-like path (gs://, s3://, ...): TensorFlow's file systems
         with tf.io.gfile.GFile(path, "rb") as f:
             return f.read()
@@ -38,7 +39,7 @@ def _row_source(store, fallback, paths, images, shapes, transforms, ks_, indices
             return store.get(index), transform, k
         h, w, c = shapes[i].tolist()
         if kind == FROM_OPENCV:
-            data = files[i] if paths is None else _read(paths[index])
+            data = files[i] if paths is None else read_file(paths[index])
             image = opencv_images.decode_file(data, c, int(halvings[i]))
             if image is None or image.shape[:2] != (h, w):  # its header was wrong
                 image, transform, k = fallback(index, data, draws[i])
@@ -71,7 +72,7 @@ def resampler(size: int, store: ArrayStore | WorkerStore | None, fallback, paths
 
     def in_workers(images, shapes, transforms, ks_, indices_, sources_, files, halvings, draws):
         def data(i):
-            return files[i] if paths is None else _read(paths[indices_[i]])
+            return files[i] if paths is None else read_file(paths[indices_[i]])
 
         def payload(i):
             if sources_[i] == FROM_TENSORFLOW:

@@ -27,7 +27,7 @@ from tfcovid.data.decode import (
 from tfcovid.data.opencv.process_pool import WorkerStore
 from tfcovid.data.sizes import estimate_bytes
 from tfcovid.data.types import Split
-from tfcovid.data.working import decode_base, file_plan, working_side
+from tfcovid.data.working import decode_base_or_refuse, file_plan, working_side
 
 
 def eval_pixels(data, size: int):
@@ -106,10 +106,7 @@ def dataset(
             the images are on the device already (``resident.decode_all``): batches of their
             indices and plans only, planned from ``sizes``, their decoded (height, width).
     """
-    s = _stages(split, image_size, batch_size, training, aug, cache, decode_scale, augment_on)
-    if augment_on == "resident" and s.augmenting:
-        s = replace(s, shapes=np.asarray(sizes, np.int32).reshape(-1, 2), store=None, arrays=False,
-                    opencv_decodes=False, resident=True)
+    s = _stages(split, image_size, batch_size, training, aug, cache, decode_scale, augment_on, sizes)
     if groups is not None:
         s = replace(s, groups=np.asarray(groups, np.int64))
     if training:
@@ -126,28 +123,30 @@ def dataset(
 
 
 def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug, cache,
-            decode_scale: float, augment_on: str = "cpu") -> _Stages:
+            decode_scale: float, augment_on: str = "cpu", sizes=None) -> _Stages:
     """How this split's images are planned, decoded, cached and resampled; starts the cache's
-    worker processes, if it has them."""
+    worker processes, if it has them. Resident images (``sizes``) need neither headers nor cache."""
     augmenting = training and aug is not None and aug.enabled
+    resident = augmenting and augment_on == "resident"
     min_side = working_side(image_size, decode_scale) if augmenting else None
     # With OpenCV a whole batch is resampled in one call after batching.
     warp_batches = augmenting and augment.resampler() == "opencv"
     device = warp_batches and augment_on in ("device", "resident")  # the same batches, resampled in the step
     planned = {}
     if augmenting:
-        shapes, decode, readable = file_plan(split.paths, min_side)
+        shapes, decode, readable = ((np.asarray(sizes, np.int32).reshape(-1, 2), None,
+                                     np.zeros((max(len(split), 1), 2), np.int32)) if resident
+                                    else file_plan(split.paths, min_side))
         planned = dict(shapes=shapes, decode=decode, readable=readable,
                        aug_args=(aug.crop_scale, aug.crop_ratio, aug.rotation, aug.flip))
-    policy = as_cache(cache)
+    policy = None if resident else as_cache(cache)
     store = None
     if policy is not None:
         # RGB-saved grey is kept as one channel by the eval cache and by OpenCV's train store.
         estimated = estimate_bytes(split.paths, image_size, min_side, augmenting,
                                    gray_as_one=warp_batches or not augmenting)
         arrays = max(len(split), 1) if warp_batches else None
-        store = (None if augment_on == "resident" else
-                 policy.store_for(split.name, estimated, arrays=arrays, workers=not device))
+        store = policy.store_for(split.name, estimated, arrays=arrays, workers=not device)
     paths = tf.constant(list(split.paths) or [""], tf.string)
     labels = None if split.labels is None else tf.constant(split.labels)
     if policy is not None:  # worker processes started now (threads where they cannot start)
@@ -155,9 +154,9 @@ def _stages(split: Split, image_size: int, batch_size: int, training: bool, aug,
     arrays = isinstance(store, (ArrayStore, WorkerStore))  # the batch resampler reads and fills it
     # The batch resampler also decodes the JPEGs and PNGs (OpenCV, same pixels) unless a
     # TensorFlow table must be filled inside the per-image map.
-    opencv_decodes = warp_batches and min_side is not None and (store is None or arrays)
+    opencv_decodes = warp_batches and min_side is not None and (store is None or arrays) and not resident
     return _Stages(split, image_size, paths, labels, augmenting, min_side, warp_batches, store,
-                   arrays, opencv_decodes, **planned, device=device)
+                   arrays, opencv_decodes, **planned, device=device, resident=resident)
 
 
 def _epoch_keys(seed: int, epoch: tf.Variable | None) -> tf.data.Dataset:
@@ -253,13 +252,9 @@ def _load(s: _Stages, index, plan):
 def _fallback(s: _Stages, index, data, draws):
     """For the batch resampler, in eager TensorFlow: an image whose header misled OpenCV's
     decode (another size than planned), decoded by ``working.decode_base`` and planned from it."""
-    try:
-        image = decode_base(tf.constant(data), s.min_side)
-    except tf.errors.OpError as error:
-        raise ValueError(f"{s.split.paths[index]}: cannot be decoded ({error.message}). "
-                         "Replace or remove the file.") from None
+    image = decode_base_or_refuse(data, s.min_side, s.split.paths[index])
     transform, k = augment.plan_one(tf.shape(image)[:2], tf.constant(draws), s.image_size, *s.aug_args)
-    return image.numpy(), transform.numpy(), int(k)
+    return image, transform.numpy(), int(k)
 
 
 def _batch_of_plans(s: _Stages, indices, plans):

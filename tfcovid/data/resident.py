@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 
 from tfcovid.data import augment, batches
 from tfcovid.data.opencv import images as opencv_images
 from tfcovid.data.types import Split
-from tfcovid.data.working import decode_base, file_plan, working_side
+from tfcovid.data.working import decode_base_or_refuse, file_plan, working_side
 
 MB = 1 << 20
 
@@ -34,10 +33,11 @@ class Resident:
         return int(self.images.nbytes)
 
 
-def planned_bytes(split: Split, image_size: int, decode_scale: float) -> int:
+def planned_bytes(split: Split, image_size: int, decode_scale: float, plan=None) -> int:
     """Bytes the split takes resident, from its files' headers (before any decode): images x
-    the padded (height, width, channels) of ``batches.device_pad``."""
-    shapes, _, readable = file_plan(split.paths, working_side(image_size, decode_scale))
+    the padded (height, width, channels) of ``batches.device_pad``. ``plan``: the split's
+    ``working.file_plan``, when already read."""
+    shapes, _, readable = plan or file_plan(split.paths, working_side(image_size, decode_scale))
     height, width, channels = batches.device_pad(shapes[: len(split)], readable[: len(split)])
     return len(split) * height * width * channels
 
@@ -57,29 +57,33 @@ def describe(nbytes: int, budget_mb: int) -> str:
             f"data.device_cache_mb {budget_mb:,}")
 
 
-def _read(path: str) -> bytes:
-    with tf.io.gfile.GFile(path, "rb") as f:  # local files and gs://, s3://, ... alike
-        return f.read()
+def held_if_fits(split: Split, image_size: int, decode_scale: float, budget_mb: int) -> tuple[Resident | None, str]:
+    """The split decoded for the device when it fits ``budget_mb`` (data.device_cache_mb): by its
+    headers, then by its decoded size (a header may understate it); else None. With the line
+    saying which (``describe``). The headers are read once for both."""
+    plan = file_plan(split.paths, working_side(image_size, decode_scale))
+    nbytes = planned_bytes(split, image_size, decode_scale, plan)
+    if not fits(nbytes, budget_mb):
+        return None, describe(nbytes, budget_mb)
+    held = decode_all(split, image_size, decode_scale, plan)
+    return (held if fits(held.nbytes, budget_mb) else None), describe(held.nbytes, budget_mb)
 
 
-def decode_all(split: Split, image_size: int, decode_scale: float) -> Resident:
+def decode_all(split: Split, image_size: int, decode_scale: float, plan=None) -> Resident:
     """Every image of ``split`` decoded once, on all cores, at the working resolution of
     ``image_size`` and ``decode_scale``; RGB-saved grey kept as one channel, as the train
-    cache keeps it. An undecodable file raises ValueError naming it."""
+    cache keeps it. An undecodable file raises ValueError naming it. ``plan``: as for
+    ``planned_bytes``."""
     min_side = working_side(image_size, decode_scale)
-    shapes, _, readable = file_plan(split.paths, min_side)
+    shapes, _, readable = plan or file_plan(split.paths, min_side)
     decoded: list[np.ndarray | None] = [None] * len(split)
 
     def one(i: int) -> None:
-        path = split.paths[i]
-        data = _read(path)
+        data = batches.read_file(split.paths[i])
         channels, halvings = readable[i].tolist()
         image = opencv_images.decode_file(data, channels, halvings) if channels else None
         if image is None or image.shape[:2] != tuple(shapes[i]):  # not OpenCV's, or its header misled
-            try:
-                image = decode_base(tf.constant(data), min_side).numpy()
-            except tf.errors.OpError as error:
-                raise ValueError(f"{path}: cannot be decoded ({error.message}). Replace or remove the file.") from None
+            image = decode_base_or_refuse(data, min_side, split.paths[i])
         decoded[i] = opencv_images.one_channel_if_gray(image)
 
     augment.on_all_cores(len(split), one)

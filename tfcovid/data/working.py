@@ -130,3 +130,12 @@ def file_plan(paths, min_side: int | None):
 def working_sizes(split: Split, image_size: int, decode_scale: float) -> np.ndarray:
     """Each train file's working (height, width) from its header; (-1, -1) where unknown."""
     return file_plan(split.paths, working_side(image_size, decode_scale))[0][: len(split)]
+
+
+def decode_base_or_refuse(data: bytes, min_side: int | None, path: str) -> np.ndarray:
+    """``decode_base`` in eager TensorFlow, for the OpenCV side's fallbacks: uint8 (H, W, C), or
+    ValueError naming ``path`` when the file's bytes cannot be decoded."""
+    try:
+        return decode_base(tf.constant(data), min_side).numpy()
+    except tf.errors.OpError as error:
+        raise ValueError(f"{path}: cannot be decoded ({error.message}). Replace or remove the file.") from None

@@ -148,15 +148,12 @@ def _resident(exp: Experiment, train, augment_on: str, line: str, log):
     data.device_cache_mb (else None: streamed), and the augmentation line saying which."""
     if augment_on != "device":
         return None, line
-    d = exp.data
-    nbytes = resident_images.planned_bytes(train, d.image_size, d.decode_scale)
-    if not resident_images.fits(nbytes, d.device_cache_mb):
-        return None, f"{line}; {resident_images.describe(nbytes, d.device_cache_mb)}"
     started = time.perf_counter()
-    held = resident_images.decode_all(train, d.image_size, d.decode_scale)
-    log(f"      decoded {len(train):,} train images once for the device in {time.perf_counter() - started:.1f} s")
-    said = f"{line}; {resident_images.describe(held.nbytes, d.device_cache_mb)}"
-    return (held if resident_images.fits(held.nbytes, d.device_cache_mb) else None), said  # headers may understate
+    held, said = resident_images.held_if_fits(train, exp.data.image_size, exp.data.decode_scale,
+                                              exp.data.device_cache_mb)
+    if held is not None:
+        log(f"      decoded {len(train):,} train images once for the device in {time.perf_counter() - started:.1f} s")
+    return held, f"{line}; {said}"
 
 
 def resolve_class_weights(exp: Experiment, manifest: types.Manifest) -> tuple[float, ...] | None:
